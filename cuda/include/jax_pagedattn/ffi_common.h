@@ -1,0 +1,199 @@
+// The FFI signatures shared by the CPU and CUDA handlers, and the conversion of their
+// buffers and attributes into the plain structs of params.h. The CUDA handlers bind the
+// same operands behind a stream context, so both backends read one contract.
+//
+// Attention (targets jax_pagedattn_decode, jax_pagedattn_prefill):
+//   args:  q [T, Hqo, D], k_cache, v_cache (the same 5-D array twice when combined),
+//          plan int32 [PlanLayout::size()]
+//   rets:  out [T, Hqo, D] (q's dtype), lse [T, Hqo] float32, workspace uint8
+//   attrs: see BindAttentionAttrs
+// Append (targets jax_pagedattn_append with one 5-D cache, jax_pagedattn_append_kv with
+// a (k, v) pair): args new_k, new_v, batch_indices, positions, kv_indices, kv_indptr,
+// then the cache operand(s); rets the cache(s), aliased to those operands.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "jax_pagedattn/params.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_pagedattn {
+
+namespace ffi = xla::ffi;
+
+inline bool ToDType(ffi::DataType t, DType* out) {
+  switch (t) {
+    case ffi::DataType::F32: *out = DType::kF32; return true;
+    case ffi::DataType::F16: *out = DType::kF16; return true;
+    case ffi::DataType::BF16: *out = DType::kBF16; return true;
+    default: return false;
+  }
+}
+
+inline int ElemBytes(DType t) { return t == DType::kF32 ? 4 : 2; }
+
+// Operands and results of an attention call, after the optional stream context.
+template <typename Binding>
+auto BindAttention(Binding b) {
+  return b.template Arg<ffi::AnyBuffer>()           // q
+      .template Arg<ffi::AnyBuffer>()               // k_cache
+      .template Arg<ffi::AnyBuffer>()               // v_cache
+      .template Arg<ffi::Buffer<ffi::S32>>()        // plan
+      .template Ret<ffi::AnyBuffer>()               // out
+      .template Ret<ffi::Buffer<ffi::F32>>()        // lse
+      .template Ret<ffi::Buffer<ffi::U8>>()         // workspace
+      .template Attr<int32_t>("num_qo_heads")
+      .template Attr<int32_t>("num_kv_heads")
+      .template Attr<int32_t>("head_dim")
+      .template Attr<int32_t>("page_size")
+      .template Attr<int32_t>("kv_layout")
+      .template Attr<int32_t>("combined")
+      .template Attr<int32_t>("causal")
+      .template Attr<int32_t>("pos_encoding")
+      .template Attr<float>("sm_scale")
+      .template Attr<float>("rope_scale")
+      .template Attr<float>("rope_theta")
+      .template Attr<int32_t>("tile_rows")
+      .template Attr<int32_t>("batch_cap")
+      .template Attr<int32_t>("token_cap")
+      .template Attr<int32_t>("page_cap")
+      .template Attr<int32_t>("work_cap")
+      .template Attr<int32_t>("partial_rows_cap");
+}
+
+// The handler arguments of BindAttention, in order, as one parameter pack macro so the
+// CPU and CUDA handlers cannot drift from the binding.
+#define JPA_ATTENTION_HANDLER_ARGS                                                     \
+  ::xla::ffi::AnyBuffer q, ::xla::ffi::AnyBuffer k_cache, ::xla::ffi::AnyBuffer v_cache, \
+      ::xla::ffi::Buffer<::xla::ffi::S32> plan, ::xla::ffi::Result<::xla::ffi::AnyBuffer> out, \
+      ::xla::ffi::ResultBuffer<::xla::ffi::F32> lse,                                    \
+      ::xla::ffi::ResultBuffer<::xla::ffi::U8> workspace, int32_t num_qo_heads,         \
+      int32_t num_kv_heads, int32_t head_dim, int32_t page_size, int32_t kv_layout,     \
+      int32_t combined, int32_t causal, int32_t pos_encoding, float sm_scale,           \
+      float rope_scale, float rope_theta, int32_t tile_rows, int32_t batch_cap,         \
+      int32_t token_cap, int32_t page_cap, int32_t work_cap, int32_t partial_rows_cap
+
+#define JPA_ATTENTION_FORWARD_ARGS                                                    \
+  q, k_cache, v_cache, plan, out, lse, workspace, num_qo_heads, num_kv_heads, head_dim, \
+      page_size, kv_layout, combined, causal, pos_encoding, sm_scale, rope_scale,       \
+      rope_theta, tile_rows, batch_cap, token_cap, page_cap, work_cap, partial_rows_cap
+
+// Fills `p` from the handler arguments; checks what the primitive's abstract evaluation
+// already checked, so a hand-written custom call cannot read out of bounds either.
+inline ffi::Error MakeAttentionParams(JPA_ATTENTION_HANDLER_ARGS, AttentionParams* p) {
+  *p = AttentionParams{};
+  if (!ToDType(q.element_type(), &p->dtype) || k_cache.element_type() != q.element_type() ||
+      v_cache.element_type() != q.element_type() || out->element_type() != q.element_type())
+    return ffi::Error::InvalidArgument("jax_pagedattn: q, caches and out must share one of f32/f16/bf16");
+  auto qd = q.dimensions();
+  if (qd.size() != 3 || qd[1] != num_qo_heads || qd[2] != head_dim)
+    return ffi::Error::InvalidArgument("jax_pagedattn: q must be [tokens, num_qo_heads, head_dim]");
+  if (num_kv_heads <= 0 || num_qo_heads % num_kv_heads != 0)
+    return ffi::Error::InvalidArgument("jax_pagedattn: num_qo_heads must be a multiple of num_kv_heads");
+  const int64_t want_rank = combined ? 5 : 4;
+  auto kd = k_cache.dimensions();
+  if (int64_t(kd.size()) != want_rank || v_cache.dimensions().size() != kd.size())
+    return ffi::Error::InvalidArgument("jax_pagedattn: cache rank does not match `combined`");
+  const PlanLayout layout{batch_cap, token_cap, page_cap, work_cap};
+  if (int64_t(plan.element_count()) != layout.size())
+    return ffi::Error::InvalidArgument("jax_pagedattn: plan buffer size does not match the capacities");
+  if (qd[0] > token_cap)
+    return ffi::Error::InvalidArgument("jax_pagedattn: q has more rows than token_cap");
+  if (int64_t(workspace->element_count()) < WorkspaceBytes(partial_rows_cap, num_qo_heads, head_dim))
+    return ffi::Error::InvalidArgument("jax_pagedattn: workspace too small");
+
+  p->q = q.untyped_data();
+  p->out = out->untyped_data();
+  p->lse = lse->typed_data();
+  p->q_rows = int32_t(qd[0]);
+  p->num_qo_heads = num_qo_heads;
+  p->num_kv_heads = num_kv_heads;
+  p->head_dim = head_dim;
+  p->group_size = num_qo_heads / num_kv_heads;
+  p->kv = MakePagedKv(k_cache.untyped_data(), v_cache.untyped_data(), combined != 0,
+                      KvLayout(kv_layout), int32_t(kd[0]), page_size, num_kv_heads, head_dim,
+                      ElemBytes(p->dtype));
+
+  const int32_t* base = plan.typed_data();
+  p->layout = layout;
+  p->work = base + layout.work();
+  p->meta = base + layout.meta();
+  p->qo_indptr = base + layout.qo_indptr();
+  p->kv_indptr = base + layout.kv_indptr();
+  p->kv_last_page_len = base + layout.kv_last_page_len();
+  p->merge_indptr = base + layout.merge_indptr();
+  p->kv_indices = base + layout.kv_indices();
+
+  float* ws = reinterpret_cast<float*>(workspace->typed_data());
+  p->partial_o = ws;
+  p->partial_lse = ws + int64_t(partial_rows_cap) * num_qo_heads * head_dim;
+  p->partial_rows_cap = partial_rows_cap;
+
+  p->tile_rows = tile_rows;
+  p->causal = causal != 0;
+  p->pos_encoding = PosEncoding(pos_encoding);
+  p->sm_scale = sm_scale;
+  p->rope_scale = rope_scale;
+  p->rope_theta = rope_theta;
+  return ffi::Error::Success();
+}
+
+// Operands of an append call before the cache operand(s).
+template <typename Binding>
+auto BindAppendInputs(Binding b) {
+  return b.template Arg<ffi::AnyBuffer>()      // new_k [N, Hkv, D]
+      .template Arg<ffi::AnyBuffer>()          // new_v
+      .template Arg<ffi::Buffer<ffi::S32>>()   // batch_indices [N]
+      .template Arg<ffi::Buffer<ffi::S32>>()   // positions [N]
+      .template Arg<ffi::Buffer<ffi::S32>>()   // kv_indices
+      .template Arg<ffi::Buffer<ffi::S32>>();  // kv_indptr [B + 1]
+}
+
+template <typename Binding>
+auto BindAppendAttrs(Binding b) {
+  return b.template Attr<int32_t>("page_size")
+      .template Attr<int32_t>("kv_layout")
+      .template Attr<int32_t>("num_kv_heads")
+      .template Attr<int32_t>("head_dim");
+}
+
+// Fills `p` for an append; `k_out`/`v_out` are the aliased cache results (the same
+// buffer twice for the combined cache).
+inline ffi::Error MakeAppendParams(ffi::AnyBuffer new_k, ffi::AnyBuffer new_v,
+                                   ffi::Buffer<ffi::S32> batch_indices,
+                                   ffi::Buffer<ffi::S32> positions,
+                                   ffi::Buffer<ffi::S32> kv_indices,
+                                   ffi::Buffer<ffi::S32> kv_indptr, ffi::AnyBuffer k_out,
+                                   ffi::AnyBuffer v_out, bool combined, int32_t page_size,
+                                   int32_t kv_layout, int32_t num_kv_heads, int32_t head_dim,
+                                   AppendParams* p) {
+  *p = AppendParams{};
+  if (!ToDType(new_k.element_type(), &p->dtype) || new_v.element_type() != new_k.element_type() ||
+      k_out.element_type() != new_k.element_type() || v_out.element_type() != new_k.element_type())
+    return ffi::Error::InvalidArgument("jax_pagedattn: append keys, values and cache must share a dtype");
+  auto nd = new_k.dimensions();
+  if (nd.size() != 3 || nd[1] != num_kv_heads || nd[2] != head_dim)
+    return ffi::Error::InvalidArgument("jax_pagedattn: append_key must be [rows, num_kv_heads, head_dim]");
+  if (int64_t(batch_indices.element_count()) != nd[0] || int64_t(positions.element_count()) != nd[0])
+    return ffi::Error::InvalidArgument("jax_pagedattn: batch_indices/positions must have one entry per row");
+  if (kv_indptr.element_count() < 1)
+    return ffi::Error::InvalidArgument("jax_pagedattn: kv_indptr must not be empty");
+  p->new_k = new_k.untyped_data();
+  p->new_v = new_v.untyped_data();
+  p->batch_indices = batch_indices.typed_data();
+  p->positions = positions.typed_data();
+  p->kv_indices = kv_indices.typed_data();
+  p->kv_indptr = kv_indptr.typed_data();
+  p->num_rows = int32_t(nd[0]);
+  p->num_indices = int32_t(kv_indices.element_count());
+  p->batch = int32_t(kv_indptr.element_count()) - 1;
+  p->kv = MakePagedKv(k_out.untyped_data(), v_out.untyped_data(), combined, KvLayout(kv_layout),
+                      int32_t(k_out.dimensions()[0]), page_size, num_kv_heads, head_dim,
+                      ElemBytes(p->dtype));
+  p->k = const_cast<void*>(p->kv.k);
+  p->v = const_cast<void*>(p->kv.v);
+  return ffi::Error::Success();
+}
+
+}  // namespace jax_pagedattn

@@ -1,0 +1,134 @@
+// Plain structs describing one call, filled by the FFI bindings (ffi_common.h) and
+// consumed alike by the CPU handlers and the CUDA kernels. No XLA types in here.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "jax_pagedattn/plan_layout.h"
+
+#if defined(__CUDACC__)
+#define JPA_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define JPA_HOST_DEVICE inline
+#endif
+
+namespace jax_pagedattn {
+
+enum class DType : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
+enum class KvLayout : int32_t { kNHD = 0, kHND = 1 };
+enum class PosEncoding : int32_t { kNone = 0, kRopeLlama = 1, kAlibi = 2 };
+
+// A paged K/V cache as two base pointers and element strides. The same struct covers
+// the 5-D combined cache ([P, 2, S, H, D] NHD / [P, 2, H, S, D] HND; v = k + one half
+// page) and the (k, v) pair of 4-D arrays. Element (page p, slot s, head h, dim d)
+// sits at p * page_stride + s * slot_stride + h * head_stride + d.
+struct PagedKv {
+  const void* k;
+  const void* v;
+  int64_t page_stride;
+  int64_t slot_stride;
+  int64_t head_stride;
+  int32_t num_pages;
+  int32_t page_size;
+  int32_t num_kv_heads;
+  int32_t head_dim;
+
+  JPA_HOST_DEVICE int64_t offset(int64_t page, int64_t slot, int64_t head) const {
+    return page * page_stride + slot * slot_stride + head * head_stride;
+  }
+};
+
+// Strides for a cache of the given shape; `combined` selects the 5-D form.
+inline PagedKv MakePagedKv(const void* k, const void* v, bool combined, KvLayout layout,
+                           int32_t num_pages, int32_t page_size, int32_t num_kv_heads,
+                           int32_t head_dim, int elem_bytes) {
+  PagedKv kv{};
+  const int64_t half = int64_t(page_size) * num_kv_heads * head_dim;
+  kv.k = k;
+  kv.v = combined ? static_cast<const char*>(k) + half * elem_bytes : v;
+  kv.page_stride = combined ? 2 * half : half;
+  if (layout == KvLayout::kNHD) {
+    kv.slot_stride = int64_t(num_kv_heads) * head_dim;
+    kv.head_stride = head_dim;
+  } else {
+    kv.slot_stride = head_dim;
+    kv.head_stride = int64_t(page_size) * head_dim;
+  }
+  kv.num_pages = num_pages;
+  kv.page_size = page_size;
+  kv.num_kv_heads = num_kv_heads;
+  kv.head_dim = head_dim;
+  return kv;
+}
+
+// Everything a decode or prefill launch reads. q, out: [q_rows, num_qo_heads, head_dim]
+// contiguous; lse: [q_rows, num_qo_heads] float32, base 2. The plan pointers index into
+// the single plan buffer (plan_layout.h). Workspace: partial_o [partial_rows_cap,
+// num_qo_heads, head_dim] float32 then partial_lse [partial_rows_cap, num_qo_heads].
+struct AttentionParams {
+  DType dtype;
+  const void* q;
+  void* out;
+  float* lse;
+  int32_t q_rows;
+  int32_t num_qo_heads;
+  int32_t num_kv_heads;
+  int32_t head_dim;
+  int32_t group_size;  // num_qo_heads / num_kv_heads
+  PagedKv kv;
+
+  PlanLayout layout;
+  const int32_t* work;
+  const int32_t* meta;
+  const int32_t* qo_indptr;
+  const int32_t* kv_indptr;
+  const int32_t* kv_last_page_len;
+  const int32_t* merge_indptr;
+  const int32_t* kv_indices;
+
+  float* partial_o;
+  float* partial_lse;
+  int32_t partial_rows_cap;
+
+  int32_t tile_rows;  // packed rows per work item at most (the kernel's query tile)
+  bool causal;
+  PosEncoding pos_encoding;
+  float sm_scale;
+  float rope_scale;
+  float rope_theta;
+};
+
+// Workspace bytes for the split-KV partials of one call.
+inline int64_t WorkspaceBytes(int32_t partial_rows_cap, int32_t num_qo_heads, int32_t head_dim) {
+  return int64_t(partial_rows_cap) * num_qo_heads * (head_dim + 1) * 4;
+}
+
+// ALiBi slope of query head h among n heads (the standard geometric sequence, with the
+// interleaved extension when n is not a power of two).
+JPA_HOST_DEVICE float AlibiSlope(int32_t h, int32_t n) {
+  int32_t p = 1;
+  while (p * 2 <= n) p *= 2;
+  // exp2 is available on host and device; slopes are exact powers of two.
+  if (h < p) return exp2f(-8.0f * float(h + 1) / float(p));
+  return exp2f(-4.0f * float(2 * (h + 1 - p) - 1) / float(p));
+}
+
+// Everything an append launch reads. New rows: [num_rows, num_kv_heads, head_dim].
+struct AppendParams {
+  DType dtype;
+  const void* new_k;
+  const void* new_v;
+  const int32_t* batch_indices;  // [num_rows]
+  const int32_t* positions;      // [num_rows]
+  const int32_t* kv_indices;     // [num_indices]
+  const int32_t* kv_indptr;      // [batch + 1]
+  int32_t num_rows;
+  int32_t num_indices;
+  int32_t batch;
+  void* k;  // writable cache halves (aliased with the inputs)
+  void* v;
+  PagedKv kv;  // strides (its k/v pointers equal the two above)
+};
+
+}  // namespace jax_pagedattn

@@ -1,0 +1,28 @@
+// Host-side entry points of the CUDA kernels, one .cu file each, called by the thin FFI
+// handlers in cuda/ffi/. Each launches on `stream`, allocates nothing, reads no device
+// memory on the host, and returns the launch's error (cudaGetLastError) so the handler
+// can turn it into an FFI error. Grids depend only on static capacities.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "jax_pagedattn/params.h"
+
+namespace jax_pagedattn {
+
+// CUDA-core decode: one CTA per (work item, kv head); the item's packed rows are the
+// query heads of one token's GQA group. Writes out/lse or workspace partials.
+cudaError_t LaunchDecode(const AttentionParams& p, cudaStream_t stream);
+
+// Tensor-core prefill (also the use_tensor_cores decode path): one CTA per
+// (work item, kv head) over up to p.tile_rows packed query rows.
+cudaError_t LaunchPrefill(const AttentionParams& p, cudaStream_t stream);
+
+// After LaunchDecode/LaunchPrefill: merges split partials into out/lse and zero-fills
+// (lse = -inf) rows t >= meta[kMetaNumTokens]. Always launched, over p.q_rows tokens.
+cudaError_t LaunchMerge(const AttentionParams& p, cudaStream_t stream);
+
+// Scatters new K/V rows into their pages in place.
+cudaError_t LaunchAppend(const AppendParams& p, cudaStream_t stream);
+
+}  // namespace jax_pagedattn

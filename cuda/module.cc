@@ -1,0 +1,139 @@
+// The extension jax_pagedattn._C: the host planner and the table of FFI handlers.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+
+#include <cstring>
+#include <memory>
+
+#include "jax_pagedattn/handlers.h"
+#include "jax_pagedattn/plan_layout.h"
+#include "jax_pagedattn/params.h"
+#include "planner/planner.h"
+
+namespace nb = nanobind;
+using namespace jax_pagedattn;
+
+namespace {
+
+using HostI32 = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using OutI32 = nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>;
+
+template <typename Fn>
+nb::capsule Capsule(Fn* fn) {
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+nb::dict Registrations() {
+  nb::dict cpu;
+  cpu["jax_pagedattn_decode"] = Capsule(JaxPagedAttnDecodeCpu);
+  cpu["jax_pagedattn_prefill"] = Capsule(JaxPagedAttnPrefillCpu);
+  cpu["jax_pagedattn_append"] = Capsule(JaxPagedAttnAppendCpu);
+  cpu["jax_pagedattn_append_kv"] = Capsule(JaxPagedAttnAppendKvCpu);
+  nb::dict all;
+  all["cpu"] = cpu;
+#ifdef JAX_PAGEDATTN_WITH_CUDA
+  nb::dict cuda;
+  cuda["jax_pagedattn_decode"] = Capsule(JaxPagedAttnDecodeCuda);
+  cuda["jax_pagedattn_prefill"] = Capsule(JaxPagedAttnPrefillCuda);
+  cuda["jax_pagedattn_append"] = Capsule(JaxPagedAttnAppendCuda);
+  cuda["jax_pagedattn_append_kv"] = Capsule(JaxPagedAttnAppendKvCuda);
+  all["CUDA"] = cuda;
+#endif
+  return all;
+}
+
+OutI32 Plan(nb::object qo_indptr, HostI32 kv_indptr, HostI32 kv_indices, HostI32 kv_last_page_len,
+            int32_t page_size, int32_t group_size, int32_t num_kv_heads, int32_t tile_rows,
+            bool causal, int32_t num_pages, int32_t num_sms, int32_t batch_cap, int32_t token_cap,
+            int32_t page_cap, int32_t work_cap, int32_t partial_rows_cap, bool decode_names) {
+  PlanRequest req{};
+  HostI32 qo;
+  if (!qo_indptr.is_none()) {
+    qo = nb::cast<HostI32>(qo_indptr);
+    req.qo_indptr = qo.data();
+    req.qo_indptr_len = int64_t(qo.shape(0));
+  }
+  req.kv_indptr = kv_indptr.data();
+  req.kv_indptr_len = int64_t(kv_indptr.shape(0));
+  req.kv_indices = kv_indices.data();
+  req.kv_indices_len = int64_t(kv_indices.shape(0));
+  req.kv_last_page_len = kv_last_page_len.data();
+  req.kv_last_page_len_len = int64_t(kv_last_page_len.shape(0));
+  req.page_size = page_size;
+  req.group_size = group_size;
+  req.num_kv_heads = num_kv_heads;
+  req.tile_rows = tile_rows;
+  req.causal = causal;
+  req.num_pages = num_pages;
+  req.num_sms = num_sms;
+  req.caps = Capacities{batch_cap, token_cap, page_cap, work_cap, partial_rows_cap};
+  if (decode_names) {
+    req.name_kv_indptr = "indptr";
+    req.name_kv_indices = "indices";
+    req.name_kv_last_page_len = "last_page_len";
+  }
+  const PlanLayout layout{batch_cap, token_cap, page_cap, work_cap};
+  const size_t n = size_t(layout.size());
+  std::unique_ptr<int32_t[]> buf(new int32_t[n]);
+  {
+    nb::gil_scoped_release release;
+    PlanBatch(req, buf.get());
+  }
+  int32_t* data = buf.release();
+  nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<int32_t*>(p); });
+  return OutI32(data, {n}, owner);
+}
+
+nb::dict Layout(int32_t batch_cap, int32_t token_cap, int32_t page_cap, int32_t work_cap) {
+  const PlanLayout L{batch_cap, token_cap, page_cap, work_cap};
+  nb::dict d;
+  d["work"] = nb::make_tuple(L.work(), int64_t(work_cap) * kWorkFields);
+  d["meta"] = nb::make_tuple(L.meta(), int64_t(kMetaFields));
+  d["qo_indptr"] = nb::make_tuple(L.qo_indptr(), int64_t(batch_cap) + 1);
+  d["kv_indptr"] = nb::make_tuple(L.kv_indptr(), int64_t(batch_cap) + 1);
+  d["kv_last_page_len"] = nb::make_tuple(L.kv_last_page_len(), int64_t(batch_cap));
+  d["merge_indptr"] = nb::make_tuple(L.merge_indptr(), int64_t(token_cap) + 1);
+  d["kv_indices"] = nb::make_tuple(L.kv_indices(), int64_t(page_cap));
+  d["size"] = L.size();
+  return d;
+}
+
+}  // namespace
+
+NB_MODULE(_C, m) {
+  m.doc() = "jax_pagedattn native extension: host planner and XLA FFI handlers.";
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const PlanError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+  m.def("registrations", &Registrations,
+        "{platform: {target name: FFI handler capsule}} for every handler built.");
+  m.def("plan", &Plan, nb::arg("qo_indptr").none(), nb::arg("kv_indptr"), nb::arg("kv_indices"),
+        nb::arg("kv_last_page_len"), nb::arg("page_size"), nb::arg("group_size"),
+        nb::arg("num_kv_heads"), nb::arg("tile_rows"), nb::arg("causal"), nb::arg("num_pages"),
+        nb::arg("num_sms"), nb::arg("batch_cap"), nb::arg("token_cap"), nb::arg("page_cap"),
+        nb::arg("work_cap"), nb::arg("partial_rows_cap"), nb::arg("decode_names"),
+        "Validates a batch and returns its plan buffer (int32, see docs/CONTRACT.md).");
+  m.def("plan_layout", &Layout, nb::arg("batch_cap"), nb::arg("token_cap"), nb::arg("page_cap"),
+        nb::arg("work_cap"), "{section: (offset, length)} of the plan buffer, and its size.");
+  m.def(
+      "derive_capacities",
+      [](int32_t batch_cap, int32_t token_cap, int32_t page_cap, int32_t group_size,
+         int32_t tile_rows, int32_t num_kv_heads, int32_t num_sms, int32_t partial_rows_limit) {
+        Capacities c = DeriveCapacities(batch_cap, token_cap, page_cap, group_size, tile_rows,
+                                        num_kv_heads, num_sms, partial_rows_limit);
+        return nb::make_tuple(c.batch, c.tokens, c.pages, c.work, c.partial_rows);
+      },
+      "(batch, tokens, pages, work, partial_rows) capacities that hold any batch within the first three.");
+  m.attr("WORK_FIELDS") = int(kWorkFields);
+  m.attr("HAS_CUDA") =
+#ifdef JAX_PAGEDATTN_WITH_CUDA
+      true;
+#else
+      false;
+#endif
+}

@@ -1,0 +1,23 @@
+"""jax_pagedattn: paged KV-cache attention for JAX (FlashInfer's plan/run model).
+
+Ops are XLA FFI custom calls: CUDA kernels on NVIDIA GPUs, C++ handlers on the CPU,
+and the jax.numpy reference on any other platform.
+"""
+
+from jax_pagedattn.decode import BatchDecodeWithPagedKVCacheWrapper
+from jax_pagedattn.page import append_paged_kv_cache, get_batch_indices_positions
+from jax_pagedattn.planning import Plan
+from jax_pagedattn.prefill import BatchPrefillWithPagedKVCacheWrapper
+from jax_pagedattn import primitives as _primitives  # registers the lowerings
+
+native_platforms = _primitives.native_platforms
+
+__all__ = [
+    "BatchDecodeWithPagedKVCacheWrapper",
+    "BatchPrefillWithPagedKVCacheWrapper",
+    "Plan",
+    "append_paged_kv_cache",
+    "get_batch_indices_positions",
+    "native_platforms",
+]
+__version__ = "0.1.0"

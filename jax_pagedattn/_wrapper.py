@@ -1,0 +1,127 @@
+"""What the decode and prefill wrappers share: capacities, planning, running."""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from jax_pagedattn import layout as layout_lib
+from jax_pagedattn import planning
+
+
+class PagedAttentionWrapper:
+  """FlashInfer's plan/run object. `plan()` runs the host planner and returns a `Plan`
+  (also kept on the wrapper); `run()` executes with the kept plan or one passed in,
+  which is how a jitted step takes a new plan each call without recompiling."""
+
+  _decode: bool  # set by subclasses
+
+  def __init__(self, workspace_size: int, kv_layout: str, max_batch_size, max_num_pages,
+               max_num_tokens):
+    self._kv_layout = layout_lib.check_kv_layout(kv_layout)
+    if workspace_size is not None and workspace_size <= 0:
+      raise ValueError(f"workspace_size must be positive, got {workspace_size}")
+    self._workspace_size = workspace_size
+    self._fixed = dict(batch=max_batch_size, pages=max_num_pages, tokens=max_num_tokens)
+    for name, value in (("max_batch_size", max_batch_size), ("max_num_pages", max_num_pages),
+                        ("max_num_tokens", max_num_tokens)):
+      if value is not None and value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    self._caps_base = None  # (batch, tokens, pages) fixed by the first plan
+    self._plan = None
+    self._host = None  # host facts of the last plan for eager checks
+
+  @property
+  def kv_layout(self) -> str:
+    return self._kv_layout
+
+  @property
+  def last_plan(self):
+    return self._plan
+
+  def _base_capacities(self, batch: int, tokens: int, pages: int):
+    """Capacities fixed at the first plan (given ones, else rounded up to a power of
+    two) and kept after, as FlashInfer does in its CUDA-graph mode."""
+    if self._caps_base is None:
+      b = self._fixed["batch"] or planning.next_pow2(batch)
+      t = b if self._decode else (self._fixed["tokens"] or planning.next_pow2(tokens))
+      p = self._fixed["pages"] or planning.next_pow2(pages, 16)
+      self._caps_base = (b, t, p)
+    return self._caps_base
+
+  def _make_plan(self, *, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads,
+                 num_kv_heads, head_dim, page_size, causal, pos_encoding_mode, sm_scale, rope_scale,
+                 rope_theta, q_data_type, kv_data_type, target, tile_rows_for):
+    planning.check_head_config(num_qo_heads, num_kv_heads, head_dim)
+    planning.check_pos_encoding(pos_encoding_mode)
+    if page_size < 1:
+      raise ValueError(f"page_size must be >= 1, got {page_size}")
+    q_dtype = planning.canonical_dtype(q_data_type, "q_data_type")
+    kv_dtype = planning.canonical_dtype(kv_data_type if kv_data_type is not None else q_data_type,
+                                        "kv_data_type")
+    if q_dtype != kv_dtype:
+      raise TypeError(f"kv_data_type ({kv_dtype}) must equal q_data_type ({q_dtype})")
+    names = (("indptr", "indices", "last_page_len") if self._decode else
+             ("paged_kv_indptr", "paged_kv_indices", "paged_kv_last_page_len"))
+    kv_indptr = planning.as_host_int32(kv_indptr, names[0])
+    kv_indices = planning.as_host_int32(kv_indices, names[1])
+    kv_last_page_len = planning.as_host_int32(kv_last_page_len, names[2])
+    if qo_indptr is not None:
+      qo_indptr = planning.as_host_int32(qo_indptr, "qo_indptr")
+    batch = kv_last_page_len.shape[0]
+    tokens = batch if qo_indptr is None else int(qo_indptr[-1]) if qo_indptr.size else 0
+    b, t, p = self._base_capacities(batch, tokens, kv_indices.shape[0])
+    group = num_qo_heads // num_kv_heads
+    tile_rows = tile_rows_for(group, head_dim)
+    num_sms = planning.device_parallelism()
+    limit = -1
+    if self._workspace_size is not None:
+      limit = self._workspace_size // (num_qo_heads * (head_dim + 1) * 4)
+    caps = planning.derive_capacities(b, t, p, group_size=group, tile_rows=tile_rows,
+                                      num_kv_heads=num_kv_heads, num_sms=num_sms,
+                                      partial_rows_limit=limit)
+    buffer = planning.plan_host(qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
+                                page_size=page_size, num_qo_heads=num_qo_heads,
+                                num_kv_heads=num_kv_heads, tile_rows=tile_rows, causal=causal,
+                                caps=caps, num_sms=num_sms, decode_names=self._decode)
+    config = planning.PlanConfig(
+        target=target, caps=caps, tile_rows=tile_rows, num_qo_heads=int(num_qo_heads),
+        num_kv_heads=int(num_kv_heads), head_dim=int(head_dim), page_size=int(page_size),
+        kv_layout=self._kv_layout, causal=bool(causal), pos_encoding_mode=pos_encoding_mode,
+        sm_scale=planning.default_sm_scale(head_dim, sm_scale),
+        rope_scale=1.0 if rope_scale is None else float(rope_scale),
+        rope_theta=1e4 if rope_theta is None else float(rope_theta),
+        q_dtype=q_dtype, kv_dtype=kv_dtype)
+    plan = planning.Plan(jnp.asarray(buffer), config)
+    self._plan = plan
+    max_page = int(kv_indices.max()) if kv_indices.size else -1
+    self._host = dict(num_tokens=tokens, max_page=max_page, names=names)
+    return plan
+
+  def _run(self, primitive, q, paged_kv_cache, return_lse, plan):
+    from jax_pagedattn import primitives  # noqa: PLC0415 (import cycle: primitives -> planning)
+
+    if plan is None:
+      plan = self._plan
+      if plan is None:
+        raise RuntimeError("run() called before plan(): call plan() first or pass plan=")
+    if not isinstance(plan, planning.Plan):
+      raise TypeError(f"plan must be a jax_pagedattn.Plan, got {type(plan).__name__}")
+    info = layout_lib.inspect_cache(paged_kv_cache, plan.config.kv_layout)
+    if plan.config.kv_layout != self._kv_layout:
+      raise ValueError(f"plan was made for kv_layout={plan.config.kv_layout!r}, this wrapper "
+                       f"uses {self._kv_layout!r}")
+    if plan is self._plan and not isinstance(q, jax.core.Tracer):
+      # The eager FlashInfer path: host facts of this very plan are known.
+      if q.shape[0] != self._host["num_tokens"]:
+        want = "batch_size" if self._decode else "qo_indptr[-1]"
+        raise ValueError(f"q has {q.shape[0]} rows but the plan has {want} = "
+                         f"{self._host['num_tokens']} query tokens")
+      if self._host["max_page"] >= info.num_pages:
+        raise ValueError(f"{self._host['names'][1]} holds page {self._host['max_page']}, but "
+                         f"paged_kv_cache has only {info.num_pages} pages")
+    k_op, v_op = layout_lib.cache_operands(paged_kv_cache)
+    out, lse, _ = primitive.bind(q, k_op, v_op, plan.buffer, config=plan.config,
+                                 combined=info.combined)
+    return (out, lse) if return_lse else out

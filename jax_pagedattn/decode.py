@@ -1,0 +1,70 @@
+"""BatchDecodeWithPagedKVCacheWrapper: one query token per request."""
+
+from __future__ import annotations
+
+from jax_pagedattn._wrapper import PagedAttentionWrapper
+
+# Packed query rows per work item of the tensor-core path: one mma row block, holding a
+# token's GQA group (padded) as FlashInfer's tensor-core decode does.
+TENSOR_CORE_DECODE_TILE_ROWS = 16
+
+
+class BatchDecodeWithPagedKVCacheWrapper(PagedAttentionWrapper):
+  """Batched decode attention over a paged KV cache (FlashInfer's API, in JAX).
+
+  Args:
+    workspace_size: bytes the split-KV partial outputs may use at most (the workspace
+      is allocated by XLA per call, sized from the capacities).
+    kv_layout: "NHD" or "HND".
+    use_tensor_cores: run the GQA group as matrix rows through the prefill kernel.
+    max_batch_size, max_num_pages: capacities; None fixes them at the first plan()
+      (rounded up to a power of two) and keeps them, so later plans reuse compiled steps.
+  """
+
+  _decode = True
+
+  def __init__(self, workspace_size: int | None = 128 * 1024 * 1024, kv_layout: str = "NHD",
+               use_tensor_cores: bool = False, max_batch_size: int | None = None,
+               max_num_pages: int | None = None):
+    super().__init__(workspace_size, kv_layout, max_batch_size, max_num_pages, None)
+    self._use_tensor_cores = bool(use_tensor_cores)
+
+  @property
+  def use_tensor_cores(self) -> bool:
+    return self._use_tensor_cores
+
+  def plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int,
+           head_dim: int, page_size: int, pos_encoding_mode: str = "NONE", sm_scale=None,
+           rope_scale=None, rope_theta=None, q_data_type="float16", kv_data_type=None,
+           data_type=None):
+    """Plans a decode batch on the host; returns the `Plan` (also kept for `run`).
+
+    indptr: int32 [batch+1] page offsets of each request in `indices`; indices: the
+    page ids; last_page_len: [batch] valid slots of each request's last page.
+    `data_type` is FlashInfer's older alias of `kv_data_type`.
+    """
+    if kv_data_type is None:
+      kv_data_type = data_type
+    if self._use_tensor_cores:
+      target, tile = "jax_pagedattn_prefill", lambda g, d: TENSOR_CORE_DECODE_TILE_ROWS
+    else:
+      target, tile = "jax_pagedattn_decode", lambda g, d: g
+    return self._make_plan(qo_indptr=None, kv_indptr=indptr, kv_indices=indices,
+                           kv_last_page_len=last_page_len, num_qo_heads=num_qo_heads,
+                           num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
+                           causal=False, pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale,
+                           rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_data_type,
+                           kv_data_type=kv_data_type, target=target, tile_rows_for=tile)
+
+  def run(self, q, paged_kv_cache, return_lse: bool = False, plan=None):
+    """Decode attention: q [batch, num_qo_heads, head_dim] -> out like q.
+
+    With return_lse, also returns lse [batch, num_qo_heads] float32 in base 2
+    (log2 of the sum of exp2 of the scaled logits), as FlashInfer does. Inside jax.jit
+    pass the plan explicitly; q may then have fewer rows than max_batch_size.
+    """
+    from jax_pagedattn import primitives  # noqa: PLC0415
+
+    return self._run(primitives.decode_p, q, paged_kv_cache, return_lse, plan)
+
+  forward = run

@@ -1,0 +1,174 @@
+"""Plans: the host planner's output as a pytree that jitted steps take as an argument.
+
+A `Plan` holds one int32 device array (the plan buffer of docs/CONTRACT.md) and static
+metadata (capacities, head counts, dtypes, tiling). Two plans with equal metadata have
+equal buffer shapes, so a jitted step compiles once for every batch that fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_pagedattn import _C
+
+POS_ENCODING_MODES = {"NONE": 0, "ROPE_LLAMA": 1, "ALIBI": 2}
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+_DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class Capacities:
+  """Static sizes of a plan: requests, query tokens, kv_indices entries, work items and
+  split-KV partial rows."""
+
+  batch: int
+  tokens: int
+  pages: int
+  work: int
+  partial_rows: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanConfig:
+  """Everything static about a plan: part of the compile key of a jitted step."""
+
+  target: str  # FFI target: "jax_pagedattn_decode" or "jax_pagedattn_prefill"
+  caps: Capacities
+  tile_rows: int
+  num_qo_heads: int
+  num_kv_heads: int
+  head_dim: int
+  page_size: int
+  kv_layout: str
+  causal: bool
+  pos_encoding_mode: str
+  sm_scale: float
+  rope_scale: float
+  rope_theta: float
+  q_dtype: str
+  kv_dtype: str
+
+  @property
+  def group_size(self) -> int:
+    return self.num_qo_heads // self.num_kv_heads
+
+  @property
+  def workspace_bytes(self) -> int:
+    return self.caps.partial_rows * self.num_qo_heads * (self.head_dim + 1) * 4
+
+
+@jax.tree_util.register_pytree_node_class
+class Plan:
+  """A planned batch: `buffer` (int32 device array) plus static `config`."""
+
+  def __init__(self, buffer, config: PlanConfig):
+    self.buffer = buffer
+    self.config = config
+
+  def tree_flatten(self):
+    return (self.buffer,), self.config
+
+  @classmethod
+  def tree_unflatten(cls, config, children):
+    return cls(children[0], config)
+
+  def __repr__(self):
+    c = self.config
+    return (f"Plan(target={c.target}, caps={c.caps}, heads={c.num_qo_heads}/{c.num_kv_heads}, "
+            f"head_dim={c.head_dim}, page_size={c.page_size}, layout={c.kv_layout})")
+
+
+def canonical_dtype(dtype, name: str) -> str:
+  """'float16' / 'bfloat16' / 'float32' for a dtype given as a string or dtype."""
+  try:
+    d = jnp.dtype(dtype)
+  except TypeError as e:
+    raise TypeError(f"{name}: not a dtype: {dtype!r}") from e
+  if d.name not in _DTYPES:
+    raise TypeError(f"{name} must be float16, bfloat16 or float32, got {d.name}")
+  return d.name
+
+
+def next_pow2(n: int, minimum: int = 1) -> int:
+  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def device_parallelism(device=None) -> int:
+  """Streaming multiprocessors of a GPU (or CPU threads): what the planner fills."""
+  device = device or jax.devices()[0]
+  if device.platform == "gpu":
+    count = getattr(device, "core_count", None)
+    if count:
+      return int(count)
+    return 132
+  return os.cpu_count() or 1
+
+
+def as_host_int32(x, name: str) -> np.ndarray:
+  a = np.asarray(x)
+  if a.ndim != 1:
+    raise ValueError(f"{name} must be a 1-D integer array, got shape {a.shape}")
+  if a.size and not np.issubdtype(a.dtype, np.integer):
+    raise TypeError(f"{name} must hold integers, got {a.dtype}")
+  return np.ascontiguousarray(a, dtype=np.int32)
+
+
+def derive_capacities(batch, tokens, pages, *, group_size, tile_rows, num_kv_heads, num_sms,
+                      partial_rows_limit=-1) -> Capacities:
+  return Capacities(*_C.derive_capacities(batch, tokens, pages, group_size, tile_rows,
+                                          num_kv_heads, num_sms, partial_rows_limit))
+
+
+def plan_host(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, *, page_size, num_qo_heads,
+              num_kv_heads, tile_rows, causal, caps: Capacities, num_sms, num_pages=-1,
+              decode_names=False) -> np.ndarray:
+  """Runs the C++ planner on host arrays; returns the int32 plan buffer.
+
+  `qo_indptr=None` plans a decode batch (one query per request). Raises ValueError
+  naming the offending argument.
+  """
+  return _C.plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, int(page_size),
+                 int(num_qo_heads // num_kv_heads), int(num_kv_heads), int(tile_rows), bool(causal),
+                 int(num_pages), int(num_sms), caps.batch, caps.tokens, caps.pages, caps.work,
+                 caps.partial_rows, bool(decode_names))
+
+
+def plan_sections(caps: Capacities) -> dict:
+  """{section: (offset, length)} of a plan buffer with these capacities."""
+  return _C.plan_layout(caps.batch, caps.tokens, caps.pages, caps.work)
+
+
+def unpack_plan(buffer, caps: Capacities) -> dict:
+  """The sections of a plan buffer as numpy arrays (work is [work_cap, 8])."""
+  buf = np.asarray(buffer)
+  out = {}
+  for name, section in plan_sections(caps).items():
+    if name != "size":
+      off, n = section
+      out[name] = buf[off:off + n]
+  out["work"] = out["work"].reshape(caps.work, _C.WORK_FIELDS)
+  return out
+
+
+def check_head_config(num_qo_heads, num_kv_heads, head_dim):
+  if num_kv_heads <= 0 or num_qo_heads <= 0 or num_qo_heads % num_kv_heads:
+    raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a positive multiple of "
+                     f"num_kv_heads ({num_kv_heads})")
+  if head_dim not in SUPPORTED_HEAD_DIMS:
+    raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+
+
+def check_pos_encoding(mode: str) -> str:
+  if mode not in POS_ENCODING_MODES:
+    raise ValueError(f"pos_encoding_mode must be one of {tuple(POS_ENCODING_MODES)}, got {mode!r}")
+  return mode
+
+
+def default_sm_scale(head_dim: int, sm_scale) -> float:
+  return float(1.0 / math.sqrt(head_dim)) if sm_scale is None else float(sm_scale)

@@ -1,0 +1,67 @@
+"""BatchPrefillWithPagedKVCacheWrapper: many query tokens per request."""
+
+from __future__ import annotations
+
+from jax_pagedattn._wrapper import PagedAttentionWrapper
+
+
+def prefill_tile_rows(group_size: int, head_dim: int) -> int:
+  """Packed query rows per prefill work item: the tensor-core kernel's query tile."""
+  del group_size
+  return 128 if head_dim <= 128 else 64
+
+
+class BatchPrefillWithPagedKVCacheWrapper(PagedAttentionWrapper):
+  """Batched prefill / append attention over a paged KV cache (FlashInfer's API).
+
+  Args:
+    workspace_size: bytes the split-KV partial outputs may use at most.
+    kv_layout: "NHD" or "HND".
+    max_batch_size, max_num_pages, max_num_tokens: capacities; None fixes each at the
+      first plan() (rounded up to a power of two) and keeps it.
+  """
+
+  _decode = False
+
+  def __init__(self, workspace_size: int | None = 128 * 1024 * 1024, kv_layout: str = "NHD",
+               max_batch_size: int | None = None, max_num_pages: int | None = None,
+               max_num_tokens: int | None = None):
+    super().__init__(workspace_size, kv_layout, max_batch_size, max_num_pages, max_num_tokens)
+
+  def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len,
+           num_qo_heads: int, num_kv_heads: int, head_dim: int | None = None,
+           page_size: int | None = None, causal: bool = False, pos_encoding_mode: str = "NONE",
+           sm_scale=None, rope_scale=None, rope_theta=None, q_data_type="float16",
+           kv_data_type=None, head_dim_qk: int | None = None):
+    """Plans a prefill batch on the host; returns the `Plan` (also kept for `run`).
+
+    qo_indptr: int32 [batch+1] query-token offsets of each request; the paged_kv_*
+    arrays as in decode. Causal masks are bottom-right aligned (query i of a request
+    with qo_len queries and kv_len keys sees keys j <= kv_len - qo_len + i).
+    `head_dim_qk` is FlashInfer's name for head_dim.
+    """
+    if head_dim is None:
+      head_dim = head_dim_qk
+    if head_dim is None or page_size is None:
+      raise TypeError("plan() needs head_dim and page_size")
+    return self._make_plan(qo_indptr=qo_indptr, kv_indptr=paged_kv_indptr,
+                           kv_indices=paged_kv_indices, kv_last_page_len=paged_kv_last_page_len,
+                           num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
+                           head_dim=head_dim, page_size=page_size, causal=causal,
+                           pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale,
+                           rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_data_type,
+                           kv_data_type=kv_data_type, target="jax_pagedattn_prefill",
+                           tile_rows_for=prefill_tile_rows)
+
+  def run(self, q, paged_kv_cache, return_lse: bool = False, plan=None):
+    """Prefill attention: q [tokens, num_qo_heads, head_dim] -> out like q.
+
+    With return_lse, also lse [tokens, num_qo_heads] float32, base 2. Inside jax.jit
+    q may have more rows than qo_indptr[-1] (up to max_num_tokens): those padding rows
+    come back as 0 with lse -inf.
+    """
+    from jax_pagedattn import primitives  # noqa: PLC0415
+
+    return self._run(primitives.prefill_p, q, paged_kv_cache, return_lse, plan)
+
+  forward = run

@@ -1,0 +1,216 @@
+"""JAX primitives for the paged-attention ops: abstract evaluation and lowerings.
+
+Every `jax.extend` / `jax.interpreters` import of the package lives here, so version
+differences stay in one file. Each op lowers to the native FFI target of the platform
+when this build has one (`jax_pagedattn_<op>` on cpu and cuda), and otherwise to the
+jax.numpy reference, so the API works everywhere; tests say which path ran.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from jax_pagedattn import layout as layout_lib
+from jax_pagedattn import planning, reference
+from jax_pagedattn._ext import NATIVE_TARGETS
+
+ShapedArray = jax.core.ShapedArray
+
+decode_p = Primitive("jax_pagedattn_decode")
+prefill_p = Primitive("jax_pagedattn_prefill")
+append_p = Primitive("jax_pagedattn_append")
+for _p in (decode_p, prefill_p, append_p):
+  _p.multiple_results = True
+
+
+# ---------------------------------------------------------------------------------------
+# attention (decode and prefill share operands; they differ in the kernel behind them)
+
+def _attention_abstract_eval(q, k_cache, v_cache, plan, *, config: planning.PlanConfig, combined: bool):
+  if q.ndim != 3 or q.shape[1] != config.num_qo_heads or q.shape[2] != config.head_dim:
+    raise ValueError(f"q must have shape [tokens, num_qo_heads={config.num_qo_heads}, "
+                     f"head_dim={config.head_dim}] as planned, got {tuple(q.shape)}")
+  if q.shape[0] > config.caps.tokens:
+    raise ValueError(f"q has {q.shape[0]} rows, more than the plan's token capacity "
+                     f"{config.caps.tokens} (max_batch_size / max_num_tokens)")
+  if jnp.dtype(q.dtype).name != config.q_dtype:
+    raise TypeError(f"q has dtype {jnp.dtype(q.dtype).name} but the plan was made for "
+                    f"q_data_type={config.q_dtype}")
+  cache = k_cache if combined else (k_cache, v_cache)
+  info = layout_lib.inspect_cache(cache, config.kv_layout)
+  if info.dtype.name != config.kv_dtype:
+    raise TypeError(f"paged_kv_cache has dtype {info.dtype.name} but the plan was made for "
+                    f"kv_data_type={config.kv_dtype}")
+  if (info.page_size, info.num_kv_heads, info.head_dim) != (config.page_size, config.num_kv_heads, config.head_dim):
+    raise ValueError(
+        f"paged_kv_cache shape {tuple(k_cache.shape)} does not match the plan for kv_layout="
+        f"{config.kv_layout!r}: expected page_size={config.page_size}, num_kv_heads="
+        f"{config.num_kv_heads}, head_dim={config.head_dim}")
+  want = planning.plan_sections(config.caps)["size"]
+  if plan.shape != (want,) or plan.dtype != jnp.int32:
+    raise ValueError(f"plan buffer must be int32[{want}] for these capacities, got {plan.dtype}{list(plan.shape)}")
+  return (ShapedArray(q.shape, q.dtype), ShapedArray(q.shape[:2], jnp.float32),
+          ShapedArray((config.workspace_bytes,), jnp.uint8))
+
+
+def _ffi_attention_attrs(config: planning.PlanConfig, combined: bool) -> dict:
+  i32, f32 = np.int32, np.float32
+  c = config
+  return dict(
+      num_qo_heads=i32(c.num_qo_heads), num_kv_heads=i32(c.num_kv_heads), head_dim=i32(c.head_dim),
+      page_size=i32(c.page_size), kv_layout=i32(layout_lib.KV_LAYOUT_CODE[c.kv_layout]),
+      combined=i32(combined), causal=i32(c.causal),
+      pos_encoding=i32(planning.POS_ENCODING_MODES[c.pos_encoding_mode]),
+      sm_scale=f32(c.sm_scale), rope_scale=f32(c.rope_scale), rope_theta=f32(c.rope_theta),
+      tile_rows=i32(c.tile_rows), batch_cap=i32(c.caps.batch), token_cap=i32(c.caps.tokens),
+      page_cap=i32(c.caps.pages), work_cap=i32(c.caps.work),
+      partial_rows_cap=i32(c.caps.partial_rows))
+
+
+def _native_attention_lowering(ctx, q, k_cache, v_cache, plan, *, config, combined):
+  rule = jax.ffi.ffi_lowering(config.target)
+  return rule(ctx, q, k_cache, v_cache, plan, **_ffi_attention_attrs(config, combined))
+
+
+def _reference_attention(q, k_cache, v_cache, plan, *, config, combined):
+  """The jax.numpy lowering for platforms without native handlers: same operands."""
+  sections = planning.plan_sections(config.caps)
+  take = lambda name: jax.lax.dynamic_slice_in_dim(plan, sections[name][0], sections[name][1])
+  k_pages, v_pages = layout_lib.to_nhd_pages(k_cache, v_cache, combined, config.kv_layout)
+  meta = take("meta")
+  out, lse = reference.batch_attention_masked(
+      q, k_pages, v_pages, take("qo_indptr"), take("kv_indptr"), take("kv_indices"),
+      take("kv_last_page_len"), meta[1], page_size=config.page_size, causal=config.causal,
+      pos_encoding_mode=config.pos_encoding_mode, sm_scale=config.sm_scale,
+      rope_scale=config.rope_scale, rope_theta=config.rope_theta)
+  return out.astype(q.dtype), lse, jnp.zeros((config.workspace_bytes,), jnp.uint8)
+
+
+# ---------------------------------------------------------------------------------------
+# append
+
+def _append_abstract_eval(new_k, new_v, batch_indices, positions, kv_indices, kv_indptr, *caches,
+                          kv_layout, combined):
+  cache = caches[0] if combined else tuple(caches)
+  info = layout_lib.inspect_cache(cache, kv_layout)
+  want = (info.num_kv_heads, info.head_dim)
+  for name, x in (("append_key", new_k), ("append_value", new_v)):
+    if x.ndim != 3 or tuple(x.shape[1:]) != want:
+      raise ValueError(f"{name} must be [rows, num_kv_heads={want[0]}, head_dim={want[1]}] "
+                       f"to match paged_kv_cache, got {tuple(x.shape)}")
+    if x.dtype != info.dtype:
+      raise TypeError(f"{name} has dtype {x.dtype}, but paged_kv_cache has {info.dtype}")
+  if new_v.shape != new_k.shape:
+    raise ValueError(f"append_value shape {tuple(new_v.shape)} != append_key shape {tuple(new_k.shape)}")
+  for name, x, n in (("batch_indices", batch_indices, new_k.shape[0]), ("positions", positions, new_k.shape[0]),
+                     ("kv_indices", kv_indices, None), ("kv_indptr", kv_indptr, None)):
+    if x.ndim != 1 or x.dtype != jnp.int32 or (n is not None and x.shape[0] != n):
+      extra = f" with {n} entries (one per appended row)" if n is not None else ""
+      raise ValueError(f"{name} must be a 1-D int32 array{extra}, got {x.dtype}{list(x.shape)}")
+  if kv_indptr.shape[0] < 1:
+    raise ValueError("kv_indptr must have batch_size + 1 >= 1 entries")
+  return tuple(ShapedArray(c.shape, c.dtype) for c in caches)
+
+
+def _native_append_lowering(ctx, *args, kv_layout, combined):
+  num_caches = 1 if combined else 2
+  first = len(args) - num_caches
+  caches = args[first:]
+  info_aval = ctx.avals_in[first]
+  cache_aval = info_aval if combined else (ctx.avals_in[first], ctx.avals_in[first + 1])
+  info = layout_lib.inspect_cache(cache_aval, kv_layout)
+  target = "jax_pagedattn_append" if combined else "jax_pagedattn_append_kv"
+  rule = jax.ffi.ffi_lowering(target, operand_output_aliases={first + i: i for i in range(len(caches))})
+  return rule(ctx, *args, page_size=np.int32(info.page_size),
+              kv_layout=np.int32(layout_lib.KV_LAYOUT_CODE[kv_layout]),
+              num_kv_heads=np.int32(info.num_kv_heads), head_dim=np.int32(info.head_dim))
+
+
+def _reference_append(new_k, new_v, batch_indices, positions, kv_indices, kv_indptr, *caches,
+                      kv_layout, combined):
+  """Scatter with the native kernels' guard: rows outside the pages they own are dropped."""
+  cache = caches[0] if combined else tuple(caches)
+  info = layout_lib.inspect_cache(cache, kv_layout)
+  batch = kv_indptr.shape[0] - 1
+  b = jnp.clip(batch_indices, 0, max(batch - 1, 0))
+  slot_in_request = positions // info.page_size
+  entry = kv_indptr[b] + slot_in_request
+  ok = ((batch_indices >= 0) & (batch_indices < batch) & (positions >= 0)
+        & (entry < kv_indptr[b + 1]))
+  page = kv_indices[jnp.clip(entry, 0, max(kv_indices.shape[0] - 1, 0))]
+  ok &= (page >= 0) & (page < info.num_pages) & (kv_indices.shape[0] > 0)
+  page = jnp.where(ok, page, info.num_pages)  # out of bounds: dropped by the scatter
+  slot = positions % info.page_size
+
+  def put(dst, rows, half):
+    if kv_layout == "NHD":
+      idx = (page, half, slot) if combined else (page, slot)
+    else:
+      idx = (page, half, slice(None), slot) if combined else (page, slice(None), slot)
+    # With HND the advanced indices are split by a slice, so numpy rules move the row
+    # axis to the front: the update is [N, H, D] in both layouts.
+    return dst.at[idx].set(rows.astype(dst.dtype), mode="drop")
+
+  if combined:
+    out = put(put(caches[0], new_k, 0), new_v, 1)
+    return (out,)
+  return put(caches[0], new_k, None), put(caches[1], new_v, None)
+
+
+# ---------------------------------------------------------------------------------------
+# registration
+
+def _eager_impl(prim):
+  """Eager calls run the primitive through one cached jit per parameter set."""
+
+  @functools.partial(jax.jit, static_argnums=(0,))
+  def run(params, *args):
+    return prim.bind(*args, **dict(params))
+
+  return lambda *args, **params: run(tuple(sorted(params.items())), *args)
+
+
+def _no_vmap(name):
+  def rule(*args, **kwargs):
+    raise NotImplementedError(
+        f"{name} does not support vmap: a paged batch is already batched; put the requests "
+        f"of all vmapped instances into one plan (one request axis) instead")
+  return rule
+
+
+def _no_grad(name):
+  def rule(*args, **kwargs):
+    raise NotImplementedError(f"{name} is not differentiable: paged attention here is an "
+                              f"inference op (no backward kernels)")
+  return rule
+
+
+for _prim, _abstract, _native, _ref, _targets in (
+    (decode_p, _attention_abstract_eval, _native_attention_lowering, _reference_attention,
+     ("jax_pagedattn_decode", "jax_pagedattn_prefill")),
+    (prefill_p, _attention_abstract_eval, _native_attention_lowering, _reference_attention,
+     ("jax_pagedattn_prefill",)),
+    (append_p, _append_abstract_eval, _native_append_lowering, _reference_append,
+     ("jax_pagedattn_append", "jax_pagedattn_append_kv")),
+):
+  _prim.def_abstract_eval(_abstract)
+  _prim.def_impl(_eager_impl(_prim))
+  mlir.register_lowering(_prim, mlir.lower_fun(_ref, multiple_results=True))
+  for _platform in ("cpu", "cuda"):
+    if all((_platform, t) in NATIVE_TARGETS for t in _targets):
+      mlir.register_lowering(_prim, _native, platform=_platform)
+  batching.primitive_batchers[_prim] = _no_vmap(_prim.name)
+  ad.primitive_jvps[_prim] = _no_grad(_prim.name)
+
+
+def native_platforms() -> tuple[str, ...]:
+  """Platforms whose lowering of every op is a native handler (others use jax.numpy)."""
+  return tuple(p for p in ("cpu", "cuda")
+               if all((p, t) in NATIVE_TARGETS for t in ("jax_pagedattn_decode", "jax_pagedattn_prefill",
+                                                        "jax_pagedattn_append", "jax_pagedattn_append_kv")))

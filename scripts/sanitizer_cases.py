@@ -1,0 +1,82 @@
+"""A small representative set of GPU calls for compute-sanitizer (memcheck, racecheck).
+
+Each case runs once on fresh random data and is checked against the jax.numpy oracle,
+so a sanitizer run also fails on a wrong answer. Kept small: the sanitizers slow
+kernels down by orders of magnitude.
+"""
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_pagedattn as jpa
+from jax_pagedattn import reference
+
+
+def random_batch(rng, batch, max_pages, page_size, num_pages):
+  pages = rng.integers(0, max_pages + 1, size=batch)
+  indptr = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
+  indices = rng.permutation(num_pages)[: indptr[-1]].astype(np.int32)
+  last = rng.integers(1, page_size + 1, size=batch).astype(np.int32)
+  return indptr, indices, last
+
+
+def check(name, got, want, tol=3e-2):
+  err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
+  print(f"{name}: max abs err {err:.3g}")
+  if not err <= tol:
+    raise SystemExit(f"{name}: error {err} above {tol}")
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--memcheck", action="store_true")
+  ap.add_argument("--racecheck", action="store_true")
+  args = ap.parse_args()
+  rng = np.random.default_rng(1)
+  key = jax.random.key(1)
+  dt = jnp.bfloat16
+  hq, hk, d = 8, 2, 128
+  small = args.racecheck
+  for layout, ps, tc, mode in (("NHD", 16, False, "NONE"), ("HND", 1, False, "ROPE_LLAMA"),
+                               ("NHD", 16, True, "ALIBI")):
+    num_pages = 64
+    shape = (num_pages, 2, ps, hk, d) if layout == "NHD" else (num_pages, 2, hk, ps, d)
+    cache = jax.random.normal(key, shape, dt)
+    indptr, indices, last = random_batch(rng, 3 if small else 5, 12 if ps == 16 else 40, ps, num_pages)
+    q = jax.random.normal(jax.random.key(2), (len(last), hq, d), dt)
+    w = jpa.BatchDecodeWithPagedKVCacheWrapper(kv_layout=layout, use_tensor_cores=tc)
+    w.plan(indptr, indices, last, hq, hk, d, ps, pos_encoding_mode=mode, q_data_type=dt)
+    out = w.run(q, cache)
+    want, _ = reference.batch_decode(q.astype(jnp.float32), cache.astype(jnp.float32), indptr,
+                                     indices, last, kv_layout=layout, pos_encoding_mode=mode)
+    check(f"decode {layout} page{ps} tc={tc} {mode}", out, want)
+
+  ps, num_pages = 16, 64
+  cache = jax.random.normal(key, (num_pages, 2, ps, hk, d), dt)
+  indptr, indices, last = random_batch(rng, 3, 6, ps, num_pages)
+  kv_len = np.where(np.diff(indptr) > 0, (np.diff(indptr) - 1) * ps + last, 0)
+  qo_len = np.minimum(kv_len, rng.integers(1, 40, size=len(last)))
+  qo_indptr = np.concatenate([[0], np.cumsum(qo_len)]).astype(np.int32)
+  q = jax.random.normal(jax.random.key(3), (int(qo_indptr[-1]), hq, d), dt)
+  w = jpa.BatchPrefillWithPagedKVCacheWrapper()
+  w.plan(qo_indptr, indptr, indices, last, hq, hk, d, ps, causal=True, q_data_type=dt)
+  out = w.run(q, cache)
+  want, _ = reference.batch_attention(q.astype(jnp.float32), cache.astype(jnp.float32), qo_indptr,
+                                      indptr, indices, last, causal=True)
+  check("prefill causal", out, want)
+
+  nnz = int(qo_indptr[-1])
+  bi, pos = jpa.get_batch_indices_positions(qo_indptr, kv_len, nnz)
+  kn = jax.random.normal(jax.random.key(4), (nnz, hk, d), dt)
+  vn = jax.random.normal(jax.random.key(5), (nnz, hk, d), dt)
+  got = jpa.append_paged_kv_cache(kn, vn, bi, pos, cache, indices, indptr, last)
+  want = reference.append_paged_kv_cache(kn, vn, bi, pos, cache, indices, indptr, last)
+  check("append", got, want.astype(jnp.float32), tol=0)
+  print("sanitizer cases done")
+
+
+if __name__ == "__main__":
+  main()
