@@ -7,6 +7,9 @@ from jax_pagedattn._wrapper import PagedAttentionWrapper
 # Packed query rows per work item of the tensor-core path: one mma row block, holding a
 # token's GQA group (padded) as FlashInfer's tensor-core decode does.
 TENSOR_CORE_DECODE_TILE_ROWS = 16
+# The CUDA-core decode kernel keeps up to 8 query heads of a group in registers per pass
+# over the keys; larger groups are split into items of 8 heads.
+CUDA_CORE_DECODE_MAX_ROWS = 8
 
 
 class BatchDecodeWithPagedKVCacheWrapper(PagedAttentionWrapper):
@@ -48,7 +51,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PagedAttentionWrapper):
     if self._use_tensor_cores:
       target, tile = "jax_pagedattn_prefill", lambda g, d: TENSOR_CORE_DECODE_TILE_ROWS
     else:
-      target, tile = "jax_pagedattn_decode", lambda g, d: g
+      target, tile = "jax_pagedattn_decode", lambda g, d: min(g, CUDA_CORE_DECODE_MAX_ROWS)
     return self._make_plan(qo_indptr=None, kv_indptr=indptr, kv_indices=indices,
                            kv_last_page_len=last_page_len, num_qo_heads=num_qo_heads,
                            num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,

@@ -20,12 +20,12 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$out/gpu.txt" 2>&1
 kexpr=${1:-}
 t0=$(date +%s)
-python3 -m pytest -q -x --timeout=600 -p no:cacheprovider -m gpu ${kexpr:+-k "$kexpr"} tests >"$out/pytest_gpu.log" 2>&1
+python3 -P -m pytest -q --timeout=600 -p no:cacheprovider -m gpu ${kexpr:+-k "$kexpr"} tests >"$out/pytest_gpu.log" 2>&1
 status[gpu_tests]="$(tail -1 "$out/pytest_gpu.log") ($(( $(date +%s) - t0 )) s)"
 if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
   for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 9 --target-processes all \
-      python3 scripts/sanitizer_cases.py --$tool >"$out/sanitizer_$tool.log" 2>&1
+      python3 -P scripts/sanitizer_cases.py --$tool >"$out/sanitizer_$tool.log" 2>&1
     rc=$?
     status[$tool]="rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_$tool.log" | tail -1)"
   done

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "jax_pagedattn/params.h"
 #include "xla/ffi/api/ffi.h"
@@ -34,9 +35,10 @@ inline bool ToDType(ffi::DataType t, DType* out) {
 inline int ElemBytes(DType t) { return t == DType::kF32 ? 4 : 2; }
 
 // Operands and results of an attention call, after the optional stream context.
+// XLA's Binding chains only as an rvalue, hence std::move on the parameter.
 template <typename Binding>
 auto BindAttention(Binding b) {
-  return b.template Arg<ffi::AnyBuffer>()           // q
+  return std::move(b).template Arg<ffi::AnyBuffer>()  // q
       .template Arg<ffi::AnyBuffer>()               // k_cache
       .template Arg<ffi::AnyBuffer>()               // v_cache
       .template Arg<ffi::Buffer<ffi::S32>>()        // plan
@@ -142,7 +144,7 @@ inline ffi::Error MakeAttentionParams(JPA_ATTENTION_HANDLER_ARGS, AttentionParam
 // Operands of an append call before the cache operand(s).
 template <typename Binding>
 auto BindAppendInputs(Binding b) {
-  return b.template Arg<ffi::AnyBuffer>()      // new_k [N, Hkv, D]
+  return std::move(b).template Arg<ffi::AnyBuffer>()  // new_k [N, Hkv, D]
       .template Arg<ffi::AnyBuffer>()          // new_v
       .template Arg<ffi::Buffer<ffi::S32>>()   // batch_indices [N]
       .template Arg<ffi::Buffer<ffi::S32>>()   // positions [N]
@@ -152,7 +154,7 @@ auto BindAppendInputs(Binding b) {
 
 template <typename Binding>
 auto BindAppendAttrs(Binding b) {
-  return b.template Attr<int32_t>("page_size")
+  return std::move(b).template Attr<int32_t>("page_size")
       .template Attr<int32_t>("kv_layout")
       .template Attr<int32_t>("num_kv_heads")
       .template Attr<int32_t>("head_dim");

@@ -1,0 +1,80 @@
+// Typed-FFI CUDA handlers of jax_pagedattn_decode and jax_pagedattn_prefill.
+//
+// Thin: bind the operands (ffi_common.h, shared with the CPU handlers), check what the
+// GPU kernels need beyond the shared checks, then launch the attention pass and the
+// merge pass on XLA's stream. No allocation, no host reads of device memory, no stream
+// queries: the same launches for the same shapes, as kCmdBufferCompatible promises.
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "jax_pagedattn/ffi_common.h"
+#include "jax_pagedattn/handlers.h"
+#include "launchers.h"
+
+namespace jax_pagedattn {
+namespace {
+
+ffi::Error LaunchError(const char* what, cudaError_t err) {
+  return ffi::Error::Internal(std::string("jax_pagedattn: ") + what + " launch failed: " +
+                              cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+}
+
+// Checks that only the GPU kernels impose (the shared ones ran in MakeAttentionParams).
+ffi::Error CheckGpuParams(const AttentionParams& p) {
+  if (p.dtype == DType::kF32)
+    return ffi::Error::InvalidArgument(
+        "jax_pagedattn: float32 attention is not supported on the GPU; use float16 or "
+        "bfloat16 (float32 runs on the CPU backend)");
+  if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256)
+    return ffi::Error::InvalidArgument("jax_pagedattn: head_dim must be 64, 128 or 256 on the GPU");
+  if (p.kv.page_size < 1)
+    return ffi::Error::InvalidArgument("jax_pagedattn: page_size must be at least 1");
+  if (p.num_qo_heads < 1)
+    return ffi::Error::InvalidArgument("jax_pagedattn: num_qo_heads must be at least 1");
+  if (p.num_kv_heads > 65535)
+    return ffi::Error::InvalidArgument("jax_pagedattn: num_kv_heads must be at most 65535");
+  if (p.layout.work_cap < 0 || p.partial_rows_cap < 0)
+    return ffi::Error::InvalidArgument("jax_pagedattn: capacities must not be negative");
+  if (p.kv.num_kv_heads != p.num_kv_heads || p.kv.head_dim != p.head_dim)
+    return ffi::Error::InvalidArgument("jax_pagedattn: cache heads/head_dim do not match the attributes");
+  return ffi::Error::Success();
+}
+
+template <cudaError_t (*kAttention)(const AttentionParams&, cudaStream_t)>
+ffi::Error AttentionThenMerge(cudaStream_t stream, JPA_ATTENTION_HANDLER_ARGS, const char* what) {
+  AttentionParams p;
+  ffi::Error err = MakeAttentionParams(JPA_ATTENTION_FORWARD_ARGS, &p);
+  if (err.failure()) return err;
+  err = CheckGpuParams(p);
+  if (err.failure()) return err;
+  cudaError_t cu = kAttention(p, stream);
+  if (cu != cudaSuccess) return LaunchError(what, cu);
+  cu = LaunchMerge(p, stream);
+  if (cu != cudaSuccess) return LaunchError("merge kernel", cu);
+  return ffi::Error::Success();
+}
+
+ffi::Error DecodeCuda(cudaStream_t stream, JPA_ATTENTION_HANDLER_ARGS) {
+  return AttentionThenMerge<LaunchDecode>(stream, JPA_ATTENTION_FORWARD_ARGS, "decode kernel");
+}
+
+ffi::Error PrefillCuda(cudaStream_t stream, JPA_ATTENTION_HANDLER_ARGS) {
+  return AttentionThenMerge<LaunchPrefill>(stream, JPA_ATTENTION_FORWARD_ARGS, "prefill kernel");
+}
+
+}  // namespace
+}  // namespace jax_pagedattn
+
+// The bindings: stream context, then ffi_common.h's operand list.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxPagedAttnDecodeCuda, jax_pagedattn::DecodeCuda,
+    jax_pagedattn::BindAttention(
+        xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
+    {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxPagedAttnPrefillCuda, jax_pagedattn::PrefillCuda,
+    jax_pagedattn::BindAttention(
+        xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
+    {xla::ffi::Traits::kCmdBufferCompatible});

@@ -1,0 +1,575 @@
+// CUDA-core paged decode: one CTA per (work item, kv head).
+//
+// The item's packed rows (the G query heads of one token in the usual decode plan) all
+// read the same K/V rows, so every key is fetched and widened once and used for every
+// row. Decode is bound by the bytes of K and V, so the design starts from them:
+//
+// * Warp tiles of 8 KB. Each of the 4 warps streams its own tiles of keys (tile n of the
+//   item goes to warp n % 4) through its own 2-stage cp.async ring in shared memory: no
+//   CTA-wide barrier in the main loop, and 4 warps x 8 KB (3 CTAs per SM: 96 KB per SM)
+//   stay in flight, several times the ~20 KB that 3 TB/s x ~1 us of latency needs per SM.
+//   Resident CTAs per SM (H100): 3 for R <= 4, 2 for R = 8; a planner should size the
+//   item count so items x kv heads fill whole waves of 132 x that.
+//   A tile holds kKeys = 2048 / D keys, i.e. 256 16-byte chunks of K and 256 of V for
+//   every head_dim, so each lane issues 8 + 8 LDGSTS.128 per tile and each instruction of
+//   a warp covers whole contiguous rows (coalesced 32-byte sectors).
+// * Page ids are looked up once per tile and key (one lane per key), one tile ahead of
+//   use so the lookup latency hides behind the current tile; lanes get the 64-bit row
+//   offsets of the keys they copy by shuffle. Keys past the range or with a page id
+//   outside [0, num_pages) are zero-filled and masked, never dereferenced.
+// * q.k: D/64 lanes per key, 64 dims each (8 chunks), q read from shared memory as fp32
+//   (pre-scaled by sm_scale * log2 e and rotated for RoPE); one butterfly step per extra
+//   lane. Shared rows are XOR-swizzled by 16-byte chunk (chunk ^ key % 8) so the copies,
+//   the per-key reads of q.k and the per-chunk reads of p.v are all conflict-free.
+// * Online softmax per warp in base 2 (tile max over the warp, exp2 on MUFU), the
+//   probabilities go through 1 KB of shared memory, and p.v runs with each lane owning 8
+//   output dims of every row, so V is widened once per key. At the end the 4 warp states
+//   merge in shared memory and the CTA writes out/lse, or the partial row for split items.
+//
+// Registers: o[R][8] and m, l per row stay live; arrays are indexed only by compile-time
+// constants. sm_90a: 128-166 registers for R <= 4 (cap 168), 191-197 for R = 8 (cap 255),
+// no spills, no stack. Instantiations: {f16, bf16} x D {64, 128, 256} x R {1, 2, 4, 8}.
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "cp_async.cuh"
+#include "jax_pagedattn/params.h"
+#include "launchers.h"
+#include "rope.cuh"
+#include "softmax_state.cuh"
+#include "vec_dtypes.cuh"
+
+namespace jax_pagedattn {
+namespace {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kWarps = 4;  // 128 threads: small enough for 3 CTAs per SM (see smem below)
+constexpr int kThreads = kWarps * 32;
+// Each warp keeps one tile loading while it computes another. With 12 warps per SM that
+// is already ~5x the bytes in flight that the memory system needs; a third stage costs
+// the third CTA per SM (measured on H100: same GB/s where the grid is many waves deep,
+// so only the wave quantisation changes). Overridable at build time for tuning runs.
+#ifndef JPA_DECODE_STAGES
+#define JPA_DECODE_STAGES 2
+#endif
+constexpr int kStages = JPA_DECODE_STAGES;
+static_assert(kStages >= 2, "the pipeline needs at least two stages");
+// K/V are streamed exactly once per step; marking them evict-first in L2 keeps the page
+// table, q and the split partials resident (measured on H100: +1-3% GB/s, never worse).
+#ifndef JPA_DECODE_L2_EVICT_FIRST
+#define JPA_DECODE_L2_EVICT_FIRST 1
+#endif
+
+template <int D>
+struct Shape {
+  static_assert(D == 64 || D == 128 || D == 256, "head_dim must be 64, 128 or 256");
+  static constexpr int kChunks = D / 8;                   // 16-byte chunks per K/V row
+  static constexpr int kKeys = 2048 / D;                  // keys per warp tile (4 KB of K)
+  static constexpr int kTileChunks = kKeys * kChunks;     // 256 for every D
+  static constexpr int kLoadsPerLane = kTileChunks / 32;  // 8 copies of K (and of V) per lane
+  static constexpr int kLanesPerKey = 32 / kKeys;         // q.k: D / 64 lanes share a key
+  static constexpr int kQkChunks = kChunks / kLanesPerKey;  // 8 chunks (64 dims) per lane
+  static constexpr int kPvGroups = 32 / kChunks;          // p.v: lanes per chunk (key groups)
+  static constexpr int kPvKeys = kKeys / kPvGroups;       // 8 keys per lane per tile
+  static constexpr int kStageU4 = 2 * kTileChunks;        // K then V of one tile, in uint4
+  static_assert(kQkChunks == 8 && kPvKeys == 8 && kLoadsPerLane == 8, "tile shape");
+};
+
+// Dynamic shared memory, in bytes, carved as:
+//   kv    [kWarps][kStages][K|V][kTileChunks] uint4   64 KB; after the main loop each
+//                                                     warp's part holds its o[R][D] fp32
+//   q     [R][D] fp32, scaled (and rotated)
+//   p     [kWarps][kKeys][R] fp32                     one tile's probabilities per warp
+//   freq  [D/2] fp32                                  RoPE frequencies
+//   ml    [kWarps][R][2] fp32                         each warp's final (m, l)
+//   rows  [R] int4                                    per row: causal limit, position,
+//                                                     ALiBi slope (bits); kept here, not
+//                                                     in 3 R registers of the hot loop
+template <int D, int R>
+struct Smem {
+  using S = Shape<D>;
+  static constexpr int kKvU4 = kWarps * kStages * S::kStageU4;
+  static constexpr int kQFloats = R * D;
+  static constexpr int kPFloats = kWarps * S::kKeys * R;
+  static constexpr int kFreqFloats = D / 2;
+  static constexpr int kMlFloats = kWarps * R * 2;
+  static constexpr size_t kBytes =
+      size_t(kKvU4) * 16 + size_t(kQFloats + kPFloats + kFreqFloats + kMlFloats) * 4 + R * 16;
+  static_assert((kQFloats + kPFloats + kFreqFloats + kMlFloats) % 4 == 0, "rows alignment");
+  static_assert(R * D * 4 <= kStages * S::kStageU4 * 16, "o of a warp must fit its kv part");
+};
+
+// Where one key lives: page id (-1: no key / not addressable) and slot.
+struct KeySlot {
+  int page;
+  int slot;
+};
+
+// Looks up key position j of request b (page_base = kv_indptr[b]); keys at or past
+// kv_end, and page-table entries past the plan's page capacity, give page -1.
+__device__ __forceinline__ KeySlot LookupKey(const AttentionParams& p, int page_base, int j,
+                                             int kv_end) {
+  KeySlot ks{-1, 0};
+  if (j < kv_end) {
+    const int pi = j / p.kv.page_size;
+    const int idx = page_base + pi;
+    if (idx >= 0 && idx < p.layout.page_cap) {
+      ks.page = __ldg(p.kv_indices + idx);
+      ks.slot = j - pi * p.kv.page_size;
+    }
+  }
+  return ks;
+}
+
+// Starts the copies of one warp tile into `stage`. Lane `key` of the warp resolved key
+// `key` of the tile (`ks`); returns the bitmask of keys that were really loaded.
+template <typename T, int D>
+__device__ __forceinline__ uint32_t IssueTile(uint4* stage, const T* k_base, const T* v_base,
+                                              const PagedKv& kv, int kv_head, KeySlot ks,
+                                              int lane, uint64_t policy) {
+  using S = Shape<D>;
+  const bool ok = ks.page >= 0 && ks.page < kv.num_pages;
+  const long long off = ok ? kv.offset(ks.page, ks.slot, kv_head) : 0;
+  uint32_t mask = __ballot_sync(kFullMask, ok);
+  if (S::kKeys < 32) mask &= (1u << (S::kKeys & 31)) - 1u;
+#pragma unroll
+  for (int i = 0; i < S::kLoadsPerLane; ++i) {
+    // Instruction i of the warp copies 32 consecutive chunks: whole rows of K (and V).
+    const int idx = i * 32 + lane;
+    const int key = idx / S::kChunks;
+    const int chunk = idx % S::kChunks;
+    const long long row = __shfl_sync(kFullMask, off, key);
+    const bool pred = (mask >> key) & 1u;
+    const int dst = key * S::kChunks + (chunk ^ (key & 7));
+#if JPA_DECODE_L2_EVICT_FIRST
+    cp_async::Copy16(stage + dst, k_base + row + chunk * 8, pred, policy);
+    cp_async::Copy16(stage + S::kTileChunks + dst, v_base + row + chunk * 8, pred, policy);
+#else
+    (void)policy;
+    cp_async::Copy16(stage + dst, k_base + row + chunk * 8, pred);
+    cp_async::Copy16(stage + S::kTileChunks + dst, v_base + row + chunk * 8, pred);
+#endif
+  }
+  return mask;
+}
+
+// q.k of this lane's key `kk` over its 64 dims for every row. Lane part `pp` takes 4
+// chunk pairs (c, c + kChunks/2): dims d and d + D/2, the two halves of a RoPE rotation,
+// so each pair's sin/cos is computed once and both rotated halves are used here.
+template <typename T, int D, int R, bool kRope>
+__device__ __forceinline__ void QkPartial(float (&s)[R], const uint4* ks, const float* q_smem,
+                                          const float* freq_smem, int kk, int pp, int j) {
+  using S = Shape<D>;
+  constexpr int kHalf = S::kChunks / 2;
+#pragma unroll
+  for (int r = 0; r < R; ++r) s[r] = 0.f;
+  const uint4* row = ks + kk * S::kChunks;
+  const int swz = kk & 7;
+#pragma unroll
+  for (int c = 0; c < S::kQkChunks / 2; ++c) {
+    const int lo = pp * (S::kQkChunks / 2) + c;
+    float klo[8], khi[8];
+    Unpack8<T>(row[lo ^ swz], klo);
+    Unpack8<T>(row[(lo + kHalf) ^ swz], khi);
+    if constexpr (kRope) {
+      const float4* f4 = reinterpret_cast<const float4*>(freq_smem + lo * 8);
+      const float4 fa = f4[0], fb = f4[1];
+      const float freq[8] = {fa.x, fa.y, fa.z, fa.w, fb.x, fb.y, fb.z, fb.w};
+      RopeRotatePair8(klo, khi, freq, float(j));
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float4* qlo = reinterpret_cast<const float4*>(q_smem + r * D + lo * 8);
+      const float4* qhi = reinterpret_cast<const float4*>(q_smem + r * D + (lo + kHalf) * 8);
+      const float4 a = qlo[0], b = qlo[1], c4 = qhi[0], d4 = qhi[1];
+      float acc = s[r];
+      acc = fmaf(a.x, klo[0], acc);
+      acc = fmaf(a.y, klo[1], acc);
+      acc = fmaf(a.z, klo[2], acc);
+      acc = fmaf(a.w, klo[3], acc);
+      acc = fmaf(b.x, klo[4], acc);
+      acc = fmaf(b.y, klo[5], acc);
+      acc = fmaf(b.z, klo[6], acc);
+      acc = fmaf(b.w, klo[7], acc);
+      acc = fmaf(c4.x, khi[0], acc);
+      acc = fmaf(c4.y, khi[1], acc);
+      acc = fmaf(c4.z, khi[2], acc);
+      acc = fmaf(c4.w, khi[3], acc);
+      acc = fmaf(d4.x, khi[4], acc);
+      acc = fmaf(d4.y, khi[5], acc);
+      acc = fmaf(d4.z, khi[6], acc);
+      acc = fmaf(d4.w, khi[7], acc);
+      s[r] = acc;
+    }
+  }
+}
+
+template <int R>
+__device__ __forceinline__ void StoreRowValues(float* dst, const float (&v)[R]) {
+  if constexpr (R % 4 == 0) {
+#pragma unroll
+    for (int r = 0; r < R; r += 4)
+      *reinterpret_cast<float4*>(dst + r) = make_float4(v[r], v[r + 1], v[r + 2], v[r + 3]);
+  } else if constexpr (R == 2) {
+    *reinterpret_cast<float2*>(dst) = make_float2(v[0], v[1]);
+  } else {
+    dst[0] = v[0];
+  }
+}
+
+template <int R>
+__device__ __forceinline__ void LoadRowValues(const float* src, float (&v)[R]) {
+  if constexpr (R % 4 == 0) {
+#pragma unroll
+    for (int r = 0; r < R; r += 4) {
+      const float4 x = *reinterpret_cast<const float4*>(src + r);
+      v[r] = x.x; v[r + 1] = x.y; v[r + 2] = x.z; v[r + 3] = x.w;
+    }
+  } else if constexpr (R == 2) {
+    const float2 x = *reinterpret_cast<const float2*>(src);
+    v[0] = x.x; v[1] = x.y;
+  } else {
+    v[0] = src[0];
+  }
+}
+
+// CTAs per SM the register allocation must allow. Shared memory (~66-75 KB a CTA) admits
+// 3; R <= 4 fits the resulting 168-register cap without spills. With 8 rows, o alone is
+// 64 registers and the hoisted q reads of q.k need another ~100: it gets 2 CTAs (255
+// registers) rather than spill in its hot loop; its doubled arithmetic per byte keeps 8
+// warps per SM busy enough.
+template <int R>
+constexpr int kMinBlocks = R >= 8 ? 2 : 3;
+
+template <typename T, int D, int R>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<R>) DecodeKernel(const AttentionParams p) {
+  using S = Shape<D>;
+  using M = Smem<D, R>;
+  extern __shared__ uint4 smem_u4[];
+  uint4* kv_smem = smem_u4;
+  float* q_smem = reinterpret_cast<float*>(smem_u4 + M::kKvU4);
+  float* p_smem = q_smem + M::kQFloats;
+  float* freq_smem = p_smem + M::kPFloats;
+  float* ml_smem = freq_smem + M::kFreqFloats;
+  int4* row_smem = reinterpret_cast<int4*>(ml_smem + M::kMlFloats);
+
+  const int* item = p.work + int64_t(blockIdx.x) * kWorkFields;
+  const int4 w0 = __ldg(reinterpret_cast<const int4*>(item));
+  const int4 w1 = __ldg(reinterpret_cast<const int4*>(item) + 1);
+  const int b = w0.x;
+  if (b < 0 || b >= p.layout.batch_cap) return;  // padding item
+  const int row_begin = w0.y, row_end = w0.z, kv_begin = w0.w;
+  const int kv_end = w1.x, split = w1.y, qo_len = w1.z, kv_len = w1.w;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int kv_head = blockIdx.y;
+  const int G = p.group_size, H = p.num_qo_heads;
+  const int q_base = __ldg(p.qo_indptr + b);
+  const int page_base = __ldg(p.kv_indptr + b);
+  const bool rope = p.pos_encoding == PosEncoding::kRopeLlama;
+  const bool alibi = p.pos_encoding == PosEncoding::kAlibi;
+  const T* q_ptr = static_cast<const T*>(p.q);
+  const T* k_base = static_cast<const T*>(p.kv.k);
+  const T* v_base = static_cast<const T*>(p.kv.v);
+#if JPA_DECODE_L2_EVICT_FIRST
+  const uint64_t l2_policy = cp_async::EvictFirstPolicy();
+#else
+  const uint64_t l2_policy = 0;
+#endif
+
+  if (rope) {
+    for (int i = threadIdx.x; i < D / 2; i += kThreads)
+      freq_smem[i] = RopeFrequency(i, D, p.rope_scale, p.rope_theta);
+    __syncthreads();
+  }
+
+  // This warp's tiles of the item's keys: n-th is tile warp + n * kWarps of the range.
+  const int ntiles = kv_end > kv_begin ? (kv_end - kv_begin + S::kKeys - 1) / S::kKeys : 0;
+  const int count = warp < ntiles ? (ntiles - 1 - warp) / kWarps + 1 : 0;
+  uint4* my_kv = kv_smem + warp * kStages * S::kStageU4;
+  float* my_p = p_smem + warp * S::kKeys * R;
+  const int kk = lane % S::kKeys;  // this lane's key in a tile (q.k, page lookup)
+  const int pp = lane / S::kKeys;  // and which 64 dims of it (q.k)
+  const int pv_chunk = lane % S::kChunks;  // p.v: this lane's 8 output dims
+  const int pv_group = lane / S::kChunks;  // and its keys: pv_group + u * kPvGroups
+
+  // Rows beyond what fits one pass of R rows (only if a plan gives an item more than R
+  // rows) run as further passes over the same keys.
+  for (int row0 = row_begin; row0 < row_end; row0 += R) {
+    if (row0 != row_begin) __syncthreads();  // the previous pass's merge has read smem
+
+    // Per-row constants: last visible key (causal), query position, base-2 ALiBi slope.
+    // Rows past row_end see no key and are never written.
+    if (threadIdx.x < R) {
+      const int rr = row0 + threadIdx.x;
+      int4 info = make_int4(INT_MIN, 0, 0, 0);
+      if (rr < row_end) {
+        const int tok = rr / G;
+        const int qpos = kv_len - qo_len + tok;
+        const float slope = alibi ? AlibiSlope(kv_head * G + (rr - tok * G), H) * kLog2e : 0.f;
+        info = make_int4(p.causal ? qpos : INT_MAX, qpos, __float_as_int(slope), 0);
+      }
+      row_smem[threadIdx.x] = info;
+    }
+
+    // Start the key stream first so its latency overlaps the q staging below.
+    KeySlot pending{-1, 0};
+    if (count > 0) pending = LookupKey(p, page_base, kv_begin + warp * S::kKeys + kk, kv_end);
+    uint32_t masks[kStages];  // masks[s]: loaded keys of the tile s places ahead
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) masks[s] = 0u;
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < count) {
+        masks[s] = IssueTile<T, D>(my_kv + s * S::kStageU4, k_base, v_base, p.kv, kv_head,
+                                   pending, lane, l2_policy);
+        pending = KeySlot{-1, 0};
+        if (s + 1 < count)
+          pending = LookupKey(p, page_base, kv_begin + (warp + (s + 1) * kWarps) * S::kKeys + kk,
+                              kv_end);
+      }
+      cp_async::Commit();
+    }
+
+    // q rows -> fp32 in shared memory, scaled by sm_scale * log2(e) so that q.k is the
+    // base-2 logit, and rotated for RoPE at the row's query position.
+    const float q_scale = p.sm_scale * kLog2e;
+    for (int idx = threadIdx.x; idx < R * S::kChunks; idx += kThreads) {
+      const int r = idx / S::kChunks, c = idx % S::kChunks;
+      const int rr = row0 + r;
+      float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      if (rr < row_end) {
+        const int tok = rr / G;
+        const int token = q_base + tok;
+        if (token >= 0 && token < p.q_rows) {
+          const T* qrow = q_ptr + (int64_t(token) * H + kv_head * G + (rr - tok * G)) * D;
+          Unpack8<T>(LoadGlobal16(qrow + c * 8), f);
+          if (rope) {
+            float y[8];
+            Unpack8<T>(LoadGlobal16(qrow + (c ^ (S::kChunks / 2)) * 8), y);
+            float freq[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) freq[e] = freq_smem[(c & (S::kChunks / 2 - 1)) * 8 + e];
+            RopeRotate8<true>(f, y, freq, float(kv_len - qo_len + tok), c < S::kChunks / 2);
+          }
+#pragma unroll
+          for (int e = 0; e < 8; ++e) f[e] *= q_scale;
+        }
+      }
+      float4* dst = reinterpret_cast<float4*>(q_smem + r * D + c * 8);
+      dst[0] = make_float4(f[0], f[1], f[2], f[3]);
+      dst[1] = make_float4(f[4], f[5], f[6], f[7]);
+    }
+    __syncthreads();
+
+    // Per-warp online softmax state: m (same in all lanes), l (this lane's keys), o (this
+    // lane's keys of group pv_group, dims pv_chunk * 8 ..).
+    float m[R], l[R], o[R][8];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      m[r] = -INFINITY;
+      l[r] = 0.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o[r][e] = 0.f;
+    }
+
+    for (int n = 0; n < count; ++n) {
+      // Refill the stage freed last iteration with the tile kStages - 1 ahead.
+      const int ahead = n + kStages - 1;
+      masks[kStages - 1] = 0u;
+      if (ahead < count) {
+        masks[kStages - 1] = IssueTile<T, D>(my_kv + (ahead % kStages) * S::kStageU4, k_base,
+                                             v_base, p.kv, kv_head, pending, lane, l2_policy);
+        pending = KeySlot{-1, 0};
+        if (ahead + 1 < count)
+          pending = LookupKey(p, page_base,
+                              kv_begin + (warp + (ahead + 1) * kWarps) * S::kKeys + kk, kv_end);
+      }
+      cp_async::Commit();
+      cp_async::WaitGroup<kStages - 1>();
+      __syncwarp();
+
+      const uint4* ks = my_kv + (n % kStages) * S::kStageU4;
+      const uint4* vs = ks + S::kTileChunks;
+      const int j = kv_begin + (warp + n * kWarps) * S::kKeys + kk;
+
+      float s[R];
+      if (rope) {
+        QkPartial<T, D, R, true>(s, ks, q_smem, freq_smem, kk, pp, j);
+      } else {
+        QkPartial<T, D, R, false>(s, ks, q_smem, freq_smem, kk, pp, j);
+      }
+#pragma unroll
+      for (int off = S::kKeys; off < 32; off <<= 1) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) s[r] += __shfl_xor_sync(kFullMask, s[r], off);
+      }
+
+      const bool key_ok = (masks[0] >> kk) & 1u;
+      float pk[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int4 info = row_smem[r];
+        float x = s[r];
+        if (alibi) x = fmaf(__int_as_float(info.z), float(j - info.y), x);
+        x = (key_ok && j <= info.x) ? x : -INFINITY;
+        float mx = x;
+#pragma unroll
+        for (int off = 1; off < S::kKeys; off <<= 1)
+          mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, off));
+        const float m_new = fmaxf(m[r], mx);
+        const float base = SafeMax(m_new);
+        const float alpha = FastExp2(m[r] - base);
+        pk[r] = FastExp2(x - base);
+        l[r] = fmaf(l[r], alpha, pk[r]);
+        m[r] = m_new;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) o[r][e] *= alpha;
+      }
+      if (pp == 0) StoreRowValues<R>(my_p + kk * R, pk);
+      __syncwarp();
+
+#pragma unroll
+      for (int u = 0; u < S::kPvKeys; ++u) {
+        const int key = pv_group + u * S::kPvGroups;
+        float vf[8];
+        Unpack8<T>(vs[key * S::kChunks + (pv_chunk ^ (key & 7))], vf);
+        float pr[R];
+        LoadRowValues<R>(my_p + key * R, pr);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) o[r][e] = fmaf(pr[r], vf[e], o[r][e]);
+        }
+      }
+      __syncwarp();  // the stage and my_p are rewritten next iteration
+#pragma unroll
+      for (int s2 = 0; s2 < kStages - 1; ++s2) masks[s2] = masks[s2 + 1];
+    }
+    cp_async::WaitGroup<0>();  // (only empty groups remain; keeps the reuse below obvious)
+
+    // Warp totals: l over the key lanes, o over the p.v key groups.
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int off = 1; off < S::kKeys; off <<= 1) l[r] += __shfl_xor_sync(kFullMask, l[r], off);
+    }
+#pragma unroll
+    for (int off = S::kChunks; off < 32; off <<= 1) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) o[r][e] += __shfl_xor_sync(kFullMask, o[r][e], off);
+      }
+    }
+    __syncwarp();  // every lane is done with this warp's stages: reuse them for o
+    float* my_o = reinterpret_cast<float*>(my_kv);
+    if (lane < S::kChunks) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float4* dst = reinterpret_cast<float4*>(my_o + r * D + lane * 8);
+        dst[0] = make_float4(o[r][0], o[r][1], o[r][2], o[r][3]);
+        dst[1] = make_float4(o[r][4], o[r][5], o[r][6], o[r][7]);
+      }
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        ml_smem[(warp * R + r) * 2] = m[r];
+        ml_smem[(warp * R + r) * 2 + 1] = l[r];
+      }
+    }
+    __syncthreads();
+
+    // Merge the warps' states; each thread finishes 4 dims of a row.
+    for (int idx = threadIdx.x; idx < R * (D / 4); idx += kThreads) {
+      const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
+      const int rr = row0 + r;
+      if (rr >= row_end) continue;
+      SoftmaxState st = SoftmaxState::Empty();
+      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const SoftmaxState sw{ml_smem[(w * R + r) * 2], ml_smem[(w * R + r) * 2 + 1]};
+        float a, c;
+        st.Merge(sw, &a, &c);
+        const float4 ow = *reinterpret_cast<const float4*>(
+            reinterpret_cast<const float*>(kv_smem + w * kStages * S::kStageU4) + r * D + d);
+        acc.x = acc.x * a + ow.x * c;
+        acc.y = acc.y * a + ow.y * c;
+        acc.z = acc.z * a + ow.z * c;
+        acc.w = acc.w * a + ow.w * c;
+      }
+      const float inv = st.InvSum();
+      const float4 res = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
+      const float lse = st.Lse();
+      const int tok = rr / G;
+      const int token = q_base + tok;
+      if (token < 0 || token >= p.q_rows) continue;
+      const int head = kv_head * G + (rr - tok * G);
+      if (split < 0) {
+        T* dst = static_cast<T*>(p.out) + (int64_t(token) * H + head) * D + d;
+        *reinterpret_cast<uint2*>(dst) = Pack4<T>(res);
+        if (d == 0) p.lse[int64_t(token) * H + head] = lse;
+      } else {
+        const int prow = __ldg(p.merge_indptr + token) + split;
+        if (prow < 0 || prow >= p.partial_rows_cap) continue;
+        *reinterpret_cast<float4*>(p.partial_o + (int64_t(prow) * H + head) * D + d) = res;
+        if (d == 0) p.partial_lse[int64_t(prow) * H + head] = lse;
+      }
+    }
+  }
+}
+
+template <typename T, int D, int R>
+cudaError_t Launch(const AttentionParams& p, cudaStream_t stream) {
+  const size_t smem = Smem<D, R>::kBytes;
+  auto kernel = DecodeKernel<T, D, R>;
+  // Above 48 KB a kernel must opt in. Setting the attribute is a host-side call that is
+  // legal during stream capture, and cheap enough to repeat per launch (per device).
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(unsigned(p.layout.work_cap), unsigned(p.num_kv_heads));
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t LaunchRows(const AttentionParams& p, cudaStream_t stream) {
+  // One pass holds up to 8 rows (o costs 8 registers per row); the planner keeps decode
+  // items at <= tile_rows rows, so R follows tile_rows and bigger items loop.
+  if (p.tile_rows <= 1) return Launch<T, D, 1>(p, stream);
+  if (p.tile_rows <= 2) return Launch<T, D, 2>(p, stream);
+  if (p.tile_rows <= 4) return Launch<T, D, 4>(p, stream);
+  return Launch<T, D, 8>(p, stream);
+}
+
+template <typename T>
+cudaError_t LaunchDims(const AttentionParams& p, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64: return LaunchRows<T, 64>(p, stream);
+    case 128: return LaunchRows<T, 128>(p, stream);
+    case 256: return LaunchRows<T, 256>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t LaunchDecode(const AttentionParams& p, cudaStream_t stream) {
+  if (p.num_qo_heads <= 0 || p.num_kv_heads <= 0 || p.group_size <= 0 ||
+      p.group_size * p.num_kv_heads != p.num_qo_heads || p.kv.page_size <= 0 ||
+      p.num_kv_heads > 65535)
+    return cudaErrorInvalidValue;
+  if (p.layout.work_cap <= 0) return cudaSuccess;  // nothing to launch
+  switch (p.dtype) {
+    case DType::kF16: return LaunchDims<__half>(p, stream);
+    case DType::kBF16: return LaunchDims<__nv_bfloat16>(p, stream);
+    default: return cudaErrorInvalidValue;  // f32 has no GPU kernel
+  }
+}
+
+}  // namespace jax_pagedattn
