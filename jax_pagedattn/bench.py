@@ -1,0 +1,350 @@
+"""`python -m jax_pagedattn.bench`: paged attention timed side by side with baselines.
+
+Subcommands `decode`, `prefill` and `all` (both, sharing one process and one set of
+ceilings). Workloads are the DESIGN.md §6 presets (`--preset all`, the default, or a
+comma list of names) and/or one custom batch (`--batch`, `--kv-len`); every workload
+gets a random cache whose pages sit at random places of the pool.
+
+Systems, each skipped with a printed reason where absent:
+  decode:  ours-tc, ours-cc (use_tensor_cores True / False), jnp (gather + einsum
+           reference), pallas (jax.experimental.pallas.ops.gpu.paged_attention),
+           flashinfer-tc, flashinfer-cc
+  prefill: ours, jnp, xla-dense / cudnn-dense (jax.nn.dot_product_attention on
+           contiguous K/V: not paged), flashinfer-fa3, flashinfer-fa2
+
+Timing method (details in bench_timing): a JAX system is a jitted chain of `--inner`
+ops (each op's output is the next op's query, so nothing is hoisted, dropped or
+overlapped), dispatched back to back `calls` times per repetition and timed on the
+host clock around `jax.block_until_ready`; `calls` is calibrated to ~`--rep-ms` per
+repetition; after `--warmup` calls, the median over `--reps` repetitions of
+wall / (calls x inner) is reported, nothing subtracted. FlashInfer is timed with CUDA
+events around the same kind of chain, queued behind a busy-wait kernel so that Python's
+per-call cost stays out. When one call's K/V bytes are under 2x `--l2-mb`, the calls
+cycle over several disjoint page sets (`rotations` in the JSON) so that L2 never holds
+the next call's data. Ceilings (device copy GB/s, bf16 matmul TFLOP/s) are measured in
+the same run. Host costs: our planner alone (plan_host), wrapper.plan(), and a jitted
+single-op step with a fresh plan each call (planning + host-to-device copy + dispatch
++ kernel + sync), reported also minus the kernel time.
+
+Examples:
+  python -m jax_pagedattn.bench decode                      # the §6 decode presets
+  python -m jax_pagedattn.bench all --json b.json --plot b.png
+  python -m jax_pagedattn.bench decode --preset 64x4096,zipf64 --systems ours,flashinfer
+  python -m jax_pagedattn.bench decode --batch 64 --kv-len lognormal:16:32768 --heads 32/8
+  python -m jax_pagedattn.bench prefill --batch 8 --kv-len 256:2048 --head-dim 64
+  python -m jax_pagedattn.bench decode --batch 2 --kv-len 64 --heads 4/2 --head-dim 64 --quick
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before any JAX backend starts: JAX must not grab 75% of the GPU up front, FlashInfer
+# (torch) allocates beside it in the same process.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import gc  # noqa: E402
+import platform as py_platform  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+
+from jax_pagedattn import bench_baselines as systems_lib  # noqa: E402
+from jax_pagedattn import bench_report as report  # noqa: E402
+from jax_pagedattn import bench_timing as timing  # noqa: E402
+from jax_pagedattn import bench_workloads as wl  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="python -m jax_pagedattn.bench",
+      description="Times jax_pagedattn's paged attention beside the jnp reference, Pallas "
+                  "and FlashInfer, with copy / matmul ceilings measured in the same run.",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="Length specs: N | A:B (uniform) | zipf:LO:HI[:S] | lognormal:LO:HI[:SIGMA].\n"
+             "Presets: decode " + ", ".join(wl.DECODE_PRESETS) + "; prefill "
+             + ", ".join(wl.PREFILL_PRESETS) + ".")
+  p.add_argument("kind", choices=("decode", "prefill", "all"))
+  g = p.add_argument_group("workloads")
+  g.add_argument("--preset", default=None,
+                 help="'all' or comma-separated preset names (default: all, unless "
+                      "--batch/--kv-len describe a custom batch)")
+  g.add_argument("--batch", type=int, default=None, help="requests of a custom batch")
+  g.add_argument("--kv-len", default=None,
+                 help="custom batch lengths: keys per request (decode) or query tokens "
+                      "per request (prefill, causal, kv = --prefix + this)")
+  g.add_argument("--prefix", type=int, default=0,
+                 help="prefill: cached keys before each request's new tokens")
+  g.add_argument("--no-causal", action="store_true", help="prefill without a causal mask")
+  g.add_argument("--heads", default="32/8", help="query heads / kv heads (default 32/8)")
+  g.add_argument("--head-dim", type=int, default=128)
+  g.add_argument("--page-size", type=int, default=16)
+  g.add_argument("--layout", default="NHD", choices=("NHD", "HND"))
+  g.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
+  g.add_argument("--seed", type=int, default=0)
+  s = p.add_argument_group("systems")
+  s.add_argument("--systems", default="all",
+                 help="comma list, prefixes match (e.g. ours,flashinfer); decode: "
+                      + ", ".join(systems_lib.DECODE_SYSTEMS) + "; prefill: "
+                      + ", ".join(systems_lib.PREFILL_SYSTEMS))
+  s.add_argument("--pallas-interpret", action="store_true",
+                 help="run the Pallas GPU kernel in its interpreter (CPU checks only)")
+  s.add_argument("--fi-workspace-mb", type=int, default=256)
+  t = p.add_argument_group("timing")
+  t.add_argument("--reps", type=int, default=15, help="timed repetitions (median taken)")
+  t.add_argument("--warmup", type=int, default=2)
+  t.add_argument("--rep-ms", type=float, default=20.0, help="target length of a repetition")
+  t.add_argument("--inner", type=int, default=8, help="ops chained inside one jitted call")
+  t.add_argument("--l2-mb", type=float, default=50.0,
+                 help="L2 size: smaller inputs are rotated over disjoint page sets")
+  t.add_argument("--max-rotations", type=int, default=8)
+  t.add_argument("--host-iters", type=int, default=200, help="calls per host-cost median")
+  t.add_argument("--copy-mb", type=float, default=None,
+                 help="copy-ceiling buffer (default 1024 on GPU, 64 on CPU)")
+  t.add_argument("--matmul-n", type=int, default=None,
+                 help="matmul-ceiling size (default 8192 on GPU, 512 on CPU)")
+  t.add_argument("--no-ceilings", action="store_true")
+  t.add_argument("--no-check", action="store_true", help="skip the rel-err check")
+  t.add_argument("--no-host", action="store_true", help="skip host-cost measurements")
+  t.add_argument("--quick", action="store_true",
+                 help="few short repetitions and small ceilings (smoke tests)")
+  o = p.add_argument_group("output")
+  o.add_argument("--json", default=None, help="write every number to this JSON file")
+  o.add_argument("--plot", default=None, help="write a PNG of achieved GB/s / TFLOP/s")
+  o.add_argument("--markdown", default=None,
+                 help="write docs/BENCHMARKS.md-style tables (Markdown) to this file")
+  o.add_argument("--no-progress", action="store_true")
+  return p
+
+
+def _workloads(args, kind: str) -> list[wl.Workload]:
+  heads = wl.parse_heads(args.heads)
+  common = dict(heads=heads, head_dim=args.head_dim, page_size=args.page_size,
+                kv_layout=args.layout, dtype=args.dtype, causal=not args.no_causal,
+                prefix=args.prefix, seed=args.seed)
+  custom = args.batch is not None or args.kv_len is not None
+  preset = args.preset if args.preset is not None else (None if custom else "all")
+  out = []
+  if preset:
+    table = wl.PRESETS[kind]
+    names = list(table) if preset == "all" else [n.strip() for n in preset.split(",") if n.strip()]
+    for name in names:
+      if name not in table:
+        if any(name in t for t in wl.PRESETS.values()):
+          continue  # the other kind's preset in an `all` sweep
+        raise SystemExit(f"unknown preset {name!r}; {kind} presets: {', '.join(table)}")
+      batch, spec = table[name]
+      out.append(wl.make_workload(name, kind, batch, spec, **common))
+  if custom:
+    batch = args.batch if args.batch is not None else 16
+    spec = args.kv_len if args.kv_len is not None else ("4096" if kind == "decode" else "2048")
+    out.append(wl.make_workload(f"{batch}x{spec}", kind, batch, spec, **common))
+  return out
+
+
+def _timing_config(args) -> timing.TimingConfig:
+  if args.quick:
+    return timing.TimingConfig(warmup=1, reps=3, rep_ms=2.0, inner=2, host_iters=10,
+                               host_max_s=0.2)
+  return timing.TimingConfig(warmup=args.warmup, reps=args.reps, rep_ms=args.rep_ms,
+                             inner=args.inner, host_iters=args.host_iters)
+
+
+def _meta(args, device) -> dict:
+  import jax
+  import numpy as np
+
+  meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              command="python -m jax_pagedattn.bench " + " ".join(sys.argv[1:]),
+              device=str(getattr(device, "device_kind", device)), platform=device.platform,
+              python=py_platform.python_version(), jax=jax.__version__,
+              numpy=np.__version__)
+  try:
+    import jaxlib
+
+    meta["jaxlib"] = jaxlib.__version__
+  except Exception:  # noqa: BLE001
+    pass
+  try:
+    import jax_pagedattn
+
+    meta["jax_pagedattn"] = jax_pagedattn.__version__
+  except Exception:  # noqa: BLE001
+    pass
+  for mod in ("torch", "flashinfer"):
+    if mod in sys.modules:
+      meta[mod] = getattr(sys.modules[mod], "__version__", "?")
+  return meta
+
+
+def _measure_ceilings(args, cfg, platform, say) -> dict:
+  gpu = platform == "gpu"
+  copy_mb = args.copy_mb if args.copy_mb is not None else (8 if args.quick else 1024 if gpu else 64)
+  n = args.matmul_n if args.matmul_n is not None else (128 if args.quick else 8192 if gpu else 512)
+  out = {}
+  try:
+    c = timing.copy_ceiling_jax(int(copy_mb * (1 << 20)), cfg)
+    out["copy_jax"], out["copy_gbps_jax"] = c, c["gbps"]
+  except Exception as e:  # noqa: BLE001
+    say(f"copy ceiling (jax) failed: {type(e).__name__}: {e}")
+  if gpu:
+    try:
+      import torch
+
+      if torch.cuda.is_available():
+        c = timing.copy_ceiling_torch(int(copy_mb * (1 << 20)), cfg)
+        out["copy_torch"], out["copy_gbps_torch"] = c, c["gbps"]
+        del torch
+    except Exception as e:  # noqa: BLE001
+      say(f"copy ceiling (torch) skipped: {type(e).__name__}: {e}")
+  copies = [out[k] for k in ("copy_gbps_jax", "copy_gbps_torch") if out.get(k)]
+  # The faster copy is the bandwidth the card demonstrably has.
+  out["copy_gbps"] = max(copies) if copies else None
+  try:
+    m = timing.matmul_ceiling_jax(n, cfg)
+    out["matmul"], out["matmul_tflops"], out["matmul_n"] = m, m["tflops"], n
+  except Exception as e:  # noqa: BLE001
+    say(f"matmul ceiling failed: {type(e).__name__}: {e}")
+  return out
+
+
+def _progress(items, enabled):
+  if enabled:
+    try:
+      from tqdm import tqdm
+
+      bar = tqdm(items, desc="bench", unit="run", dynamic_ncols=True)
+      return bar, bar.write
+    except ImportError:
+      pass
+  return items, (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
+def _release_torch_memory():
+  torch = sys.modules.get("torch")
+  if torch is not None:
+    try:
+      if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001
+      pass
+
+
+def main(argv=None) -> dict:
+  args = build_parser().parse_args(argv)
+  import jax
+
+  kinds = ["decode", "prefill"] if args.kind == "all" else [args.kind]
+  try:
+    wl.canonical_dtype(args.dtype)
+    wl.parse_heads(args.heads)
+    if args.kv_len is not None:
+      wl.parse_lengths(args.kv_len)
+  except ValueError as e:
+    raise SystemExit(str(e)) from None
+  unknown = [p for p in args.systems.split(",") if p.strip() and args.systems != "all"
+             and not any(n.startswith(p.strip()) for n in systems_lib.all_system_names())]
+  if unknown:
+    raise SystemExit(f"unknown system(s) {unknown}; known: "
+                     f"{sorted(systems_lib.all_system_names())}")
+  cfg = _timing_config(args)
+  opts = systems_lib.Options(pallas_interpret=args.pallas_interpret, check=not args.no_check,
+                             host=not args.no_host, fi_workspace_mb=args.fi_workspace_mb)
+  device = jax.devices()[0]
+  platform = device.platform
+  plan = []  # (workload, [systems])
+  for kind in kinds:
+    names = systems_lib.select_systems(kind, args.systems)
+    for w in _workloads(args, kind):
+      plan.append((w, names))
+  items = [(w, s) for w, names in plan for s in names]
+
+  ceilings = {}
+  if not args.no_ceilings:
+    print(f"measuring ceilings on {getattr(device, 'device_kind', device)} ...",
+          file=sys.stderr, flush=True)
+    ceilings = _measure_ceilings(args, cfg, platform, lambda m: print(m, file=sys.stderr))
+
+  bar, say = _progress(items, not args.no_progress)
+  records, workloads = [], {}
+  case = None
+  l2 = int(args.l2_mb * (1 << 20))
+  for w, system in bar:
+    key = report.wkey(w.kind, w.name)
+    if case is None or case.w is not w:
+      case = None
+      gc.collect()
+      _release_torch_memory()
+      rotations = wl.rotations_for(w.kv_bytes, l2, args.max_rotations)
+      pool, sets = wl.build_page_sets(w, rotations, args.seed)
+      cache, q = wl.make_device_inputs(w, pool, args.seed)
+      case = systems_lib.Case(w=w, pool=pool, sets=sets, cache=cache, q=q, cfg=cfg, opts=opts,
+                              platform=platform)
+      workloads[key] = dict(w.summary(), rotations=rotations, pool_pages=pool)
+    if hasattr(bar, "set_postfix_str"):
+      bar.set_postfix_str(f"{w.kind} {w.name} {system}")
+    rec = dict(workload=w.name, kind=w.kind, system=system)
+    try:
+      rec.update(systems_lib.RUNNERS[(w.kind, system)](case))
+      rec["status"] = "ok"
+    except systems_lib.Skip as e:
+      rec.update(status="skipped", message=str(e))
+      say(f"skip {w.kind} {w.name} {system}: {e}")
+    except Exception as e:  # noqa: BLE001 (one system failing must not end the sweep)
+      rec.update(status="failed", message=f"{type(e).__name__}: {e}",
+                 traceback=traceback.format_exc(limit=6))
+      say(f"FAILED {w.kind} {w.name} {system}: {type(e).__name__}: {_first_line(e)}")
+    records.append(rec)
+    if args.json:
+      # Rewritten after every run, so a sweep cut short (a time limit) keeps its numbers.
+      report.derive(records, workloads, ceilings)
+      report.write_json(args.json, _document(args, device, cfg, ceilings, workloads, records,
+                                             complete=False))
+  case = None
+  if hasattr(bar, "close"):
+    bar.close()
+
+  report.derive(records, workloads, ceilings)
+  doc = _document(args, device, cfg, ceilings, workloads, records, complete=True)
+  print(f"{doc['meta']['device']} ({platform}), jax {doc['meta']['jax']}, "
+        f"{doc['meta']['date']}")
+  print(report.format_ceilings(ceilings))
+  for kind in kinds:
+    text = report.format_results(records, workloads, ceilings, kind)
+    if text:
+      print()
+      print(text)
+  host = report.format_host(records)
+  if host:
+    print()
+    print(host)
+  if args.json:
+    report.write_json(args.json, doc)
+    print(f"\nwrote {args.json}")
+  if args.markdown:
+    report.write_markdown(args.markdown, doc)
+    print(f"wrote {args.markdown}")
+  if args.plot:
+    try:
+      report.write_plot(args.plot, records, ceilings,
+                        title=f"{doc['meta']['device']}, {doc['meta']['date'][:10]}")
+      print(f"wrote {args.plot}")
+    except ImportError as e:
+      print(f"no plot: {e}", file=sys.stderr)
+  return doc
+
+
+def _document(args, device, cfg, ceilings, workloads, records, *, complete) -> dict:
+  return dict(meta=dict(_meta(args, device), complete=complete),
+              method=timing.__doc__.strip(), timing=dict(vars(cfg)), args=vars(args),
+              ceilings=dict(ceilings), workloads=workloads, results=records)
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return text[0] if text else ""
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,478 @@
+"""The systems the benchmark times, ours and the baselines, on one prepared `Case`.
+
+Every system gets the same random cache, queries and page sets. A system that cannot
+run here raises `Skip` with the reason (printed, and kept in the JSON); any other
+exception is reported as a failure of that system only.
+
+Each `run_*` returns a dict: the timing (see bench_timing), `rel_err` of its output
+against the jax.numpy paged reference on the first page set (||out - ref|| / ||ref||
+in float64; bf16 kernels land near 1e-3..1e-2), and, for ours and FlashInfer, host
+costs of planning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import numpy as np
+
+from jax_pagedattn import bench_timing as timing
+from jax_pagedattn import bench_workloads as wl
+
+DECODE_SYSTEMS = ("ours-tc", "ours-cc", "jnp", "pallas", "flashinfer-tc", "flashinfer-cc")
+PREFILL_SYSTEMS = ("ours", "jnp", "xla-dense", "cudnn-dense", "flashinfer-fa3", "flashinfer-fa2")
+SYSTEMS = {"decode": DECODE_SYSTEMS, "prefill": PREFILL_SYSTEMS}
+
+
+class Skip(Exception):
+  """The system is absent or does not apply here; the message says why."""
+
+
+@dataclasses.dataclass
+class Options:
+  pallas_interpret: bool = False
+  check: bool = True
+  host: bool = True
+  fi_workspace_mb: int = 256
+
+
+@dataclasses.dataclass
+class Case:
+  """A workload with its inputs on the device, shared by every system."""
+
+  w: wl.Workload
+  pool: int
+  sets: list
+  cache: object  # jax.Array, combined 5-D
+  q: object  # jax.Array [tokens, Hqo, D]
+  cfg: timing.TimingConfig
+  opts: Options
+  platform: str  # jax device platform: "cpu" or "gpu"
+  _ref: object = None
+
+  @property
+  def rotations(self) -> int:
+    return len(self.sets)
+
+  def reference(self) -> np.ndarray:
+    """float32 output of the jax.numpy paged reference on page set 0 (computed once)."""
+    if self._ref is None:
+      import jax
+
+      consts, rots = _jnp_args(self)
+      out = jax.jit(functools.partial(_jnp_step, w=self.w))(self.q, consts, rots[0])
+      self._ref = np.asarray(out, np.float32)
+    return self._ref
+
+
+def check_output(case: Case, out_fn) -> dict:
+  """{'rel_err': ...} of out_fn() (float32 numpy, ragged rows) against the reference,
+  or {'check_error': ...} when either side fails (say the reference runs out of memory
+  on a huge batch): a failed check must not turn into a failed timing."""
+  if not case.opts.check:
+    return {}
+  try:
+    return {"rel_err": rel_err(out_fn(), case.reference())}
+  except Exception as e:  # noqa: BLE001
+    return {"check_error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
+
+
+def rel_err(out, ref) -> float:
+  out = np.asarray(out, np.float64)
+  ref = np.asarray(ref, np.float64)
+  if out.shape != ref.shape:
+    raise ValueError(f"output shape {out.shape} != reference shape {ref.shape}")
+  denom = np.linalg.norm(ref)
+  return float(np.linalg.norm(out - ref) / (denom if denom > 0 else 1.0))
+
+
+# ---------------------------------------------------------------- JAX systems
+
+
+def _time_jax_system(case: Case, step, q0, consts, rots, to_ragged=None) -> dict:
+  """Compiles one chain of `inner` ops cycling over `rots` and times it.
+
+  The chain also returns the first op's output (on the original q, page set 0) for
+  the correctness check, so the check costs no second compilation.
+  """
+  import jax
+
+  inner = max(1, case.cfg.inner)
+
+  def chain(q, consts, rots):
+    first = None
+    for i in range(inner):
+      q = step(q, consts, rots[i % len(rots)])
+      first = q if first is None else first
+    return q, first
+
+  fn = jax.jit(chain)
+  q_end, first = fn(q0, consts, rots)
+
+  def out_fn():
+    out = np.asarray(first, np.float32)
+    return out if to_ragged is None else to_ragged(out)
+
+  result = check_output(case, out_fn)
+  del q_end, first
+  t = timing.time_jax_chain(lambda q, c, r: fn(q, c, r)[0], q0, (consts, rots),
+                            ops_per_call=inner, cfg=case.cfg)
+  result.update(t.as_dict())
+  return result
+
+
+def _platform_name(case: Case) -> str:
+  return "cuda" if case.platform == "gpu" else case.platform
+
+
+def run_ours(case: Case, *, tensor_cores: bool = False) -> dict:
+  import jax
+
+  import jax_pagedattn
+  from jax_pagedattn import planning
+
+  native = jax_pagedattn.native_platforms()
+  if _platform_name(case) not in native:
+    raise Skip(f"jax_pagedattn has no native kernel for {case.platform} in this build "
+               f"(native: {native or 'none'}); it would time its jax.numpy fallback")
+  w = case.w
+  decode = w.kind == "decode"
+  if decode:
+    wrapper = jax_pagedattn.BatchDecodeWithPagedKVCacheWrapper(
+        kv_layout=w.kv_layout, use_tensor_cores=tensor_cores)
+
+    def plan(s):
+      return wrapper.plan(s.kv_indptr, s.kv_indices, s.kv_last_page_len, w.num_qo_heads,
+                          w.num_kv_heads, w.head_dim, w.page_size, q_data_type=w.dtype)
+  else:
+    wrapper = jax_pagedattn.BatchPrefillWithPagedKVCacheWrapper(kv_layout=w.kv_layout)
+    qo = wl.qo_indptr(w)
+
+    def plan(s):
+      return wrapper.plan(qo, s.kv_indptr, s.kv_indices, s.kv_last_page_len, w.num_qo_heads,
+                          w.num_kv_heads, w.head_dim, w.page_size, causal=w.causal,
+                          q_data_type=w.dtype)
+
+  plans = tuple(plan(s) for s in case.sets)
+
+  def step(q, cache, p):
+    return wrapper.run(q, cache, plan=p)
+
+  result = _time_jax_system(case, step, case.q, case.cache, plans)
+  if case.opts.host:
+    s0, cfg = case.sets[0], plans[0].config
+    num_sms = planning.device_parallelism()
+    result["plan_host_us"] = 1e6 * timing.time_host(lambda: planning.plan_host(
+        None if decode else wl.qo_indptr(w), s0.kv_indptr, s0.kv_indices, s0.kv_last_page_len,
+        page_size=w.page_size, num_qo_heads=w.num_qo_heads, num_kv_heads=w.num_kv_heads,
+        tile_rows=cfg.tile_rows, causal=cfg.causal, caps=cfg.caps, num_sms=num_sms,
+        decode_names=decode), case.cfg)
+    result["wrapper_plan_us"] = 1e6 * timing.time_host(lambda: plan(s0), case.cfg)
+    one = jax.jit(step)
+    result["step_us"] = 1e6 * timing.time_host(
+        lambda: jax.block_until_ready(one(case.q, case.cache, plans[0])), case.cfg)
+    result["step_with_plan_us"] = 1e6 * timing.time_host(
+        lambda: jax.block_until_ready(one(case.q, case.cache, plan(s0))), case.cfg)
+    result["step_overhead_us"] = result["step_with_plan_us"] - result["time_us"]
+  return result
+
+
+def _jnp_args(case: Case):
+  import jax.numpy as jnp
+
+  w = case.w
+  d2r, _, r2d = wl.ragged_maps(w)
+  consts = dict(cache=case.cache, kv_lens=jnp.asarray(w.kv_lens, jnp.int32),
+                qo_lens=jnp.asarray(w.qo_lens, jnp.int32), d2r=jnp.asarray(d2r),
+                r2d=jnp.asarray(r2d))
+  rots = tuple(jnp.asarray(s.block_table) for s in case.sets)
+  return consts, rots
+
+
+def _jnp_step(q, consts, table, *, w: wl.Workload):
+  """Dense-per-request paged attention in jax.numpy (the 'jnp reference' of DESIGN §6).
+
+  Gathers each request's pages into [B, max_pages, page, Hkv, D] (two gathers on the
+  combined cache viewed as [2 * pages, ...]: K is page 2p, V page 2p + 1, so no strided
+  slice of the cache is ever materialised), then einsum attention with float32 logits
+  and softmax, masking keys past each request's length and, if causal, after the query.
+  """
+  import jax.numpy as jnp
+
+  cache = consts["cache"]
+  batch, max_pages = table.shape
+  hkv, g, d, s = w.num_kv_heads, w.group, w.head_dim, w.page_size
+  flat = cache.reshape((-1,) + cache.shape[2:])
+  k = jnp.take(flat, 2 * table, axis=0)
+  v = jnp.take(flat, 2 * table + 1, axis=0)
+  kv_sub = "bpsnd" if w.kv_layout == "NHD" else "bpnsd"
+  if w.kind == "decode":
+    lq = 1
+    qd = q.reshape(batch, 1, hkv, g, d)
+  else:
+    lq = consts["d2r"].shape[1]
+    qd = q[consts["d2r"]].reshape(batch, lq, hkv, g, d)
+  logits = jnp.einsum(f"bqngd,{kv_sub}->bngqps", qd, k, preferred_element_type=jnp.float32)
+  logits = logits * (1.0 / math.sqrt(d))
+  kpos = (jnp.arange(max_pages)[:, None] * s + jnp.arange(s)[None, :])[None, None]  # [1,1,P,S]
+  kv_lens = consts["kv_lens"][:, None, None, None]
+  valid = kpos < kv_lens  # [B, 1, P, S]
+  if w.causal:
+    qpos = (consts["kv_lens"] - consts["qo_lens"])[:, None] + jnp.arange(lq)[None, :]
+    valid = valid & (kpos <= qpos[:, :, None, None])  # [B, Lq, P, S]
+  valid = valid[:, None, None]  # [B, 1, 1, Lq|1, P, S]
+  logits = jnp.where(valid, logits, -jnp.inf)
+  m = jnp.max(logits, axis=(-2, -1), keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.where(valid, jnp.exp(logits - m), 0.0)
+  l = jnp.sum(p, axis=(-2, -1))  # [B, Hkv, G, Lq]
+  o = jnp.einsum(f"bngqps,{kv_sub}->bqngd", p.astype(v.dtype), v,
+                 preferred_element_type=jnp.float32)
+  l = jnp.transpose(l, (0, 3, 1, 2))[..., None]
+  o = (o / jnp.where(l > 0, l, 1.0)).astype(q.dtype)
+  if w.kind == "decode":
+    return o.reshape(batch, w.num_qo_heads, d)
+  return o.reshape(batch * lq, w.num_qo_heads, d)[consts["r2d"]]
+
+
+def run_jnp(case: Case) -> dict:
+  consts, rots = _jnp_args(case)
+  result = _time_jax_system(case, functools.partial(_jnp_step, w=case.w), case.q, consts, rots)
+  # Its rel_err against itself says nothing; on batches small enough for the eager
+  # per-request oracle of reference.py, check it against that instead.
+  result.pop("rel_err", None)
+  w = case.w
+  # The masked reference costs tokens x all keys of the batch: small batches only.
+  if case.opts.check and w.tokens * int(w.kv_lens.sum()) <= 1 << 24:
+    import jax
+
+    from jax_pagedattn import reference
+
+    s = case.sets[0]
+    k_pages, v_pages = reference.split_paged_kv_cache(case.cache, w.kv_layout)
+    oracle = jax.jit(functools.partial(reference.batch_attention_masked, page_size=w.page_size,
+                                       causal=w.causal))
+    out, _ = oracle(case.q, k_pages, v_pages, wl.qo_indptr(w), s.kv_indptr, s.kv_indices,
+                    s.kv_last_page_len, w.tokens)
+    result.update(check_output(case, lambda: np.asarray(out, np.float32)))
+    result["note"] = "rel err: this reference vs reference.py's masked one"
+  else:
+    result["note"] = "the oracle of the rel err column"
+  return result
+
+
+def _pallas_tables(w: wl.Workload, sets, k_splits_max=16, block_pages=8):
+  """Pallas' constraints: pages per sequence divisible by k_splits, and each split's
+  pages a multiple of the compute block when longer than it. Pads the block tables."""
+  max_pages = int(w.pages_per_request.max())
+  k_splits = min(k_splits_max, 1 << max(0, (max_pages - 1).bit_length()))
+  per_split = -(-max_pages // k_splits)
+  if per_split > block_pages:
+    per_split = -(-per_split // block_pages) * block_pages
+  else:
+    per_split = 1 << (per_split - 1).bit_length()  # Triton block shapes are powers of two
+  width = per_split * k_splits
+  tables = []
+  for s in sets:
+    t = np.repeat(s.block_table[:, :1], width, axis=1)
+    t[:, :max_pages] = s.block_table
+    tables.append(t)
+  return tables, k_splits, min(per_split, block_pages)
+
+
+def run_pallas(case: Case) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  try:
+    from jax.experimental.pallas.ops.gpu import paged_attention as pallas_paged
+  except Exception as e:  # noqa: BLE001 (any import failure means: absent)
+    raise Skip(f"jax.experimental.pallas.ops.gpu.paged_attention not importable: "
+               f"{type(e).__name__}: {e}") from None
+  if case.platform != "gpu" and not case.opts.pallas_interpret:
+    raise Skip("the Pallas GPU kernel needs a GPU (--pallas-interpret runs it in the "
+               "interpreter, which checks the input adaptation but times nothing useful)")
+  w = case.w
+  # Pallas wants K and V as [Hkv, pages, page, D]: one transposed copy, made untimed.
+  k, v = case.cache[:, 0], case.cache[:, 1]
+  perm = (2, 0, 1, 3) if w.kv_layout == "NHD" else (1, 0, 2, 3)
+  kp, vp = jax.block_until_ready((jnp.transpose(k, perm), jnp.transpose(v, perm)))
+  tables, k_splits, block_pages = _pallas_tables(w, case.sets)
+  lengths = jnp.asarray(w.kv_lens, jnp.int32)
+
+  scale = 1.0 / math.sqrt(w.head_dim)
+
+  def step(q, consts, table):
+    kp, vp, lengths = consts
+    # The Pallas kernel applies no softmax scale: fold it into q (a [B, Hqo, D] op).
+    q = (q * scale).astype(q.dtype)
+    return pallas_paged.paged_attention(q, kp, vp, table, lengths, k_splits=k_splits,
+                                        pages_per_compute_block=block_pages,
+                                        interpret=case.opts.pallas_interpret)
+
+  rots = tuple(jnp.asarray(t) for t in tables)
+  result = _time_jax_system(case, step, case.q, (kp, vp, lengths), rots)
+  result["note"] = f"k_splits={k_splits}, pages_per_compute_block={block_pages}"
+  return result
+
+
+def run_dense(case: Case, *, implementation: str) -> dict:
+  """jax.nn.dot_product_attention on contiguous [B, L, H, D] K/V (not paged): the
+  'XLA dense' and 'cuDNN via jax' columns of DESIGN §6."""
+  import jax
+  import jax.numpy as jnp
+
+  w = case.w
+  if not np.array_equal(w.qo_lens, w.kv_lens):
+    raise Skip("dense baselines need kv_len == qo_len (no --prefix): jax.nn causal masks "
+               "are top-left aligned")
+  if implementation == "cudnn" and case.platform != "gpu":
+    raise Skip("cuDNN attention needs a GPU")
+  d2r, _, r2d = wl.ragged_maps(w)
+  lq = d2r.shape[1]
+  q0 = jax.block_until_ready(case.q[jnp.asarray(d2r)])  # [B, Lq, Hqo, D]
+  # Equal lengths need no length masks (cuDNN's fastest path); otherwise pass them.
+  uniform = bool(np.all(w.qo_lens == lq))
+  lens = None if uniform else jnp.asarray(w.qo_lens, jnp.int32)
+
+  def dense_kv(table):
+    # [B, P, 2, page..] -> [B, P * page, Hkv, D] for K and V, cut to the longest request.
+    g = case.cache[jnp.asarray(table)]  # [B, P, 2, page, Hkv, D] (NHD)
+    if w.kv_layout == "HND":
+      g = jnp.swapaxes(g, 3, 4)
+    return (g[:, :, 0].reshape(w.batch, -1, w.num_kv_heads, w.head_dim)[:, :lq],
+            g[:, :, 1].reshape(w.batch, -1, w.num_kv_heads, w.head_dim)[:, :lq])
+
+  rots = tuple(jax.block_until_ready(dense_kv(s.block_table)) for s in case.sets)
+
+  def step(q, lens, kv):
+    return jax.nn.dot_product_attention(q, kv[0], kv[1], is_causal=w.causal,
+                                        query_seq_lengths=lens, key_value_seq_lengths=lens,
+                                        implementation=implementation)
+
+  def to_ragged(out):
+    return out.reshape(w.batch * lq, w.num_qo_heads, w.head_dim)[r2d]
+
+  return _time_jax_system(case, step, q0, lens, rots, to_ragged=to_ragged)
+
+
+# ---------------------------------------------------------------- FlashInfer
+
+
+def _flashinfer(case: Case):
+  if case.platform != "gpu":
+    raise Skip("JAX is not on a GPU here, so FlashInfer cannot run side by side")
+  try:
+    import torch
+  except Exception as e:  # noqa: BLE001
+    raise Skip(f"torch not importable: {type(e).__name__}: {e}") from None
+  if not torch.cuda.is_available():
+    raise Skip("torch sees no CUDA device")
+  try:
+    import flashinfer
+  except Exception as e:  # noqa: BLE001
+    raise Skip(f"flashinfer not importable: {type(e).__name__}: {e}") from None
+  return torch, flashinfer
+
+
+def to_torch(x):
+  """A JAX device array as a torch CUDA tensor: shared through DLPack when possible,
+  else copied through host memory (bf16 travels as its uint16 bits)."""
+  import torch
+
+  try:
+    return torch.from_dlpack(x)
+  except Exception:  # noqa: BLE001
+    a = np.asarray(x)
+    if a.dtype.name == "bfloat16":
+      return torch.from_numpy(a.view(np.uint16).copy()).view(torch.bfloat16).cuda()
+    return torch.from_numpy(a.copy()).cuda()
+
+
+def run_flashinfer(case: Case, *, mode: str) -> dict:
+  torch, flashinfer = _flashinfer(case)
+  w = case.w
+  tdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
+            "float32": torch.float32}[w.dtype]
+  cache = to_torch(case.cache)
+  q0 = to_torch(case.q)
+  workspace = torch.empty(case.opts.fi_workspace_mb << 20, dtype=torch.uint8, device="cuda")
+  qo = torch.from_numpy(wl.qo_indptr(w))
+
+  def host_args(s):
+    # Index pointers on the host (FlashInfer's plan() reads them there), pages on the GPU.
+    return (torch.from_numpy(s.kv_indptr), torch.from_numpy(s.kv_indices).cuda(),
+            torch.from_numpy(s.kv_last_page_len))
+
+  args = [host_args(s) for s in case.sets]
+  if w.kind == "decode":
+    def make():
+      return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+          workspace, w.kv_layout, use_tensor_cores=(mode == "tc"))
+
+    def plan(wrapper, a):
+      wrapper.plan(a[0], a[1], a[2], w.num_qo_heads, w.num_kv_heads, w.head_dim, w.page_size,
+                   pos_encoding_mode="NONE", q_data_type=tdtype, kv_data_type=tdtype)
+  else:
+    def make():
+      return flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, w.kv_layout, backend=mode)
+
+    def plan(wrapper, a):
+      wrapper.plan(qo_indptr=qo, paged_kv_indptr=a[0], paged_kv_indices=a[1],
+                   paged_kv_last_page_len=a[2], num_qo_heads=w.num_qo_heads,
+                   num_kv_heads=w.num_kv_heads, head_dim_qk=w.head_dim, page_size=w.page_size,
+                   causal=w.causal, q_data_type=tdtype, kv_data_type=tdtype)
+
+  # One wrapper per page set: each keeps its own plan, and runs share the workspace
+  # (they are sequential on one stream).
+  wrappers = []
+  for a in args:
+    wr = make()
+    plan(wr, a)
+    wrappers.append(wr)
+  result = check_output(case, lambda: wrappers[0].run(q0, cache).float().cpu().numpy())
+  n = len(wrappers)
+  t = timing.time_torch_chain(lambda i, q: wrappers[i % n].run(q, cache), q0, cfg=case.cfg)
+  result.update(t.as_dict())
+  if case.opts.host:
+    result["wrapper_plan_us"] = 1e6 * timing.time_host(lambda: plan(wrappers[0], args[0]),
+                                                       case.cfg)
+  result["flashinfer_version"] = getattr(flashinfer, "__version__", "?")
+  return result
+
+
+RUNNERS = {
+    ("decode", "ours-tc"): functools.partial(run_ours, tensor_cores=True),
+    ("decode", "ours-cc"): functools.partial(run_ours, tensor_cores=False),
+    ("decode", "jnp"): run_jnp,
+    ("decode", "pallas"): run_pallas,
+    ("decode", "flashinfer-tc"): functools.partial(run_flashinfer, mode="tc"),
+    ("decode", "flashinfer-cc"): functools.partial(run_flashinfer, mode="cc"),
+    ("prefill", "ours"): run_ours,
+    ("prefill", "jnp"): run_jnp,
+    ("prefill", "xla-dense"): functools.partial(run_dense, implementation="xla"),
+    ("prefill", "cudnn-dense"): functools.partial(run_dense, implementation="cudnn"),
+    ("prefill", "flashinfer-fa3"): functools.partial(run_flashinfer, mode="fa3"),
+    ("prefill", "flashinfer-fa2"): functools.partial(run_flashinfer, mode="fa2"),
+}
+
+
+def select_systems(kind: str, spec: str | None) -> list[str]:
+  """Systems of a kind named by a comma list; a name also matches by prefix
+  ('ours' -> ours-tc, ours-cc; 'flashinfer' -> both FlashInfer modes)."""
+  names = SYSTEMS[kind]
+  if not spec or spec == "all":
+    return list(names)
+  chosen = []
+  for part in (p.strip() for p in spec.split(",") if p.strip()):
+    hits = [n for n in names if n.startswith(part)]
+    if not hits:
+      continue  # a name of the other kind (e.g. 'pallas' in a prefill sweep)
+    chosen.extend(h for h in hits if h not in chosen)
+  return chosen
+
+
+def all_system_names() -> set[str]:
+  return set(DECODE_SYSTEMS) | set(PREFILL_SYSTEMS)

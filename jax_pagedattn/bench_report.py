@@ -1,0 +1,283 @@
+"""Benchmark output: derived metrics, the stdout tables, JSON and the PNG plot.
+
+Metrics: decode reports GB/s = (K+V bytes of every key read once + q read + out
+written) / time; prefill reports TFLOP/s = 4 * D * Hqo * (visible query-key pairs; the
+causal half only) / time. Each is also given as a fraction of the ceiling measured in
+the same run (copy GB/s, read + write, for decode; bf16 matmul TFLOP/s for prefill)
+and as FlashInfer's best time on the workload over the system's time (> 1: faster
+than FlashInfer).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+METRIC = {"decode": "GB/s", "prefill": "TFLOP/s"}
+_HOST_FIELDS = (("plan_host_us", "planner"), ("wrapper_plan_us", "plan()"),
+                ("step_us", "step"), ("step_with_plan_us", "plan+step"),
+                ("time_us", "kernel"), ("step_overhead_us", "overhead"))
+
+
+def wkey(kind: str, name: str) -> str:
+  """Key of a workload in the JSON's workload map (decode and prefill may share names)."""
+  return f"{kind}/{name}"
+
+
+def ceiling_for(kind: str, ceilings: dict):
+  key = "copy_gbps" if kind == "decode" else "matmul_tflops"
+  return ceilings.get(key)
+
+
+def derive(records: list[dict], workloads: dict, ceilings: dict) -> None:
+  """Adds metric, value, fraction_of_ceiling and vs_flashinfer to each ok record."""
+  fi_best = {}
+  for r in records:
+    if r["status"] == "ok" and r["system"].startswith("flashinfer"):
+      key = wkey(r["kind"], r["workload"])
+      best = fi_best.get(key)
+      fi_best[key] = r["time_us"] if best is None else min(best, r["time_us"])
+  for r in records:
+    if r["status"] != "ok":
+      continue
+    w = workloads[wkey(r["kind"], r["workload"])]
+    seconds = r["time_us"] * 1e-6
+    r["metric"] = METRIC[r["kind"]]
+    if r["kind"] == "decode":
+      r["value"] = w["bytes_moved"] / seconds / 1e9
+    else:
+      r["value"] = w["flops"] / seconds / 1e12
+    ceil = ceiling_for(r["kind"], ceilings)
+    r["fraction_of_ceiling"] = r["value"] / ceil if ceil else None
+    best = fi_best.get(wkey(r["kind"], r["workload"]))
+    r["vs_flashinfer"] = best / r["time_us"] if best else None
+
+
+# ---------------------------------------------------------------- text tables
+
+
+def _fmt(x, spec, none="-"):
+  if x is None or (isinstance(x, float) and not math.isfinite(x)):
+    return none
+  return format(x, spec)
+
+
+def _table(header: list[str], rows: list[list[str]], align: str) -> str:
+  """Plain aligned text; align has one 'l' or 'r' per column."""
+  widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+
+  def line(cells):
+    out = []
+    for c, wd, a in zip(cells, widths, align):
+      out.append(str(c).ljust(wd) if a == "l" else str(c).rjust(wd))
+    return "  ".join(out).rstrip()
+
+  sep = "  ".join("-" * wd for wd in widths)
+  return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def format_results(records: list[dict], workloads: dict, ceilings: dict, kind: str) -> str:
+  recs = [r for r in records if r["kind"] == kind]
+  if not recs:
+    return ""
+  metric = METRIC[kind]
+  ceil = ceiling_for(kind, ceilings)
+  first = workloads[wkey(kind, recs[0]["workload"])]
+  title = (f"{kind}: {first['dtype']}, heads {first['num_qo_heads']}/{first['num_kv_heads']}, "
+           f"head_dim {first['head_dim']}, page {first['page_size']}, {first['kv_layout']}"
+           + (", causal" if kind == "prefill" and first["causal"] else "")
+           + f"; ceiling {_fmt(ceil, '.1f')} {metric} "
+           + ("(device copy, read+write)" if kind == "decode" else "(bf16 matmul)"))
+  header = ["workload", "system", "time us", metric, "% ceil", "vs FI", "rel err", "note"]
+  rows = []
+  for r in recs:
+    if r["status"] == "ok":
+      frac = r.get("fraction_of_ceiling")
+      vs = r.get("vs_flashinfer")
+      rows.append([r["workload"], r["system"], _fmt(r["time_us"], ".1f"),
+                   _fmt(r["value"], ".1f" if kind == "decode" else ".2f"),
+                   _fmt(None if frac is None else 100 * frac, ".1f"),
+                   _fmt(vs, ".2f") + ("x" if vs else ""), _fmt(r.get("rel_err"), ".1e"),
+                   _note(r)])
+    else:
+      rows.append([r["workload"], r["system"], "-", "-", "-", "-", "-",
+                   f"{r['status']}: {_short(r.get('message', ''))}"])
+  return title + "\n" + _table(header, rows, "llrrrrrl")
+
+
+def format_host(records: list[dict]) -> str:
+  recs = [r for r in records if r["status"] == "ok" and
+          any(r.get(k) is not None for k, _ in _HOST_FIELDS[:2])]
+  if not recs:
+    return ""
+  header = ["workload", "system"] + [label for _, label in _HOST_FIELDS]
+  rows = []
+  for r in recs:
+    row = [r["workload"], r["system"]]
+    for key, _ in _HOST_FIELDS:
+      row.append(_fmt(r.get(key), ".1f"))
+    rows.append(row)
+  title = ("host costs (us, medians): planner = plan_host alone; plan() = wrapper.plan "
+           "(planner + host-to-device copy); step = jitted single op, fixed plan, blocked; "
+           "plan+step = fresh plan then step, blocked; overhead = plan+step - kernel")
+  return title + "\n" + _table(header, rows, "ll" + "r" * len(_HOST_FIELDS))
+
+
+def format_ceilings(ceilings: dict) -> str:
+  parts = []
+  for key, label in (("copy_gbps_jax", "copy (jax)"), ("copy_gbps_torch", "copy (torch)")):
+    if ceilings.get(key):
+      parts.append(f"{label} {ceilings[key]:.1f} GB/s")
+  if ceilings.get("matmul_tflops"):
+    parts.append(f"bf16 matmul {ceilings['matmul_n']}^3 {ceilings['matmul_tflops']:.2f} TFLOP/s")
+  return "ceilings: " + ("; ".join(parts) if parts else "not measured")
+
+
+def _note(r: dict) -> str:
+  note = r.get("note", "")
+  if r.get("check_error"):
+    note = (note + "; " if note else "") + "check failed: " + _short(r["check_error"], 60)
+  return note
+
+
+def _short(text: str, n: int = 90) -> str:
+  text = " ".join(str(text).split())
+  return text if len(text) <= n else text[:n - 3] + "..."
+
+
+# ---------------------------------------------------------------- JSON, plot
+
+
+def write_json(path: str, doc: dict) -> None:
+  with open(path, "w") as f:
+    json.dump(doc, f, indent=1, default=_json_default)
+    f.write("\n")
+
+
+def _json_default(x):
+  import numpy as np
+
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  return str(x)
+
+
+def write_plot(path: str, records: list[dict], ceilings: dict, title: str = "") -> None:
+  """Grouped bars of GB/s (decode) or TFLOP/s (prefill) per workload and system, one
+  panel per kind, the measured ceiling drawn as a dashed line."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  kinds = [k for k in ("decode", "prefill") if any(r["kind"] == k for r in records)]
+  fig, axes = plt.subplots(len(kinds) or 1, 1, figsize=(13, 4.2 * max(1, len(kinds))),
+                           squeeze=False)
+  for ax, kind in zip(axes[:, 0], kinds):
+    ok = [r for r in records if r["kind"] == kind and r["status"] == "ok"]
+    workloads = list(dict.fromkeys(r["workload"] for r in records if r["kind"] == kind))
+    systems = list(dict.fromkeys(r["system"] for r in ok))
+    width = 0.8 / max(1, len(systems))
+    for j, system in enumerate(systems):
+      xs, ys = [], []
+      for i, wname in enumerate(workloads):
+        for r in ok:
+          if r["workload"] == wname and r["system"] == system:
+            xs.append(i - 0.4 + width * (j + 0.5))
+            ys.append(r["value"])
+      bars = ax.bar(xs, ys, width, label=system)
+      ax.bar_label(bars, labels=[f"{y:.0f}" if y >= 100 else f"{y:.3g}" for y in ys],
+                   fontsize=6, rotation=90, padding=2)
+    ceil = ceiling_for(kind, ceilings)
+    if ceil:
+      label = ("copy ceiling" if kind == "decode" else "bf16 matmul ceiling") + f" {ceil:.4g}"
+      ax.axhline(ceil, color="k", linestyle="--", linewidth=1, label=label)
+      top = max([ceil] + [r["value"] for r in ok])
+      ax.set_ylim(0, top * 1.15)  # room for the rotated value labels
+    ax.set_xticks(range(len(workloads)))
+    ax.set_xticklabels(workloads, rotation=0)
+    ax.set_ylabel(METRIC[kind])
+    ax.set_title(f"{kind}" + (f" - {title}" if title else ""))
+    # Outside the axes: inside, it would cover the bars it explains.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def format_markdown(doc: dict) -> str:
+  """docs/BENCHMARKS.md-ready tables: one row per workload, one column per system
+  (value and % of ceiling), the ratio of our best to FlashInfer's best, host costs."""
+  meta, ceilings, records, workloads = doc["meta"], doc["ceilings"], doc["results"], doc["workloads"]
+  versions = ", ".join(f"{k} {meta[k]}" for k in ("jax", "jaxlib", "torch", "flashinfer",
+                                                   "jax_pagedattn") if meta.get(k))
+  lines = [f"Measured on {meta['device']} ({meta['platform']}) on {meta['date'][:10]}; "
+           f"{versions}.", "", f"Command: `{meta['command']}`", "",
+           format_ceilings(ceilings).replace("ceilings: ", "Ceilings measured in the same run: ")
+           + ".", ""]
+  for kind in ("decode", "prefill"):
+    recs = [r for r in records if r["kind"] == kind]
+    if not recs:
+      continue
+    names = list(dict.fromkeys(r["workload"] for r in recs))
+    systems = list(dict.fromkeys(r["system"] for r in recs if r["status"] == "ok"))
+    first = workloads[wkey(kind, names[0])]
+    unit = METRIC[kind]
+    lines.append(f"### {kind} ({unit}; % of the "
+                 f"{'copy' if kind == 'decode' else 'bf16 matmul'} ceiling in parentheses)")
+    lines.append("")
+    lines.append(f"{first['dtype']}, {first['num_qo_heads']}/{first['num_kv_heads']} heads, "
+                 f"head_dim {first['head_dim']}, page {first['page_size']}, {first['kv_layout']}, "
+                 "random page placement" + (", causal" if kind == "prefill" and first["causal"]
+                                            else "") + ".")
+    lines.append("")
+    lines.append("| workload | " + " | ".join(systems) + " | ours / FlashInfer best |")
+    lines.append("|---" * (len(systems) + 2) + "|")
+    for name in names:
+      cells, ours_best = [], None
+      for system in systems:
+        r = next((x for x in recs if x["workload"] == name and x["system"] == system), None)
+        if r is None or r["status"] != "ok":
+          cells.append("-")
+          continue
+        frac = r.get("fraction_of_ceiling")
+        v = r["value"]
+        cells.append(f"{v:.0f}" if v >= 100 else f"{v:.3g}")
+        if frac:
+          cells[-1] += f" ({100 * frac:.0f}%)"
+        if system.startswith("ours") and r.get("vs_flashinfer"):
+          ours_best = max(ours_best or 0.0, r["vs_flashinfer"])
+      ratio = f"{ours_best:.2f}x" if ours_best else "-"
+      lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio} |")
+    lines.append("")
+  host = [r for r in records if r["status"] == "ok" and r.get("wrapper_plan_us") is not None]
+  if host:
+    lines.append("### host costs (us, medians)")
+    lines.append("")
+    lines.append("| workload | system | planner alone | plan() | jitted step + fresh plan "
+                 "| kernel | step + plan - kernel |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for r in host:
+      lines.append(f"| {r['kind']} {r['workload']} | {r['system']} | "
+                   + " | ".join(_fmt(r.get(k), ".1f") for k in (
+                       "plan_host_us", "wrapper_plan_us", "step_with_plan_us", "time_us",
+                       "step_overhead_us")) + " |")
+    lines.append("")
+  skipped = [r for r in records if r["status"] != "ok"]
+  if skipped:
+    lines.append("Not measured: " + "; ".join(
+        f"{r['kind']} {r['workload']} {r['system']} ({r['status']}: {_short(r.get('message', ''), 80)})"
+        for r in skipped) + ".")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def write_markdown(path: str, doc: dict) -> None:
+  with open(path, "w") as f:
+    f.write(format_markdown(doc))

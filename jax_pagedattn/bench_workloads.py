@@ -1,0 +1,334 @@
+"""Benchmark workloads: presets, length distributions, page tables and input data.
+
+A workload is a batch shape (requests, their query and key lengths, head counts, head
+dim, page size, layout, dtype). From it the benchmark builds a page pool, one or more
+*page sets* (the same requests placed on disjoint random pages of the pool, so that
+consecutive timed calls can read different memory when one call's bytes fit in L2),
+and the random cache and queries on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+# DESIGN.md §6: the decode rows, two batches of very unequal lengths, and the causal
+# prefill rows. Each value is (batch, length spec); see `parse_lengths`.
+DECODE_PRESETS = {
+    "16x4096": (16, "4096"),
+    "64x4096": (64, "4096"),
+    "128x2048": (128, "2048"),
+    "8x32768": (8, "32768"),
+    "256x1024": (256, "1024"),
+    "lognormal64": (64, "lognormal:16:32768"),
+    "zipf64": (64, "zipf:16:32768"),
+}
+PREFILL_PRESETS = {
+    "4x2048": (4, "2048"),
+    "1x8192": (1, "8192"),
+    "16x512": (16, "512"),
+}
+PRESETS = {"decode": DECODE_PRESETS, "prefill": PREFILL_PRESETS}
+
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "f16": "float16", "half": "float16",
+                  "fp32": "float32", "f32": "float32"}
+
+
+def canonical_dtype(name: str) -> str:
+  name = _DTYPE_ALIASES.get(name, name)
+  if name not in _DTYPE_BYTES:
+    raise ValueError(f"--dtype must be one of bfloat16, float16, float32, got {name!r}")
+  return name
+
+
+# ------------------------------------------------------------------ lengths
+
+
+def parse_lengths(spec: str):
+  """A length spec -> function(batch, numpy Generator) -> int64 lengths [batch].
+
+  Forms (all bounds inclusive, all lengths >= 1):
+    N                      every request has N keys
+    A:B                    uniform integers in [A, B]
+    zipf:LO:HI[:S]         Zipf's law by rank: the r-th longest request (r = 1..batch)
+                           has max(LO, HI / r**S) keys (S defaults to 1), in random
+                           order; deterministic lengths, so runs compare exactly
+    lognormal:LO:HI[:SIG]  exp(N(mu, SIG)) clipped to [LO, HI], mu the log-midpoint of
+                           the bounds and SIG defaulting to ln(HI/LO)/4 (wide: a few
+                           requests near HI, many short ones)
+  """
+  text = str(spec).strip()
+  parts = text.split(":")
+  try:
+    if parts[0] == "zipf":
+      if len(parts) not in (3, 4):
+        raise ValueError
+      lo, hi = int(parts[1]), int(parts[2])
+      s = float(parts[3]) if len(parts) == 4 else 1.0
+      _check_bounds(text, lo, hi)
+
+      def zipf(batch, rng):
+        ranks = np.arange(1, batch + 1, dtype=np.float64)
+        lens = np.maximum(lo, np.round(hi / ranks**s)).astype(np.int64)
+        return rng.permutation(np.minimum(lens, hi))
+
+      return zipf
+    if parts[0] == "lognormal":
+      if len(parts) not in (3, 4):
+        raise ValueError
+      lo, hi = int(parts[1]), int(parts[2])
+      _check_bounds(text, lo, hi)
+      sigma = float(parts[3]) if len(parts) == 4 else max(math.log(hi / lo) / 4.0, 1e-6)
+      mu = 0.5 * (math.log(lo) + math.log(hi))
+
+      def lognormal(batch, rng):
+        x = np.exp(rng.normal(mu, sigma, size=batch))
+        return np.clip(np.round(x), lo, hi).astype(np.int64)
+
+      return lognormal
+    if len(parts) == 2:
+      lo, hi = int(parts[0]), int(parts[1])
+      _check_bounds(text, lo, hi)
+      return lambda batch, rng: rng.integers(lo, hi + 1, size=batch).astype(np.int64)
+    if len(parts) == 1:
+      n = int(parts[0])
+      _check_bounds(text, n, n)
+      return lambda batch, rng: np.full(batch, n, np.int64)
+  except _BoundsError:
+    raise
+  except ValueError:
+    pass  # a number that does not parse, or the wrong number of fields
+  raise ValueError(f"length spec {spec!r}: expected N, A:B, zipf:LO:HI[:S] or "
+                   f"lognormal:LO:HI[:SIGMA]")
+
+
+class _BoundsError(ValueError):
+  pass
+
+
+def _check_bounds(spec, lo, hi):
+  if lo < 1 or hi < lo:
+    raise _BoundsError(f"length spec {spec!r}: need 1 <= low <= high, got {lo}..{hi}")
+
+
+def parse_heads(text: str) -> tuple[int, int]:
+  """'32/8' -> (32, 8); '32' -> (32, 32)."""
+  parts = str(text).split("/")
+  try:
+    qo = int(parts[0])
+    kv = int(parts[1]) if len(parts) == 2 else qo
+  except (ValueError, IndexError):
+    raise ValueError(f"--heads must look like QO/KV (e.g. 32/8), got {text!r}") from None
+  if len(parts) > 2 or qo < 1 or kv < 1 or qo % kv:
+    raise ValueError(f"--heads {text!r}: need positive QO a multiple of KV")
+  return qo, kv
+
+
+# ------------------------------------------------------------------ workloads
+
+
+@dataclasses.dataclass
+class Workload:
+  """One batch to time. qo_lens are ones for decode; for prefill, kv = prefix + qo."""
+
+  name: str
+  kind: str  # "decode" or "prefill"
+  qo_lens: np.ndarray
+  kv_lens: np.ndarray
+  num_qo_heads: int
+  num_kv_heads: int
+  head_dim: int
+  page_size: int
+  kv_layout: str
+  dtype: str
+  causal: bool
+  length_spec: str = ""
+
+  @property
+  def batch(self) -> int:
+    return int(self.kv_lens.shape[0])
+
+  @property
+  def itemsize(self) -> int:
+    return _DTYPE_BYTES[self.dtype]
+
+  @property
+  def group(self) -> int:
+    return self.num_qo_heads // self.num_kv_heads
+
+  @property
+  def tokens(self) -> int:
+    return int(self.qo_lens.sum())
+
+  @property
+  def pages_per_request(self) -> np.ndarray:
+    return -(-self.kv_lens // self.page_size)
+
+  @property
+  def kv_bytes(self) -> int:
+    """K and V bytes a kernel must read: every key of every request once."""
+    return int(self.kv_lens.sum()) * self.num_kv_heads * self.head_dim * 2 * self.itemsize
+
+  @property
+  def qo_bytes(self) -> int:
+    """q read plus output written."""
+    return self.tokens * self.num_qo_heads * self.head_dim * 2 * self.itemsize
+
+  @property
+  def bytes_moved(self) -> int:
+    return self.kv_bytes + self.qo_bytes
+
+  @property
+  def flops(self) -> int:
+    """4 * D * Hqo per (query, visible key) pair: QK^T and PV, 2 flops a multiply-add.
+    Causal rows see kv_len - qo_len + i + 1 keys (bottom-right aligned), so only the
+    visible half of the square is counted."""
+    pairs = 0
+    for qo, kv in zip(self.qo_lens.tolist(), self.kv_lens.tolist()):
+      if self.causal:
+        first = kv - qo + 1  # keys seen by query 0
+        pairs += qo * first + qo * (qo - 1) // 2
+      else:
+        pairs += qo * kv
+    return 4 * self.head_dim * self.num_qo_heads * pairs
+
+  def summary(self) -> dict:
+    kv = self.kv_lens
+    return dict(name=self.name, kind=self.kind, batch=self.batch, length_spec=self.length_spec,
+                kv_len_min=int(kv.min()), kv_len_max=int(kv.max()), kv_len_mean=float(kv.mean()),
+                kv_tokens=int(kv.sum()), qo_tokens=self.tokens, num_qo_heads=self.num_qo_heads,
+                num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, page_size=self.page_size,
+                kv_layout=self.kv_layout, dtype=self.dtype, causal=self.causal,
+                kv_bytes=self.kv_bytes, bytes_moved=self.bytes_moved, flops=self.flops)
+
+
+def make_workload(name, kind, batch, length_spec, *, heads=(32, 8), head_dim=128, page_size=16,
+                  kv_layout="NHD", dtype="bfloat16", causal=True, prefix=0, seed=0) -> Workload:
+  """Draws the lengths (seeded by the workload name too, so each preset keeps its lengths
+  when other presets are added or removed from a sweep)."""
+  if batch < 1:
+    raise ValueError(f"batch must be >= 1, got {batch}")
+  if page_size < 1:
+    raise ValueError(f"page size must be >= 1, got {page_size}")
+  if kv_layout not in ("NHD", "HND"):
+    raise ValueError(f"--layout must be NHD or HND, got {kv_layout!r}")
+  rng = np.random.default_rng([seed, _stable_hash(name)])
+  lens = parse_lengths(length_spec)(batch, rng)
+  if kind == "decode":
+    qo, kv = np.ones(batch, np.int64), lens
+  elif kind == "prefill":
+    qo, kv = lens, lens + int(prefix)
+  else:
+    raise ValueError(f"kind must be decode or prefill, got {kind!r}")
+  return Workload(name=name, kind=kind, qo_lens=qo, kv_lens=kv, num_qo_heads=heads[0],
+                  num_kv_heads=heads[1], head_dim=head_dim, page_size=page_size,
+                  kv_layout=kv_layout, dtype=canonical_dtype(dtype),
+                  causal=bool(causal) if kind == "prefill" else False, length_spec=str(length_spec))
+
+
+def _stable_hash(text: str) -> int:
+  # Python's hash() of a str changes per process; this one does not.
+  h = 0
+  for ch in text.encode():
+    h = (h * 131 + ch) % (1 << 31)
+  return h
+
+
+# ------------------------------------------------------------------ page sets
+
+
+@dataclasses.dataclass
+class PageSet:
+  """One placement of the batch's requests on pages of the pool (FlashInfer's CSR)."""
+
+  kv_indptr: np.ndarray  # int32 [B+1]
+  kv_indices: np.ndarray  # int32 [sum pages]
+  kv_last_page_len: np.ndarray  # int32 [B]
+  block_table: np.ndarray  # int32 [B, max_pages], padded with the request's first page
+
+  @property
+  def num_pages(self) -> int:
+    return int(self.kv_indices.shape[0])
+
+
+def rotations_for(bytes_per_call: int, l2_bytes: int, max_rotations: int) -> int:
+  """How many disjoint page sets to cycle through so that a call's inputs were evicted
+  from L2 by the calls between its reuses: the sets together span at least 2x L2."""
+  if bytes_per_call <= 0:
+    return 1
+  return int(max(1, min(max_rotations, math.ceil(2 * l2_bytes / bytes_per_call))))
+
+
+def build_page_sets(w: Workload, rotations: int, seed: int) -> tuple[int, list[PageSet]]:
+  """(pool size, page sets): the pool holds exactly `rotations` batches' pages, shuffled,
+  so every page a request reads sits at a random place in the pool."""
+  npages = w.pages_per_request
+  per_set = int(npages.sum())
+  pool = per_set * rotations
+  rng = np.random.default_rng([seed, _stable_hash(w.name), 1])
+  perm = rng.permutation(pool).astype(np.int32)
+  indptr = np.zeros(w.batch + 1, np.int32)
+  indptr[1:] = np.cumsum(npages)
+  last = (w.kv_lens - (npages - 1) * w.page_size).astype(np.int32)
+  max_pages = int(npages.max())
+  sets = []
+  for r in range(rotations):
+    indices = perm[r * per_set:(r + 1) * per_set]
+    table = np.empty((w.batch, max_pages), np.int32)
+    for b in range(w.batch):
+      own = indices[indptr[b]:indptr[b + 1]]
+      table[b, :own.shape[0]] = own
+      table[b, own.shape[0]:] = own[0]  # padding reads a page of its own request, masked
+    sets.append(PageSet(indptr.copy(), np.ascontiguousarray(indices), last.copy(), table))
+  return pool, sets
+
+
+def qo_indptr(w: Workload) -> np.ndarray:
+  out = np.zeros(w.batch + 1, np.int32)
+  out[1:] = np.cumsum(w.qo_lens)
+  return out
+
+
+def ragged_maps(w: Workload):
+  """Index maps between ragged query rows [T] and a dense [B, Lq] grid.
+
+  Returns (dense_to_ragged [B, Lq] row of each slot (clipped; invalid slots point at
+  row 0), dense_valid [B, Lq] bool, ragged_to_dense [T] flat slot b * Lq + i).
+  """
+  lq = int(w.qo_lens.max())
+  starts = qo_indptr(w)[:-1]
+  i = np.arange(lq)[None, :]
+  valid = i < w.qo_lens[:, None]
+  d2r = np.where(valid, starts[:, None] + i, 0).astype(np.int32)
+  b_of_t = np.repeat(np.arange(w.batch), w.qo_lens)
+  i_of_t = np.arange(w.tokens) - starts[b_of_t]
+  r2d = (b_of_t * lq + i_of_t).astype(np.int32)
+  return d2r, valid, r2d
+
+
+def cache_shape(w: Workload, pool: int) -> tuple:
+  """FlashInfer's combined 5-D cache: [pages, 2, page, heads, dim] (NHD) or
+  [pages, 2, heads, page, dim] (HND)."""
+  if w.kv_layout == "NHD":
+    return (pool, 2, w.page_size, w.num_kv_heads, w.head_dim)
+  return (pool, 2, w.num_kv_heads, w.page_size, w.head_dim)
+
+
+def make_device_inputs(w: Workload, pool: int, seed: int):
+  """Random normal cache and queries, drawn on the default device (a GB of host random
+  numbers plus the copy would cost seconds per workload)."""
+  import jax
+  import jax.numpy as jnp
+
+  dtype = jnp.dtype(w.dtype)
+  # rbg: XLA's RngBitGenerator compiles in a fraction of threefry's time on the CPU.
+  key = jax.random.fold_in(jax.random.key(seed, impl="rbg"), _stable_hash(w.name))
+  kc, kq = jax.random.split(key)
+  shape = cache_shape(w, pool)
+  q_shape = (w.tokens, w.num_qo_heads, w.head_dim)
+  cache = jax.jit(lambda k: jax.random.normal(k, shape, dtype))(kc)
+  q = jax.jit(lambda k: jax.random.normal(k, q_shape, dtype))(kq)
+  return jax.block_until_ready(cache), jax.block_until_ready(q)

@@ -1,0 +1,146 @@
+"""Smoke tests of `python -m jax_pagedattn.bench` on the CPU: tiny decode and prefill
+sweeps through the CLI with --json, plus the workload arithmetic the numbers rest on."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jax_pagedattn import bench, bench_baselines, bench_workloads as wl
+
+TINY = ["--batch", "2", "--kv-len", "64", "--heads", "4/2", "--head-dim", "64", "--quick",
+        "--no-progress"]
+
+
+# ------------------------------------------------------------------ workloads
+
+
+def test_length_specs():
+  rng = np.random.default_rng(0)
+  assert wl.parse_lengths("37")(5, rng).tolist() == [37] * 5
+  u = wl.parse_lengths("3:9")(1000, rng)
+  assert u.min() >= 3 and u.max() <= 9 and len(set(u.tolist())) == 7
+  z = wl.parse_lengths("zipf:16:32768")(64, rng)
+  assert sorted(z.tolist(), reverse=True)[:3] == [32768, 16384, 10923]
+  assert z.min() >= 16
+  ln = wl.parse_lengths("lognormal:16:32768")(4096, rng)
+  assert ln.min() >= 16 and ln.max() <= 32768
+  assert ln.max() / np.median(ln) > 10  # very unequal, as the preset is meant to be
+  for bad in ("0", "9:3", "zipf:1", "lognormal:a:b", "foo"):
+    with pytest.raises(ValueError):
+      wl.parse_lengths(bad)
+  assert wl.parse_heads("32/8") == (32, 8) and wl.parse_heads("16") == (16, 16)
+  with pytest.raises(ValueError):
+    wl.parse_heads("32/6")
+
+
+def test_bytes_and_causal_flops():
+  w = wl.make_workload("t", "prefill", 3, "5:40", heads=(4, 2), head_dim=64, prefix=3)
+  pairs = sum(sum(min(kv, kv - qo + i + 1) for i in range(qo))
+              for qo, kv in zip(w.qo_lens.tolist(), w.kv_lens.tolist()))
+  assert w.flops == 4 * 64 * 4 * pairs
+  d = wl.make_workload("d", "decode", 3, "100", heads=(8, 2), head_dim=128, dtype="float16")
+  assert d.kv_bytes == 3 * 100 * 2 * 128 * 2 * 2
+  assert d.bytes_moved == d.kv_bytes + 3 * 8 * 128 * 2 * 2
+
+
+def test_page_sets_are_disjoint_random_and_cover_each_request():
+  w = wl.make_workload("p", "decode", 5, "1:70", heads=(4, 2), head_dim=64, page_size=16)
+  pool, sets = wl.build_page_sets(w, 3, seed=1)
+  used = np.concatenate([s.kv_indices for s in sets])
+  assert pool == used.size and np.array_equal(np.sort(used), np.arange(pool))
+  assert not np.array_equal(sets[0].kv_indices, np.sort(sets[0].kv_indices))  # shuffled
+  for s in sets:
+    npages = np.diff(s.kv_indptr)
+    lens = (npages - 1) * w.page_size + s.kv_last_page_len
+    assert np.array_equal(lens, w.kv_lens)
+    for b in range(w.batch):
+      own = s.kv_indices[s.kv_indptr[b]:s.kv_indptr[b + 1]]
+      assert np.array_equal(s.block_table[b, :own.size], own)
+  assert wl.rotations_for(10 << 20, 50 << 20, 8) == 8
+  assert wl.rotations_for(400 << 20, 50 << 20, 8) == 1
+
+
+def test_system_selection():
+  assert bench_baselines.select_systems("decode", "ours,flashinfer") == [
+      "ours-tc", "ours-cc", "flashinfer-tc", "flashinfer-cc"]
+  assert bench_baselines.select_systems("prefill", "ours,pallas") == ["ours"]
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def _load(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _by_system(doc):
+  return {r["system"]: r for r in doc["results"]}
+
+
+def test_cli_decode_json(tmp_path, capsys):
+  out = tmp_path / "decode.json"
+  png = tmp_path / "decode.png"
+  md = tmp_path / "decode.md"
+  bench.main(["decode", *TINY, "--pallas-interpret", "--json", str(out), "--plot", str(png),
+              "--markdown", str(md)])
+  text = capsys.readouterr().out
+  assert "ours-tc" in text and "GB/s" in text and "host costs" in text
+  assert "| 2x64 |" in md.read_text()
+  doc = _load(out)
+  assert doc["meta"]["complete"] and doc["meta"]["platform"] == "cpu"
+  assert doc["ceilings"]["copy_gbps"] > 0 and doc["ceilings"]["matmul_tflops"] > 0
+  (key, w), = doc["workloads"].items()
+  assert key == "decode/2x64" and w["kv_bytes"] == 2 * 64 * 2 * 64 * 2 * 2
+  assert w["rotations"] >= 1 and w["pool_pages"] == w["rotations"] * 2 * 4
+  res = _by_system(doc)
+  assert set(res) == set(bench_baselines.DECODE_SYSTEMS)
+  for name in ("ours-tc", "ours-cc", "jnp"):
+    r = res[name]
+    assert r["status"] == "ok", r.get("message")
+    assert r["time_us"] > 0 and r["metric"] == "GB/s" and r["value"] > 0
+    assert 0 < r["fraction_of_ceiling"] and r["vs_flashinfer"] is None
+    assert r["rel_err"] < 2e-2
+  for name in ("ours-tc", "ours-cc"):
+    r = res[name]
+    for field in ("plan_host_us", "wrapper_plan_us", "step_us", "step_with_plan_us",
+                  "step_overhead_us"):
+      assert isinstance(r[field], float), field
+  # The Pallas input adaptation is checked in its interpreter where it imports.
+  assert res["pallas"]["status"] in ("ok", "skipped"), res["pallas"].get("message")
+  if res["pallas"]["status"] == "ok":
+    assert res["pallas"]["rel_err"] < 2e-2
+  for name in ("flashinfer-tc", "flashinfer-cc"):
+    assert res[name]["status"] == "skipped" and res[name]["message"]
+  if png.exists():
+    assert png.stat().st_size > 1000
+
+
+def test_cli_prefill_json(tmp_path):
+  out = tmp_path / "prefill.json"
+  bench.main(["prefill", *TINY, "--systems", "ours,jnp,xla,cudnn,flashinfer-fa3",
+              "--json", str(out)])
+  doc = _load(out)
+  w = doc["workloads"]["prefill/2x64"]
+  assert w["causal"] and w["flops"] == 4 * 64 * 4 * 2 * (64 * 65 // 2)
+  res = _by_system(doc)
+  assert set(res) == {"ours", "jnp", "xla-dense", "cudnn-dense", "flashinfer-fa3"}
+  for name in ("ours", "jnp", "xla-dense"):
+    r = res[name]
+    assert r["status"] == "ok", r.get("message")
+    assert r["metric"] == "TFLOP/s" and r["value"] > 0 and r["rel_err"] < 2e-2
+  assert res["cudnn-dense"]["status"] == "skipped"
+  assert res["flashinfer-fa3"]["status"] == "skipped"
+  assert "plan_host_us" in res["ours"]
+
+
+def test_cli_rejects_bad_arguments():
+  with pytest.raises(SystemExit):
+    bench.main(["decode", "--kv-len", "zipf:9", "--quick"])
+  with pytest.raises(SystemExit):
+    bench.main(["decode", "--systems", "nonesuch", "--quick"])
+  with pytest.raises(SystemExit):
+    bench.main(["prefill", "--preset", "nonesuch", "--quick"])
