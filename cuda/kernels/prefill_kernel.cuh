@@ -1,0 +1,601 @@
+// Tensor-core paged prefill kernel (sm80+ mma.sync), one CTA per (work item, kv head).
+//
+// Warps. A CTA holds kWarpsM x kWarpsN warps. Warp (wm, wn) owns kMT m16 tiles of
+// query rows, [16 kMT wm, 16 kMT (wm + 1)) of the item's tile, and keys
+// [wn kKeysW, (wn + 1) kKeysW) of every KV tile. 64-row tiles: 4 warps x 16 rows;
+// 128-row tiles: 4 warps x 32 rows at D <= 128 (each K/V fragment feeds two m tiles;
+// see PrefillCfg::kMT). kWarpsN = 1 there: every warp sees the whole KV tile. The
+// 16-row tile (a decode GQA group padded to 16 rows) stacks its warps along the keys
+// instead, each warp keeping its own softmax state, merged through shared memory at
+// the end, so that decode keeps 4 warps (2 at D = 256) busy instead of one.
+//
+// Shared memory (dynamic, base rounded up to 128 bytes):
+//   s_off  int64 [3][kTileKv]   element offset of each key of a tile (-1: not loadable)
+//   s_bad  int32 [3][4]         per 32 keys: some key in range has a bad page id
+//   s_freq float [D/2]          RoPE inverse frequencies
+//   union: Q [tile_rows][D], K [2][kTileKv][D], V [2][kTileKv][D] during the loop;
+//          O staging float [tile_rows][D + 8] per key warp and (m, l) per row in the
+//          epilogue.
+// Rows of Q/K/V are D 16-bit elements, i.e. D/8 chunks of 16 bytes; chunk c of row r
+// sits at position c ^ (r % 8). The 8 rows an ldmatrix phase reads, and the rows a
+// cp.async warp writes, then fall in 8 distinct bank groups.
+//
+// Pipeline (one barrier per KV tile): at the top of iteration t every thread waits for
+// its own copies of tile t, then __syncthreads makes tile t visible and guarantees
+// that every warp finished tile t - 1; the CTA then issues tile t + 1 into the other
+// stage (which held t - 1) and computes tile t while it lands. Key offsets are three
+// tiles ahead: the page id of tile t + 3 is loaded into a register at iteration t, so
+// its global latency hides behind a whole tile of MMAs, turned into an offset in
+// s_off at iteration t + 1, used by the copies at t + 2 and the masks at t + 3.
+//
+// RoPE: q is rotated while the Q tile is loaded; K is rotated in shared memory after
+// each tile lands (one extra barrier per tile, only when RoPE is on). Both rotate in
+// fp32 and round back to the input type, as the reference does.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "jax_pagedattn/params.h"
+#include "prefill_ptx.cuh"
+
+namespace jax_pagedattn {
+namespace prefill_detail {
+
+constexpr float kLog2e = 1.44269504088896340736f;
+
+template <int D, int TILE_ROWS>
+struct PrefillCfg {
+  // m16 row tiles per warp. Two tiles let every K/V fragment read from shared memory
+  // feed twice the MMAs (16-row warps are bound by ldmatrix bandwidth); used where the
+  // accumulators fit in registers: 128-row tiles at D <= 128, 4 warps of 32 rows.
+  // (Measured on an H100, bf16 D 128 causal, against 8 warps x 16 rows: 4 x 2048
+  // 238 vs 215 TFLOP/s, 1 x 8192 291 vs 266, 16 x 512 144 vs 124.)
+  static constexpr int kMT = (TILE_ROWS == 128 && D <= 128) ? 2 : 1;
+  static constexpr int kWarpsM = TILE_ROWS / (16 * kMT);
+  // Decode tiles split the keys over warps: 4 warps of 16 keys; at D = 256 two warps,
+  // which keeps a stage at 32 KB so that three CTAs still fit on an SM.
+  static constexpr int kWarpsN = TILE_ROWS == 16 ? (D == 256 ? 2 : 4) : 1;
+  static constexpr int kWarps = kWarpsM * kWarpsN;
+  static constexpr int kThreads = kWarps * 32;
+  // Keys per tile: 64, except where the S accumulators would push the warp past 255
+  // registers (D = 256; two m tiles at D = 128), which take 32.
+  static constexpr int kTileKv =
+      TILE_ROWS == 16 ? 16 * kWarpsN : (D == 256 || (kMT == 2 && D == 128) ? 32 : 64);
+  static constexpr int kKeysW = kTileKv / kWarpsN;  // keys per warp per tile
+  static constexpr int kChunks = D / 8;             // 16-byte chunks per row
+  static constexpr int kHalf = D / 16;              // chunks in half a row (RoPE pairs)
+  static constexpr int kRowBytes = D * 2;
+  static constexpr int kOStride = D + 8;  // floats; +8 spreads 8 rows over the banks
+  static constexpr int kRowsPerPass = kThreads / kChunks;
+  static constexpr int kPasses = kTileKv / kRowsPerPass;
+
+  static constexpr int kQBytes = TILE_ROWS * kRowBytes;
+  static constexpr int kStageBytes = kTileKv * kRowBytes;
+  static constexpr int kGroups = kWarps * kMT;  // 16-row (m, l, O) states per CTA
+  static constexpr int kOBytes = kGroups * 16 * kOStride * 4;
+  static constexpr int kMlBytes = kGroups * 16 * 8;
+
+  static constexpr int kOffOff = 0;
+  static constexpr int kBadOff = kOffOff + 3 * kTileKv * 8;
+  static constexpr int kFreqOff = kBadOff + 3 * 4 * 4;
+  static constexpr int kUnionOff = (kFreqOff + D / 2 * 4 + 127) / 128 * 128;
+  static constexpr int kQOff = kUnionOff;
+  static constexpr int kKOff = kQOff + kQBytes;
+  static constexpr int kVOff = kKOff + 2 * kStageBytes;
+  static constexpr int kMainEnd = kVOff + 2 * kStageBytes;
+  static constexpr int kEpiEnd = kUnionOff + kOBytes + kMlBytes;
+  static constexpr int kSmemBytes = (kMainEnd > kEpiEnd ? kMainEnd : kEpiEnd) + 128;
+
+  static_assert(kThreads >= kTileKv && kTileKv % 32 == 0, "offset warps must be whole");
+  static_assert(kTileKv / 32 <= 4, "s_bad holds 4 words per tile");
+  static_assert(kRowsPerPass >= 1 && kTileKv % kRowsPerPass == 0, "loader mapping");
+  static_assert(kKeysW % 16 == 0, "P V needs k16 key steps");
+};
+
+// sin/cos of a RoPE angle. Positions times frequencies reach 1e5 rad and beyond, where
+// __sincosf is useless and sincosf takes a slow path through local memory; a two-step
+// Cody-Waite reduction by 2 pi (fma keeps x - k * C1 exact) leaves |r| <= pi, where
+// __sincosf is accurate to about 2^-21, far below the 16-bit rounding that follows.
+__device__ __forceinline__ void RopeSinCos(float x, float* s, float* c) {
+  const float k = rintf(x * 0.159154943091895336f);
+  float r = fmaf(-k, 6.28318548202514648f, x);  // float(2 pi)
+  r = fmaf(-k, -1.74845553146951720e-7f, r);   // 2 pi - float(2 pi)
+  __sincosf(r, s, c);
+}
+
+// Rotates elements d = 8c + e (in `lo`) with d + D/2 (in `hi`), e = 0..7, at position
+// `pos`; `freq` points at the 8 inverse frequencies of chunk c.
+template <typename T>
+__device__ __forceinline__ void RopePairs(uint4& lo, uint4& hi, float pos, const float* freq) {
+  uint32_t* a = reinterpret_cast<uint32_t*>(&lo);
+  uint32_t* b = reinterpret_cast<uint32_t*>(&hi);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 x = Elem<T>::Unpack(a[k]);
+    const float2 y = Elem<T>::Unpack(b[k]);
+    float s0, c0, s1, c1;
+    RopeSinCos(pos * freq[2 * k], &s0, &c0);
+    RopeSinCos(pos * freq[2 * k + 1], &s1, &c1);
+    a[k] = Elem<T>::Pack(x.x * c0 - y.x * s0, x.y * c1 - y.y * s1);
+    b[k] = Elem<T>::Pack(y.x * c0 + x.x * s0, y.y * c1 + x.y * s1);
+  }
+}
+
+// Byte offset of chunk `c` of row `r` in a swizzled tile.
+template <int kRowBytes>
+__device__ __forceinline__ uint32_t Swz(int r, int c) {
+  return uint32_t(r * kRowBytes + ((c ^ (r & 7)) << 4));
+}
+
+template <typename T, int D, int TILE_ROWS>
+__global__ void __launch_bounds__(PrefillCfg<D, TILE_ROWS>::kThreads)
+    PrefillKernel(const __grid_constant__ AttentionParams p) {
+  using Cfg = PrefillCfg<D, TILE_ROWS>;
+  using E = Elem<T>;
+  constexpr int kWarpsN = Cfg::kWarpsN;
+  constexpr int kMT = Cfg::kMT;
+  constexpr int kThreads = Cfg::kThreads;
+  constexpr int kTileKv = Cfg::kTileKv;
+  constexpr int kKeysW = Cfg::kKeysW;
+  constexpr int kChunks = Cfg::kChunks;
+  constexpr int kHalf = Cfg::kHalf;
+  constexpr int kRowBytes = Cfg::kRowBytes;
+  constexpr float kNegInf = -__builtin_huge_valf();
+
+  // The fragment addressing below XORs bits 4-6 of absolute shared addresses, which
+  // needs every tile row to start on 128 bytes; the launch adds 128 bytes of slack
+  // so the base can be rounded up whatever the runtime reserved in front of it.
+  extern __shared__ __align__(128) uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((128u - (SmemAddr(smem_raw) & 127u)) & 127u);
+  int64_t* s_off = reinterpret_cast<int64_t*>(smem + Cfg::kOffOff);
+  int32_t* s_bad = reinterpret_cast<int32_t*>(smem + Cfg::kBadOff);
+  float* s_freq = reinterpret_cast<float*>(smem + Cfg::kFreqOff);
+  const uint32_t sq_addr = SmemAddr(smem + Cfg::kQOff);
+  const uint32_t sk_addr = SmemAddr(smem + Cfg::kKOff);
+  const uint32_t sv_addr = SmemAddr(smem + Cfg::kVOff);
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wm = warp / kWarpsN;
+  const int wn = warp % kWarpsN;
+  const int kv_head = blockIdx.y;
+
+  // ---- the work item ------------------------------------------------------------
+  const int4* wp = reinterpret_cast<const int4*>(p.work + int64_t(blockIdx.x) * kWorkFields);
+  const int4 w0 = wp[0];
+  const int4 w1 = wp[1];
+  const int b = w0.x;
+  if (b < 0 || b >= p.layout.batch_cap) return;  // padding
+  const int G = p.group_size;
+  const int Hqo = p.num_qo_heads;
+  const int64_t q_base = p.qo_indptr[b];
+  const int split = w1.y;
+  const int qo_len = w1.z;
+  const int kv_len = w1.w;
+  const int pos_off = kv_len - qo_len;  // position of query token 0
+
+  // Rows: only those of real tokens (index < qo_len, row of q < q_rows, >= 0) are
+  // computed and written, at most TILE_ROWS of them; the planner never asks for more,
+  // and a malformed plan must not make the kernel write outside out/lse.
+  int64_t row_lo = w0.y > 0 ? w0.y : 0;
+  if (q_base < 0) row_lo = row_lo > -q_base * G ? row_lo : -q_base * G;
+  int64_t row_hi = w0.z;
+  {
+    int64_t tok_hi = int64_t(p.q_rows) - q_base;
+    if (tok_hi > qo_len) tok_hi = qo_len;
+    if (row_hi > tok_hi * G) row_hi = tok_hi * G;
+    if (row_hi > row_lo + TILE_ROWS) row_hi = row_lo + TILE_ROWS;
+  }
+  if (row_hi <= row_lo) return;
+  const int row_begin = int(row_lo);
+  const int nrows = int(row_hi - row_lo);
+
+  // Keys: [kv_begin, kv_end) cut to kv_len and to the page slots inside kv_indices,
+  // so every slot index the lookup forms lies in [0, page_cap).
+  const int ps = p.kv.page_size;
+  const int64_t page_base = p.kv_indptr[b];
+  int kv_begin, kv_end;
+  {
+    int64_t hi = w1.x < kv_len ? w1.x : kv_len;
+    const int64_t cap = (int64_t(p.layout.page_cap) - page_base) * ps;
+    if (hi > cap) hi = cap;
+    int64_t lo = w0.w > 0 ? w0.w : 0;
+    if (page_base < 0 && lo < -page_base * ps) lo = -page_base * ps;
+    if (hi < lo) hi = lo;
+    kv_begin = int(lo);
+    kv_end = int(hi);
+  }
+  const int num_tiles = (kv_end - kv_begin + kTileKv - 1) / kTileKv;
+
+  const bool causal = p.causal;
+  const bool rope = p.pos_encoding == PosEncoding::kRopeLlama;
+  const bool alibi = p.pos_encoding == PosEncoding::kAlibi;
+  const float scale_log2 = p.sm_scale * kLog2e;
+  const T* kbase = static_cast<const T*>(p.kv.k);
+  const T* vbase = static_cast<const T*>(p.kv.v);
+  const int64_t head_off = int64_t(kv_head) * p.kv.head_stride;
+
+  // ---- key offsets (threads tid < kTileKv own key tid of each tile) ----------------
+  // Page id and slot of key tid of `tile`; pid -1 past kv_end.
+  auto lookup = [&](int tile, int& pid, int& slot) {
+    const int j = kv_begin + tile * kTileKv + tid;
+    pid = -1;
+    slot = 0;
+    if (tile < num_tiles && j < kv_end) {
+      const int pg = j / ps;
+      slot = j - pg * ps;
+      pid = __ldg(p.kv_indices + page_base + pg);
+    }
+  };
+  // Offsets of `tile` into ring slot tile % 3, plus its bad-page flags. Called by whole
+  // warps (kTileKv is a multiple of 32) for the ballot.
+  auto publish = [&](int tile, int pid, int slot) {
+    const int j = kv_begin + tile * kTileKv + tid;
+    const bool in_range = j < kv_end;
+    const bool ok = in_range && pid >= 0 && pid < p.kv.num_pages;
+    const int ring = tile % 3;
+    s_off[ring * kTileKv + tid] =
+        ok ? int64_t(pid) * p.kv.page_stride + int64_t(slot) * p.kv.slot_stride + head_off
+           : int64_t(-1);
+    const unsigned bad = __ballot_sync(0xffffffffu, in_range && !ok);
+    if (lane == 0) s_bad[ring * 4 + warp] = bad != 0u;
+  };
+
+  // Copies of `tile` into stage tile & 1; keys without an offset are zero-filled.
+  const int ld_chunk = tid % kChunks;
+  const int ld_row = tid / kChunks;
+  auto issue = [&](int tile) {
+    const int64_t* offs = s_off + (tile % 3) * kTileKv;
+    const uint32_t stage = uint32_t(tile & 1) * Cfg::kStageBytes;
+#pragma unroll
+    for (int pass = 0; pass < Cfg::kPasses; ++pass) {
+      const int row = ld_row + pass * Cfg::kRowsPerPass;
+      const int64_t off = offs[row];
+      const bool ok = off >= 0;
+      const int64_t src = (ok ? off : 0) + ld_chunk * 8;
+      const uint32_t dst = stage + Swz<kRowBytes>(row, ld_chunk);
+      CpAsync16(sk_addr + dst, kbase + src, ok);
+      CpAsync16(sv_addr + dst, vbase + src, ok);
+    }
+  };
+
+  // ---- prologue ---------------------------------------------------------------------
+  int pid_next = -1, slot_next = 0;
+  if (tid < kTileKv) {
+    int pid0, slot0, pid1, slot1;
+    lookup(0, pid0, slot0);
+    lookup(1, pid1, slot1);
+    lookup(2, pid_next, slot_next);
+    publish(0, pid0, slot0);
+    publish(1, pid1, slot1);
+  }
+  if (rope) {
+    // The same double-precision formula as the CPU backend, so both round the
+    // frequencies identically.
+    for (int d = tid; d < D / 2; d += kThreads)
+      s_freq[d] = float(pow(double(p.rope_theta), -2.0 * double(d) / double(D)) /
+                        double(p.rope_scale));
+  }
+  __syncthreads();
+  if (num_tiles > 0) issue(0);
+  CpAsyncCommit();
+
+  // Q tile: thread handles chunk pairs (c, c + D/16) so RoPE can rotate in registers.
+  {
+    const T* qg = static_cast<const T*>(p.q);
+    for (int i = tid; i < TILE_ROWS * kHalf; i += kThreads) {
+      const int rr = i / kHalf;
+      const int c = i % kHalf;
+      uint4 lo = make_uint4(0, 0, 0, 0);
+      uint4 hi = lo;
+      if (rr < nrows) {
+        const int r = row_begin + rr;
+        const int64_t tok = q_base + r / G;
+        const int head = kv_head * G + r % G;
+        const T* src = qg + (tok * Hqo + head) * D + c * 8;
+        lo = *reinterpret_cast<const uint4*>(src);
+        hi = *reinterpret_cast<const uint4*>(src + D / 2);
+        if (rope) RopePairs<T>(lo, hi, float(pos_off + r / G), s_freq + c * 8);
+      }
+      *reinterpret_cast<uint4*>(smem + Cfg::kQOff + Swz<kRowBytes>(rr, c)) = lo;
+      *reinterpret_cast<uint4*>(smem + Cfg::kQOff + Swz<kRowBytes>(rr, c + kHalf)) = hi;
+    }
+  }
+
+  // ---- per-thread row data ------------------------------------------------------------
+  // Warp rows: m tile mt covers rows 16 (wm kMT + mt) + [0, 16); this thread's
+  // accumulator rows in it are lane / 4 (h = 0) and lane / 4 + 8 (h = 1).
+  const int warp_row0 = wm * kMT * 16;
+  int qpos[kMT][2];
+  float slope[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = row_begin + warp_row0 + mt * 16 + (lane >> 2) + 8 * h;
+      qpos[mt][h] = pos_off + r / G;
+      slope[mt][h] = alibi ? AlibiSlope(kv_head * G + r % G, Hqo) * kLog2e : 0.0f;
+    }
+  // Rows grow with the token index, so a warp's first and last live rows bound the
+  // causal limits of all of them.
+  const bool warp_live = warp_row0 < nrows;
+  const int warp_last = warp_row0 + kMT * 16 - 1 < nrows - 1 ? warp_row0 + kMT * 16 - 1 : nrows - 1;
+  const int warp_min_limit = pos_off + (row_begin + warp_row0) / G;
+  const int warp_max_limit = pos_off + (row_begin + warp_last) / G;
+
+  float o[kMT][D / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.0f;
+  float m_run[kMT][2], l_run[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    m_run[mt][0] = m_run[mt][1] = kNegInf;
+    l_run[mt][0] = l_run[mt][1] = 0.0f;
+  }
+
+  // ldmatrix lane addresses. Every row a lane addresses is == lane (mod 8), so its
+  // swizzle is sw = lane & 7; logical chunk 2 i + x (x: the lane's half, 0 or 1) sits at
+  // byte 128 (i / 4) + (((x ^ sw) << 4) ^ ((i % 4) << 5)) of the row. Rows start on
+  // 128 bytes, so the per-step part is one XOR of the lane address plus an immediate.
+  const int sw = lane & 7;
+  const uint32_t q_lane = sq_addr + uint32_t((warp_row0 + (lane & 15)) * kRowBytes) +
+                          uint32_t(((lane >> 4) ^ sw) << 4);
+  const uint32_t k_lane = sk_addr +
+                          uint32_t((wn * kKeysW + (lane >> 4) * 8 + (lane & 7)) * kRowBytes) +
+                          uint32_t((((lane >> 3) & 1) ^ sw) << 4);
+  const uint32_t v_lane = sv_addr + uint32_t((wn * kKeysW + (lane & 15)) * kRowBytes) +
+                          uint32_t(((lane >> 4) ^ sw) << 4);
+
+  // ---- main loop over KV tiles --------------------------------------------------------
+  for (int t = 0; t < num_tiles; ++t) {
+    CpAsyncWaitAll();
+    __syncthreads();
+    if (t + 1 < num_tiles) issue(t + 1);
+    CpAsyncCommit();
+    if (tid < kTileKv) {
+      if (t + 2 < num_tiles) publish(t + 2, pid_next, slot_next);
+      lookup(t + 3, pid_next, slot_next);
+    }
+
+    const int kt = kv_begin + t * kTileKv;
+    const uint32_t stage = uint32_t(t & 1) * Cfg::kStageBytes;
+    if (rope) {
+      uint8_t* ks = smem + Cfg::kKOff + stage;
+      for (int i = tid; i < kTileKv * kHalf; i += kThreads) {
+        const int row = i / kHalf;
+        const int c = i % kHalf;
+        if (kt + row < kv_end) {
+          uint4* plo = reinterpret_cast<uint4*>(ks + Swz<kRowBytes>(row, c));
+          uint4* phi = reinterpret_cast<uint4*>(ks + Swz<kRowBytes>(row, c + kHalf));
+          uint4 lo = *plo, hi = *phi;
+          RopePairs<T>(lo, hi, float(kt + row), s_freq + c * 8);
+          *plo = lo;
+          *phi = hi;
+        }
+      }
+      __syncthreads();
+    }
+
+    const int kw0 = kt + wn * kKeysW;  // this warp's first key
+    const uint32_t k_stage = k_lane + stage;  // stage is a multiple of 128
+    const uint32_t v_stage = v_lane + stage;
+    if (!warp_live || kw0 >= kv_end || (causal && kw0 > warp_max_limit)) continue;
+
+    // S = Q K^T for 16 kMT rows x kKeysW keys; each K fragment serves every m tile.
+    float s[kMT][kKeysW / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int i = 0; i < kKeysW / 8; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+        Ldsm4(a[mt], (q_lane ^ uint32_t((ks & 3) << 5)) + uint32_t((ks >> 2) * 128) +
+                         uint32_t(mt * 16 * kRowBytes));
+#pragma unroll
+      for (int kp = 0; kp < kKeysW / 16; ++kp) {
+        uint32_t bk[4];
+        Ldsm4(bk, (k_stage ^ uint32_t((ks & 3) << 5)) + uint32_t((ks >> 2) * 128) +
+                      uint32_t(kp * 16 * kRowBytes));
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          E::Mma(s[mt][2 * kp], a[mt], bk[0], bk[1]);
+          E::Mma(s[mt][2 * kp + 1], a[mt], bk[2], bk[3]);
+        }
+      }
+    }
+
+    // Scale into base-2 logits; per-element masks/bias only where some key of the
+    // warp's slice may be invisible to some row: past kv_end, a bad page, across the
+    // causal diagonal, or ALiBi (which biases every element).
+    const int ring = t % 3;
+    bool tile_bad = false;
+#pragma unroll
+    for (int w = 0; w < kTileKv / 32; ++w) tile_bad |= s_bad[ring * 4 + w] != 0;
+    const bool need_mask = alibi || tile_bad || kw0 + kKeysW > kv_end ||
+                           (causal && kw0 + kKeysW - 1 > warp_min_limit);
+    if (need_mask) {
+      const int64_t* offs = s_off + ring * kTileKv + wn * kKeysW;
+#pragma unroll
+      for (int nb = 0; nb < kKeysW / 8; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = nb * 8 + (lane & 3) * 2 + e;
+          const int j = kw0 + col;
+          const bool ok = offs[col] >= 0;
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const bool vis = ok && (!causal || j <= qpos[mt][h]);
+              const float v =
+                  s[mt][nb][2 * h + e] * scale_log2 + slope[mt][h] * float(j - qpos[mt][h]);
+              s[mt][nb][2 * h + e] = vis ? v : kNegInf;
+            }
+        }
+      }
+    } else {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int nb = 0; nb < kKeysW / 8; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][nb][e] *= scale_log2;
+    }
+
+    // Online softmax. Row maxima are reduced over the quad that shares a row; the row
+    // sums stay per thread until the end.
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      float mx[2] = {m_run[mt][0], m_run[mt][1]};
+#pragma unroll
+      for (int nb = 0; nb < kKeysW / 8; ++nb) {
+        mx[0] = fmaxf(mx[0], fmaxf(s[mt][nb][0], s[mt][nb][1]));
+        mx[1] = fmaxf(mx[1], fmaxf(s[mt][nb][2], s[mt][nb][3]));
+      }
+      float base[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+        // A row with nothing visible yet keeps max -inf; subtracting 0 instead keeps
+        // exp2(-inf - base) = 0 rather than NaN.
+        base[h] = mx[h] == kNegInf ? 0.0f : mx[h];
+        const float corr = Exp2(m_run[mt][h] - base[h]);
+        m_run[mt][h] = mx[h];
+        l_run[mt][h] *= corr;
+#pragma unroll
+        for (int db = 0; db < D / 8; ++db) {
+          o[mt][db][2 * h] *= corr;
+          o[mt][db][2 * h + 1] *= corr;
+        }
+      }
+#pragma unroll
+      for (int nb = 0; nb < kKeysW / 8; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][nb][e] = Exp2(s[mt][nb][e] - base[e >> 1]);
+        l_run[mt][0] += s[mt][nb][0] + s[mt][nb][1];
+        l_run[mt][1] += s[mt][nb][2] + s[mt][nb][3];
+      }
+    }
+
+    // O += P V, P rounded to the input type (the accumulator layout of S is the A
+    // fragment layout of P, so no shuffles).
+#pragma unroll
+    for (int kk = 0; kk < kKeysW / 16; ++kk) {
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        a[mt][0] = E::Pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = E::Pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = E::Pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = E::Pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t bv[4];
+        Ldsm4T(bv, (v_stage ^ uint32_t((dp & 3) << 5)) + uint32_t((dp >> 2) * 128) +
+                       uint32_t(kk * 16 * kRowBytes));
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          E::Mma(o[mt][2 * dp], a[mt], bv[0], bv[1]);
+          E::Mma(o[mt][2 * dp + 1], a[mt], bv[2], bv[3]);
+        }
+      }
+    }
+  }
+
+  // ---- epilogue: stage (m, l, O) per warp, merge the key-split warps, normalise -------
+  CpAsyncWaitAll();
+  __syncthreads();  // every warp is done with Q/K/V; the union becomes the O staging
+  // State slot of row group g (16 rows) and key warp wn: g * kWarpsN + wn, where
+  // g = wm * kMT + mt. (kWarpsN > 1 only with kMT == 1, so the slot is the warp.)
+  float* s_o = reinterpret_cast<float*>(smem + Cfg::kUnionOff);
+  float2* s_ml = reinterpret_cast<float2*>(smem + Cfg::kUnionOff + Cfg::kOBytes);
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      l_run[mt][h] += __shfl_xor_sync(0xffffffffu, l_run[mt][h], 1);
+      l_run[mt][h] += __shfl_xor_sync(0xffffffffu, l_run[mt][h], 2);
+    }
+    const int orow = ((wm * kMT + mt) * kWarpsN + wn) * 16 + (lane >> 2);
+    if ((lane & 3) == 0) {
+      s_ml[orow] = make_float2(m_run[mt][0], l_run[mt][0]);
+      s_ml[orow + 8] = make_float2(m_run[mt][1], l_run[mt][1]);
+    }
+#pragma unroll
+    for (int db = 0; db < D / 8; ++db) {
+      const int col = db * 8 + (lane & 3) * 2;
+      *reinterpret_cast<float2*>(s_o + orow * Cfg::kOStride + col) =
+          make_float2(o[mt][db][0], o[mt][db][1]);
+      *reinterpret_cast<float2*>(s_o + (orow + 8) * Cfg::kOStride + col) =
+          make_float2(o[mt][db][2], o[mt][db][3]);
+    }
+  }
+  __syncthreads();
+
+  for (int i = tid; i < TILE_ROWS * kChunks; i += kThreads) {
+    const int rr = i / kChunks;
+    const int c = i % kChunks;
+    if (rr >= nrows) break;  // rows only grow with i
+    const int g = rr >> 4;
+    const int r16 = rr & 15;
+    float m_tot = kNegInf;
+#pragma unroll
+    for (int w = 0; w < kWarpsN; ++w) m_tot = fmaxf(m_tot, s_ml[(g * kWarpsN + w) * 16 + r16].x);
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    float l_tot = 0.0f;
+    if (m_tot != kNegInf) {
+#pragma unroll
+      for (int w = 0; w < kWarpsN; ++w) {
+        const int srow = (g * kWarpsN + w) * 16 + r16;
+        const float2 ml = s_ml[srow];
+        const float wgt = Exp2(ml.x - m_tot);  // 0 for a warp that saw nothing
+        l_tot += ml.y * wgt;
+        const float4* src = reinterpret_cast<const float4*>(s_o + srow * Cfg::kOStride + c * 8);
+        const float4 x0 = src[0];
+        const float4 x1 = src[1];
+        acc[0] += wgt * x0.x; acc[1] += wgt * x0.y; acc[2] += wgt * x0.z; acc[3] += wgt * x0.w;
+        acc[4] += wgt * x1.x; acc[5] += wgt * x1.y; acc[6] += wgt * x1.z; acc[7] += wgt * x1.w;
+      }
+    }
+    const bool any = l_tot > 0.0f;
+    const float inv = any ? 1.0f / l_tot : 0.0f;
+    const float lse_v = any ? m_tot + log2f(l_tot) : kNegInf;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] *= inv;
+
+    const int r = row_begin + rr;
+    const int64_t tok = q_base + r / G;
+    const int64_t hrow = tok * Hqo + kv_head * G + r % G;  // (token, head) index
+    if (split < 0) {
+      uint4 v;
+      v.x = E::Pack(acc[0], acc[1]);
+      v.y = E::Pack(acc[2], acc[3]);
+      v.z = E::Pack(acc[4], acc[5]);
+      v.w = E::Pack(acc[6], acc[7]);
+      *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + hrow * D + c * 8) = v;
+      if (c == 0) p.lse[hrow] = lse_v;
+    } else {
+      const int64_t prow = int64_t(p.merge_indptr[tok]) + split;
+      if (prow >= 0 && prow < p.partial_rows_cap) {
+        const int64_t ph = prow * Hqo + kv_head * G + r % G;
+        float4* dst = reinterpret_cast<float4*>(p.partial_o + ph * D + c * 8);
+        dst[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        dst[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+        if (c == 0) p.partial_lse[ph] = lse_v;
+      }
+    }
+  }
+}
+
+}  // namespace prefill_detail
+}  // namespace jax_pagedattn

@@ -1,0 +1,556 @@
+// Standalone check of LaunchPrefill (cuda/kernels/prefill.cu) against a CPU loop.
+//
+// Each case builds a random paged cache and a plan buffer by hand (PlanLayout
+// offsets, work items as the planner would cut them: whole tokens per item, causal
+// items ending at their last row's limit, some requests split in two key chunks that
+// write workspace partials), runs the kernel once, and compares out/lse/partials with
+// a double-precision reference that follows shared/DESIGN.md §3 (RoPE rotated in fp32
+// and rounded to the input type, ALiBi, bottom-right causal mask, bad page ids masked).
+// Outputs are poisoned first: every covered entry must be written, every other left.
+//
+//   prefill_harness [check|bench|all] [seed]
+// check: correctness cases (run it under compute-sanitizer too); bench: a few timings.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "jax_pagedattn/params.h"
+#include "jax_pagedattn/plan_layout.h"
+#include "launchers.h"
+
+using namespace jax_pagedattn;
+
+#define CHECK_CUDA(x)                                                                  \
+  do {                                                                                 \
+    cudaError_t e_ = (x);                                                              \
+    if (e_ != cudaSuccess) {                                                           \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(2);                                                                    \
+    }                                                                                  \
+  } while (0)
+
+// ---- 16-bit storage on the host -------------------------------------------------------
+static float ToFloat(uint16_t v, DType t) {
+  if (t == DType::kBF16) {
+    uint32_t u = uint32_t(v) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  __half_raw r;
+  r.x = v;
+  return __half2float(__half(r));
+}
+static uint16_t FromFloat(float f, DType t) {
+  if (t == DType::kBF16) {
+    __nv_bfloat16 b = __float2bfloat16_rn(f);
+    __nv_bfloat16_raw r = b;
+    return r.x;
+  }
+  __half h = __float2half_rn(f);
+  __half_raw r = h;
+  return r.x;
+}
+static float Round(float f, DType t) { return ToFloat(FromFloat(f, t), t); }
+
+// ---- a test case ----------------------------------------------------------------------
+struct Req {
+  int qo_len, kv_len;
+  bool split;  // key range cut in two chunks writing partials
+};
+
+struct Case {
+  std::string name;
+  DType dtype;
+  int head_dim, num_kv_heads, group, page_size, tile_rows;
+  KvLayout layout;
+  bool combined, causal;
+  PosEncoding pos;
+  std::vector<Req> reqs;
+  bool bad_pages;  // plant page ids outside [0, num_pages)
+};
+
+struct Stats {
+  double out_max = 0, out_num = 0, out_den = 0, lse_max = 0;
+  double part_max = 0, part_lse_max = 0;
+  long unwritten = 0, clobbered = 0, lse_inf_mismatch = 0, nan = 0;
+  long rows = 0, partial_rows = 0;
+};
+
+static const uint16_t kPoison16 = 0x7fc1;  // NaN in bf16; NaN in f16 too (0x7c00 | payload)
+
+// RoPE as the reference defines it: frequencies in double, rounded to float; angle a
+// float product; rotation in fp32; result rounded to the input type.
+static void RopeRef(std::vector<float>& x, int D, long pos, float scale, float theta, DType t) {
+  const int half = D / 2;
+  std::vector<float> y(x);
+  for (int d = 0; d < half; ++d) {
+    const float f = float(std::pow(double(theta), -2.0 * d / D) / double(scale));
+    const float ang = float(pos) * f;
+    const float c = float(std::cos(double(ang))), s = float(std::sin(double(ang)));
+    y[d] = Round(x[d] * c - x[d + half] * s, t);
+    y[d + half] = Round(x[d + half] * c + x[d] * s, t);
+  }
+  x.swap(y);
+}
+
+static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
+  const DType dt = cs.dtype;
+  const int D = cs.head_dim, Hkv = cs.num_kv_heads, G = cs.group, Hqo = Hkv * G;
+  const int ps = cs.page_size, B = int(cs.reqs.size());
+  std::uniform_real_distribution<float> uni(-1.f, 1.f);
+
+  // Requests -> tokens and pages.
+  std::vector<int> qo_indptr(B + 1, 0), kv_indptr(B + 1, 0), last_len(B, 0);
+  for (int b = 0; b < B; ++b) {
+    qo_indptr[b + 1] = qo_indptr[b] + cs.reqs[b].qo_len;
+    const int np = (cs.reqs[b].kv_len + ps - 1) / ps;
+    kv_indptr[b + 1] = kv_indptr[b] + np;
+    last_len[b] = cs.reqs[b].kv_len == 0 ? 0 : cs.reqs[b].kv_len - (np - 1) * ps;
+  }
+  const int T = qo_indptr[B];
+  const int q_rows = T + 3;  // padding rows nobody may write
+  const int used_pages = kv_indptr[B];
+  const int num_pages = used_pages + 5;
+  std::vector<int> perm(num_pages);
+  for (int i = 0; i < num_pages; ++i) perm[i] = i;
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<int> kv_indices(perm.begin(), perm.begin() + used_pages);
+  if (cs.bad_pages) {
+    // One too-large and one negative page id, inside requests that have pages.
+    for (int b = 0, planted = 0; b < B && planted < 2; ++b) {
+      const int np = kv_indptr[b + 1] - kv_indptr[b];
+      if (np < 2) continue;
+      kv_indices[kv_indptr[b] + np / 2] = planted == 0 ? num_pages + 7 : -3;
+      ++planted;
+    }
+  }
+
+  // Work items, as the planner cuts them.
+  struct Item { int b, rb, re, kb, ke, split; };
+  std::vector<Item> items;
+  std::vector<int> merge_indptr(q_rows + 1, 0);
+  std::vector<int> tok_splits(q_rows, 0);
+  const int chunk_rows = G <= cs.tile_rows ? (cs.tile_rows / G) * G : cs.tile_rows;
+  for (int b = 0; b < B; ++b) {
+    const Req& r = cs.reqs[b];
+    const int rows = r.qo_len * G;
+    for (int rb = 0; rb < rows; rb += chunk_rows) {
+      const int re = std::min(rows, rb + chunk_rows);
+      int kv_hi = r.kv_len;
+      if (cs.causal) kv_hi = std::max(0, std::min(r.kv_len, r.kv_len - r.qo_len + (re - 1) / G + 1));
+      if (!r.split) {
+        items.push_back({b, rb, re, 0, kv_hi, -1});
+      } else {
+        const int mid = std::min(kv_hi, (r.kv_len * 11) / 20);
+        items.push_back({b, rb, re, 0, mid, 0});
+        items.push_back({b, rb, re, mid, kv_hi, 1});
+      }
+    }
+    if (r.split)
+      for (int i = 0; i < r.qo_len; ++i) tok_splits[qo_indptr[b] + i] = 2;
+  }
+  for (int t = 0; t < q_rows; ++t) merge_indptr[t + 1] = merge_indptr[t] + tok_splits[t];
+  const int partial_rows = std::max(1, merge_indptr[q_rows]);
+  std::shuffle(items.begin(), items.end(), rng);  // the kernel must not rely on order
+  const int work_cap = int(items.size()) + 3;      // trailing padding items
+
+  PlanLayout lay{B + 2, q_rows, used_pages + 4, work_cap};
+  std::vector<int32_t> plan(lay.size(), 0);
+  for (int w = 0; w < work_cap; ++w) {
+    int32_t* it = plan.data() + lay.work() + w * kWorkFields;
+    if (w >= int(items.size())) {
+      for (int f = 0; f < kWorkFields; ++f) it[f] = f == 0 ? -1 : 0;
+      continue;
+    }
+    const Item& x = items[w];
+    it[kWorkRequest] = x.b; it[kWorkRowBegin] = x.rb; it[kWorkRowEnd] = x.re;
+    it[kWorkKvBegin] = x.kb; it[kWorkKvEnd] = x.ke; it[kWorkSplit] = x.split;
+    it[kWorkQoLen] = cs.reqs[x.b].qo_len; it[kWorkKvLen] = cs.reqs[x.b].kv_len;
+  }
+  int32_t* meta = plan.data() + lay.meta();
+  meta[kMetaNumRequests] = B; meta[kMetaNumTokens] = T;
+  meta[kMetaNumWork] = int(items.size()); meta[kMetaNumPartialRows] = merge_indptr[q_rows];
+  for (int b = 0; b < lay.batch_cap + 1; ++b) {
+    plan[lay.qo_indptr() + b] = qo_indptr[std::min(b, B)];
+    plan[lay.kv_indptr() + b] = kv_indptr[std::min(b, B)];
+  }
+  for (int b = 0; b < B; ++b) plan[lay.kv_last_page_len() + b] = last_len[b];
+  for (int t = 0; t <= q_rows; ++t) plan[lay.merge_indptr() + t] = merge_indptr[t];
+  for (int i = 0; i < used_pages; ++i) plan[lay.kv_indices() + i] = kv_indices[i];
+
+  // Data.
+  std::vector<uint16_t> q(size_t(q_rows) * Hqo * D);
+  for (auto& v : q) v = FromFloat(uni(rng), dt);
+  const int64_t half_elems = int64_t(ps) * Hkv * D;
+  const int64_t cache_elems = int64_t(num_pages) * 2 * half_elems;  // room for both forms
+  std::vector<uint16_t> cache(cache_elems);
+  for (auto& v : cache) v = FromFloat(uni(rng), dt);
+
+  void *d_q, *d_cache, *d_out;
+  float *d_lse, *d_ws;
+  int32_t* d_plan;
+  CHECK_CUDA(cudaMalloc(&d_q, q.size() * 2));
+  CHECK_CUDA(cudaMalloc(&d_cache, cache.size() * 2));
+  CHECK_CUDA(cudaMalloc(&d_out, q.size() * 2));
+  CHECK_CUDA(cudaMalloc(&d_lse, size_t(q_rows) * Hqo * 4));
+  const int64_t ws_floats = WorkspaceBytes(partial_rows, Hqo, D) / 4;
+  CHECK_CUDA(cudaMalloc(&d_ws, ws_floats * 4));
+  CHECK_CUDA(cudaMalloc(&d_plan, plan.size() * 4));
+  CHECK_CUDA(cudaMemcpy(d_q, q.data(), q.size() * 2, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(d_cache, cache.data(), cache.size() * 2, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(d_plan, plan.data(), plan.size() * 4, cudaMemcpyHostToDevice));
+  std::vector<uint16_t> out_init(q.size(), kPoison16);
+  CHECK_CUDA(cudaMemcpy(d_out, out_init.data(), out_init.size() * 2, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemset(d_lse, 0xff, size_t(q_rows) * Hqo * 4));  // NaN
+  CHECK_CUDA(cudaMemset(d_ws, 0xff, ws_floats * 4));
+
+  // Separate caches: k = first half of the buffer, v = second half (4-D arrays).
+  const void* kptr = d_cache;
+  const void* vptr = static_cast<const uint16_t*>(d_cache) + int64_t(num_pages) * half_elems;
+  AttentionParams p{};
+  p.dtype = dt;
+  p.q = d_q; p.out = d_out; p.lse = d_lse; p.q_rows = q_rows;
+  p.num_qo_heads = Hqo; p.num_kv_heads = Hkv; p.head_dim = D; p.group_size = G;
+  p.kv = MakePagedKv(kptr, cs.combined ? kptr : vptr, cs.combined, cs.layout, num_pages, ps, Hkv, D, 2);
+  p.layout = lay;
+  p.work = d_plan + lay.work(); p.meta = d_plan + lay.meta();
+  p.qo_indptr = d_plan + lay.qo_indptr(); p.kv_indptr = d_plan + lay.kv_indptr();
+  p.kv_last_page_len = d_plan + lay.kv_last_page_len();
+  p.merge_indptr = d_plan + lay.merge_indptr(); p.kv_indices = d_plan + lay.kv_indices();
+  p.partial_o = d_ws; p.partial_lse = d_ws + int64_t(partial_rows) * Hqo * D;
+  p.partial_rows_cap = partial_rows;
+  p.tile_rows = cs.tile_rows; p.causal = cs.causal; p.pos_encoding = cs.pos;
+  p.sm_scale = 1.0f / std::sqrt(float(D));
+  p.rope_scale = cs.pos == PosEncoding::kRopeLlama ? 1.5f : 1.0f;
+  p.rope_theta = 1e4f;
+
+  CHECK_CUDA(LaunchPrefill(p, 0));
+  CHECK_CUDA(cudaDeviceSynchronize());
+
+  std::vector<uint16_t> out(q.size());
+  std::vector<float> lse(size_t(q_rows) * Hqo), ws(ws_floats);
+  CHECK_CUDA(cudaMemcpy(out.data(), d_out, out.size() * 2, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(lse.data(), d_lse, lse.size() * 4, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(ws.data(), d_ws, ws.size() * 4, cudaMemcpyDeviceToHost));
+  cudaFree(d_q); cudaFree(d_cache); cudaFree(d_out); cudaFree(d_lse); cudaFree(d_ws); cudaFree(d_plan);
+
+  // Reference. K/V element (page, slot, head, d) sits at p.kv.offset(...) + d from the
+  // k/v bases; both bases are offsets into `cache`.
+  const int64_t k_base = 0;
+  const int64_t v_base = cs.combined ? half_elems : int64_t(num_pages) * half_elems;
+  auto kv_at = [&](int64_t base, int page, int slot, int h, int d) {
+    return ToFloat(cache[base + p.kv.offset(page, slot, h) + d], dt);
+  };
+  std::vector<float> qv(D), kvec(D);
+  // Keys as the kernel sees them: rotated (RoPE) and rounded, per request and kv head,
+  // [b][hk][j][d]; masked keys (bad page) are never looked at.
+  std::vector<std::vector<float>> kref(size_t(B) * Hkv);
+  for (int b = 0; b < B; ++b)
+    for (int hk = 0; hk < Hkv; ++hk) {
+      std::vector<float>& kr = kref[size_t(b) * Hkv + hk];
+      const int L = cs.reqs[b].kv_len;
+      kr.assign(size_t(L) * D, 0.0f);
+      for (int j = 0; j < L; ++j) {
+        const int page = kv_indices[kv_indptr[b] + j / ps];
+        if (page < 0 || page >= num_pages) continue;
+        for (int d = 0; d < D; ++d) kvec[d] = kv_at(k_base, page, j % ps, hk, d);
+        if (cs.pos == PosEncoding::kRopeLlama) RopeRef(kvec, D, j, p.rope_scale, p.rope_theta, dt);
+        std::copy(kvec.begin(), kvec.end(), kr.begin() + size_t(j) * D);
+      }
+    }
+  Stats st;
+  std::vector<char> out_cov(size_t(q_rows) * Hqo, 0), part_cov(size_t(partial_rows) * Hqo, 0);
+  std::vector<double> acc(D);
+  const float ln2 = std::log(2.0f);
+  for (const Item& x : items) {
+    const Req& r = cs.reqs[x.b];
+    for (int hk = 0; hk < Hkv; ++hk) {
+      for (int row = x.rb; row < x.re; ++row) {
+        const int i = row / G, head = hk * G + row % G;
+        const int tok = qo_indptr[x.b] + i;
+        const long qpos = long(r.kv_len) - r.qo_len + i;
+        for (int d = 0; d < D; ++d) qv[d] = ToFloat(q[(size_t(tok) * Hqo + head) * D + d], dt);
+        if (cs.pos == PosEncoding::kRopeLlama) RopeRef(qv, D, qpos, p.rope_scale, p.rope_theta, dt);
+        const double slope = cs.pos == PosEncoding::kAlibi ? AlibiSlope(head, Hqo) : 0.0;
+        std::vector<double> logit;
+        std::vector<int> keys;
+        for (int j = x.kb; j < x.ke; ++j) {
+          if (cs.causal && j > qpos) break;
+          const int page = kv_indices[kv_indptr[x.b] + j / ps];
+          if (page < 0 || page >= num_pages) continue;
+          const float* kr = kref[size_t(x.b) * Hkv + hk].data() + size_t(j) * D;
+          double dot = 0;
+          for (int d = 0; d < D; ++d) dot += double(qv[d]) * kr[d];
+          logit.push_back(p.sm_scale * dot + slope * double(j - qpos));
+          keys.push_back(j);
+        }
+        double ref_lse = -INFINITY;
+        std::fill(acc.begin(), acc.end(), 0.0);
+        if (!logit.empty()) {
+          const double m = *std::max_element(logit.begin(), logit.end());
+          double sum = 0;
+          for (size_t n = 0; n < logit.size(); ++n) {
+            const double w = std::exp(logit[n] - m);
+            sum += w;
+            const int j = keys[n];
+            const int page = kv_indices[kv_indptr[x.b] + j / ps];
+            for (int d = 0; d < D; ++d) acc[d] += w * kv_at(v_base, page, j % ps, hk, d);
+          }
+          for (int d = 0; d < D; ++d) acc[d] /= sum;
+          ref_lse = (m + std::log(sum)) / ln2;
+        }
+        // Compare.
+        const float* got_o = nullptr;
+        float got_lse;
+        std::vector<float> got(D);
+        if (x.split < 0) {
+          const size_t hr = size_t(tok) * Hqo + head;
+          out_cov[hr] = 1;
+          for (int d = 0; d < D; ++d) got[d] = ToFloat(out[hr * D + d], dt);
+          got_lse = lse[hr];
+          ++st.rows;
+        } else {
+          const size_t pr = size_t(merge_indptr[tok] + x.split) * Hqo + head;
+          part_cov[pr] = 1;
+          for (int d = 0; d < D; ++d) got[d] = ws[pr * D + d];
+          got_lse = ws[size_t(partial_rows) * Hqo * D + pr];
+          ++st.partial_rows;
+        }
+        got_o = got.data();
+        double omax = 0;
+        for (int d = 0; d < D; ++d) {
+          if (std::isnan(got_o[d])) { ++st.nan; continue; }
+          const double e = std::fabs(got_o[d] - acc[d]);
+          omax = std::max(omax, e);
+          st.out_num += e * e;
+          st.out_den += acc[d] * acc[d];
+        }
+        double lerr;
+        if (std::isnan(got_lse)) { ++st.nan; lerr = 0; }
+        else if (std::isinf(ref_lse) || std::isinf(got_lse)) {
+          lerr = 0;
+          if (!(std::isinf(ref_lse) && std::isinf(got_lse) && got_lse < 0)) ++st.lse_inf_mismatch;
+        } else {
+          lerr = std::fabs(got_lse - ref_lse);
+        }
+        if (x.split < 0) { st.out_max = std::max(st.out_max, omax); st.lse_max = std::max(st.lse_max, lerr); }
+        else { st.part_max = std::max(st.part_max, omax); st.part_lse_max = std::max(st.part_lse_max, lerr); }
+      }
+    }
+  }
+  // Entries nobody owns must still hold the poison.
+  for (size_t hr = 0; hr < out_cov.size(); ++hr) {
+    if (out_cov[hr]) continue;
+    bool touched = !std::isnan(lse[hr]);
+    for (int d = 0; d < D; ++d) touched |= out[hr * D + d] != kPoison16;
+    st.clobbered += touched;
+  }
+  for (size_t pr = 0; pr < part_cov.size(); ++pr) {
+    if (part_cov[pr]) continue;
+    bool touched = !std::isnan(ws[size_t(partial_rows) * Hqo * D + pr]);
+    for (int d = 0; d < D; ++d) touched |= !std::isnan(ws[pr * D + d]);
+    st.clobbered += touched;
+  }
+  const double rel = st.out_den > 0 ? std::sqrt(st.out_num / st.out_den) : 0;
+  const double tol_o = dt == DType::kBF16 ? 2e-2 : 4e-3;
+  const bool ok = st.nan == 0 && st.lse_inf_mismatch == 0 && st.clobbered == 0 &&
+                  st.out_max < tol_o && st.part_max < tol_o && st.lse_max < 5e-3 &&
+                  st.part_lse_max < 5e-3;
+  std::printf("%-44s rows %5ld part %4ld | out max %.2e rel %.2e lse %.2e | part %.2e lse %.2e"
+              " | nan %ld inf %ld clob %ld  %s\n",
+              cs.name.c_str(), st.rows, st.partial_rows, st.out_max, rel, st.lse_max, st.part_max,
+              st.part_lse_max, st.nan, st.lse_inf_mismatch, st.clobbered, ok ? "PASS" : "FAIL");
+  (void)verbose;
+  return ok;
+}
+
+static std::vector<Case> Cases() {
+  const auto N = PosEncoding::kNone, R = PosEncoding::kRopeLlama, A = PosEncoding::kAlibi;
+  const auto NHD = KvLayout::kNHD, HND = KvLayout::kHND;
+  const auto BF = DType::kBF16, F16 = DType::kF16;
+  // Prefill mix: qo < kv (chunked prefill), qo == kv, a decode row, qo > kv (early rows
+  // see nothing), an empty request, and a split request.
+  const std::vector<Req> mix = {{37, 100, false}, {1, 260, false}, {50, 50, false},
+                                {10, 5, false},   {3, 0, false},   {20, 300, true},
+                                {70, 333, true}};
+  const std::vector<Req> decode = {{1, 17, false}, {1, 300, false}, {1, 1, false},
+                                   {2, 129, false}, {1, 500, true}, {1, 0, false},
+                                   {4, 77, true}};
+  // Long key ranges (many tiles through the offset ring and both stages), a page size
+  // that divides nothing, and a split request among them.
+  const std::vector<Req> longer = {{100, 1500, true}, {64, 1024, false}, {33, 700, false},
+                                   {1, 2000, false}};
+  std::vector<Case> c;
+  c.push_back({"bf16 D128 G4 NHD ps16 causal none t64", BF, 128, 2, 4, 16, 64, NHD, false, true, N, mix, false});
+  c.push_back({"bf16 D128 G4 HND comb ps1 causal rope t128", BF, 128, 2, 4, 1, 128, HND, true, true, R, mix, false});
+  c.push_back({"bf16 D128 G4 NHD ps16 causal alibi t64 badpg", BF, 128, 2, 4, 16, 64, NHD, false, true, A, mix, true});
+  c.push_back({"bf16 D128 G4 NHD ps16 nocausal none t128", BF, 128, 2, 4, 16, 128, NHD, false, false, N, mix, false});
+  c.push_back({"bf16 D128 G4 NHD ps16 t16 decode none", BF, 128, 2, 4, 16, 16, NHD, false, true, N, decode, false});
+  c.push_back({"bf16 D128 G4 HND ps1 t16 decode rope", BF, 128, 2, 4, 1, 16, HND, false, true, R, decode, false});
+  c.push_back({"bf16 D128 G4 NHD comb ps16 t16 alibi badpg", BF, 128, 2, 4, 16, 16, NHD, true, false, A, decode, true});
+  c.push_back({"bf16 D128 G32 NHD ps16 t16 causal", BF, 128, 2, 32, 16, 16, NHD, false, true, N, decode, false});
+  c.push_back({"bf16 D128 G8 HND ps16 t16 causal prefill", BF, 128, 1, 8, 16, 16, HND, false, true, N, mix, false});
+  c.push_back({"f16 D128 G4 HND ps16 causal rope t64", F16, 128, 2, 4, 16, 64, HND, false, true, R, mix, false});
+  c.push_back({"f16 D128 G4 NHD ps1 t16 decode alibi", F16, 128, 2, 4, 1, 16, NHD, false, true, A, decode, false});
+  c.push_back({"bf16 D64 G4 NHD ps16 causal alibi t128", BF, 64, 2, 4, 16, 128, NHD, false, true, A, mix, false});
+  c.push_back({"bf16 D64 G4 HND ps1 causal rope t64", BF, 64, 2, 4, 1, 64, HND, false, true, R, mix, false});
+  c.push_back({"f16 D64 G4 NHD ps16 t16 decode none", F16, 64, 2, 4, 16, 16, NHD, false, true, N, decode, false});
+  c.push_back({"bf16 D256 G4 NHD ps16 causal rope t64", BF, 256, 2, 4, 16, 64, NHD, false, true, R, mix, false});
+  c.push_back({"bf16 D256 G4 HND comb ps1 t16 decode alibi", BF, 256, 2, 4, 1, 16, HND, true, true, A, decode, true});
+  c.push_back({"bf16 D128 G4 NHD ps3 causal rope t128 long", BF, 128, 2, 4, 3, 128, NHD, false, true, R, longer, false});
+  c.push_back({"bf16 D128 G4 HND ps7 causal alibi t64 long", BF, 128, 2, 4, 7, 64, HND, false, true, A, longer, true});
+  c.push_back({"bf16 D64 G4 NHD ps5 causal none t128 long", BF, 64, 2, 4, 5, 128, NHD, false, true, N, longer, false});
+  c.push_back({"f16 D128 G8 NHD ps16 t16 nocausal long", F16, 128, 1, 8, 16, 16, NHD, false, false, N, longer, false});
+  c.push_back({"f16 D256 G2 NHD ps16 nocausal none t64", F16, 256, 2, 2, 16, 64, NHD, false, false, N, mix, false});
+  return c;
+}
+
+// Random bf16 in [-1, 1) from a hash of the index: gigabyte caches fill in
+// microseconds instead of seconds of host RNG and copies.
+__global__ void FillBf16(uint16_t* x, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = uint32_t(i) * 0x9e3779b1u ^ seed ^ uint32_t(i >> 32) * 0x85ebca77u;
+    h ^= h >> 15; h *= 0x2c1b3c6du; h ^= h >> 12; h *= 0x297a2d39u; h ^= h >> 15;
+    const float f = float(h >> 8) * (2.0f / 16777216.0f) - 1.0f;
+    x[i] = __bfloat16_as_ushort(__float2bfloat16_rn(f));
+  }
+}
+
+// ---- timing -------------------------------------------------------------------------------
+// Uniform batches, bf16, 32/8 heads, D 128, page 16, NHD, random page placement. Items
+// are cut as in the checks (no splitting), longest key range first.
+static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std::mt19937& rng,
+                  PosEncoding pos = PosEncoding::kNone) {
+  const int D = 128, Hkv = 8, G = 4, Hqo = 32, ps = 16;
+  const int T = batch * qo_len;
+  const int np = (kv_len + ps - 1) / ps, pages = batch * np;
+  const int chunk = (tile / G) * G;
+  struct Item { int b, rb, re, ke; };
+  std::vector<Item> items;
+  for (int b = 0; b < batch; ++b)
+    for (int rb = 0; rb < qo_len * G; rb += chunk) {
+      const int re = std::min(qo_len * G, rb + chunk);
+      const int ke = causal ? std::min(kv_len, kv_len - qo_len + (re - 1) / G + 1) : kv_len;
+      items.push_back({b, rb, re, ke});
+    }
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.ke > b.ke; });
+  PlanLayout lay{batch, T, pages, int(items.size())};
+  std::vector<int32_t> plan(lay.size(), 0);
+  for (size_t w = 0; w < items.size(); ++w) {
+    int32_t* it = plan.data() + lay.work() + w * kWorkFields;
+    it[0] = items[w].b; it[1] = items[w].rb; it[2] = items[w].re; it[3] = 0; it[4] = items[w].ke;
+    it[5] = -1; it[6] = qo_len; it[7] = kv_len;
+  }
+  for (int b = 0; b <= batch; ++b) {
+    plan[lay.qo_indptr() + b] = b * qo_len;
+    plan[lay.kv_indptr() + b] = b * np;
+  }
+  std::vector<int> perm(pages);
+  for (int i = 0; i < pages; ++i) perm[i] = i;
+  std::shuffle(perm.begin(), perm.end(), rng);
+  for (int i = 0; i < pages; ++i) plan[lay.kv_indices() + i] = perm[i];
+  plan[lay.meta() + kMetaNumTokens] = T;
+
+  const size_t q_elems = size_t(T) * Hqo * D, cache_elems = size_t(pages) * 2 * ps * Hkv * D;
+  void *d_q, *d_cache, *d_out, *d_ws;
+  float* d_lse;
+  int32_t* d_plan;
+  CHECK_CUDA(cudaMalloc(&d_q, q_elems * 2));
+  CHECK_CUDA(cudaMalloc(&d_out, q_elems * 2));
+  CHECK_CUDA(cudaMalloc(&d_cache, cache_elems * 2));
+  CHECK_CUDA(cudaMalloc(&d_lse, size_t(T) * Hqo * 4));
+  CHECK_CUDA(cudaMalloc(&d_ws, 64));
+  CHECK_CUDA(cudaMalloc(&d_plan, plan.size() * 4));
+  FillBf16<<<1024, 256>>>(static_cast<uint16_t*>(d_q), q_elems, rng());
+  FillBf16<<<1024, 256>>>(static_cast<uint16_t*>(d_cache), cache_elems, rng());
+  CHECK_CUDA(cudaGetLastError());
+  CHECK_CUDA(cudaMemcpy(d_plan, plan.data(), plan.size() * 4, cudaMemcpyHostToDevice));
+  AttentionParams p{};
+  p.dtype = DType::kBF16;
+  p.q = d_q; p.out = d_out; p.lse = d_lse; p.q_rows = T;
+  p.num_qo_heads = Hqo; p.num_kv_heads = Hkv; p.head_dim = D; p.group_size = G;
+  p.kv = MakePagedKv(d_cache, d_cache, true, KvLayout::kNHD, pages, ps, Hkv, D, 2);
+  p.layout = lay;
+  p.work = d_plan + lay.work(); p.meta = d_plan + lay.meta();
+  p.qo_indptr = d_plan + lay.qo_indptr(); p.kv_indptr = d_plan + lay.kv_indptr();
+  p.kv_last_page_len = d_plan + lay.kv_last_page_len();
+  p.merge_indptr = d_plan + lay.merge_indptr(); p.kv_indices = d_plan + lay.kv_indices();
+  p.partial_o = static_cast<float*>(d_ws); p.partial_lse = static_cast<float*>(d_ws);
+  p.partial_rows_cap = 0;
+  p.tile_rows = tile; p.causal = causal; p.pos_encoding = pos;
+  p.sm_scale = 1.0f / std::sqrt(float(D)); p.rope_scale = 1; p.rope_theta = 1e4f;
+
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  for (int i = 0; i < 3; ++i) CHECK_CUDA(LaunchPrefill(p, 0));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<float> ms;
+  for (int i = 0; i < 20; ++i) {
+    CHECK_CUDA(cudaEventRecord(e0));
+    CHECK_CUDA(LaunchPrefill(p, 0));
+    CHECK_CUDA(cudaEventRecord(e1));
+    CHECK_CUDA(cudaEventSynchronize(e1));
+    float t;
+    CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
+    ms.push_back(t);
+  }
+  std::sort(ms.begin(), ms.end());
+  const double med = ms[ms.size() / 2];
+  // Causal FLOPs count the visible half (as the DESIGN table does).
+  double pairs = 0;
+  for (int i = 0; i < qo_len; ++i) pairs += causal ? std::min(kv_len, kv_len - qo_len + i + 1) : kv_len;
+  const double flops = 4.0 * batch * Hqo * pairs * D;
+  const double kv_bytes = double(batch) * kv_len * Hkv * D * 2 * 2;
+  const char* pname = pos == PosEncoding::kRopeLlama ? "rope " : pos == PosEncoding::kAlibi ? "alibi" : "none ";
+  std::printf("bench bf16 %3d x qo %5d kv %5d tile %3d %s %s: %8.3f ms  %7.1f TFLOP/s  %7.1f GB/s (K+V)\n",
+              batch, qo_len, kv_len, tile, causal ? "causal" : "full  ", pname, med, flops / med / 1e9,
+              kv_bytes / med / 1e6);
+  cudaFree(d_q); cudaFree(d_out); cudaFree(d_cache); cudaFree(d_lse); cudaFree(d_ws); cudaFree(d_plan);
+}
+
+int main(int argc, char** argv) {
+  const std::string mode = argc > 1 ? argv[1] : "check";
+  const unsigned seed = argc > 2 ? unsigned(std::strtoul(argv[2], nullptr, 10)) : std::random_device{}();
+  std::printf("seed %u\n", seed);
+  std::mt19937 rng(seed);
+  int failed = 0;
+  if (mode == "check" || mode == "all") {
+    for (const Case& c : Cases()) failed += !RunCase(c, rng, false);
+    // Unsupported configurations must be refused, not launched.
+    AttentionParams bad{};
+    bad.dtype = DType::kBF16; bad.head_dim = 256; bad.num_kv_heads = 1; bad.num_qo_heads = 1;
+    bad.group_size = 1; bad.kv.num_kv_heads = 1; bad.kv.head_dim = 256; bad.kv.page_size = 1;
+    bad.layout.work_cap = 1; bad.tile_rows = 128;
+    const bool refused = LaunchPrefill(bad, 0) == cudaErrorInvalidValue;
+    bad.tile_rows = 64; bad.head_dim = bad.kv.head_dim = 96;
+    const bool refused2 = LaunchPrefill(bad, 0) == cudaErrorInvalidValue;
+    std::printf("unsupported configs refused: %s\n", refused && refused2 ? "PASS" : "FAIL");
+    failed += !(refused && refused2);
+    std::printf("%s: %d case(s) failed\n", failed ? "FAILED" : "ALL PASSED", failed);
+  }
+  if (mode == "bench" || mode == "all") {
+    Bench(4, 2048, 2048, 128, true, rng);
+    Bench(4, 2048, 2048, 64, true, rng);
+    Bench(1, 8192, 8192, 128, true, rng);
+    Bench(16, 512, 512, 128, true, rng);
+    Bench(16, 512, 512, 64, true, rng);
+    Bench(4, 2048, 2048, 128, true, rng, PosEncoding::kRopeLlama);
+    Bench(4, 2048, 2048, 128, true, rng, PosEncoding::kAlibi);
+    Bench(64, 1, 4096, 16, true, rng);
+    Bench(128, 1, 2048, 16, true, rng);
+    Bench(16, 1, 4096, 16, true, rng);
+  }
+  return failed ? 1 : 0;
+}
