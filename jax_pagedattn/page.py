@@ -29,10 +29,13 @@ def get_batch_indices_positions(append_indptr, seq_lens, nnz: int):
   return jnp.where(live, b, -1), jnp.where(live, pos, -1)
 
 
-def _check_host(batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len, info):
+def _check_host(num_rows, batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len, info):
   """Eager validation on concrete inputs (inside jit the kernels' guard skips bad rows)."""
   bi, pos = np.asarray(batch_indices), np.asarray(positions)
   indptr, indices, lpl = np.asarray(kv_indptr), np.asarray(kv_indices), np.asarray(kv_last_page_len)
+  for name, a in (("batch_indices", bi), ("positions", pos)):
+    if a.shape != (num_rows,):
+      raise ValueError(f"{name} must have one entry per appended row ({num_rows}), got shape {a.shape}")
   batch = indptr.shape[0] - 1
   if indptr.shape[0] < 1 or indptr[0] != 0 or np.any(np.diff(indptr) < 0):
     raise ValueError("kv_indptr must start at 0 and be non-decreasing")
@@ -71,7 +74,7 @@ def append_paged_kv_cache(append_key, append_value, batch_indices, positions, pa
   info = layout_lib.inspect_cache(paged_kv_cache, kv_layout)
   ints = [batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len]
   if not any(isinstance(x, jax.core.Tracer) for x in ints):
-    _check_host(*ints, info)
+    _check_host(append_key.shape[0], *ints, info)
   batch_indices, positions, kv_indices, kv_indptr = (
       jnp.asarray(x, jnp.int32) for x in (batch_indices, positions, kv_indices, kv_indptr))
   caches = (paged_kv_cache,) if info.combined else tuple(paged_kv_cache)

@@ -1,0 +1,332 @@
+"""Property tests of the host planner (plan_host + unpack_plan) against CONTRACT.md."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jax_pagedattn import planning
+from jax_pagedattn.planning import Capacities
+
+# Work item fields (CONTRACT.md / plan_layout.h).
+REQ, ROW_B, ROW_E, KV_B, KV_E, SPLIT, QO_LEN, KV_LEN = range(8)
+# Metadata fields.
+NUM_REQ, NUM_TOK, NUM_WORK, NUM_PARTIAL = range(4)
+
+PREFILL_NAMES = dict(qo="qo_indptr", kv_indptr="paged_kv_indptr", kv_indices="paged_kv_indices",
+                     last="paged_kv_last_page_len")
+
+settings.register_profile("jpa", deadline=None, max_examples=150,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+settings.load_profile("jpa")
+
+
+@st.composite
+def batches(draw):
+  """A valid batch, its planning parameters and capacities that hold it."""
+  page_size = draw(st.sampled_from([1, 2, 3, 8, 16]))
+  num_kv_heads = draw(st.sampled_from([1, 2, 4]))
+  group = draw(st.sampled_from([1, 2, 3, 4, 8]))
+  tile_rows = draw(st.sampled_from([1, 2, 4, 16, 64, 128]))
+  causal = draw(st.booleans())
+  num_sms = draw(st.sampled_from([1, 2, 16, 132]))
+  batch = draw(st.integers(0, 8))
+  # Mostly short keys; sometimes a long context, which the planner splits.
+  kv_len = st.one_of(st.integers(0, 70), st.integers(0, 70), st.integers(200, 4000))
+  kv_lens = np.array(draw(st.lists(kv_len, min_size=batch, max_size=batch)), dtype=np.int64)
+  decode = draw(st.booleans())
+  if decode:
+    qo_lens = np.ones(batch, np.int64)
+  else:
+    qo_lens = np.array(draw(st.lists(st.integers(0, 12), min_size=batch, max_size=batch)),
+                       dtype=np.int64)
+  npages = -(-kv_lens // page_size)
+  spare = draw(st.integers(0, 3))
+  rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+  num_pages = int(npages.sum()) + spare
+  kv_indices = rng.permutation(num_pages)[:int(npages.sum())].astype(np.int32)
+  kv_indptr = np.concatenate([[0], np.cumsum(npages)]).astype(np.int32)
+  # For a request without pages any value in [0, page_size] is accepted.
+  empty_last = draw(st.integers(0, page_size))
+  last = np.where(npages > 0, kv_lens - (npages - 1) * page_size, empty_last).astype(np.int32)
+  qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+  tokens = int(qo_indptr[-1])
+  extra = draw(st.integers(0, 4))
+  # partial_rows_limit < derived forces the planner to trade splits for room.
+  limit = draw(st.one_of(st.just(-1), st.integers(0, 64)))
+  caps = planning.derive_capacities(
+      max(batch + extra, 1), max(tokens + extra, 1), max(len(kv_indices) + extra, 1),
+      group_size=group, tile_rows=tile_rows, num_kv_heads=num_kv_heads, num_sms=num_sms,
+      partial_rows_limit=limit)
+  return dict(qo_indptr=None if decode else qo_indptr, qo_for_check=qo_indptr,
+              kv_indptr=kv_indptr, kv_indices=kv_indices, last=last, kv_lens=kv_lens,
+              qo_lens=qo_lens, page_size=page_size, num_kv_heads=num_kv_heads, group=group,
+              tile_rows=tile_rows, causal=causal, num_sms=num_sms, caps=caps,
+              num_pages=num_pages)
+
+
+def run_plan(b, **override):
+  args = dict(qo_indptr=b["qo_indptr"], kv_indptr=b["kv_indptr"], kv_indices=b["kv_indices"],
+              kv_last_page_len=b["last"])
+  kw = dict(page_size=b["page_size"], num_qo_heads=b["group"] * b["num_kv_heads"],
+            num_kv_heads=b["num_kv_heads"], tile_rows=b["tile_rows"], causal=b["causal"],
+            caps=b["caps"], num_sms=b["num_sms"], num_pages=b["num_pages"])
+  for k, v in override.items():
+    (args if k in args else kw)[k] = v
+  return planning.plan_host(args.pop("qo_indptr"), args.pop("kv_indptr"), args.pop("kv_indices"),
+                            args.pop("kv_last_page_len"), **kw)
+
+
+def visible_extent(qo_len, kv_len, token, causal):
+  """Keys query `token` of a request may see: [0, extent)."""
+  if not causal:
+    return kv_len
+  return int(np.clip(kv_len - qo_len + token + 1, 0, kv_len))
+
+
+def check_plan(b, buf):
+  caps, G = b["caps"], b["group"]
+  assert buf.dtype == np.int32
+  assert buf.shape == (planning.plan_sections(caps)["size"],)
+  s = planning.unpack_plan(buf, caps)
+  batch, qo_indptr = len(b["last"]), b["qo_for_check"]
+  tokens = int(qo_indptr[-1])
+  work, meta, merge = s["work"], s["meta"], s["merge_indptr"]
+  assert work.shape == (caps.work, 8)
+
+  # meta and the copied/padded index sections
+  assert meta[NUM_REQ] == batch and meta[NUM_TOK] == tokens
+  nw = int(meta[NUM_WORK])
+  assert 0 <= nw <= caps.work
+  assert (work[:nw, REQ] >= 0).all(), "live items come first"
+  assert (work[nw:] == -1).all(), "padding items are all -1"
+  np.testing.assert_array_equal(s["qo_indptr"][:batch + 1], qo_indptr)
+  assert (s["qo_indptr"][batch + 1:] == tokens).all()
+  np.testing.assert_array_equal(s["kv_indptr"][:batch + 1], b["kv_indptr"])
+  assert (s["kv_indptr"][batch + 1:] == b["kv_indptr"][-1]).all()
+  np.testing.assert_array_equal(s["kv_last_page_len"][:batch], b["last"])
+  assert (s["kv_last_page_len"][batch:] == 0).all()
+  np.testing.assert_array_equal(s["kv_indices"][:len(b["kv_indices"])], b["kv_indices"])
+  assert merge.shape == (caps.tokens + 1,) and merge[0] == 0
+  assert (np.diff(merge) >= 0).all()
+  assert (merge[tokens:] == merge[tokens]).all(), "no partials for padding tokens"
+  assert meta[NUM_PARTIAL] == merge[tokens] <= caps.partial_rows
+
+  # every live item on its own
+  covered = {}  # (request, packed row) -> list of (kv_begin, kv_end, split)
+  for it in work[:nw]:
+    r, rb, re_, kb, ke, sp, ql, kl = (int(x) for x in it)
+    assert 0 <= r < batch
+    assert ql == b["qo_lens"][r] and kl == b["kv_lens"][r], "qo_len / kv_len fields"
+    assert 0 <= rb < re_ <= ql * G
+    assert re_ - rb <= b["tile_rows"]
+    whole_tokens = rb % G == 0 and re_ % G == 0
+    assert whole_tokens or (G > b["tile_rows"] and rb // G == (re_ - 1) // G), \
+        "an item holds whole tokens or part of one token's heads"
+    assert 0 <= kb <= ke <= kl
+    assert sp >= -1
+    # No wasted key range: the item ends at the furthest key any of its rows sees.
+    last_token = (re_ - 1) // G
+    assert ke <= max(visible_extent(ql, kl, last_token, b["causal"]), 0)
+    for row in range(rb, re_):
+      covered.setdefault((r, row), []).append((kb, ke, sp, last_token))
+
+  # every (request, packed row) exactly once per split, key ranges tiling [0, extent)
+  for r in range(batch):
+    ql, kl = int(b["qo_lens"][r]), int(b["kv_lens"][r])
+    for row in range(ql * G):
+      items = covered.pop((r, row), None)
+      assert items, f"request {r} packed row {row} is in no work item"
+      token = row // G
+      t = int(qo_indptr[r]) + token
+      n = int(merge[t + 1] - merge[t])
+      splits = sorted(i[2] for i in items)
+      if splits == [-1]:
+        assert n == 0, "an unsplit row has no partial rows"
+      else:
+        assert -1 not in splits, f"row {row} of request {r}: split and unsplit items"
+        assert splits == list(range(n)), (splits, n)
+      ranges = sorted((i[0], i[1]) for i in items)
+      assert ranges[0][0] == 0
+      for (a0, a1), (b0, b1) in zip(ranges, ranges[1:]):
+        assert a1 == b0, f"key ranges must be disjoint and contiguous: {ranges}"
+      end = ranges[-1][1]
+      own = visible_extent(ql, kl, token, b["causal"])
+      # The union reaches what this row sees and no further than the item's last row.
+      assert own <= end == visible_extent(ql, kl, items[0][3], b["causal"])
+      if len(items) > 1:
+        assert all(a1 > a0 for a0, a1 in ranges), "no empty chunk in a split"
+  assert not covered, f"items cover rows outside the requests: {sorted(covered)[:3]}"
+
+
+@given(batches())
+def test_plan_covers_every_row_once(b):
+  check_plan(b, run_plan(b))
+
+
+@given(batches())
+def test_plan_is_deterministic(b):
+  np.testing.assert_array_equal(run_plan(b), run_plan(b))
+
+
+def test_plan_splits_long_requests():
+  """Hypothesis covers splitting only if it happens; pin one batch where it must."""
+  kv_lens = np.array([4000, 3])
+  ps = 16
+  npages = -(-kv_lens // ps)
+  b = dict(qo_indptr=np.array([0, 2, 3], np.int32), qo_for_check=np.array([0, 2, 3], np.int32),
+           kv_indptr=np.concatenate([[0], np.cumsum(npages)]).astype(np.int32),
+           kv_indices=np.arange(npages.sum(), dtype=np.int32),
+           last=(kv_lens - (npages - 1) * ps).astype(np.int32), kv_lens=kv_lens,
+           qo_lens=np.array([2, 1]), page_size=ps, num_kv_heads=2, group=4, tile_rows=16,
+           causal=True, num_sms=132, num_pages=int(npages.sum()))
+  b["caps"] = planning.derive_capacities(4, 8, 512, group_size=4, tile_rows=16, num_kv_heads=2,
+                                         num_sms=132)
+  buf = run_plan(b)
+  check_plan(b, buf)
+  work = planning.unpack_plan(buf, b["caps"])["work"]
+  assert (work[:, SPLIT] >= 1).any(), "a 4000-key request on 132 SMs must be split"
+
+
+# ------------------------------------------------------------------ invalid input
+
+
+def _corrupt(b, kind, rng_draw):
+  """Returns (overrides for run_plan, name the message must contain)."""
+  kv_indptr, kv_indices, last = b["kv_indptr"].copy(), b["kv_indices"].copy(), b["last"].copy()
+  qo = b["qo_for_check"].copy()
+  batch = len(last)
+  if kind == "kv_indptr_start":
+    kv_indptr = kv_indptr + 1
+    return dict(kv_indptr=kv_indptr), "paged_kv_indptr"
+  if kind == "qo_indptr_start":
+    return dict(qo_indptr=qo + 1), "qo_indptr"
+  if kind == "kv_indptr_decreasing":
+    i = rng_draw(st.integers(1, batch))
+    kv_indptr[i] = kv_indptr[i - 1] - 1
+    return dict(kv_indptr=kv_indptr), "paged_kv_indptr"
+  if kind == "qo_indptr_decreasing":
+    i = rng_draw(st.integers(1, batch))
+    qo[i] = qo[i - 1] - 1
+    return dict(qo_indptr=qo), "qo_indptr"
+  if kind == "kv_indptr_length":
+    longer = np.append(kv_indptr, kv_indptr[-1]).astype(np.int32)
+    return dict(kv_indptr=longer), "paged_kv_indptr"
+  if kind == "qo_indptr_length":
+    return dict(qo_indptr=np.append(qo, qo[-1]).astype(np.int32)), "qo_indptr"
+  if kind == "indptr_end":
+    return dict(kv_indices=np.append(kv_indices, 0).astype(np.int32)), "paged_kv_indptr"
+  if kind == "page_negative":
+    i = rng_draw(st.integers(0, len(kv_indices) - 1))
+    kv_indices[i] = -1 - rng_draw(st.integers(0, 5))
+    return dict(kv_indices=kv_indices), "paged_kv_indices"
+  if kind == "page_too_large":
+    i = rng_draw(st.integers(0, len(kv_indices) - 1))
+    kv_indices[i] = b["num_pages"] + rng_draw(st.integers(0, 5))
+    return dict(kv_indices=kv_indices), "paged_kv_indices"
+  if kind == "last_page_len_zero":
+    r = rng_draw(st.sampled_from(list(np.nonzero(np.diff(kv_indptr))[0])))
+    last[r] = 0
+    return dict(kv_last_page_len=last), "paged_kv_last_page_len"
+  if kind == "last_page_len_big":
+    r = rng_draw(st.sampled_from(list(np.nonzero(np.diff(kv_indptr))[0])))
+    last[r] = b["page_size"] + rng_draw(st.integers(1, 5))
+    return dict(kv_last_page_len=last), "paged_kv_last_page_len"
+  if kind == "cap_batch":
+    c = b["caps"]
+    caps = Capacities(batch - 1, c.tokens, c.pages, c.work, c.partial_rows)
+    return dict(caps=caps), "max_batch_size"
+  if kind == "cap_tokens":
+    c = b["caps"]
+    caps = Capacities(c.batch, int(qo[-1]) - 1, c.pages, c.work, c.partial_rows)
+    return dict(caps=caps), "max_num_tokens"
+  if kind == "cap_pages":
+    c = b["caps"]
+    caps = Capacities(c.batch, c.tokens, len(kv_indices) - 1, c.work, c.partial_rows)
+    return dict(caps=caps), "max_num_pages"
+  raise KeyError(kind)
+
+
+INVALID = ["kv_indptr_start", "qo_indptr_start", "kv_indptr_decreasing", "qo_indptr_decreasing",
+           "kv_indptr_length", "qo_indptr_length", "indptr_end", "page_negative",
+           "page_too_large", "last_page_len_zero", "last_page_len_big", "cap_batch",
+           "cap_tokens", "cap_pages"]
+
+
+def _applicable(b, kind):
+  batch, has_pages = len(b["last"]), len(b["kv_indices"]) > 0
+  needs = {
+      "kv_indptr_decreasing": batch >= 1, "qo_indptr_decreasing": batch >= 1,
+      "page_negative": has_pages, "page_too_large": has_pages,
+      "last_page_len_zero": has_pages, "last_page_len_big": has_pages,
+      "cap_batch": batch >= 1, "cap_tokens": b["qo_for_check"][-1] >= 1, "cap_pages": has_pages,
+  }
+  return needs.get(kind, True)
+
+
+@pytest.mark.parametrize("kind", INVALID)
+@given(b=batches(), data=st.data())
+@settings(max_examples=25)
+def test_plan_rejects_invalid_input(kind, b, data):
+  from hypothesis import assume
+  assume(_applicable(b, kind))
+  # Prefill naming throughout: qo_indptr must be present for the qo_* classes.
+  if b["qo_indptr"] is None:
+    b = dict(b, qo_indptr=b["qo_for_check"])
+  override, name = _corrupt(b, kind, data.draw)
+  if kind == "cap_tokens" or kind == "cap_batch" or kind == "cap_pages":
+    # The corrupted capacities must still describe a buffer layout.
+    assume(min(override["caps"].batch, override["caps"].tokens, override["caps"].pages) >= 1)
+  with pytest.raises(ValueError) as e:
+    run_plan(b, **override)
+  assert name in str(e.value), f"{kind}: message does not name {name}: {e.value}"
+
+
+def test_plan_rejects_capacity_of_work_items():
+  """A batch whose query tiles alone exceed the work capacity."""
+  qo = np.array([0, 40], np.int32)
+  with pytest.raises(ValueError, match="work items"):
+    planning.plan_host(qo, np.array([0, 1], np.int32), np.array([0], np.int32),
+                       np.array([1], np.int32), page_size=16, num_qo_heads=4, num_kv_heads=1,
+                       tile_rows=4, causal=False, caps=Capacities(1, 64, 4, 3, 1), num_sms=1)
+
+
+def test_plan_names_decode_arguments():
+  """With decode naming the messages use the decode wrapper's argument names."""
+  with pytest.raises(ValueError, match=r"\bindices\b"):
+    planning.plan_host(None, np.array([0, 1], np.int32), np.array([-3], np.int32),
+                       np.array([1], np.int32), page_size=16, num_qo_heads=4, num_kv_heads=1,
+                       tile_rows=4, causal=False, caps=Capacities(1, 1, 4, 8, 8), num_sms=1,
+                       decode_names=True)
+  with pytest.raises(ValueError, match=r"\blast_page_len\b"):
+    planning.plan_host(None, np.array([0, 1], np.int32), np.array([0], np.int32),
+                       np.array([17], np.int32), page_size=16, num_qo_heads=4, num_kv_heads=1,
+                       tile_rows=4, causal=False, caps=Capacities(1, 1, 4, 8, 8), num_sms=1,
+                       decode_names=True)
+
+
+def test_plan_time_256_requests(capsys):
+  """Host planning time for a 256-request decode batch (printed, not asserted)."""
+  rng = np.random.default_rng(0)
+  ps, hk, g = 16, 8, 4
+  kv_lens = rng.integers(1, 4096, 256)
+  npages = -(-kv_lens // ps)
+  kv_indptr = np.concatenate([[0], np.cumsum(npages)]).astype(np.int32)
+  kv_indices = rng.permutation(int(npages.sum())).astype(np.int32)
+  last = (kv_lens - (npages - 1) * ps).astype(np.int32)
+  caps = planning.derive_capacities(256, 256, int(npages.sum()), group_size=g, tile_rows=g,
+                                    num_kv_heads=hk, num_sms=132)
+  kw = dict(page_size=ps, num_qo_heads=g * hk, num_kv_heads=hk, tile_rows=g, causal=False,
+            caps=caps, num_sms=132)
+  planning.plan_host(None, kv_indptr, kv_indices, last, **kw)  # warm-up
+  n = 200
+  t0 = time.perf_counter()
+  for _ in range(n):
+    planning.plan_host(None, kv_indptr, kv_indices, last, **kw)
+  us = (time.perf_counter() - t0) / n * 1e6
+  with capsys.disabled():
+    print(f"\nplan_host, 256 decode requests ({int(npages.sum())} pages): {us:.1f} us per call")
