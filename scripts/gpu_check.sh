@@ -25,7 +25,7 @@ status[gpu_tests]="$(tail -1 "$out/pytest_gpu.log") ($(( $(date +%s) - t0 )) s)"
 if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
   for tool in memcheck racecheck; do
     # Only our kernels are instrumented (XLA's own run unchecked), which keeps it quick.
-    timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 --kernel-name kns=jax_pagedattn \
+    timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 --kernel-name kns=jax_pagedattn \
       python3 -P scripts/sanitizer_cases.py --$tool >"$out/sanitizer_$tool.log" 2>&1
     rc=$?
     status[$tool]="rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_$tool.log" | tail -1)"
