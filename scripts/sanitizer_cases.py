@@ -42,7 +42,7 @@ def main():
   small = args.racecheck
   for layout, ps, tc, mode in (("NHD", 16, False, "NONE"), ("HND", 1, False, "ROPE_LLAMA"),
                                ("NHD", 16, True, "ALIBI")):
-    num_pages = 64
+    num_pages = 512  # room for page_size 1 requests of 40 pages
     shape = (num_pages, 2, ps, hk, d) if layout == "NHD" else (num_pages, 2, hk, ps, d)
     cache = jax.random.normal(key, shape, dt)
     indptr, indices, last = random_batch(rng, 3 if small else 5, 12 if ps == 16 else 40, ps, num_pages)
