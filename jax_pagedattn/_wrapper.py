@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import jax
-import jax.numpy as jnp
 
 from jax_pagedattn import layout as layout_lib
 from jax_pagedattn import planning
@@ -93,7 +92,9 @@ class PagedAttentionWrapper:
         rope_scale=1.0 if rope_scale is None else float(rope_scale),
         rope_theta=1e4 if rope_theta is None else float(rope_theta),
         q_dtype=q_dtype, kv_dtype=kv_dtype)
-    plan = planning.Plan(jnp.asarray(buffer), config)
+    # The buffer stays a host numpy array: a jitted step transfers it with its other
+    # arguments in one dispatch, which is far cheaper than a separate device_put here.
+    plan = planning.Plan(buffer, config)
     self._plan = plan
     max_page = int(kv_indices.max()) if kv_indices.size else -1
     self._host = dict(num_tokens=tokens, max_page=max_page, names=names)

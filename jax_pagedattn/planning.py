@@ -8,6 +8,7 @@ equal buffer shapes, so a jitted step compiles once for every batch that fits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -65,7 +66,8 @@ class PlanConfig:
 
 @jax.tree_util.register_pytree_node_class
 class Plan:
-  """A planned batch: `buffer` (int32 device array) plus static `config`."""
+  """A planned batch: `buffer` (the int32 plan buffer, a host numpy array until a jitted
+  step moves it) plus static `config`."""
 
   def __init__(self, buffer, config: PlanConfig):
     self.buffer = buffer
@@ -101,7 +103,11 @@ def next_pow2(n: int, minimum: int = 1) -> int:
 
 def device_parallelism(device=None) -> int:
   """Streaming multiprocessors of a GPU (or CPU threads): what the planner fills."""
-  device = device or jax.devices()[0]
+  return _parallelism_of(device or jax.devices()[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _parallelism_of(device) -> int:
   if device.platform == "gpu":
     count = getattr(device, "core_count", None)
     if count:
