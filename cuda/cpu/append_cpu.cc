@@ -76,26 +76,6 @@ namespace {
 namespace ffi = ::xla::ffi;
 using namespace ::jax_pagedattn;
 
-// Shape checks MakeAppendParams leaves to the caller.
-ffi::Error CheckAppendShapes(ffi::AnyBuffer new_k, ffi::AnyBuffer new_v, ffi::AnyBuffer cache,
-                             ffi::AnyBuffer cache_out, bool combined, int32_t page_size,
-                             int32_t kv_layout, int32_t num_kv_heads, int32_t head_dim) {
-  if (!cpu::ValidLayout(kv_layout))
-    return ffi::Error::InvalidArgument("jax_pagedattn: kv_layout must be 0 (NHD) or 1 (HND)");
-  if (page_size <= 0 || num_kv_heads <= 0 || head_dim <= 0)
-    return ffi::Error::InvalidArgument("jax_pagedattn: page_size, num_kv_heads and head_dim must be positive");
-  if (!(new_v.dimensions() == new_k.dimensions()))
-    return ffi::Error::InvalidArgument("jax_pagedattn: append_value must have append_key's shape");
-  if (!cpu::CacheDimsMatch(cache.dimensions(), combined, kv_layout, page_size, num_kv_heads,
-                           head_dim))
-    return ffi::Error::InvalidArgument(
-        "jax_pagedattn: cache shape does not match kv_layout, page_size, num_kv_heads and head_dim");
-  if (!(cache_out.dimensions() == cache.dimensions()) ||
-      cache_out.element_type() != cache.element_type())
-    return ffi::Error::InvalidArgument("jax_pagedattn: the cache result must match the cache operand");
-  return ffi::Error::Success();
-}
-
 // The result is meant to alias the operand; if XLA gave it separate memory, start it
 // from the operand's contents so untouched pages survive.
 void CopyIfNotAliased(ffi::AnyBuffer cache, ffi::AnyBuffer cache_out) {
@@ -111,13 +91,10 @@ ffi::Error AppendImpl(ffi::AnyBuffer new_k, ffi::AnyBuffer new_v,
                       ffi::AnyBuffer cache, ffi::Result<ffi::AnyBuffer> cache_out,
                       int32_t page_size, int32_t kv_layout, int32_t num_kv_heads,
                       int32_t head_dim) {
-  ffi::Error err = CheckAppendShapes(new_k, new_v, cache, *cache_out, /*combined=*/true,
-                                     page_size, kv_layout, num_kv_heads, head_dim);
-  if (err.failure()) return err;
   AppendParams p;
-  err = MakeAppendParams(new_k, new_v, batch_indices, positions, kv_indices, kv_indptr,
-                         *cache_out, *cache_out, /*combined=*/true, page_size, kv_layout,
-                         num_kv_heads, head_dim, &p);
+  ffi::Error err = MakeAppendParams(new_k, new_v, batch_indices, positions, kv_indices, kv_indptr,
+                                    cache, cache, *cache_out, *cache_out, /*combined=*/true,
+                                    page_size, kv_layout, num_kv_heads, head_dim, &p);
   if (err.failure()) return err;
   CopyIfNotAliased(cache, *cache_out);
   return cpu::ToFfiError(cpu::RunAppendCpu(p));
@@ -131,19 +108,10 @@ ffi::Error AppendKvImpl(ffi::AnyBuffer new_k, ffi::AnyBuffer new_v,
                         ffi::Result<ffi::AnyBuffer> k_out, ffi::Result<ffi::AnyBuffer> v_out,
                         int32_t page_size, int32_t kv_layout, int32_t num_kv_heads,
                         int32_t head_dim) {
-  ffi::Error err = CheckAppendShapes(new_k, new_v, k_cache, *k_out, /*combined=*/false,
-                                     page_size, kv_layout, num_kv_heads, head_dim);
-  if (err.failure()) return err;
-  err = CheckAppendShapes(new_k, new_v, v_cache, *v_out, /*combined=*/false, page_size,
-                          kv_layout, num_kv_heads, head_dim);
-  if (err.failure()) return err;
-  // One page id addresses both arrays, so they must hold the same number of pages.
-  if (!(v_cache.dimensions() == k_cache.dimensions()))
-    return ffi::Error::InvalidArgument("jax_pagedattn: k_cache and v_cache must have one shape");
   AppendParams p;
-  err = MakeAppendParams(new_k, new_v, batch_indices, positions, kv_indices, kv_indptr, *k_out,
-                         *v_out, /*combined=*/false, page_size, kv_layout, num_kv_heads,
-                         head_dim, &p);
+  ffi::Error err = MakeAppendParams(new_k, new_v, batch_indices, positions, kv_indices, kv_indptr,
+                                    k_cache, v_cache, *k_out, *v_out, /*combined=*/false,
+                                    page_size, kv_layout, num_kv_heads, head_dim, &p);
   if (err.failure()) return err;
   CopyIfNotAliased(k_cache, *k_out);
   CopyIfNotAliased(v_cache, *v_out);
@@ -158,8 +126,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     ::jax_pagedattn::BindAppendAttrs(
         ::jax_pagedattn::BindAppendInputs(::xla::ffi::Ffi::Bind())
             .Arg<::xla::ffi::AnyBuffer>()   // paged_kv_cache
-            .Ret<::xla::ffi::AnyBuffer>())  // the cache, aliased
-        );
+            .Ret<::xla::ffi::AnyBuffer>()));  // the cache, aliased
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxPagedAttnAppendKvCpu, AppendKvImpl,
     ::jax_pagedattn::BindAppendAttrs(
@@ -167,5 +134,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
             .Arg<::xla::ffi::AnyBuffer>()   // k_cache
             .Arg<::xla::ffi::AnyBuffer>()   // v_cache
             .Ret<::xla::ffi::AnyBuffer>()   // k_cache, aliased
-            .Ret<::xla::ffi::AnyBuffer>())  // v_cache, aliased
-        );
+            .Ret<::xla::ffi::AnyBuffer>()));  // v_cache, aliased

@@ -192,23 +192,9 @@ using namespace ::jax_pagedattn;
 
 // Decode and prefill share this: on the CPU there is one code path.
 ffi::Error AttentionImpl(JPA_ATTENTION_HANDLER_ARGS) {
-  if (!cpu::ValidLayout(kv_layout))
-    return ffi::Error::InvalidArgument("jax_pagedattn: kv_layout must be 0 (NHD) or 1 (HND)");
-  if (page_size <= 0 || head_dim <= 0 || num_qo_heads <= 0)
-    return ffi::Error::InvalidArgument("jax_pagedattn: page_size, head_dim and head counts must be positive");
   AttentionParams p;
   ffi::Error err = MakeAttentionParams(JPA_ATTENTION_FORWARD_ARGS, &p);
   if (err.failure()) return err;
-  if (!cpu::CacheDimsMatch(k_cache.dimensions(), combined != 0, kv_layout, page_size,
-                           num_kv_heads, head_dim) ||
-      !(v_cache.dimensions() == k_cache.dimensions()))
-    return ffi::Error::InvalidArgument(
-        "jax_pagedattn: cache shape does not match kv_layout, page_size, num_kv_heads and head_dim");
-  if (!(out->dimensions() == q.dimensions()))
-    return ffi::Error::InvalidArgument("jax_pagedattn: out must have q's shape");
-  auto ld = lse->dimensions();
-  if (ld.size() != 2 || ld[0] != q.dimensions()[0] || ld[1] != num_qo_heads)
-    return ffi::Error::InvalidArgument("jax_pagedattn: lse must be [tokens, num_qo_heads]");
   return cpu::ToFfiError(cpu::RunAttentionCpu(p));
 }
 

@@ -35,36 +35,16 @@ ffi::Error RunAppend(cudaStream_t stream, const AppendParams& p) {
   return ffi::Error::Success();
 }
 
-ffi::Error CheckCacheShape(ffi::AnyBuffer cache, int rank, int32_t page_size, int32_t kv_layout,
-                           int32_t num_kv_heads, int32_t head_dim) {
-  auto d = cache.dimensions();
-  if (int(d.size()) != rank)
-    return ffi::Error::InvalidArgument(rank == 5 ? "jax_pagedattn: append cache must be 5-D"
-                                                 : "jax_pagedattn: append_kv caches must be 4-D");
-  if (page_size < 1) return ffi::Error::InvalidArgument("jax_pagedattn: page_size must be at least 1");
-  // [P, (2,) S, H, D] for NHD, [P, (2,) H, S, D] for HND.
-  const int64_t s = d[rank - 3], h = d[rank - 2];
-  const bool nhd = kv_layout == int32_t(KvLayout::kNHD);
-  if (kv_layout != int32_t(KvLayout::kNHD) && kv_layout != int32_t(KvLayout::kHND))
-    return ffi::Error::InvalidArgument("jax_pagedattn: kv_layout must be NHD (0) or HND (1)");
-  if ((nhd ? s : h) != page_size || (nhd ? h : s) != num_kv_heads || d[rank - 1] != head_dim ||
-      (rank == 5 && d[1] != 2))
-    return ffi::Error::InvalidArgument("jax_pagedattn: append cache shape does not match the attributes");
-  return ffi::Error::Success();
-}
-
 ffi::Error AppendCuda(cudaStream_t stream, ffi::AnyBuffer new_k, ffi::AnyBuffer new_v,
                       ffi::Buffer<ffi::S32> batch_indices, ffi::Buffer<ffi::S32> positions,
                       ffi::Buffer<ffi::S32> kv_indices, ffi::Buffer<ffi::S32> kv_indptr,
                       ffi::AnyBuffer cache, ffi::Result<ffi::AnyBuffer> cache_out,
                       int32_t page_size, int32_t kv_layout, int32_t num_kv_heads,
                       int32_t head_dim) {
-  ffi::Error err = CheckCacheShape(*cache_out, 5, page_size, kv_layout, num_kv_heads, head_dim);
-  if (err.failure()) return err;
   AppendParams p;
-  err = MakeAppendParams(new_k, new_v, batch_indices, positions, kv_indices, kv_indptr,
-                         *cache_out, *cache_out, /*combined=*/true, page_size, kv_layout,
-                         num_kv_heads, head_dim, &p);
+  ffi::Error err = MakeAppendParams(new_k, new_v, batch_indices, positions, kv_indices, kv_indptr,
+                                    cache, cache, *cache_out, *cache_out, /*combined=*/true,
+                                    page_size, kv_layout, num_kv_heads, head_dim, &p);
   if (err.failure()) return err;
   err = EnsureAliased(stream, cache, *cache_out);
   if (err.failure()) return err;
@@ -78,16 +58,10 @@ ffi::Error AppendKvCuda(cudaStream_t stream, ffi::AnyBuffer new_k, ffi::AnyBuffe
                         ffi::Result<ffi::AnyBuffer> k_out, ffi::Result<ffi::AnyBuffer> v_out,
                         int32_t page_size, int32_t kv_layout, int32_t num_kv_heads,
                         int32_t head_dim) {
-  ffi::Error err = CheckCacheShape(*k_out, 4, page_size, kv_layout, num_kv_heads, head_dim);
-  if (err.failure()) return err;
-  err = CheckCacheShape(*v_out, 4, page_size, kv_layout, num_kv_heads, head_dim);
-  if (err.failure()) return err;
-  if (k_out->dimensions()[0] != v_out->dimensions()[0])
-    return ffi::Error::InvalidArgument("jax_pagedattn: k and v caches must have the same number of pages");
   AppendParams p;
-  err = MakeAppendParams(new_k, new_v, batch_indices, positions, kv_indices, kv_indptr, *k_out,
-                         *v_out, /*combined=*/false, page_size, kv_layout, num_kv_heads,
-                         head_dim, &p);
+  ffi::Error err = MakeAppendParams(new_k, new_v, batch_indices, positions, kv_indices, kv_indptr,
+                                    k_cache, v_cache, *k_out, *v_out, /*combined=*/false,
+                                    page_size, kv_layout, num_kv_heads, head_dim, &p);
   if (err.failure()) return err;
   err = EnsureAliased(stream, k_cache, *k_out);
   if (err.failure()) return err;

@@ -34,6 +34,28 @@ inline bool ToDType(ffi::DataType t, DType* out) {
 
 inline int ElemBytes(DType t) { return t == DType::kF32 ? 4 : 2; }
 
+// A cache buffer's shape for the attributes: combined [P, 2, S, H, D] (NHD) or
+// [P, 2, H, S, D] (HND); one array of a pair is the same without the axis of 2. Both
+// backends check this before any pointer arithmetic trusts the attributes.
+inline ffi::Error CheckCacheShape(ffi::AnyBuffer cache, bool combined, int32_t kv_layout,
+                                  int32_t page_size, int32_t num_kv_heads, int32_t head_dim) {
+  if (kv_layout != int32_t(KvLayout::kNHD) && kv_layout != int32_t(KvLayout::kHND))
+    return ffi::Error::InvalidArgument("jax_pagedattn: kv_layout must be 0 (NHD) or 1 (HND)");
+  if (page_size < 1 || num_kv_heads < 1 || head_dim < 1)
+    return ffi::Error::InvalidArgument("jax_pagedattn: page_size, num_kv_heads and head_dim must be positive");
+  auto d = cache.dimensions();
+  const size_t rank = combined ? 5 : 4;
+  if (d.size() != rank || (combined && d[1] != 2))
+    return ffi::Error::InvalidArgument(combined ? "jax_pagedattn: a combined cache must be [pages, 2, ...] (5-D)"
+                                                : "jax_pagedattn: (k, v) caches must be 4-D");
+  const bool nhd = kv_layout == int32_t(KvLayout::kNHD);
+  const int64_t slots = d[rank - 3 + (nhd ? 0 : 1)], heads = d[rank - 3 + (nhd ? 1 : 0)];
+  if (slots != page_size || heads != num_kv_heads || d[rank - 1] != head_dim)
+    return ffi::Error::InvalidArgument(
+        "jax_pagedattn: cache shape does not match kv_layout, page_size, num_kv_heads and head_dim");
+  return ffi::Error::Success();
+}
+
 // Operands and results of an attention call, after the optional stream context.
 // XLA's Binding chains only as an rvalue, hence std::move on the parameter.
 template <typename Binding>
@@ -93,10 +115,16 @@ inline ffi::Error MakeAttentionParams(JPA_ATTENTION_HANDLER_ARGS, AttentionParam
     return ffi::Error::InvalidArgument("jax_pagedattn: q must be [tokens, num_qo_heads, head_dim]");
   if (num_kv_heads <= 0 || num_qo_heads % num_kv_heads != 0)
     return ffi::Error::InvalidArgument("jax_pagedattn: num_qo_heads must be a multiple of num_kv_heads");
-  const int64_t want_rank = combined ? 5 : 4;
+  ffi::Error cache_ok = CheckCacheShape(k_cache, combined != 0, kv_layout, page_size, num_kv_heads, head_dim);
+  if (cache_ok.failure()) return cache_ok;
   auto kd = k_cache.dimensions();
-  if (int64_t(kd.size()) != want_rank || v_cache.dimensions().size() != kd.size())
-    return ffi::Error::InvalidArgument("jax_pagedattn: cache rank does not match `combined`");
+  if (!(v_cache.dimensions() == kd))
+    return ffi::Error::InvalidArgument("jax_pagedattn: k and v caches must have one shape");
+  if (!(out->dimensions() == qd))
+    return ffi::Error::InvalidArgument("jax_pagedattn: out must have q's shape");
+  auto ld = lse->dimensions();
+  if (ld.size() != 2 || ld[0] != qd[0] || ld[1] != num_qo_heads)
+    return ffi::Error::InvalidArgument("jax_pagedattn: lse must be [tokens, num_qo_heads]");
   const PlanLayout layout{batch_cap, token_cap, page_cap, work_cap};
   if (int64_t(plan.element_count()) != layout.size())
     return ffi::Error::InvalidArgument("jax_pagedattn: plan buffer size does not match the capacities");
@@ -160,17 +188,31 @@ auto BindAppendAttrs(Binding b) {
       .template Attr<int32_t>("head_dim");
 }
 
-// Fills `p` for an append; `k_out`/`v_out` are the aliased cache results (the same
-// buffer twice for the combined cache).
+// Fills `p` for an append. `k_in`/`v_in` are the cache operands and `k_out`/`v_out` the
+// aliased results (each the same buffer twice for the combined cache); the backend copies
+// an operand into its result only if XLA did not alias them.
 inline ffi::Error MakeAppendParams(ffi::AnyBuffer new_k, ffi::AnyBuffer new_v,
                                    ffi::Buffer<ffi::S32> batch_indices,
                                    ffi::Buffer<ffi::S32> positions,
                                    ffi::Buffer<ffi::S32> kv_indices,
-                                   ffi::Buffer<ffi::S32> kv_indptr, ffi::AnyBuffer k_out,
+                                   ffi::Buffer<ffi::S32> kv_indptr, ffi::AnyBuffer k_in,
+                                   ffi::AnyBuffer v_in, ffi::AnyBuffer k_out,
                                    ffi::AnyBuffer v_out, bool combined, int32_t page_size,
                                    int32_t kv_layout, int32_t num_kv_heads, int32_t head_dim,
                                    AppendParams* p) {
   *p = AppendParams{};
+  for (ffi::AnyBuffer c : {k_out, v_out}) {
+    ffi::Error err = CheckCacheShape(c, combined, kv_layout, page_size, num_kv_heads, head_dim);
+    if (err.failure()) return err;
+  }
+  // One page id addresses both halves, so they must hold the same pages.
+  if (!(k_out.dimensions() == v_out.dimensions()))
+    return ffi::Error::InvalidArgument("jax_pagedattn: k and v caches must have one shape");
+  if (!(k_in.dimensions() == k_out.dimensions()) || !(v_in.dimensions() == v_out.dimensions()) ||
+      k_in.element_type() != k_out.element_type() || v_in.element_type() != v_out.element_type())
+    return ffi::Error::InvalidArgument("jax_pagedattn: the cache results must match the cache operands");
+  if (!(new_v.dimensions() == new_k.dimensions()))
+    return ffi::Error::InvalidArgument("jax_pagedattn: append_value must have append_key's shape");
   if (!ToDType(new_k.element_type(), &p->dtype) || new_v.element_type() != new_k.element_type() ||
       k_out.element_type() != new_k.element_type() || v_out.element_type() != new_k.element_type())
     return ffi::Error::InvalidArgument("jax_pagedattn: append keys, values and cache must share a dtype");
