@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import jax
 
 from jax_pagedattn import layout as layout_lib
@@ -101,8 +100,6 @@ class PagedAttentionWrapper:
     return plan
 
   def _run(self, primitive, q, paged_kv_cache, return_lse, plan):
-    from jax_pagedattn import primitives  # noqa: PLC0415 (import cycle: primitives -> planning)
-
     if plan is None:
       plan = self._plan
       if plan is None:

@@ -116,7 +116,7 @@ def _time_jax_system(case: Case, step, q0, consts, rots, to_ragged=None) -> dict
     return out if to_ragged is None else to_ragged(out)
 
   result = check_output(case, out_fn)
-  del q_end, first
+  del q_end
   t = timing.time_jax_chain(lambda q, c, r: fn(q, c, r)[0], q0, (consts, rots),
                             ops_per_call=inner, cfg=case.cfg)
   result.update(t.as_dict())
