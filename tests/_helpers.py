@@ -228,6 +228,15 @@ def cache_in_form(k_nhd, v_nhd, dtype_name, kv_layout, form):
   return np.ascontiguousarray(np.stack([k, v], axis=1))
 
 
+def split_run_result(res, return_lse):
+  """(out, lse or None) from a wrapper's run(), checking its return shape."""
+  if return_lse:
+    assert isinstance(res, tuple) and len(res) == 2, "return_lse=True must give (out, lse)"
+    return res
+  assert not isinstance(res, tuple), "return_lse=False must give out alone"
+  return res, None
+
+
 def put(tree, device):
   return jax.tree_util.tree_map(lambda x: jax.device_put(x, device), tree)
 

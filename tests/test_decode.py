@@ -10,7 +10,7 @@ import pytest
 import jax_pagedattn as jpa
 from jax_pagedattn import planning
 
-from _helpers import (DTYPES, assert_attention_close, cache_in_form, check_native, oracle,
+from _helpers import (DTYPES, split_run_result, assert_attention_close, cache_in_form, check_native, oracle,
                       page_table, put, random_cache, round_to, varied_lengths)
 
 
@@ -23,11 +23,7 @@ def _decode(device, kv_layout, page_size, num_kv_heads, table, cache, q, *, retu
     w.plan(table.indptr, table.indices, table.last_page_len, q.shape[1], num_kv_heads,
            q.shape[2], page_size, q_data_type=q.dtype, **plan_kw)
     res = w.run(put(q, device), put(cache, device), return_lse=return_lse)
-  if return_lse:
-    assert isinstance(res, tuple) and len(res) == 2, "return_lse=True must give (out, lse)"
-    return res
-  assert not isinstance(res, tuple), "return_lse=False must give out alone"
-  return res, None
+  return split_run_result(res, return_lse)
 
 
 @pytest.mark.grid("decode")

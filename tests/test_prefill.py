@@ -12,7 +12,7 @@ import pytest
 import jax_pagedattn as jpa
 from jax_pagedattn import planning, reference
 
-from _helpers import (DTYPES, assert_attention_close, cache_in_form, check_native, cpu, oracle,
+from _helpers import (DTYPES, split_run_result, assert_attention_close, cache_in_form, check_native, cpu, oracle,
                       page_table, put, random_cache, round_to)
 
 
@@ -41,11 +41,7 @@ def _prefill(device, kv_layout, page_size, num_kv_heads, qo_indptr, table, cache
     w.plan(qo_indptr, table.indptr, table.indices, table.last_page_len, q.shape[1],
            num_kv_heads, q.shape[2], page_size, q_data_type=q.dtype, **plan_kw)
     res = w.run(put(q, device), put(cache, device), return_lse=return_lse)
-  if return_lse:
-    assert isinstance(res, tuple) and len(res) == 2, "return_lse=True must give (out, lse)"
-    return res
-  assert not isinstance(res, tuple), "return_lse=False must give out alone"
-  return res, None
+  return split_run_result(res, return_lse)
 
 
 @pytest.mark.grid("prefill")
