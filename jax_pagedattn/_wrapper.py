@@ -75,7 +75,7 @@ class PagedAttentionWrapper:
     num_sms = planning.device_parallelism()
     limit = -1
     if self._workspace_size is not None:
-      limit = self._workspace_size // (num_qo_heads * (head_dim + 1) * 4)
+      limit = self._workspace_size // planning.partial_row_bytes(num_qo_heads, head_dim)
     caps = planning.derive_capacities(b, t, p, group_size=group, tile_rows=tile_rows,
                                       num_kv_heads=num_kv_heads, num_sms=num_sms,
                                       partial_rows_limit=limit)

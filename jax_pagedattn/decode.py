@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from jax_pagedattn import primitives
 from jax_pagedattn._wrapper import PagedAttentionWrapper
 
 # Packed query rows per work item of the tensor-core path: one mma row block, holding a
@@ -66,8 +67,6 @@ class BatchDecodeWithPagedKVCacheWrapper(PagedAttentionWrapper):
     (log2 of the sum of exp2 of the scaled logits), as FlashInfer does. Inside jax.jit
     pass the plan explicitly; q may then have fewer rows than max_batch_size.
     """
-    from jax_pagedattn import primitives  # noqa: PLC0415
-
     return self._run(primitives.decode_p, q, paged_kv_cache, return_lse, plan)
 
   forward = run

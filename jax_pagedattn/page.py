@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_pagedattn import layout as layout_lib
+from jax_pagedattn import primitives
 
 
 def get_batch_indices_positions(append_indptr, seq_lens, nnz: int):
@@ -69,8 +70,6 @@ def append_paged_kv_cache(append_key, append_value, batch_indices, positions, pa
   happens in place (the output aliases the input). Rows with batch index -1, or whose
   position falls outside the request's pages, are skipped.
   """
-  from jax_pagedattn import primitives  # noqa: PLC0415
-
   info = layout_lib.inspect_cache(paged_kv_cache, kv_layout)
   ints = [batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len]
   if not any(isinstance(x, jax.core.Tracer) for x in ints):

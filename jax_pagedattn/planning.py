@@ -35,6 +35,11 @@ class Capacities:
   partial_rows: int
 
 
+def partial_row_bytes(num_qo_heads: int, head_dim: int) -> int:
+  """Workspace bytes of one split-KV partial row: float32 outputs and LSE of every head."""
+  return num_qo_heads * (head_dim + 1) * 4
+
+
 @dataclasses.dataclass(frozen=True)
 class PlanConfig:
   """Everything static about a plan: part of the compile key of a jitted step."""
@@ -61,7 +66,7 @@ class PlanConfig:
 
   @property
   def workspace_bytes(self) -> int:
-    return self.caps.partial_rows * self.num_qo_heads * (self.head_dim + 1) * 4
+    return self.caps.partial_rows * partial_row_bytes(self.num_qo_heads, self.head_dim)
 
 
 @jax.tree_util.register_pytree_node_class

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from jax_pagedattn import primitives
 from jax_pagedattn._wrapper import PagedAttentionWrapper
 
 
@@ -60,8 +61,6 @@ class BatchPrefillWithPagedKVCacheWrapper(PagedAttentionWrapper):
     q may have more rows than qo_indptr[-1] (up to max_num_tokens): those padding rows
     come back as 0 with lse -inf.
     """
-    from jax_pagedattn import primitives  # noqa: PLC0415
-
     return self._run(primitives.prefill_p, q, paged_kv_cache, return_lse, plan)
 
   forward = run

@@ -81,7 +81,7 @@ def _native_attention_lowering(ctx, q, k_cache, v_cache, plan, *, config, combin
 def _reference_attention(q, k_cache, v_cache, plan, *, config, combined):
   """The jax.numpy lowering for platforms without native handlers: same operands."""
   sections = planning.plan_sections(config.caps)
-  take = lambda name: jax.lax.dynamic_slice_in_dim(plan, sections[name][0], sections[name][1])
+  take = lambda name: plan[sections[name][0]:sections[name][0] + sections[name][1]]
   k_pages, v_pages = layout_lib.to_nhd_pages(k_cache, v_cache, combined, config.kv_layout)
   meta = take("meta")
   out, lse = reference.batch_attention_masked(
@@ -191,19 +191,28 @@ def _no_grad(name):
   return rule
 
 
-for _prim, _abstract, _native, _ref, _targets in (
-    (decode_p, _attention_abstract_eval, _native_attention_lowering, _reference_attention,
-     ("jax_pagedattn_decode", "jax_pagedattn_prefill")),
-    (prefill_p, _attention_abstract_eval, _native_attention_lowering, _reference_attention,
-     ("jax_pagedattn_prefill",)),
-    (append_p, _append_abstract_eval, _native_append_lowering, _reference_append,
-     ("jax_pagedattn_append", "jax_pagedattn_append_kv")),
+# The FFI targets each primitive may lower to (tensor-core decode uses the prefill one).
+_TARGETS = {
+    decode_p: ("jax_pagedattn_decode", "jax_pagedattn_prefill"),
+    prefill_p: ("jax_pagedattn_prefill",),
+    append_p: ("jax_pagedattn_append", "jax_pagedattn_append_kv"),
+}
+
+
+def _has_native(prim, platform: str) -> bool:
+  return all((platform, t) in NATIVE_TARGETS for t in _TARGETS[prim])
+
+
+for _prim, _abstract, _native, _ref in (
+    (decode_p, _attention_abstract_eval, _native_attention_lowering, _reference_attention),
+    (prefill_p, _attention_abstract_eval, _native_attention_lowering, _reference_attention),
+    (append_p, _append_abstract_eval, _native_append_lowering, _reference_append),
 ):
   _prim.def_abstract_eval(_abstract)
   _prim.def_impl(_eager_impl(_prim))
   mlir.register_lowering(_prim, mlir.lower_fun(_ref, multiple_results=True))
   for _platform in ("cpu", "cuda"):
-    if all((_platform, t) in NATIVE_TARGETS for t in _targets):
+    if _has_native(_prim, _platform):
       mlir.register_lowering(_prim, _native, platform=_platform)
   batching.primitive_batchers[_prim] = _no_vmap(_prim.name)
   ad.primitive_jvps[_prim] = _no_grad(_prim.name)
@@ -211,6 +220,4 @@ for _prim, _abstract, _native, _ref, _targets in (
 
 def native_platforms() -> tuple[str, ...]:
   """Platforms whose lowering of every op is a native handler (others use jax.numpy)."""
-  return tuple(p for p in ("cpu", "cuda")
-               if all((p, t) in NATIVE_TARGETS for t in ("jax_pagedattn_decode", "jax_pagedattn_prefill",
-                                                        "jax_pagedattn_append", "jax_pagedattn_append_kv")))
+  return tuple(p for p in ("cpu", "cuda") if all(_has_native(prim, p) for prim in _TARGETS))
