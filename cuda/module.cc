@@ -11,6 +11,12 @@
 #include "jax_pagedattn/params.h"
 #include "planner/planner.h"
 
+#ifdef JAX_PAGEDATTN_WITH_CUDA
+#include <stdexcept>
+
+#include "jax_pagedattn/occupancy.h"
+#endif
+
 namespace nb = nanobind;
 using namespace jax_pagedattn;
 
@@ -45,8 +51,8 @@ nb::dict Registrations() {
 
 OutI32 Plan(nb::object qo_indptr, HostI32 kv_indptr, HostI32 kv_indices, HostI32 kv_last_page_len,
             int32_t page_size, int32_t group_size, int32_t num_kv_heads, int32_t tile_rows,
-            bool causal, int32_t num_pages, int32_t num_sms, int32_t batch_cap, int32_t token_cap,
-            int32_t page_cap, int32_t work_cap, int32_t partial_rows_cap, bool decode_names) {
+            bool causal, int32_t num_pages, int32_t batch_cap, int32_t token_cap, int32_t page_cap,
+            int32_t work_cap, int32_t partial_rows_cap, int32_t bin_cap, bool decode_names) {
   PlanRequest req{};
   HostI32 qo;
   if (!qo_indptr.is_none()) {
@@ -66,14 +72,14 @@ OutI32 Plan(nb::object qo_indptr, HostI32 kv_indptr, HostI32 kv_indices, HostI32
   req.tile_rows = tile_rows;
   req.causal = causal;
   req.num_pages = num_pages;
-  req.num_sms = num_sms;
-  req.caps = Capacities{batch_cap, token_cap, page_cap, work_cap, partial_rows_cap};
+  req.caps = Capacities{batch_cap, token_cap, page_cap, work_cap, partial_rows_cap, bin_cap};
   if (decode_names) {
     req.name_kv_indptr = "indptr";
     req.name_kv_indices = "indices";
     req.name_kv_last_page_len = "last_page_len";
   }
-  const PlanLayout layout{batch_cap, token_cap, page_cap, work_cap};
+  if (bin_cap < 1) throw PlanError("bin_cap must be >= 1");
+  const PlanLayout layout{batch_cap, token_cap, page_cap, work_cap, bin_cap};
   const size_t n = size_t(layout.size());
   std::unique_ptr<int32_t[]> buf(new int32_t[n]);
   {
@@ -85,11 +91,13 @@ OutI32 Plan(nb::object qo_indptr, HostI32 kv_indptr, HostI32 kv_indices, HostI32
   return OutI32(data, {n}, owner);
 }
 
-nb::dict Layout(int32_t batch_cap, int32_t token_cap, int32_t page_cap, int32_t work_cap) {
-  const PlanLayout L{batch_cap, token_cap, page_cap, work_cap};
+nb::dict Layout(int32_t batch_cap, int32_t token_cap, int32_t page_cap, int32_t work_cap,
+                int32_t bin_cap) {
+  const PlanLayout L{batch_cap, token_cap, page_cap, work_cap, bin_cap};
   nb::dict d;
   d["work"] = nb::make_tuple(L.work(), int64_t(work_cap) * kWorkFields);
   d["meta"] = nb::make_tuple(L.meta(), int64_t(kMetaFields));
+  d["bin_indptr"] = nb::make_tuple(L.bin_indptr(), int64_t(bin_cap) + 1);
   d["qo_indptr"] = nb::make_tuple(L.qo_indptr(), int64_t(batch_cap) + 1);
   d["kv_indptr"] = nb::make_tuple(L.kv_indptr(), int64_t(batch_cap) + 1);
   d["kv_last_page_len"] = nb::make_tuple(L.kv_last_page_len(), int64_t(batch_cap));
@@ -115,20 +123,39 @@ NB_MODULE(_C, m) {
   m.def("plan", &Plan, nb::arg("qo_indptr").none(), nb::arg("kv_indptr"), nb::arg("kv_indices"),
         nb::arg("kv_last_page_len"), nb::arg("page_size"), nb::arg("group_size"),
         nb::arg("num_kv_heads"), nb::arg("tile_rows"), nb::arg("causal"), nb::arg("num_pages"),
-        nb::arg("num_sms"), nb::arg("batch_cap"), nb::arg("token_cap"), nb::arg("page_cap"),
-        nb::arg("work_cap"), nb::arg("partial_rows_cap"), nb::arg("decode_names"),
+        nb::arg("batch_cap"), nb::arg("token_cap"), nb::arg("page_cap"), nb::arg("work_cap"),
+        nb::arg("partial_rows_cap"), nb::arg("bin_cap"), nb::arg("decode_names"),
         "Validates a batch and returns its plan buffer (int32, see docs/CONTRACT.md).");
   m.def("plan_layout", &Layout, nb::arg("batch_cap"), nb::arg("token_cap"), nb::arg("page_cap"),
-        nb::arg("work_cap"), "{section: (offset, length)} of the plan buffer, and its size.");
+        nb::arg("work_cap"), nb::arg("bin_cap"),
+        "{section: (offset, length)} of the plan buffer, and its size.");
   m.def(
       "derive_capacities",
       [](int32_t batch_cap, int32_t token_cap, int32_t page_cap, int32_t group_size,
-         int32_t tile_rows, int32_t num_kv_heads, int32_t num_sms, int32_t partial_rows_limit) {
+         int32_t tile_rows, int32_t num_kv_heads, int32_t num_ctas, int32_t partial_rows_limit) {
         Capacities c = DeriveCapacities(batch_cap, token_cap, page_cap, group_size, tile_rows,
-                                        num_kv_heads, num_sms, partial_rows_limit);
-        return nb::make_tuple(c.batch, c.tokens, c.pages, c.work, c.partial_rows);
+                                        num_kv_heads, num_ctas, partial_rows_limit);
+        return nb::make_tuple(c.batch, c.tokens, c.pages, c.work, c.partial_rows, c.bins);
       },
-      "(batch, tokens, pages, work, partial_rows) capacities that hold any batch within the first three.");
+      "(batch, tokens, pages, work, partial_rows, bins) capacities that hold any batch within "
+      "the first three, with bins for num_ctas concurrent CTAs.");
+#ifdef JAX_PAGEDATTN_WITH_CUDA
+  m.def(
+      "ctas_per_sm",
+      [](bool tensor_cores, const std::string& dtype, int32_t head_dim, int32_t tile_rows) {
+        DType t;
+        if (dtype == "float16") t = DType::kF16;
+        else if (dtype == "bfloat16") t = DType::kBF16;
+        else throw nb::value_error("ctas_per_sm: dtype must be float16 or bfloat16");
+        int32_t ctas = 0;
+        if (const char* err = AttentionCtasPerSm(tensor_cores, t, head_dim, tile_rows, &ctas))
+          throw std::runtime_error(std::string("jax_pagedattn: occupancy query failed: ") + err);
+        return ctas;
+      },
+      nb::arg("tensor_cores"), nb::arg("dtype"), nb::arg("head_dim"), nb::arg("tile_rows"),
+      "CTAs of the attention kernel for this configuration one SM of the current device "
+      "holds at once (the CUDA occupancy calculator).");
+#endif
   m.attr("WORK_FIELDS") = int(kWorkFields);
   m.attr("HAS_CUDA") =
 #ifdef JAX_PAGEDATTN_WITH_CUDA

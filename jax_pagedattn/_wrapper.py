@@ -72,17 +72,18 @@ class PagedAttentionWrapper:
     b, t, p = self._base_capacities(batch, tokens, kv_indices.shape[0])
     group = num_qo_heads // num_kv_heads
     tile_rows = tile_rows_for(group, head_dim)
-    num_sms = planning.device_parallelism()
+    num_ctas = planning.concurrent_ctas(target == "jax_pagedattn_prefill", q_dtype, head_dim,
+                                        tile_rows)
     limit = -1
     if self._workspace_size is not None:
       limit = self._workspace_size // planning.partial_row_bytes(num_qo_heads, head_dim)
     caps = planning.derive_capacities(b, t, p, group_size=group, tile_rows=tile_rows,
-                                      num_kv_heads=num_kv_heads, num_sms=num_sms,
+                                      num_kv_heads=num_kv_heads, num_ctas=num_ctas,
                                       partial_rows_limit=limit)
     buffer = planning.plan_host(qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
                                 page_size=page_size, num_qo_heads=num_qo_heads,
                                 num_kv_heads=num_kv_heads, tile_rows=tile_rows, causal=causal,
-                                caps=caps, num_sms=num_sms, decode_names=self._decode)
+                                caps=caps, decode_names=self._decode)
     config = planning.PlanConfig(
         target=target, caps=caps, tile_rows=tile_rows, num_qo_heads=int(num_qo_heads),
         num_kv_heads=int(num_kv_heads), head_dim=int(head_dim), page_size=int(page_size),

@@ -63,12 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
                   "and FlashInfer, with copy / matmul ceilings measured in the same run.",
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog="Length specs: N | A:B (uniform) | zipf:LO:HI[:S] | lognormal:LO:HI[:SIGMA].\n"
-             "Presets: decode " + ", ".join(wl.DECODE_PRESETS) + "; prefill "
-             + ", ".join(wl.PREFILL_PRESETS) + ".")
+             "Presets: decode " + ", ".join(wl.PRESETS["decode"]) + "; prefill "
+             + ", ".join(wl.PREFILL_PRESETS) + ". Groups: all, design (DESIGN.md §6 rows), "
+             "variants (decode: head_dim, page size and head-count variants of 64x4096).")
   p.add_argument("kind", choices=("decode", "prefill", "all"))
   g = p.add_argument_group("workloads")
   g.add_argument("--preset", default=None,
-                 help="'all' or comma-separated preset names (default: all, unless "
+                 help="comma-separated preset names or groups (all, design, variants; "
+                      "default: all, unless "
                       "--batch/--kv-len describe a custom batch)")
   g.add_argument("--batch", type=int, default=None, help="requests of a custom batch")
   g.add_argument("--kv-len", default=None,
@@ -128,14 +130,13 @@ def _workloads(args, kind: str) -> list[wl.Workload]:
   out = []
   if preset:
     table = wl.PRESETS[kind]
-    names = list(table) if preset == "all" else [n.strip() for n in preset.split(",") if n.strip()]
-    for name in names:
+    for name in wl.preset_names(kind, preset):
       if name not in table:
         if any(name in t for t in wl.PRESETS.values()):
           continue  # the other kind's preset in an `all` sweep
         raise SystemExit(f"unknown preset {name!r}; {kind} presets: {', '.join(table)}")
-      batch, spec = table[name]
-      out.append(wl.make_workload(name, kind, batch, spec, **common))
+      batch, spec, overrides = wl.preset(kind, name)
+      out.append(wl.make_workload(name, kind, batch, spec, **{**common, **overrides}))
   if custom:
     batch = args.batch if args.batch is not None else 16
     spec = args.kv_len if args.kv_len is not None else ("4096" if kind == "decode" else "2048")

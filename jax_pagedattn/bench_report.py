@@ -16,7 +16,8 @@ import math
 METRIC = {"decode": "GB/s", "prefill": "TFLOP/s"}
 _HOST_FIELDS = (("plan_host_us", "planner"), ("wrapper_plan_us", "plan()"),
                 ("step_us", "step"), ("step_with_plan_us", "plan+step"),
-                ("time_us", "kernel"), ("step_overhead_us", "overhead"))
+                ("time_us", "kernel"), ("step_overhead_us", "overhead"),
+                ("step_pipelined_us", "loop step"), ("pipelined_overhead_us", "loop overhead"))
 
 
 def wkey(kind: str, name: str) -> str:
@@ -91,18 +92,32 @@ def format_results(records: list[dict], workloads: dict, ceilings: dict, kind: s
   header = ["workload", "system", "time us", metric, "% ceil", "vs FI", "rel err", "note"]
   rows = []
   for r in recs:
+    name = r["workload"] + _config_suffix(workloads[wkey(kind, r["workload"])], first)
     if r["status"] == "ok":
       frac = r.get("fraction_of_ceiling")
       vs = r.get("vs_flashinfer")
-      rows.append([r["workload"], r["system"], _fmt(r["time_us"], ".1f"),
+      rows.append([name, r["system"], _fmt(r["time_us"], ".1f"),
                    _fmt(r["value"], ".1f" if kind == "decode" else ".2f"),
                    _fmt(None if frac is None else 100 * frac, ".1f"),
                    _fmt(vs, ".2f") + ("x" if vs else ""), _fmt(r.get("rel_err"), ".1e"),
                    _note(r)])
     else:
-      rows.append([r["workload"], r["system"], "-", "-", "-", "-", "-",
+      rows.append([name, r["system"], "-", "-", "-", "-", "-",
                    f"{r['status']}: {_short(r.get('message', ''))}"])
   return title + "\n" + _table(header, rows, "llrrrrrl")
+
+
+def _config_suffix(w: dict, first: dict) -> str:
+  """' [heads 32/32, head_dim 64, page 1]': the settings where w differs from the
+  table's title (the first workload), empty where none does."""
+  parts = []
+  if (w["num_qo_heads"], w["num_kv_heads"]) != (first["num_qo_heads"], first["num_kv_heads"]):
+    parts.append(f"heads {w['num_qo_heads']}/{w['num_kv_heads']}")
+  for key, label in (("head_dim", "head_dim"), ("page_size", "page"), ("kv_layout", "layout"),
+                     ("dtype", "dtype")):
+    if w[key] != first[key]:
+      parts.append(f"{label} {w[key]}")
+  return f" [{', '.join(parts)}]" if parts else ""
 
 
 def format_host(records: list[dict]) -> str:
@@ -117,9 +132,11 @@ def format_host(records: list[dict]) -> str:
     for key, _ in _HOST_FIELDS:
       row.append(_fmt(r.get(key), ".1f"))
     rows.append(row)
-  title = ("host costs (us, medians): planner = plan_host alone; plan() = wrapper.plan "
-           "(planner + host-to-device copy); step = jitted single op, fixed plan, blocked; "
-           "plan+step = fresh plan then step, blocked; overhead = plan+step - kernel")
+  title = ("host costs (us, medians): planner = plan_host alone; plan() = wrapper.plan; "
+           "step = jitted single op, fixed plan, blocked; plan+step = fresh plan then step, "
+           "blocked; overhead = plan+step - kernel; loop step = per step of a loop of fresh "
+           "plans and steps dispatched back to back (each step's output the next's query, "
+           "one block at the end); loop overhead = loop step - kernel")
   return title + "\n" + _table(header, rows, "ll" + "r" * len(_HOST_FIELDS))
 
 
@@ -197,7 +214,9 @@ def write_plot(path: str, records: list[dict], ceilings: dict, title: str = "") 
       top = max([ceil] + [r["value"] for r in ok])
       ax.set_ylim(0, top * 1.15)  # room for the rotated value labels
     ax.set_xticks(range(len(workloads)))
-    ax.set_xticklabels(workloads, rotation=0)
+    many = len(workloads) > 8
+    ax.set_xticklabels(workloads, rotation=25 if many else 0, ha="right" if many else "center",
+                       fontsize=8 if many else 10)
     ax.set_ylabel(METRIC[kind])
     ax.set_title(f"{kind}" + (f" - {title}" if title else ""))
     # Outside the axes: inside, it would cover the bars it explains.
@@ -254,20 +273,21 @@ def format_markdown(doc: dict) -> str:
         if system.startswith("ours") and r.get("vs_flashinfer"):
           ours_best = max(ours_best or 0.0, r["vs_flashinfer"])
       ratio = f"{ours_best:.2f}x" if ours_best else "-"
-      lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio} |")
+      label = name + _config_suffix(workloads[wkey(kind, name)], first)
+      lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
     lines.append("")
   host = [r for r in records if r["status"] == "ok" and r.get("wrapper_plan_us") is not None]
   if host:
     lines.append("### host costs (us, medians)")
     lines.append("")
-    lines.append("| workload | system | planner alone | plan() | jitted step + fresh plan "
-                 "| kernel | step + plan - kernel |")
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append("| workload | system | planner alone | plan() | kernel | one blocked step + "
+                 "fresh plan | minus kernel | loop step + fresh plan | minus kernel |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for r in host:
       lines.append(f"| {r['kind']} {r['workload']} | {r['system']} | "
                    + " | ".join(_fmt(r.get(k), ".1f") for k in (
-                       "plan_host_us", "wrapper_plan_us", "step_with_plan_us", "time_us",
-                       "step_overhead_us")) + " |")
+                       "plan_host_us", "wrapper_plan_us", "time_us", "step_with_plan_us",
+                       "step_overhead_us", "step_pipelined_us", "pipelined_overhead_us")) + " |")
     lines.append("")
   skipped = [r for r in records if r["status"] != "ok"]
   if skipped:

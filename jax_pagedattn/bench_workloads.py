@@ -25,12 +25,45 @@ DECODE_PRESETS = {
     "lognormal64": (64, "lognormal:16:32768"),
     "zipf64": (64, "zipf:16:32768"),
 }
+# The other shapes issue 4 holds decode to: 64 x 4096 with one setting changed each.
+# (batch, length spec, settings that differ from the command line's).
+DECODE_VARIANTS = {
+    "d64-64x4096": (64, "4096", dict(head_dim=64)),
+    "d256-64x4096": (64, "4096", dict(head_dim=256)),
+    "page1-64x4096": (64, "4096", dict(page_size=1)),
+    "page64-64x4096": (64, "4096", dict(page_size=64)),
+    "mha-64x4096": (64, "4096", dict(heads=(32, 32))),
+    "gqa8-64x4096": (64, "4096", dict(heads=(8, 1))),
+}
 PREFILL_PRESETS = {
     "4x2048": (4, "2048"),
     "1x8192": (1, "8192"),
     "16x512": (16, "512"),
 }
-PRESETS = {"decode": DECODE_PRESETS, "prefill": PREFILL_PRESETS}
+PRESETS = {"decode": {**DECODE_PRESETS, **DECODE_VARIANTS}, "prefill": PREFILL_PRESETS}
+# Names that --preset accepts for several presets at once.
+PRESET_GROUPS = {
+    "decode": {"all": list(PRESETS["decode"]), "design": list(DECODE_PRESETS),
+               "variants": list(DECODE_VARIANTS)},
+    "prefill": {"all": list(PREFILL_PRESETS), "design": list(PREFILL_PRESETS), "variants": []},
+}
+
+
+def preset_names(kind: str, spec: str) -> list[str]:
+  """Preset names of a --preset value: group names ('all', 'design', 'variants') and
+  single names, comma separated, in order, without repeats."""
+  out = []
+  for part in (p.strip() for p in spec.split(",") if p.strip()):
+    for name in PRESET_GROUPS[kind].get(part, [part]):
+      if name not in out:
+        out.append(name)
+  return out
+
+
+def preset(kind: str, name: str) -> tuple[int, str, dict]:
+  """(batch, length spec, setting overrides) of a preset."""
+  entry = PRESETS[kind][name]
+  return (entry[0], entry[1], entry[2] if len(entry) > 2 else {})
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "f16": "float16", "half": "float16",

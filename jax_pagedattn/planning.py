@@ -25,14 +25,15 @@ _DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.floa
 
 @dataclasses.dataclass(frozen=True)
 class Capacities:
-  """Static sizes of a plan: requests, query tokens, kv_indices entries, work items and
-  split-KV partial rows."""
+  """Static sizes of a plan: requests, query tokens, kv_indices entries, work items,
+  split-KV partial rows and bins (CTAs per kv head of the GPU grid)."""
 
   batch: int
   tokens: int
   pages: int
   work: int
   partial_rows: int
+  bins: int
 
 
 def partial_row_bytes(num_qo_heads: int, head_dim: int) -> int:
@@ -106,19 +107,35 @@ def next_pow2(n: int, minimum: int = 1) -> int:
   return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
-def device_parallelism(device=None) -> int:
-  """Streaming multiprocessors of a GPU (or CPU threads): what the planner fills."""
-  return _parallelism_of(device or jax.devices()[0])
+# Environment override of the CTAs per SM the planner fills (a tuning knob for
+# benchmarks; by default the occupancy calculator's answer for the kernel).
+CTAS_PER_SM_ENV = "JAX_PAGEDATTN_CTAS_PER_SM"
+# On the CPU the bins only feed the handler's dynamic task queue: a few per thread keep
+# the threads balanced when request lengths differ.
+_CPU_BINS_PER_THREAD = 4
+
+
+def concurrent_ctas(tensor_cores: bool, dtype: str, head_dim: int, tile_rows: int,
+                    device=None) -> int:
+  """CTAs of the attention kernel for this configuration that the device runs at once:
+  SMs x CTAs per SM on a GPU, a few per thread on the CPU. The planner's bins (one CTA
+  per kv head each) fill exactly this, so a launch is one balanced wave."""
+  return _concurrent_ctas(device or jax.devices()[0], bool(tensor_cores), str(dtype),
+                          int(head_dim), int(tile_rows), os.environ.get(CTAS_PER_SM_ENV, ""))
 
 
 @functools.lru_cache(maxsize=None)
-def _parallelism_of(device) -> int:
-  if device.platform == "gpu":
-    count = getattr(device, "core_count", None)
-    if count:
-      return int(count)
-    return 132
-  return os.cpu_count() or 1
+def _concurrent_ctas(device, tensor_cores, dtype, head_dim, tile_rows, override) -> int:
+  if device.platform != "gpu":
+    return _CPU_BINS_PER_THREAD * (os.cpu_count() or 1)
+  sms = int(getattr(device, "core_count", 0) or 132)
+  if override:
+    return sms * max(1, int(override))
+  if getattr(_C, "HAS_CUDA", False) and dtype in ("float16", "bfloat16"):
+    per_sm = _C.ctas_per_sm(tensor_cores, dtype, head_dim, tile_rows)
+    if per_sm > 0:
+      return sms * per_sm
+  return sms
 
 
 def as_host_int32(x, name: str) -> np.ndarray:
@@ -130,14 +147,16 @@ def as_host_int32(x, name: str) -> np.ndarray:
   return np.ascontiguousarray(a, dtype=np.int32)
 
 
-def derive_capacities(batch, tokens, pages, *, group_size, tile_rows, num_kv_heads, num_sms,
+def derive_capacities(batch, tokens, pages, *, group_size, tile_rows, num_kv_heads, num_ctas,
                       partial_rows_limit=-1) -> Capacities:
+  """Capacities holding any batch of up to `batch` requests, `tokens` query tokens and
+  `pages` page ids, with bins for `num_ctas` concurrent CTAs (see concurrent_ctas)."""
   return Capacities(*_C.derive_capacities(batch, tokens, pages, group_size, tile_rows,
-                                          num_kv_heads, num_sms, partial_rows_limit))
+                                          num_kv_heads, num_ctas, partial_rows_limit))
 
 
 def plan_host(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, *, page_size, num_qo_heads,
-              num_kv_heads, tile_rows, causal, caps: Capacities, num_sms, num_pages=-1,
+              num_kv_heads, tile_rows, causal, caps: Capacities, num_pages=-1,
               decode_names=False) -> np.ndarray:
   """Runs the C++ planner on host arrays; returns the int32 plan buffer.
 
@@ -146,13 +165,14 @@ def plan_host(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, *, page_size, 
   """
   return _C.plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, int(page_size),
                  int(num_qo_heads // num_kv_heads), int(num_kv_heads), int(tile_rows), bool(causal),
-                 int(num_pages), int(num_sms), caps.batch, caps.tokens, caps.pages, caps.work,
-                 caps.partial_rows, bool(decode_names))
+                 int(num_pages), caps.batch, caps.tokens, caps.pages, caps.work,
+                 caps.partial_rows, caps.bins, bool(decode_names))
 
 
+@functools.lru_cache(maxsize=256)
 def plan_sections(caps: Capacities) -> dict:
   """{section: (offset, length)} of a plan buffer with these capacities."""
-  return _C.plan_layout(caps.batch, caps.tokens, caps.pages, caps.work)
+  return _C.plan_layout(caps.batch, caps.tokens, caps.pages, caps.work, caps.bins)
 
 
 def unpack_plan(buffer, caps: Capacities) -> dict:

@@ -76,6 +76,38 @@ def test_decode_split_kv(platform, device, rng, dtype, tensor_cores):
   assert_attention_close(out, lse, ref_out, ref_lse, dtype)
 
 
+@pytest.mark.parametrize("tensor_cores", [False, True])
+def test_decode_bins_of_many_items(platform, device, rng, monkeypatch, tensor_cores):
+  """Few bins for many requests: every CTA runs a long run of items back to back, whole
+  requests and pieces of cut ones mixed, so the shared memory handed from one item to
+  the next must be clean (checked through the plan, so this cannot pass vacuously)."""
+  check_native(platform)
+  dtype = "bf16" if platform == "gpu" else "f32"
+  # One CTA per SM on the GPU: 132 / 4 heads = 33 bins for 300 requests.
+  monkeypatch.setenv(planning.CTAS_PER_SM_ENV, "1")
+  hq, hk, d, ps = 16, 4, 64, 8
+  kv_lens = rng.integers(0, 300, size=300)
+  kv_lens[[3, 150]] = [4000, 2500]  # two long requests that must be cut
+  table = page_table(rng, kv_lens, ps)
+  k, v = random_cache(rng, table.num_pages, ps, hk, d, dtype)
+  cache = cache_in_form(k, v, dtype, "HND", "tuple")
+  dt = DTYPES[dtype]
+  q = round_to(rng.standard_normal((len(kv_lens), hq, d), dtype=np.float32), dt)
+  with jax.default_device(device):
+    w = jpa.BatchDecodeWithPagedKVCacheWrapper(kv_layout="HND", use_tensor_cores=tensor_cores)
+    plan = w.plan(table.indptr, table.indices, table.last_page_len, hq, hk, d, ps,
+                  q_data_type=np.dtype(dt))
+    out, lse = w.run(put(q.astype(np.dtype(dt)), device), put(cache, device), return_lse=True)
+  sections = planning.unpack_plan(plan.buffer, plan.config.caps)
+  items_per_bin = np.diff(sections["bin_indptr"])
+  assert items_per_bin.max() >= 4, "precondition: bins should hold several items"
+  if platform == "gpu":  # the CPU has too few bins for a 4000-key request to overrun one
+    live = sections["work"][sections["work"][:, 0] >= 0]
+    assert (live[:, 5] >= 0).any(), "precondition: the long requests should be cut"
+  ref_out, ref_lse = oracle(q, k, v, np.arange(len(kv_lens) + 1), table)
+  assert_attention_close(out, lse, ref_out, ref_lse, dtype)
+
+
 def test_decode_custom_scales(platform, device, rng):
   """sm_scale, rope_scale and rope_theta reach the kernel (defaults would differ)."""
   check_native(platform)

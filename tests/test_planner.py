@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -15,7 +16,7 @@ from jax_pagedattn.planning import Capacities
 # Work item fields (CONTRACT.md / plan_layout.h).
 REQ, ROW_B, ROW_E, KV_B, KV_E, SPLIT, QO_LEN, KV_LEN = range(8)
 # Metadata fields.
-NUM_REQ, NUM_TOK, NUM_WORK, NUM_PARTIAL = range(4)
+NUM_REQ, NUM_TOK, NUM_WORK, NUM_PARTIAL, NUM_BINS = range(5)
 
 PREFILL_NAMES = dict(qo="qo_indptr", kv_indptr="paged_kv_indptr", kv_indices="paged_kv_indices",
                      last="paged_kv_last_page_len")
@@ -33,7 +34,7 @@ def batches(draw):
   group = draw(st.sampled_from([1, 2, 3, 4, 8]))
   tile_rows = draw(st.sampled_from([1, 2, 4, 16, 64, 128]))
   causal = draw(st.booleans())
-  num_sms = draw(st.sampled_from([1, 2, 16, 132]))
+  num_ctas = draw(st.sampled_from([1, 2, 16, 132, 396]))
   batch = draw(st.integers(0, 8))
   # Mostly short keys; sometimes a long context, which the planner splits.
   kv_len = st.one_of(st.integers(0, 70), st.integers(0, 70), st.integers(200, 4000))
@@ -60,12 +61,12 @@ def batches(draw):
   limit = draw(st.one_of(st.just(-1), st.integers(0, 64)))
   caps = planning.derive_capacities(
       max(batch + extra, 1), max(tokens + extra, 1), max(len(kv_indices) + extra, 1),
-      group_size=group, tile_rows=tile_rows, num_kv_heads=num_kv_heads, num_sms=num_sms,
+      group_size=group, tile_rows=tile_rows, num_kv_heads=num_kv_heads, num_ctas=num_ctas,
       partial_rows_limit=limit)
   return dict(qo_indptr=None if decode else qo_indptr, qo_for_check=qo_indptr,
               kv_indptr=kv_indptr, kv_indices=kv_indices, last=last, kv_lens=kv_lens,
               qo_lens=qo_lens, page_size=page_size, num_kv_heads=num_kv_heads, group=group,
-              tile_rows=tile_rows, causal=causal, num_sms=num_sms, caps=caps,
+              tile_rows=tile_rows, causal=causal, num_ctas=num_ctas, caps=caps,
               num_pages=num_pages)
 
 
@@ -74,7 +75,7 @@ def run_plan(b, **override):
               kv_last_page_len=b["last"])
   kw = dict(page_size=b["page_size"], num_qo_heads=b["group"] * b["num_kv_heads"],
             num_kv_heads=b["num_kv_heads"], tile_rows=b["tile_rows"], causal=b["causal"],
-            caps=b["caps"], num_sms=b["num_sms"], num_pages=b["num_pages"])
+            caps=b["caps"], num_pages=b["num_pages"])
   for k, v in override.items():
     (args if k in args else kw)[k] = v
   return planning.plan_host(args.pop("qo_indptr"), args.pop("kv_indptr"), args.pop("kv_indices"),
@@ -104,6 +105,13 @@ def check_plan(b, buf):
   assert 0 <= nw <= caps.work
   assert (work[:nw, REQ] >= 0).all(), "live items come first"
   assert (work[nw:] == -1).all(), "padding items are all -1"
+  # bins: contiguous item ranges that cover exactly the live items, used bins first
+  bins = s["bin_indptr"]
+  assert bins.shape == (caps.bins + 1,) and bins[0] == 0 and bins[-1] == nw
+  nb = int(meta[NUM_BINS])
+  assert 0 <= nb <= caps.bins and (nb > 0) == (nw > 0)
+  assert (np.diff(bins)[:nb] > 0).all(), "used bins are not empty"
+  assert (bins[nb:] == nw).all(), "unused bins come last and are empty"
   np.testing.assert_array_equal(s["qo_indptr"][:batch + 1], qo_indptr)
   assert (s["qo_indptr"][batch + 1:] == tokens).all()
   np.testing.assert_array_equal(s["kv_indptr"][:batch + 1], b["kv_indptr"])
@@ -183,13 +191,45 @@ def test_plan_splits_long_requests():
            kv_indices=np.arange(npages.sum(), dtype=np.int32),
            last=(kv_lens - (npages - 1) * ps).astype(np.int32), kv_lens=kv_lens,
            qo_lens=np.array([2, 1]), page_size=ps, num_kv_heads=2, group=4, tile_rows=16,
-           causal=True, num_sms=132, num_pages=int(npages.sum()))
+           causal=True, num_ctas=396, num_pages=int(npages.sum()))
   b["caps"] = planning.derive_capacities(4, 8, 512, group_size=4, tile_rows=16, num_kv_heads=2,
-                                         num_sms=132)
+                                         num_ctas=396)
   buf = run_plan(b)
   check_plan(b, buf)
   work = planning.unpack_plan(buf, b["caps"])["work"]
   assert (work[:, SPLIT] >= 1).any(), "a 4000-key request on 132 SMs must be split"
+
+
+@pytest.mark.parametrize("spec", ["4096", "2048", "1024", "32768", "lognormal:16:32768",
+                                  "zipf:16:32768"])
+@pytest.mark.parametrize("tile_rows", [4, 16])
+def test_plan_balances_bins(spec, tile_rows):
+  """The bins of a launch all run at once, so the launch lasts as long as the costliest:
+  every bin must get about the same number of keys, however unequal the requests."""
+  from jax_pagedattn import bench_workloads as wl
+
+  batch = 8 if spec == "32768" else 64
+  w = wl.make_workload("balance", "decode", batch, spec, heads=(32, 8), page_size=16)
+  s = wl.build_page_sets(w, 1, 0)[1][0]
+  caps = planning.derive_capacities(batch, batch, len(s.kv_indices), group_size=4,
+                                    tile_rows=tile_rows, num_kv_heads=8, num_ctas=396)
+  buf = planning.plan_host(None, s.kv_indptr, s.kv_indices, s.kv_last_page_len, page_size=16,
+                           num_qo_heads=32, num_kv_heads=8, tile_rows=tile_rows, causal=False,
+                           caps=caps)
+  sec = planning.unpack_plan(buf, caps)
+  work, bins = sec["work"], sec["bin_indptr"]
+  keys = np.array([int((work[bins[i]:bins[i + 1], KV_E] - work[bins[i]:bins[i + 1], KV_B]).sum())
+                   for i in range(caps.bins)])
+  assert caps.bins == 49 and keys.sum() == w.kv_lens.sum()
+  # The planner's cost: keys plus 32 per item (its start-up); a bin may overrun its
+  # share by 1/16 rather than cut a request, and cuts fall on 64-key tiles.
+  cost = keys + 32 * np.diff(bins)
+  ideal = cost.sum() / caps.bins
+  assert cost.max() <= ideal * 17 / 16 + 64, (cost.max() / ideal, cost)
+  # Light bins waste nothing but idle slots; the last one takes what the others left.
+  assert (cost >= 0.85 * ideal).mean() >= 0.9, (cost / ideal)
+  # Cuts are the price of balance: at most one per bin boundary.
+  assert int(sec["meta"][NUM_WORK]) <= batch + caps.bins - 1
 
 
 # ------------------------------------------------------------------ invalid input
@@ -238,15 +278,15 @@ def _corrupt(b, kind, rng_draw):
     return dict(kv_last_page_len=last), "paged_kv_last_page_len"
   if kind == "cap_batch":
     c = b["caps"]
-    caps = Capacities(batch - 1, c.tokens, c.pages, c.work, c.partial_rows)
+    caps = dataclasses.replace(c, batch=batch - 1)
     return dict(caps=caps), "max_batch_size"
   if kind == "cap_tokens":
     c = b["caps"]
-    caps = Capacities(c.batch, int(qo[-1]) - 1, c.pages, c.work, c.partial_rows)
+    caps = dataclasses.replace(c, tokens=int(qo[-1]) - 1)
     return dict(caps=caps), "max_num_tokens"
   if kind == "cap_pages":
     c = b["caps"]
-    caps = Capacities(c.batch, c.tokens, len(kv_indices) - 1, c.work, c.partial_rows)
+    caps = dataclasses.replace(c, pages=len(kv_indices) - 1)
     return dict(caps=caps), "max_num_pages"
   raise KeyError(kind)
 
@@ -292,7 +332,7 @@ def test_plan_rejects_capacity_of_work_items():
   with pytest.raises(ValueError, match="work items"):
     planning.plan_host(qo, np.array([0, 1], np.int32), np.array([0], np.int32),
                        np.array([1], np.int32), page_size=16, num_qo_heads=4, num_kv_heads=1,
-                       tile_rows=4, causal=False, caps=Capacities(1, 64, 4, 3, 1), num_sms=1)
+                       tile_rows=4, causal=False, caps=Capacities(1, 64, 4, 3, 1, 1))
 
 
 def test_plan_names_decode_arguments():
@@ -300,12 +340,12 @@ def test_plan_names_decode_arguments():
   with pytest.raises(ValueError, match=r"\bindices\b"):
     planning.plan_host(None, np.array([0, 1], np.int32), np.array([-3], np.int32),
                        np.array([1], np.int32), page_size=16, num_qo_heads=4, num_kv_heads=1,
-                       tile_rows=4, causal=False, caps=Capacities(1, 1, 4, 8, 8), num_sms=1,
+                       tile_rows=4, causal=False, caps=Capacities(1, 1, 4, 8, 8, 1),
                        decode_names=True)
   with pytest.raises(ValueError, match=r"\blast_page_len\b"):
     planning.plan_host(None, np.array([0, 1], np.int32), np.array([0], np.int32),
                        np.array([17], np.int32), page_size=16, num_qo_heads=4, num_kv_heads=1,
-                       tile_rows=4, causal=False, caps=Capacities(1, 1, 4, 8, 8), num_sms=1,
+                       tile_rows=4, causal=False, caps=Capacities(1, 1, 4, 8, 8, 1),
                        decode_names=True)
 
 
@@ -319,9 +359,9 @@ def test_plan_time_256_requests(capsys):
   kv_indices = rng.permutation(int(npages.sum())).astype(np.int32)
   last = (kv_lens - (npages - 1) * ps).astype(np.int32)
   caps = planning.derive_capacities(256, 256, int(npages.sum()), group_size=g, tile_rows=g,
-                                    num_kv_heads=hk, num_sms=132)
+                                    num_kv_heads=hk, num_ctas=396)
   kw = dict(page_size=ps, num_qo_heads=g * hk, num_kv_heads=hk, tile_rows=g, causal=False,
-            caps=caps, num_sms=132)
+            caps=caps)
   planning.plan_host(None, kv_indptr, kv_indices, last, **kw)  # warm-up
   n = 200
   t0 = time.perf_counter()

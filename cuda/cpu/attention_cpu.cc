@@ -1,5 +1,6 @@
-// CPU attention: walks the plan's work items exactly as the CUDA grid [work_cap, Hkv]
-// does (cpu_attention_task.h), then runs the merge pass over every query row
+// CPU attention: runs the items of every bin of the plan, as the CUDA grid [bin_cap,
+// Hkv] does (cpu_attention_task.h; the CPU hands items out dynamically instead of one
+// bin per thread), then runs the merge pass over every query row
 // (cpu_merge.h); docs/CONTRACT.md has the contract. Also the decode/prefill FFI
 // handlers, one implementation for both: the CPU has one code path.
 #include <algorithm>
@@ -46,8 +47,9 @@ const char* CheckParams(const AttentionParams& p) {
   return nullptr;
 }
 
-// Reads the work items on the host (allowed here: this is the CPU) to find the live
-// ones, order them by cost and size the RoPE table.
+// Reads the bins and work items on the host (allowed here: this is the CPU) to find
+// the live items, order them by cost and size the RoPE table. Only items some bin
+// names run, as on the GPU.
 void PrepareCall(const AttentionParams& p, CallPlan& c) {
   c.p = &p;
   c.dp = PaddedDim(p.head_dim);
@@ -55,16 +57,20 @@ void PrepareCall(const AttentionParams& p, CallPlan& c) {
   c.direct = p.pos_encoding != PosEncoding::kRopeLlama && p.head_dim % 8 == 0;
   std::vector<std::pair<double, int32_t>> cost;
   int64_t max_key = 0;
-  for (int32_t w = 0; w < p.layout.work_cap; ++w) {
-    const int32_t* it = p.work + int64_t(w) * kWorkFields;
-    if (!LiveItem(p, it)) continue;
-    const KeyRange keys = ItemKeys(p, it);
-    const double nkeys = double(std::max<int64_t>(keys.end - keys.begin, 0));
-    const double nrows = double(it[kWorkRowEnd]) - double(it[kWorkRowBegin]);
-    // Rows beyond q are skipped, so a bogus row count must not inflate the estimate.
-    const double rows = std::min(nrows, double(p.q_rows) * p.group_size);
-    cost.emplace_back(rows * (nkeys + 1.0), w);
-    max_key = std::max(max_key, keys.end);
+  for (int32_t bin = 0; bin < p.layout.bin_cap; ++bin) {
+    const int32_t begin = std::max(p.bin_indptr[bin], 0);
+    const int32_t end = std::min(p.bin_indptr[bin + 1], p.layout.work_cap);
+    for (int32_t w = begin; w < end; ++w) {
+      const int32_t* it = p.work + int64_t(w) * kWorkFields;
+      if (!LiveItem(p, it)) continue;
+      const KeyRange keys = ItemKeys(p, it);
+      const double nkeys = double(std::max<int64_t>(keys.end - keys.begin, 0));
+      const double nrows = double(it[kWorkRowEnd]) - double(it[kWorkRowBegin]);
+      // Rows beyond q are skipped, so a bogus row count must not inflate the estimate.
+      const double rows = std::min(nrows, double(p.q_rows) * p.group_size);
+      cost.emplace_back(rows * (nkeys + 1.0), w);
+      max_key = std::max(max_key, keys.end);
+    }
   }
   std::stable_sort(cost.begin(), cost.end(),
                    [](const auto& a, const auto& b) { return a.first > b.first; });

@@ -10,6 +10,7 @@
 
 #include "jax_pagedattn/ffi_common.h"
 #include "jax_pagedattn/handlers.h"
+#include "jax_pagedattn/occupancy.h"
 #include "launchers.h"
 
 namespace jax_pagedattn {
@@ -64,6 +65,15 @@ ffi::Error PrefillCuda(cudaStream_t stream, JPA_ATTENTION_HANDLER_ARGS) {
 }
 
 }  // namespace
+
+const char* AttentionCtasPerSm(bool tensor_cores, DType dtype, int32_t head_dim,
+                               int32_t tile_rows, int32_t* ctas) {
+  *ctas = 0;
+  const cudaError_t err = tensor_cores ? PrefillCtasPerSm(dtype, head_dim, tile_rows, ctas)
+                                       : DecodeCtasPerSm(dtype, head_dim, tile_rows, ctas);
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
 }  // namespace jax_pagedattn
 
 // The bindings: stream context, then ffi_common.h's operand list.

@@ -1,4 +1,5 @@
-// CUDA-core paged decode: one CTA per (work item, kv head).
+// CUDA-core paged decode: one CTA per (bin, kv head), running the bin's work items one
+// after the other (AttendItem is one item; the planner balanced the bins).
 //
 // The item's packed rows (the G query heads of one token in the usual decode plan) all
 // read the same K/V rows, so every key is fetched and widened once and used for every
@@ -31,10 +32,12 @@
 // no spills, no stack. Instantiations: {f16, bf16} x D {64, 128, 256} x R {1, 2, 4, 8}.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <climits>
 #include <cstdint>
 
 #include "cp_async.cuh"
+#include "kernel_setup.cuh"
 #include "jax_pagedattn/params.h"
 #include "launchers.h"
 #include "rope.cuh"
@@ -243,11 +246,13 @@ __device__ __forceinline__ void LoadRowValues(const float* src, float (&v)[R]) {
 template <int R>
 constexpr int kMinBlocks = R >= 8 ? 2 : 3;
 
+// One work item (`item_index` into p.work) for the CTA's kv head. Every early return is
+// uniform over the CTA.
 template <typename T, int D, int R>
-__global__ void __launch_bounds__(kThreads, kMinBlocks<R>) DecodeKernel(const AttentionParams p) {
+__device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_index,
+                                           uint4* smem_u4) {
   using S = Shape<D>;
   using M = Smem<D, R>;
-  extern __shared__ uint4 smem_u4[];
   uint4* kv_smem = smem_u4;
   float* q_smem = reinterpret_cast<float*>(smem_u4 + M::kKvU4);
   float* p_smem = q_smem + M::kQFloats;
@@ -255,7 +260,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<R>) DecodeKernel(const At
   float* ml_smem = freq_smem + M::kFreqFloats;
   int4* row_smem = reinterpret_cast<int4*>(ml_smem + M::kMlFloats);
 
-  const int* item = p.work + int64_t(blockIdx.x) * kWorkFields;
+  const int* item = p.work + int64_t(item_index) * kWorkFields;
   const int4 w0 = __ldg(reinterpret_cast<const int4*>(item));
   const int4 w1 = __ldg(reinterpret_cast<const int4*>(item) + 1);
   const int b = w0.x;
@@ -523,37 +528,72 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<R>) DecodeKernel(const At
   }
 }
 
+// The grid is [bin_cap, num_kv_heads]: CTA (bin, head) runs the bin's items in order.
 template <typename T, int D, int R>
-cudaError_t Launch(const AttentionParams& p, cudaStream_t stream) {
-  const size_t smem = Smem<D, R>::kBytes;
-  auto kernel = DecodeKernel<T, D, R>;
-  // Above 48 KB a kernel must opt in. Setting the attribute is a host-side call that is
-  // legal during stream capture, and cheap enough to repeat per launch (per device).
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned(p.layout.work_cap), unsigned(p.num_kv_heads));
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+__global__ void __launch_bounds__(kThreads, kMinBlocks<R>)
+    DecodeKernel(const __grid_constant__ AttentionParams p) {
+  extern __shared__ uint4 smem_u4[];
+  const int bin = blockIdx.x;
+  const int begin = max(p.bin_indptr[bin], 0);
+  const int end = min(p.bin_indptr[bin + 1], p.layout.work_cap);
+  for (int item = begin; item < end; ++item) {
+    AttendItem<T, D, R>(p, item, smem_u4);
+    __syncthreads();  // the next item's copies overwrite what this merge read
+  }
 }
 
-template <typename T, int D>
-cudaError_t LaunchRows(const AttentionParams& p, cudaStream_t stream) {
-  // One pass holds up to 8 rows (o costs 8 registers per row); the planner keeps decode
-  // items at <= tile_rows rows, so R follows tile_rows and bigger items loop.
-  if (p.tile_rows <= 1) return Launch<T, D, 1>(p, stream);
-  if (p.tile_rows <= 2) return Launch<T, D, 2>(p, stream);
-  if (p.tile_rows <= 4) return Launch<T, D, 4>(p, stream);
-  return Launch<T, D, 8>(p, stream);
+// One instantiation: its shared-memory opt-in, launch and occupancy.
+template <typename T, int D, int R>
+struct RowsKernel {
+  static constexpr int kSmem = int(Smem<D, R>::kBytes);
+
+  static cudaError_t Ready() {
+    static std::atomic<uint64_t> smem_set{0};
+    return AllowSmem(DecodeKernel<T, D, R>, kSmem, &smem_set);
+  }
+
+  static cudaError_t Launch(const AttentionParams& p, cudaStream_t stream) {
+    const cudaError_t err = Ready();
+    if (err != cudaSuccess) return err;
+    const dim3 grid(unsigned(p.layout.bin_cap), unsigned(p.num_kv_heads));
+    DecodeKernel<T, D, R><<<grid, kThreads, kSmem, stream>>>(p);
+    return cudaGetLastError();
+  }
+
+  static cudaError_t Occupancy(int32_t* ctas) {
+    const cudaError_t err = Ready();
+    if (err != cudaSuccess) return err;
+    return CtasPerSm(DecodeKernel<T, D, R>, kThreads, kSmem, ctas);
+  }
+};
+
+// Calls op(RowsKernel<T, D, R>{}) for the instantiation serving (dtype, head_dim,
+// tile_rows). One pass holds up to 8 rows (o costs 8 registers per row); the planner
+// keeps decode items at <= tile_rows rows, so R follows tile_rows and bigger items loop.
+template <typename T, int D, typename Op>
+cudaError_t WithRows(int tile_rows, Op&& op) {
+  if (tile_rows <= 1) return op(RowsKernel<T, D, 1>{});
+  if (tile_rows <= 2) return op(RowsKernel<T, D, 2>{});
+  if (tile_rows <= 4) return op(RowsKernel<T, D, 4>{});
+  return op(RowsKernel<T, D, 8>{});
 }
 
-template <typename T>
-cudaError_t LaunchDims(const AttentionParams& p, cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 64: return LaunchRows<T, 64>(p, stream);
-    case 128: return LaunchRows<T, 128>(p, stream);
-    case 256: return LaunchRows<T, 256>(p, stream);
+template <typename T, typename Op>
+cudaError_t WithHeadDim(int head_dim, int tile_rows, Op&& op) {
+  switch (head_dim) {
+    case 64: return WithRows<T, 64>(tile_rows, op);
+    case 128: return WithRows<T, 128>(tile_rows, op);
+    case 256: return WithRows<T, 256>(tile_rows, op);
     default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename Op>
+cudaError_t WithKernel(DType dtype, int head_dim, int tile_rows, Op&& op) {
+  switch (dtype) {
+    case DType::kF16: return WithHeadDim<__half>(head_dim, tile_rows, op);
+    case DType::kBF16: return WithHeadDim<__nv_bfloat16>(head_dim, tile_rows, op);
+    default: return cudaErrorInvalidValue;  // f32 has no GPU kernel
   }
 }
 
@@ -562,14 +602,16 @@ cudaError_t LaunchDims(const AttentionParams& p, cudaStream_t stream) {
 cudaError_t LaunchDecode(const AttentionParams& p, cudaStream_t stream) {
   if (p.num_qo_heads <= 0 || p.num_kv_heads <= 0 || p.group_size <= 0 ||
       p.group_size * p.num_kv_heads != p.num_qo_heads || p.kv.page_size <= 0 ||
-      p.num_kv_heads > 65535)
+      p.num_kv_heads > 65535 || p.layout.bin_cap < 1)
     return cudaErrorInvalidValue;
   if (p.layout.work_cap <= 0) return cudaSuccess;  // nothing to launch
-  switch (p.dtype) {
-    case DType::kF16: return LaunchDims<__half>(p, stream);
-    case DType::kBF16: return LaunchDims<__nv_bfloat16>(p, stream);
-    default: return cudaErrorInvalidValue;  // f32 has no GPU kernel
-  }
+  return WithKernel(p.dtype, p.head_dim, p.tile_rows,
+                    [&](auto kernel) { return decltype(kernel)::Launch(p, stream); });
+}
+
+cudaError_t DecodeCtasPerSm(DType dtype, int head_dim, int tile_rows, int32_t* ctas) {
+  return WithKernel(dtype, head_dim, tile_rows,
+                    [&](auto kernel) { return decltype(kernel)::Occupancy(ctas); });
 }
 
 }  // namespace jax_pagedattn

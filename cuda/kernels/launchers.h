@@ -10,13 +10,19 @@
 
 namespace jax_pagedattn {
 
-// CUDA-core decode: one CTA per (work item, kv head); the item's packed rows are the
-// query heads of one token's GQA group. Writes out/lse or workspace partials.
+// CUDA-core decode: one CTA per (bin, kv head) running the bin's work items; an item's
+// packed rows are the query heads of one token's GQA group. Writes out/lse or
+// workspace partials.
 cudaError_t LaunchDecode(const AttentionParams& p, cudaStream_t stream);
 
-// Tensor-core prefill (also the use_tensor_cores decode path): one CTA per
-// (work item, kv head) over up to p.tile_rows packed query rows.
+// Tensor-core prefill (also the use_tensor_cores decode path): one CTA per (bin, kv
+// head), items of up to p.tile_rows packed query rows.
 cudaError_t LaunchPrefill(const AttentionParams& p, cudaStream_t stream);
+
+// CTAs per SM of the kernel LaunchDecode / LaunchPrefill would launch for this dtype,
+// head_dim and tile_rows, on the current device (the occupancy calculator).
+cudaError_t DecodeCtasPerSm(DType dtype, int head_dim, int tile_rows, int32_t* ctas);
+cudaError_t PrefillCtasPerSm(DType dtype, int head_dim, int tile_rows, int32_t* ctas);
 
 // After LaunchDecode/LaunchPrefill: merges split partials into out/lse and zero-fills
 // (lse = -inf) rows t >= meta[kMetaNumTokens]. Always launched, over p.q_rows tokens.

@@ -1,6 +1,7 @@
 // LaunchPrefill: picks the (dtype, head_dim, tile_rows) instantiation of the
 // tensor-core prefill kernel (prefill_kernel.cuh) and launches it over the grid
-// [work_cap, num_kv_heads]. Causal masking and the position encoding are run-time
+// [bin_cap, num_kv_heads]; PrefillCtasPerSm reports how many of its CTAs an SM holds,
+// which the planner's bins fill. Causal masking and the position encoding are run-time
 // branches inside the kernel, so the template set stays at 16 kernels per arch:
 // {f16, bf16} x ({64, 128} x {16, 64, 128} + {256} x {16, 64}).
 #include <cuda_runtime.h>
@@ -8,6 +9,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "kernel_setup.cuh"
 #include "launchers.h"
 #include "prefill_kernel.cuh"
 
@@ -17,54 +19,63 @@ namespace {
 using prefill_detail::PrefillCfg;
 using prefill_detail::PrefillKernel;
 
-// Raises the kernel's dynamic shared-memory limit once per device: the attribute is
-// per device, and a process may drive several GPUs with the same kernel.
-template <typename Kernel>
-cudaError_t AllowSmem(Kernel kernel, int bytes, std::atomic<uint64_t>* done) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  const uint64_t bit = dev >= 0 && dev < 64 ? uint64_t(1) << dev : 0;
-  if (bit != 0 && (done->load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err == cudaSuccess && bit != 0) done->fetch_or(bit, std::memory_order_release);
-  return err;
-}
-
+// One instantiation: its shared-memory opt-in, launch and occupancy.
 template <typename T, int D, int TILE_ROWS>
-cudaError_t LaunchTile(const AttentionParams& p, cudaStream_t stream) {
+struct TileKernel {
   using Cfg = PrefillCfg<D, TILE_ROWS>;
-  static std::atomic<uint64_t> smem_set{0};
-  auto kernel = PrefillKernel<T, D, TILE_ROWS>;
-  cudaError_t err = AllowSmem(kernel, Cfg::kSmemBytes, &smem_set);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned(p.layout.work_cap), unsigned(p.num_kv_heads));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
-}
 
-template <typename T, int D>
-cudaError_t LaunchHeadDim(const AttentionParams& p, cudaStream_t stream) {
-  switch (p.tile_rows) {
-    case 16: return LaunchTile<T, D, 16>(p, stream);
-    case 64: return LaunchTile<T, D, 64>(p, stream);
+  static cudaError_t Ready() {
+    static std::atomic<uint64_t> smem_set{0};
+    return AllowSmem(PrefillKernel<T, D, TILE_ROWS>, Cfg::kSmemBytes, &smem_set);
+  }
+
+  static cudaError_t Launch(const AttentionParams& p, cudaStream_t stream) {
+    const cudaError_t err = Ready();
+    if (err != cudaSuccess) return err;
+    const dim3 grid(unsigned(p.layout.bin_cap), unsigned(p.num_kv_heads));
+    PrefillKernel<T, D, TILE_ROWS><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+    return cudaGetLastError();
+  }
+
+  static cudaError_t Occupancy(int32_t* ctas) {
+    const cudaError_t err = Ready();
+    if (err != cudaSuccess) return err;
+    return CtasPerSm(PrefillKernel<T, D, TILE_ROWS>, Cfg::kThreads, Cfg::kSmemBytes, ctas);
+  }
+};
+
+// Calls op(TileKernel<T, D, TILE_ROWS>{}) for the instantiation of (dtype, head_dim,
+// tile_rows); cudaErrorInvalidValue where there is none.
+template <typename T, int D, typename Op>
+cudaError_t WithTileRows(int tile_rows, Op&& op) {
+  switch (tile_rows) {
+    case 16: return op(TileKernel<T, D, 16>{});
+    case 64: return op(TileKernel<T, D, 64>{});
     case 128:
       // 128 rows x 256 dims would need 128 accumulator registers per thread with 8
       // warps; the Python layer uses 64-row tiles there.
-      if constexpr (D != 256) return LaunchTile<T, D, 128>(p, stream);
+      if constexpr (D != 256) return op(TileKernel<T, D, 128>{});
       return cudaErrorInvalidValue;
     default: return cudaErrorInvalidValue;
   }
 }
 
-template <typename T>
-cudaError_t LaunchType(const AttentionParams& p, cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 64: return LaunchHeadDim<T, 64>(p, stream);
-    case 128: return LaunchHeadDim<T, 128>(p, stream);
-    case 256: return LaunchHeadDim<T, 256>(p, stream);
+template <typename T, typename Op>
+cudaError_t WithHeadDim(int head_dim, int tile_rows, Op&& op) {
+  switch (head_dim) {
+    case 64: return WithTileRows<T, 64>(tile_rows, op);
+    case 128: return WithTileRows<T, 128>(tile_rows, op);
+    case 256: return WithTileRows<T, 256>(tile_rows, op);
     default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename Op>
+cudaError_t WithKernel(DType dtype, int head_dim, int tile_rows, Op&& op) {
+  switch (dtype) {
+    case DType::kF16: return WithHeadDim<__half>(head_dim, tile_rows, op);
+    case DType::kBF16: return WithHeadDim<__nv_bfloat16>(head_dim, tile_rows, op);
+    default: return cudaErrorInvalidValue;  // f32 runs on the CPU backend only
   }
 }
 
@@ -75,14 +86,16 @@ cudaError_t LaunchPrefill(const AttentionParams& p, cudaStream_t stream) {
   if (p.num_kv_heads <= 0 || p.num_kv_heads > 65535 || p.group_size <= 0 ||
       int64_t(p.group_size) * p.num_kv_heads != p.num_qo_heads ||
       p.kv.num_kv_heads != p.num_kv_heads || p.kv.head_dim != p.head_dim ||
-      p.kv.page_size < 1 || p.layout.work_cap < 0)
+      p.kv.page_size < 1 || p.layout.work_cap < 0 || p.layout.bin_cap < 1)
     return cudaErrorInvalidValue;
   if (p.layout.work_cap == 0) return cudaSuccess;  // no items, nothing to launch
-  switch (p.dtype) {
-    case DType::kF16: return LaunchType<__half>(p, stream);
-    case DType::kBF16: return LaunchType<__nv_bfloat16>(p, stream);
-    default: return cudaErrorInvalidValue;  // f32 runs on the CPU backend only
-  }
+  return WithKernel(p.dtype, p.head_dim, p.tile_rows,
+                    [&](auto kernel) { return decltype(kernel)::Launch(p, stream); });
+}
+
+cudaError_t PrefillCtasPerSm(DType dtype, int head_dim, int tile_rows, int32_t* ctas) {
+  return WithKernel(dtype, head_dim, tile_rows,
+                    [&](auto kernel) { return decltype(kernel)::Occupancy(ctas); });
 }
 
 }  // namespace jax_pagedattn

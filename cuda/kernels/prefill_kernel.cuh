@@ -1,4 +1,5 @@
-// Tensor-core paged prefill kernel (sm80+ mma.sync), one CTA per (work item, kv head).
+// Tensor-core paged prefill kernel (sm80+ mma.sync), one CTA per (bin, kv head), running
+// the bin's work items one after the other (AttendItem below is one item).
 //
 // Warps. A CTA holds kWarpsM x kWarpsN warps. Warp (wm, wn) owns kMT m16 tiles of
 // query rows, [16 kMT wm, 16 kMT (wm + 1)) of the item's tile, and keys
@@ -129,9 +130,10 @@ __device__ __forceinline__ uint32_t Swz(int r, int c) {
   return uint32_t(r * kRowBytes + ((c ^ (r & 7)) << 4));
 }
 
+// One work item (`item`, an index into p.work) for the CTA's kv head; `smem` is the
+// 128-byte aligned dynamic shared memory. Every early return is uniform over the CTA.
 template <typename T, int D, int TILE_ROWS>
-__global__ void __launch_bounds__(PrefillCfg<D, TILE_ROWS>::kThreads)
-    PrefillKernel(const __grid_constant__ AttentionParams p) {
+__device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, uint8_t* smem) {
   using Cfg = PrefillCfg<D, TILE_ROWS>;
   using E = Elem<T>;
   constexpr int kWarpsN = Cfg::kWarpsN;
@@ -144,11 +146,6 @@ __global__ void __launch_bounds__(PrefillCfg<D, TILE_ROWS>::kThreads)
   constexpr int kRowBytes = Cfg::kRowBytes;
   constexpr float kNegInf = -__builtin_huge_valf();
 
-  // The fragment addressing below XORs bits 4-6 of absolute shared addresses, which
-  // needs every tile row to start on 128 bytes; the launch adds 128 bytes of slack
-  // so the base can be rounded up whatever the runtime reserved in front of it.
-  extern __shared__ __align__(128) uint8_t smem_raw[];
-  uint8_t* smem = smem_raw + ((128u - (SmemAddr(smem_raw) & 127u)) & 127u);
   int64_t* s_off = reinterpret_cast<int64_t*>(smem + Cfg::kOffOff);
   int32_t* s_bad = reinterpret_cast<int32_t*>(smem + Cfg::kBadOff);
   float* s_freq = reinterpret_cast<float*>(smem + Cfg::kFreqOff);
@@ -164,7 +161,7 @@ __global__ void __launch_bounds__(PrefillCfg<D, TILE_ROWS>::kThreads)
   const int kv_head = blockIdx.y;
 
   // ---- the work item ------------------------------------------------------------
-  const int4* wp = reinterpret_cast<const int4*>(p.work + int64_t(blockIdx.x) * kWorkFields);
+  const int4* wp = reinterpret_cast<const int4*>(p.work + int64_t(item) * kWorkFields);
   const int4 w0 = wp[0];
   const int4 w1 = wp[1];
   const int b = w0.x;
@@ -594,6 +591,25 @@ __global__ void __launch_bounds__(PrefillCfg<D, TILE_ROWS>::kThreads)
         if (c == 0) p.partial_lse[ph] = lse_v;
       }
     }
+  }
+}
+
+// The grid is [bin_cap, num_kv_heads]: CTA (bin, head) runs the bin's items in order
+// (plan_layout.h), so a launch is one wave whose balance the planner decided.
+template <typename T, int D, int TILE_ROWS>
+__global__ void __launch_bounds__(PrefillCfg<D, TILE_ROWS>::kThreads)
+    PrefillKernel(const __grid_constant__ AttentionParams p) {
+  // The fragment addressing XORs bits 4-6 of absolute shared addresses, which needs
+  // every tile row to start on 128 bytes; the launch adds 128 bytes of slack so the
+  // base can be rounded up whatever the runtime reserved in front of it.
+  extern __shared__ __align__(128) uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((128u - (SmemAddr(smem_raw) & 127u)) & 127u);
+  const int bin = blockIdx.x;
+  const int begin = max(p.bin_indptr[bin], 0);
+  const int end = min(p.bin_indptr[bin + 1], p.layout.work_cap);
+  for (int item = begin; item < end; ++item) {
+    AttendItem<T, D, TILE_ROWS>(p, item, smem);
+    __syncthreads();  // the next item's prologue rewrites what this epilogue read
   }
 }
 

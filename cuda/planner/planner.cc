@@ -1,11 +1,24 @@
-// Host planner. One pass validates the batch, one builds the query tiles, one picks
-// the split-KV chunk length, one writes the work items and merge offsets. Everything
-// is sized by the capacities, so equal capacities always give equal buffer shapes.
+// Host planner. One pass validates the batch, one cuts the queries into units, one
+// deals the units into bins of equal cost (cutting a unit's keys where a bin boundary
+// falls inside it) and writes the work items, one writes the merge offsets.
 //
-// Bounds behind DeriveCapacities: with T tiles and a chunk length c >= total_keys /
-// target, the items number sum_t max(1, ceil(e_t / c)) <= T + total_keys / c <= T +
-// target; a split tile (e_t > c) has ceil(e_t / c) <= 2 e_t / c chunks, so split tiles
-// hold at most 2 target chunks, each of at most tile_tokens query tokens.
+// Bins. The GPU runs one CTA per (bin, kv head), all resident at once, each running its
+// bin's items in order (plan_layout.h). A launch lasts as long as its costliest bin, so
+// the planner gives every bin the same cost, whatever the request lengths: units are
+// dealt in request order, bin i ends where the cost dealt reaches (i + 1) / bins of the
+// total, and a unit that overruns that boundary by more than a little is cut there (at
+// a multiple of the kernels' key tile), the rest going on in the next bin. Boundaries
+// are absolute, so a bin closed early or late only moves the next bin's start.
+//
+// Units. With G = group size <= tile_rows a unit is a query tile of up to tile_rows / G
+// whole tokens (one work item per key piece). With G > tile_rows a unit is one token
+// with all its G heads, ceil(G / tile_rows) items per key piece, all cut at the same
+// keys: partial rows are per token, so every head of a token must split alike.
+//
+// Bounds behind DeriveCapacities: each of the B - 1 bin boundaries cuts at most one
+// unit once, so pieces <= units + B - 1 and items <= (units + B - 1) * items_per_piece;
+// a cut unit has n >= 2 pieces and n - 1 cuts, so cut units hold <= 2 (B - 1) pieces,
+// each of at most tile_rows / G tokens, which bounds the partial rows.
 #include "planner.h"
 
 #include <algorithm>
@@ -15,14 +28,17 @@
 namespace jax_pagedattn {
 namespace {
 
-// Key-range granularity of a chunk: a multiple of the kernels' key tile, so only the
-// last tile of a request is ragged.
-constexpr int32_t kChunkAlign = 64;
-// Below this many keys a chunk's partial write and merge cost more than the
-// parallelism gained.
-constexpr int32_t kMinChunk = 256;
-// CTAs per SM the planner aims to fill when it splits.
-constexpr int32_t kCtasPerSm = 2;
+// Cuts fall on multiples of this many keys of a request: the kernels' key tile, so
+// only a request's last tile is ragged.
+constexpr int64_t kChunkAlign = 64;
+// No piece of a cut unit is shorter than this: below it the partial write and merge
+// cost more than the balance gained.
+constexpr int64_t kMinPiece = 128;
+// A bin is given at least this much cost; fewer bins are used for small batches.
+constexpr int64_t kMinBinCost = 256;
+// Fixed cost of one work item in keys: the latency of starting an item (page ids, q)
+// during which its CTA streams nothing.
+constexpr int64_t kItemOverhead = 32;
 
 [[noreturn]] void Fail(const std::string& msg) { throw PlanError(msg); }
 
@@ -40,35 +56,38 @@ void CheckIndptr(const int32_t* p, int64_t len, int64_t want_len, const char* na
            std::to_string(i) + "] = " + std::to_string(p[i]));
 }
 
-struct Tile {
-  int32_t request, row_begin, row_end, extent, first_token, num_tokens;
+// Query tokens of one unit (see the file comment).
+int32_t TileTokens(int32_t group_size, int32_t tile_rows) {
+  return group_size <= tile_rows ? tile_rows / group_size : 1;
+}
+
+// Work items per key piece of a unit.
+int32_t ItemsPerPiece(int32_t group_size, int32_t tile_rows) {
+  return group_size <= tile_rows ? 1 : int32_t(CeilDiv(group_size, tile_rows));
+}
+
+struct Unit {
+  int32_t request, first_token, num_tokens, extent;  // extent: keys the unit sees
 };
 
 }  // namespace
 
-int32_t TargetItems(int32_t num_sms, int32_t num_kv_heads) {
-  return int32_t(CeilDiv(int64_t(std::max(num_sms, 1)) * kCtasPerSm, std::max(num_kv_heads, 1)));
-}
-
-static int32_t TileTokens(int32_t group_size, int32_t tile_rows) {
-  return group_size <= tile_rows ? tile_rows / group_size : 1;
-}
-
 Capacities DeriveCapacities(int32_t batch_cap, int32_t token_cap, int32_t page_cap,
                             int32_t group_size, int32_t tile_rows, int32_t num_kv_heads,
-                            int32_t num_sms, int32_t partial_rows_limit) {
+                            int32_t num_ctas, int32_t partial_rows_limit) {
   const int64_t tt = TileTokens(group_size, tile_rows);
-  int64_t tiles = group_size <= tile_rows
-                      ? std::min<int64_t>(token_cap, CeilDiv(token_cap, tt) + batch_cap)
-                      : int64_t(token_cap) * CeilDiv(group_size, tile_rows);
-  // Requests with queries but no keys still get one item each; they are counted above.
-  const int64_t target = TargetItems(num_sms, num_kv_heads);
+  const int64_t per_piece = ItemsPerPiece(group_size, tile_rows);
+  // Requests with queries but no keys still get one unit each; they are counted here.
+  const int64_t units = group_size <= tile_rows
+                            ? std::min<int64_t>(token_cap, CeilDiv(token_cap, tt) + batch_cap)
+                            : int64_t(token_cap);
   Capacities c{};
   c.batch = batch_cap;
   c.tokens = token_cap;
   c.pages = page_cap;
-  c.work = int32_t(std::max<int64_t>(1, tiles + target));
-  int64_t rows = 2 * target * tt;
+  c.bins = int32_t(std::max<int64_t>(1, int64_t(num_ctas) / std::max(num_kv_heads, 1)));
+  c.work = int32_t(std::max<int64_t>(1, (units + c.bins - 1) * per_piece));
+  int64_t rows = 2 * int64_t(c.bins - 1) * tt;
   if (partial_rows_limit >= 0) rows = std::min<int64_t>(rows, partial_rows_limit);
   c.partial_rows = int32_t(std::max<int64_t>(1, rows));
   return c;
@@ -76,9 +95,10 @@ Capacities DeriveCapacities(int32_t batch_cap, int32_t token_cap, int32_t page_c
 
 void PlanBatch(const PlanRequest& r, int32_t* out) {
   const Capacities& caps = r.caps;
-  const PlanLayout L{caps.batch, caps.tokens, caps.pages, caps.work};
+  const PlanLayout L{caps.batch, caps.tokens, caps.pages, caps.work, caps.bins};
   if (r.page_size < 1) Fail("page_size must be >= 1");
   if (r.group_size < 1 || r.tile_rows < 1) Fail("group_size and tile_rows must be >= 1");
+  if (caps.bins < 1) Fail("the bin capacity must be >= 1");
 
   // ---- validation (DESIGN.md §3) ----
   const int64_t batch = r.kv_last_page_len_len;
@@ -92,12 +112,19 @@ void PlanBatch(const PlanRequest& r, int32_t* out) {
   if (r.kv_indices_len > caps.pages)
     Fail(std::string(r.name_kv_indices) + " has " + std::to_string(r.kv_indices_len) +
          " pages, more than max_num_pages = " + std::to_string(caps.pages));
-  for (int64_t i = 0; i < r.kv_indices_len; ++i) {
-    const int32_t p = r.kv_indices[i];
-    if (p < 0 || (r.num_pages >= 0 && p >= r.num_pages))
-      Fail(std::string(r.name_kv_indices) + "[" + std::to_string(i) + "] = " + std::to_string(p) +
-           " is not a page of the cache (0 <= page < " +
-           (r.num_pages >= 0 ? std::to_string(r.num_pages) : std::string("num_pages")) + ")");
+  {
+    // One branch-free pass finds whether any page id is out of range; the slow loop
+    // that names the first one runs only then.
+    const uint32_t limit = r.num_pages >= 0 ? uint32_t(r.num_pages) : 0x80000000u;
+    uint32_t bad = 0;
+    for (int64_t i = 0; i < r.kv_indices_len; ++i) bad |= uint32_t(uint32_t(r.kv_indices[i]) >= limit);
+    for (int64_t i = 0; bad && i < r.kv_indices_len; ++i) {
+      const int32_t p = r.kv_indices[i];
+      if (p < 0 || (r.num_pages >= 0 && p >= r.num_pages))
+        Fail(std::string(r.name_kv_indices) + "[" + std::to_string(i) + "] = " + std::to_string(p) +
+             " is not a page of the cache (0 <= page < " +
+             (r.num_pages >= 0 ? std::to_string(r.num_pages) : std::string("num_pages")) + ")");
+    }
   }
   for (int64_t b = 0; b < batch; ++b) {
     const bool has_pages = r.kv_indptr[b + 1] > r.kv_indptr[b];
@@ -116,7 +143,7 @@ void PlanBatch(const PlanRequest& r, int32_t* out) {
     Fail(std::string(r.name_qo_indptr) + "[-1] = " + std::to_string(num_tokens) +
          " query tokens exceed max_num_tokens = " + std::to_string(caps.tokens));
 
-  // ---- query tiles ----
+  // ---- units ----
   auto qo_begin = [&](int64_t b) -> int32_t { return r.qo_indptr ? r.qo_indptr[b] : int32_t(b); };
   auto kv_len_of = [&](int64_t b) -> int32_t {
     const int32_t pages = r.kv_indptr[b + 1] - r.kv_indptr[b];
@@ -124,105 +151,123 @@ void PlanBatch(const PlanRequest& r, int32_t* out) {
   };
   const int32_t G = r.group_size;
   const int32_t tt = TileTokens(G, r.tile_rows);
-  std::vector<Tile> tiles;
-  tiles.reserve(size_t(std::min<int64_t>(caps.work, num_tokens + batch)));
+  const int32_t per_piece = ItemsPerPiece(G, r.tile_rows);
+  std::vector<Unit> units;
+  units.reserve(size_t(std::min<int64_t>(caps.work, num_tokens + batch)));
   int64_t total_keys = 0;
   for (int64_t b = 0; b < batch; ++b) {
     const int32_t qo_len = qo_begin(b + 1) - qo_begin(b);
     const int32_t kv_len = kv_len_of(b);
-    auto extent_for_last = [&](int32_t last_token) -> int32_t {
-      if (!r.causal) return kv_len;
-      const int64_t e = int64_t(kv_len) - qo_len + last_token + 1;
-      return int32_t(std::clamp<int64_t>(e, 0, kv_len));
-    };
-    if (G <= r.tile_rows) {
-      for (int32_t t0 = 0; t0 < qo_len; t0 += tt) {
-        const int32_t t1 = std::min(qo_len, t0 + tt);
-        tiles.push_back({int32_t(b), t0 * G, t1 * G, extent_for_last(t1 - 1), t0, t1 - t0});
-        total_keys += tiles.back().extent;
-      }
-    } else {
-      for (int32_t t = 0; t < qo_len; ++t)
-        for (int32_t c = 0; c < G; c += r.tile_rows) {
-          tiles.push_back({int32_t(b), t * G + c, t * G + std::min(G, c + r.tile_rows),
-                           extent_for_last(t), t, 1});
-          total_keys += tiles.back().extent;
-        }
+    for (int32_t t0 = 0; t0 < qo_len; t0 += tt) {
+      const int32_t n = std::min(qo_len - t0, tt);
+      // Keys the unit's last token sees (bottom-right causal alignment).
+      int64_t extent = kv_len;
+      if (r.causal) extent = std::clamp<int64_t>(int64_t(kv_len) - qo_len + t0 + n, 0, kv_len);
+      units.push_back({int32_t(b), t0, n, int32_t(extent)});
+      total_keys += extent;
     }
   }
+  const int64_t num_items = int64_t(units.size()) * per_piece;
+  if (num_items > caps.work)
+    Fail("batch needs " + std::to_string(num_items) + " query tiles, more than the " +
+         std::to_string(caps.work) + " work items the capacities allow (max_num_tokens / max_batch_size)");
 
-  // ---- chunk length: aim at TargetItems items of equal key count ----
-  const int64_t target = TargetItems(r.num_sms, r.num_kv_heads);
-  int64_t chunk = std::max<int64_t>(kMinChunk, CeilDiv(std::max<int64_t>(total_keys, 1), target));
-  chunk = CeilDiv(chunk, kChunkAlign) * kChunkAlign;
-  auto count = [&](int64_t c, int64_t* items, int64_t* partial_rows) {
-    *items = 0;
-    *partial_rows = 0;
-    for (const Tile& t : tiles) {
-      const int64_t n = std::max<int64_t>(1, CeilDiv(t.extent, c));
-      *items += n;
-      // Heads of one token split over several tiles share the token's partial rows.
-      if (n > 1 && t.row_begin % G == 0) *partial_rows += n * t.num_tokens;
-    }
-  };
-  int64_t items = 0, partial_rows = 0;
-  count(chunk, &items, &partial_rows);
-  while (items > caps.work || partial_rows > caps.partial_rows) {
-    if (int64_t(tiles.size()) > caps.work)
-      Fail("batch needs " + std::to_string(tiles.size()) + " query tiles, more than the " +
-           std::to_string(caps.work) + " work items the capacities allow (max_num_tokens / max_batch_size)");
-    chunk *= 2;
-    count(chunk, &items, &partial_rows);
-  }
+  // ---- bins: as many as the capacities allow for cuts, and no more than the work ----
+  const int64_t total_cost = per_piece * (total_keys + int64_t(units.size()) * kItemOverhead);
+  int64_t bins = caps.bins;
+  bins = std::min<int64_t>(bins, (caps.work - num_items) / per_piece + 1);
+  bins = std::min<int64_t>(bins, caps.partial_rows / (2 * int64_t(tt)) + 1);
+  bins = std::max<int64_t>(1, std::min<int64_t>(bins, CeilDiv(total_cost, kMinBinCost)));
 
-  // ---- write the buffer ----
-  std::memset(out, 0, sizeof(int32_t) * size_t(L.size()));
+  // Sections the passes below do not overwrite start zeroed (also the alignment gaps,
+  // so a plan is a deterministic function of its input).
+  std::memset(out + L.meta(), 0, sizeof(int32_t) * size_t(L.kv_indices() - L.meta()));
   int32_t* work = out + L.work();
+  int32_t* bin_indptr = out + L.bin_indptr();
   int32_t* merge = out + L.merge_indptr();
-  // Merge offsets per token: n chunks of its tile when split, else none.
-  for (const Tile& t : tiles) {
-    const int64_t n = std::max<int64_t>(1, CeilDiv(t.extent, chunk));
-    if (n > 1 && t.row_begin % G == 0)
-      for (int32_t k = 0; k < t.num_tokens; ++k) merge[qo_begin(t.request) + t.first_token + k + 1] = int32_t(n);
-  }
-  for (int64_t t = 0; t < caps.tokens; ++t) merge[t + 1] += merge[t];
 
-  // Long items first: the hardware hands out CTAs roughly in order, so this is a
-  // longest-processing-time-first schedule.
-  std::vector<int32_t> order(tiles.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = int32_t(i);
-  auto cost = [&](int32_t i) { return std::min<int64_t>(tiles[i].extent, chunk); };
-  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return cost(a) > cost(b); });
-
-  int64_t w = 0;
-  for (int32_t i : order) {
-    const Tile& t = tiles[i];
-    const int64_t n = std::max<int64_t>(1, CeilDiv(t.extent, chunk));
-    const int32_t qo_len = qo_begin(t.request + 1) - qo_begin(t.request);
-    const int32_t kv_len = kv_len_of(t.request);
-    for (int64_t j = 0; j < n; ++j) {
-      int32_t* it = work + w * kWorkFields;
-      it[kWorkRequest] = t.request;
-      it[kWorkRowBegin] = t.row_begin;
-      it[kWorkRowEnd] = t.row_end;
-      it[kWorkKvBegin] = int32_t(std::min<int64_t>(j * chunk, t.extent));
-      it[kWorkKvEnd] = int32_t(std::min<int64_t>((j + 1) * chunk, t.extent));
-      it[kWorkSplit] = n > 1 ? int32_t(j) : -1;
-      it[kWorkQoLen] = qo_len;
-      it[kWorkKvLen] = kv_len;
-      ++w;
+  // Bin i ends where the cost placed so far reaches (i + 1) / bins of the total
+  // (absolute boundaries: rounding a cut never accumulates from bin to bin). The total
+  // counts the item overhead of every cut the bins may add.
+  const int64_t budget = total_cost + per_piece * (bins - 1) * kItemOverhead;
+  const int64_t slack = CeilDiv(budget, bins) / 16;  // overrun allowed rather than a cut
+  int64_t w = 0;       // items written
+  int64_t bin = 0;     // the open bin
+  int64_t placed = 0;  // cost placed so far
+  bool open_empty = true;
+  auto bin_end = [&]() { return budget * (bin + 1) / bins; };
+  auto close_bin = [&]() {
+    ++bin;
+    bin_indptr[bin] = int32_t(w);
+    open_empty = true;
+  };
+  for (const Unit& u : units) {
+    const int32_t qo_len = qo_begin(u.request + 1) - qo_begin(u.request);
+    const int32_t kv_len = kv_len_of(u.request);
+    const int64_t first_item = w;
+    int32_t pieces = 0;
+    auto emit = [&](int64_t kb, int64_t ke) {
+      placed += per_piece * (ke - kb + kItemOverhead);
+      open_empty = false;
+      for (int32_t k = 0; k < per_piece; ++k) {
+        int32_t* it = work + w * kWorkFields;
+        it[kWorkRequest] = u.request;
+        if (per_piece == 1) {
+          it[kWorkRowBegin] = u.first_token * G;
+          it[kWorkRowEnd] = (u.first_token + u.num_tokens) * G;
+        } else {  // one token, heads [k tile_rows, (k + 1) tile_rows)
+          it[kWorkRowBegin] = u.first_token * G + k * r.tile_rows;
+          it[kWorkRowEnd] = u.first_token * G + std::min(G, (k + 1) * r.tile_rows);
+        }
+        it[kWorkKvBegin] = int32_t(kb);
+        it[kWorkKvEnd] = int32_t(ke);
+        it[kWorkSplit] = pieces;
+        it[kWorkQoLen] = qo_len;
+        it[kWorkKvLen] = kv_len;
+        ++w;
+      }
+      ++pieces;
+    };
+    int64_t k0 = 0;
+    while (true) {
+      const int64_t rest = u.extent - k0;
+      const int64_t end = bin_end();
+      if (bin == bins - 1 || placed + per_piece * (rest + kItemOverhead) <= end + slack) {
+        emit(k0, u.extent);
+        break;
+      }
+      // Keys up to the boundary, rounded to the nearest multiple of the key tile.
+      int64_t take = ((end - placed) / per_piece - kItemOverhead + kChunkAlign / 2) / kChunkAlign *
+                     kChunkAlign;
+      if (open_empty) take = std::max(take, kMinPiece);  // an empty bin always takes a piece
+      if (take >= kMinPiece) {
+        if (rest - take < kMinPiece) {  // the remainder would be a sliver: keep it here
+          emit(k0, u.extent);
+          close_bin();
+          break;
+        }
+        emit(k0, k0 + take);
+        k0 += take;
+      }
+      close_bin();
+    }
+    if (pieces == 1) {
+      for (int64_t i = first_item; i < w; ++i) work[i * kWorkFields + kWorkSplit] = -1;
+    } else {
+      const int32_t t0 = qo_begin(u.request) + u.first_token;
+      for (int32_t k = 0; k < u.num_tokens; ++k) merge[t0 + k + 1] = pieces;
     }
   }
-  for (int64_t i = w; i < caps.work; ++i) {
-    int32_t* it = work + i * kWorkFields;
-    for (int f = 0; f < kWorkFields; ++f) it[f] = -1;
-  }
+  for (int64_t b = bin + 1; b <= caps.bins; ++b) bin_indptr[b] = int32_t(w);
+  for (int64_t i = w * kWorkFields; i < int64_t(caps.work) * kWorkFields; ++i) work[i] = -1;
+  for (int64_t t = 0; t < caps.tokens; ++t) merge[t + 1] += merge[t];
 
   int32_t* meta = out + L.meta();
   meta[kMetaNumRequests] = int32_t(batch);
   meta[kMetaNumTokens] = int32_t(num_tokens);
   meta[kMetaNumWork] = int32_t(w);
   meta[kMetaNumPartialRows] = merge[caps.tokens];
+  meta[kMetaNumBins] = int32_t(open_empty ? bin : bin + 1);
 
   int32_t* qo = out + L.qo_indptr();
   int32_t* kvp = out + L.kv_indptr();
@@ -231,9 +276,11 @@ void PlanBatch(const PlanRequest& r, int32_t* out) {
     qo[b] = qo_begin(s);
     kvp[b] = r.kv_indptr[s];
   }
-  int32_t* lpl = out + L.kv_last_page_len();
-  std::memcpy(lpl, r.kv_last_page_len, sizeof(int32_t) * size_t(batch));
-  std::memcpy(out + L.kv_indices(), r.kv_indices, sizeof(int32_t) * size_t(r.kv_indices_len));
+  std::memcpy(out + L.kv_last_page_len(), r.kv_last_page_len, sizeof(int32_t) * size_t(batch));
+  int32_t* pages = out + L.kv_indices();
+  std::memcpy(pages, r.kv_indices, sizeof(int32_t) * size_t(r.kv_indices_len));
+  std::memset(pages + r.kv_indices_len, 0,
+              sizeof(int32_t) * size_t(L.size() - L.kv_indices() - r.kv_indices_len));
 }
 
 }  // namespace jax_pagedattn

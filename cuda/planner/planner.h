@@ -21,6 +21,7 @@ struct Capacities {
   int32_t pages;         // entries of kv_indices
   int32_t work;          // work items
   int32_t partial_rows;  // split-KV partial rows in the workspace
+  int32_t bins;          // bins per kv head (CTAs per head of the GPU grid)
 };
 
 struct PlanRequest {
@@ -40,8 +41,7 @@ struct PlanRequest {
   int32_t tile_rows;     // packed query rows per work item at most
   bool causal;
   int32_t num_pages;     // pages in the cache, or -1 when not known yet
-  int32_t num_sms;       // streaming multiprocessors (or CPU threads) to fill
-  Capacities caps;
+  Capacities caps;       // caps.bins is how many bins the planner may fill
 
   // Argument names used in messages: FlashInfer's decode and prefill wrappers name
   // the same arrays differently.
@@ -55,14 +55,12 @@ struct PlanRequest {
 // Throws PlanError for invalid input or a batch beyond the capacities.
 void PlanBatch(const PlanRequest& req, int32_t* out);
 
-// The split-KV chunk length target the planner aims for, in keys. Exposed so that the
-// capacities (work items, partial rows) are derived from the same numbers.
-int32_t TargetItems(int32_t num_sms, int32_t num_kv_heads);
-
-// Work and partial-row capacities guaranteed to hold any batch within the given
-// request/token capacities (see planner.cc for the bound).
+// Bins, work items and partial rows that hold any batch within the given request /
+// token / page capacities (see planner.cc for the bounds). `num_ctas` is how many CTAs
+// of the kernel the device runs at once (SMs x CTAs per SM), or the CPU's parallelism;
+// the bins of all kv heads together fill it.
 Capacities DeriveCapacities(int32_t batch_cap, int32_t token_cap, int32_t page_cap,
                             int32_t group_size, int32_t tile_rows, int32_t num_kv_heads,
-                            int32_t num_sms, int32_t partial_rows_limit);
+                            int32_t num_ctas, int32_t partial_rows_limit);
 
 }  // namespace jax_pagedattn

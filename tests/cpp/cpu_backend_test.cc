@@ -296,10 +296,12 @@ Plan BuildPlan(const Batch& b, int G, int q_rows, const PlanPolicy& pol) {
   const int32_t token_cap = q_rows + 3;
   const int32_t page_cap = int32_t(b.kv_indices.size()) + 5;
   const int32_t work_cap = int32_t(items.size());
-  plan.layout = PlanLayout{batch_cap, token_cap, page_cap, work_cap};
+  // One bin per item: the old one-CTA-per-item grid, which every plan must also allow.
+  plan.layout = PlanLayout{batch_cap, token_cap, page_cap, work_cap, std::max(work_cap, 1)};
   const PlanLayout& L = plan.layout;
   plan.buf.assign(size_t(L.size()), 0);
   int32_t* buf = plan.buf.data();
+  for (int32_t i = 0; i <= L.bin_cap; ++i) buf[L.bin_indptr() + i] = std::min(i, work_cap);
   for (size_t w = 0; w < items.size(); ++w)
     std::copy(items[w].begin(), items[w].end(), buf + L.work() + w * kWorkFields);
   for (int i = 0; i <= batch_cap; ++i) {
@@ -472,6 +474,7 @@ void Setup(const AttnCase& c, std::mt19937_64& rng, AttnSetup& s) {
   p.layout = L;
   p.work = base + L.work();
   p.meta = base + L.meta();
+  p.bin_indptr = base + L.bin_indptr();
   p.qo_indptr = base + L.qo_indptr();
   p.kv_indptr = base + L.kv_indptr();
   p.kv_last_page_len = base + L.kv_last_page_len();

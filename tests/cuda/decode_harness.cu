@@ -135,9 +135,11 @@ static HostPlan BuildPlan(const Config& c, const std::vector<int>& kv_indptr,
   hp.num_tokens = T;
   hp.q_rows = T + 2;  // two padding rows that the merge must zero
   const int work_cap = int(items.size()) + 3;  // three padding items
-  hp.layout = PlanLayout{B + 1, hp.q_rows, int(kv_indices.size()) + page_cap_extra, work_cap};
+  // One bin per item (the grid of one CTA per item).
+  hp.layout = PlanLayout{B + 1, hp.q_rows, int(kv_indices.size()) + page_cap_extra, work_cap, work_cap};
   hp.buf.assign(size_t(hp.layout.size()), 0);
   int32_t* base = hp.buf.data();
+  for (int i = 0; i <= work_cap; ++i) base[hp.layout.bin_indptr() + i] = i;
   for (int w = 0; w < work_cap; ++w) {
     int32_t* it = base + hp.layout.work() + int64_t(w) * kWorkFields;
     if (w < int(items.size())) {
@@ -267,6 +269,7 @@ static bool RunCase(const Config& c, std::mt19937& rng, bool verbose_fail) {
   p.layout = hp.layout;
   p.work = d_plan + hp.layout.work();
   p.meta = d_plan + hp.layout.meta();
+  p.bin_indptr = d_plan + hp.layout.bin_indptr();
   p.qo_indptr = d_plan + hp.layout.qo_indptr();
   p.kv_indptr = d_plan + hp.layout.kv_indptr();
   p.kv_last_page_len = d_plan + hp.layout.kv_last_page_len();
@@ -547,6 +550,7 @@ static void Bench(int batch, int kv_len, int chunk, KvLayout layout, std::mt1993
   p.layout = hp.layout;
   p.work = d_plan + hp.layout.work();
   p.meta = d_plan + hp.layout.meta();
+  p.bin_indptr = d_plan + hp.layout.bin_indptr();
   p.qo_indptr = d_plan + hp.layout.qo_indptr();
   p.kv_indptr = d_plan + hp.layout.kv_indptr();
   p.kv_last_page_len = d_plan + hp.layout.kv_last_page_len();

@@ -165,8 +165,9 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
   std::shuffle(items.begin(), items.end(), rng);  // the kernel must not rely on order
   const int work_cap = int(items.size()) + 3;      // trailing padding items
 
-  PlanLayout lay{B + 2, q_rows, used_pages + 4, work_cap};
+  PlanLayout lay{B + 2, q_rows, used_pages + 4, work_cap, work_cap};  // one bin per item
   std::vector<int32_t> plan(lay.size(), 0);
+  for (int i = 0; i <= work_cap; ++i) plan[lay.bin_indptr() + i] = i;
   for (int w = 0; w < work_cap; ++w) {
     int32_t* it = plan.data() + lay.work() + w * kWorkFields;
     if (w >= int(items.size())) {
@@ -225,6 +226,7 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
   p.kv = MakePagedKv(kptr, cs.combined ? kptr : vptr, cs.combined, cs.layout, num_pages, ps, Hkv, D, 2);
   p.layout = lay;
   p.work = d_plan + lay.work(); p.meta = d_plan + lay.meta();
+  p.bin_indptr = d_plan + lay.bin_indptr();
   p.qo_indptr = d_plan + lay.qo_indptr(); p.kv_indptr = d_plan + lay.kv_indptr();
   p.kv_last_page_len = d_plan + lay.kv_last_page_len();
   p.merge_indptr = d_plan + lay.merge_indptr(); p.kv_indices = d_plan + lay.kv_indices();
@@ -445,8 +447,9 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
       items.push_back({b, rb, re, ke});
     }
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.ke > b.ke; });
-  PlanLayout lay{batch, T, pages, int(items.size())};
+  PlanLayout lay{batch, T, pages, int(items.size()), int(items.size())};  // one bin per item
   std::vector<int32_t> plan(lay.size(), 0);
+  for (int i = 0; i <= lay.bin_cap; ++i) plan[lay.bin_indptr() + i] = i;
   for (size_t w = 0; w < items.size(); ++w) {
     int32_t* it = plan.data() + lay.work() + w * kWorkFields;
     it[0] = items[w].b; it[1] = items[w].rb; it[2] = items[w].re; it[3] = 0; it[4] = items[w].ke;
@@ -483,6 +486,7 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
   p.kv = MakePagedKv(d_cache, d_cache, true, KvLayout::kNHD, pages, ps, Hkv, D, 2);
   p.layout = lay;
   p.work = d_plan + lay.work(); p.meta = d_plan + lay.meta();
+  p.bin_indptr = d_plan + lay.bin_indptr();
   p.qo_indptr = d_plan + lay.qo_indptr(); p.kv_indptr = d_plan + lay.kv_indptr();
   p.kv_last_page_len = d_plan + lay.kv_last_page_len();
   p.merge_indptr = d_plan + lay.merge_indptr(); p.kv_indices = d_plan + lay.kv_indices();
@@ -532,7 +536,7 @@ int main(int argc, char** argv) {
     AttentionParams bad{};
     bad.dtype = DType::kBF16; bad.head_dim = 256; bad.num_kv_heads = 1; bad.num_qo_heads = 1;
     bad.group_size = 1; bad.kv.num_kv_heads = 1; bad.kv.head_dim = 256; bad.kv.page_size = 1;
-    bad.layout.work_cap = 1; bad.tile_rows = 128;
+    bad.layout.work_cap = 1; bad.layout.bin_cap = 1; bad.tile_rows = 128;
     const bool refused = LaunchPrefill(bad, 0) == cudaErrorInvalidValue;
     bad.tile_rows = 64; bad.head_dim = bad.kv.head_dim = 96;
     const bool refused2 = LaunchPrefill(bad, 0) == cudaErrorInvalidValue;

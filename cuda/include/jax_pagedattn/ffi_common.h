@@ -83,7 +83,8 @@ auto BindAttention(Binding b) {
       .template Attr<int32_t>("token_cap")
       .template Attr<int32_t>("page_cap")
       .template Attr<int32_t>("work_cap")
-      .template Attr<int32_t>("partial_rows_cap");
+      .template Attr<int32_t>("partial_rows_cap")
+      .template Attr<int32_t>("bin_cap");
 }
 
 // The handler arguments of BindAttention, in order, as one parameter pack macro so the
@@ -96,12 +97,14 @@ auto BindAttention(Binding b) {
       int32_t num_kv_heads, int32_t head_dim, int32_t page_size, int32_t kv_layout,     \
       int32_t combined, int32_t causal, int32_t pos_encoding, float sm_scale,           \
       float rope_scale, float rope_theta, int32_t tile_rows, int32_t batch_cap,         \
-      int32_t token_cap, int32_t page_cap, int32_t work_cap, int32_t partial_rows_cap
+      int32_t token_cap, int32_t page_cap, int32_t work_cap, int32_t partial_rows_cap,   \
+      int32_t bin_cap
 
 #define JPA_ATTENTION_FORWARD_ARGS                                                    \
   q, k_cache, v_cache, plan, out, lse, workspace, num_qo_heads, num_kv_heads, head_dim, \
       page_size, kv_layout, combined, causal, pos_encoding, sm_scale, rope_scale,       \
-      rope_theta, tile_rows, batch_cap, token_cap, page_cap, work_cap, partial_rows_cap
+      rope_theta, tile_rows, batch_cap, token_cap, page_cap, work_cap, partial_rows_cap, \
+      bin_cap
 
 // Fills `p` from the handler arguments; checks what the primitive's abstract evaluation
 // already checked, so a hand-written custom call cannot read out of bounds either.
@@ -125,7 +128,9 @@ inline ffi::Error MakeAttentionParams(JPA_ATTENTION_HANDLER_ARGS, AttentionParam
   auto ld = lse->dimensions();
   if (ld.size() != 2 || ld[0] != qd[0] || ld[1] != num_qo_heads)
     return ffi::Error::InvalidArgument("jax_pagedattn: lse must be [tokens, num_qo_heads]");
-  const PlanLayout layout{batch_cap, token_cap, page_cap, work_cap};
+  if (bin_cap < 1 || work_cap < 0)
+    return ffi::Error::InvalidArgument("jax_pagedattn: bin_cap must be >= 1 and work_cap >= 0");
+  const PlanLayout layout{batch_cap, token_cap, page_cap, work_cap, bin_cap};
   if (int64_t(plan.element_count()) != layout.size())
     return ffi::Error::InvalidArgument("jax_pagedattn: plan buffer size does not match the capacities");
   if (qd[0] > token_cap)
@@ -149,6 +154,7 @@ inline ffi::Error MakeAttentionParams(JPA_ATTENTION_HANDLER_ARGS, AttentionParam
   p->layout = layout;
   p->work = base + layout.work();
   p->meta = base + layout.meta();
+  p->bin_indptr = base + layout.bin_indptr();
   p->qo_indptr = base + layout.qo_indptr();
   p->kv_indptr = base + layout.kv_indptr();
   p->kv_last_page_len = base + layout.kv_last_page_len();

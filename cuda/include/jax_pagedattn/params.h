@@ -81,6 +81,7 @@ struct AttentionParams {
   PlanLayout layout;
   const int32_t* work;
   const int32_t* meta;
+  const int32_t* bin_indptr;  // [bin_cap + 1]: the items of each CTA (per kv head)
   const int32_t* qo_indptr;
   const int32_t* kv_indptr;
   const int32_t* kv_last_page_len;

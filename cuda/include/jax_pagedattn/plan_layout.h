@@ -8,6 +8,7 @@
 // the work items can be read as two 16-byte vectors):
 //   work          [work_cap][kWorkFields]   work items, padding has request = -1
 //   meta          [kMetaFields]             live counts, see MetaField
+//   bin_indptr    [bin_cap + 1]             bin i runs items [bin_indptr[i], bin_indptr[i+1])
 //   qo_indptr     [batch_cap + 1]           padded by repeating the last value
 //   kv_indptr     [batch_cap + 1]           padded by repeating the last value
 //   kv_last_page_len [batch_cap]            padding 0
@@ -42,16 +43,22 @@ enum MetaField : int32_t {
   kMetaNumTokens = 1,      // qo_indptr[num_requests]; rows past it are zero-filled
   kMetaNumWork = 2,        // live work items (they come first)
   kMetaNumPartialRows = 3, // partial rows in use
+  kMetaNumBins = 4,        // bins with at least one item (they come first)
   kMetaFields = 8,
 };
 
+// A *bin* is what one CTA (per kv head) runs: a contiguous range of work items, in
+// order. The GPU grid is [bin_cap, num_kv_heads] and every bin of a launch is resident
+// at once (bin_cap * num_kv_heads <= CTAs the device holds), so the planner balances
+// the launch by giving bins equal cost; the hardware scheduler has no say.
 struct PlanLayout {
-  int32_t batch_cap, token_cap, page_cap, work_cap;
+  int32_t batch_cap, token_cap, page_cap, work_cap, bin_cap;
 
   static constexpr int64_t Align(int64_t n) { return (n + 7) / 8 * 8; }
   constexpr int64_t work() const { return 0; }
   constexpr int64_t meta() const { return work() + Align(int64_t(work_cap) * kWorkFields); }
-  constexpr int64_t qo_indptr() const { return meta() + Align(kMetaFields); }
+  constexpr int64_t bin_indptr() const { return meta() + Align(kMetaFields); }
+  constexpr int64_t qo_indptr() const { return bin_indptr() + Align(int64_t(bin_cap) + 1); }
   constexpr int64_t kv_indptr() const { return qo_indptr() + Align(batch_cap + 1); }
   constexpr int64_t kv_last_page_len() const { return kv_indptr() + Align(batch_cap + 1); }
   constexpr int64_t merge_indptr() const { return kv_last_page_len() + Align(batch_cap); }
