@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 
 #include "kernel_setup.cuh"
 #include "launchers.h"
@@ -20,41 +21,52 @@ using prefill_detail::PrefillCfg;
 using prefill_detail::PrefillKernel;
 
 // One instantiation: its shared-memory opt-in, launch and occupancy.
-template <typename T, int D, int TILE_ROWS>
+template <typename T, int D, int TILE_ROWS, int STAGES>
 struct TileKernel {
-  using Cfg = PrefillCfg<D, TILE_ROWS>;
+  using Cfg = PrefillCfg<D, TILE_ROWS, STAGES>;
 
   static cudaError_t Ready() {
     static std::atomic<uint64_t> smem_set{0};
-    return AllowSmem(PrefillKernel<T, D, TILE_ROWS>, Cfg::kSmemBytes, &smem_set);
+    return AllowSmem(PrefillKernel<T, D, TILE_ROWS, STAGES>, Cfg::kSmemBytes, &smem_set);
   }
 
   static cudaError_t Launch(const AttentionParams& p, cudaStream_t stream) {
     const cudaError_t err = Ready();
     if (err != cudaSuccess) return err;
     const dim3 grid(unsigned(p.layout.bin_cap), unsigned(p.num_kv_heads));
-    PrefillKernel<T, D, TILE_ROWS><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+    PrefillKernel<T, D, TILE_ROWS, STAGES><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
     return cudaGetLastError();
   }
 
   static cudaError_t Occupancy(int32_t* ctas) {
     const cudaError_t err = Ready();
     if (err != cudaSuccess) return err;
-    return CtasPerSm(PrefillKernel<T, D, TILE_ROWS>, Cfg::kThreads, Cfg::kSmemBytes, ctas);
+    return CtasPerSm(PrefillKernel<T, D, TILE_ROWS, STAGES>, Cfg::kThreads, Cfg::kSmemBytes, ctas);
   }
 };
 
-// Calls op(TileKernel<T, D, TILE_ROWS>{}) for the instantiation of (dtype, head_dim,
-// tile_rows); cudaErrorInvalidValue where there is none.
+// K/V stages of the 16-row (decode) tile: JAX_PAGEDATTN_TC_DECODE_STAGES=2|3 (read once).
+int DecodeTileStages() {
+  static const int stages = [] {
+    const char* v = std::getenv("JAX_PAGEDATTN_TC_DECODE_STAGES");
+    return v != nullptr && std::atoi(v) == 3 ? 3 : 2;
+  }();
+  return stages;
+}
+
+// Calls op(TileKernel<T, D, TILE_ROWS, STAGES>{}) for the instantiation of (dtype,
+// head_dim, tile_rows); cudaErrorInvalidValue where there is none.
 template <typename T, int D, typename Op>
 cudaError_t WithTileRows(int tile_rows, Op&& op) {
   switch (tile_rows) {
-    case 16: return op(TileKernel<T, D, 16>{});
-    case 64: return op(TileKernel<T, D, 64>{});
+    case 16:
+      if (DecodeTileStages() == 3) return op(TileKernel<T, D, 16, 3>{});
+      return op(TileKernel<T, D, 16, 2>{});
+    case 64: return op(TileKernel<T, D, 64, 2>{});
     case 128:
       // 128 rows x 256 dims would need 128 accumulator registers per thread with 8
       // warps; the Python layer uses 64-row tiles there.
-      if constexpr (D != 256) return op(TileKernel<T, D, 128>{});
+      if constexpr (D != 256) return op(TileKernel<T, D, 128, 2>{});
       return cudaErrorInvalidValue;
     default: return cudaErrorInvalidValue;
   }

@@ -10,11 +10,11 @@
 // instead, each warp keeping its own softmax state, merged through shared memory at
 // the end, so that decode keeps 4 warps (2 at D = 256) busy instead of one.
 //
-// Shared memory (dynamic, base rounded up to 128 bytes):
-//   s_off  int64 [3][kTileKv]   element offset of each key of a tile (-1: not loadable)
-//   s_bad  int32 [3][4]         per 32 keys: some key in range has a bad page id
+// Shared memory (dynamic, base rounded up to 128 bytes), S = STAGES, R = S + 1:
+//   s_off  int64 [R][kTileKv]   element offset of each key of a tile (-1: not loadable)
+//   s_bad  int32 [R][4]         per 32 keys: some key in range has a bad page id
 //   s_freq float [D/2]          RoPE inverse frequencies
-//   union: Q [tile_rows][D], K [2][kTileKv][D], V [2][kTileKv][D] during the loop;
+//   union: Q [tile_rows][D], K [S][kTileKv][D], V [S][kTileKv][D] during the loop;
 //          O staging float [tile_rows][D + 8] per key warp and (m, l) per row in the
 //          epilogue.
 // Rows of Q/K/V are D 16-bit elements, i.e. D/8 chunks of 16 bytes; chunk c of row r
@@ -22,12 +22,16 @@
 // cp.async warp writes, then fall in 8 distinct bank groups.
 //
 // Pipeline (one barrier per KV tile): at the top of iteration t every thread waits for
-// its own copies of tile t, then __syncthreads makes tile t visible and guarantees
-// that every warp finished tile t - 1; the CTA then issues tile t + 1 into the other
-// stage (which held t - 1) and computes tile t while it lands. Key offsets are three
-// tiles ahead: the page id of tile t + 3 is loaded into a register at iteration t, so
-// its global latency hides behind a whole tile of MMAs, turned into an offset in
-// s_off at iteration t + 1, used by the copies at t + 2 and the masks at t + 3.
+// its own copies of tile t (tiles up to t + S - 2 may still be in flight), then
+// __syncthreads makes tile t visible and guarantees that every warp finished tile
+// t - 1; the CTA then issues tile t + S - 1 into the stage that held t - 1 and computes
+// tile t while the later tiles land. S = 2 keeps 64 KB of K/V in shared memory at
+// D = 128 (three CTAs per SM); S = 3, for decode tiles, keeps two tiles in flight
+// instead of one per CTA (two CTAs per SM), which a faster memory needs. Key offsets
+// run one tile further ahead: the page id of tile t + S + 1 is loaded into a register
+// at iteration t, so its global latency hides behind a whole tile of MMAs, turned into
+// an offset in s_off at iteration t + 1, used by the copies at t + 2 and the masks
+// at t + S + 1.
 //
 // RoPE: q is rotated while the Q tile is loaded; K is rotated in shared memory after
 // each tile lands (one extra barrier per tile, only when RoPE is on). Both rotate in
@@ -46,8 +50,13 @@ namespace prefill_detail {
 
 constexpr float kLog2e = 1.44269504088896340736f;
 
-template <int D, int TILE_ROWS>
+template <int D, int TILE_ROWS, int STAGES = 2>
 struct PrefillCfg {
+  // K/V tiles in flight: tile t + STAGES - 1 is issued while tile t is computed.
+  static constexpr int kStages = STAGES;
+  // Key offsets are published one tile further ahead than the copies need them.
+  static constexpr int kRing = STAGES + 1;
+  static_assert(STAGES >= 2, "the pipeline needs two stages at least");
   // m16 row tiles per warp. Two tiles let every K/V fragment read from shared memory
   // feed twice the MMAs (16-row warps are bound by ldmatrix bandwidth); used where the
   // accumulators fit in registers: 128-row tiles at D <= 128, 4 warps of 32 rows.
@@ -79,13 +88,13 @@ struct PrefillCfg {
   static constexpr int kMlBytes = kGroups * 16 * 8;
 
   static constexpr int kOffOff = 0;
-  static constexpr int kBadOff = kOffOff + 3 * kTileKv * 8;
-  static constexpr int kFreqOff = kBadOff + 3 * 4 * 4;
+  static constexpr int kBadOff = kOffOff + kRing * kTileKv * 8;
+  static constexpr int kFreqOff = kBadOff + kRing * 4 * 4;
   static constexpr int kUnionOff = (kFreqOff + D / 2 * 4 + 127) / 128 * 128;
   static constexpr int kQOff = kUnionOff;
   static constexpr int kKOff = kQOff + kQBytes;
-  static constexpr int kVOff = kKOff + 2 * kStageBytes;
-  static constexpr int kMainEnd = kVOff + 2 * kStageBytes;
+  static constexpr int kVOff = kKOff + kStages * kStageBytes;
+  static constexpr int kMainEnd = kVOff + kStages * kStageBytes;
   static constexpr int kEpiEnd = kUnionOff + kOBytes + kMlBytes;
   static constexpr int kSmemBytes = (kMainEnd > kEpiEnd ? kMainEnd : kEpiEnd) + 128;
 
@@ -132,9 +141,11 @@ __device__ __forceinline__ uint32_t Swz(int r, int c) {
 
 // One work item (`item`, an index into p.work) for the CTA's kv head; `smem` is the
 // 128-byte aligned dynamic shared memory. Every early return is uniform over the CTA.
-template <typename T, int D, int TILE_ROWS>
+template <typename T, int D, int TILE_ROWS, int STAGES>
 __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, uint8_t* smem) {
-  using Cfg = PrefillCfg<D, TILE_ROWS>;
+  using Cfg = PrefillCfg<D, TILE_ROWS, STAGES>;
+  constexpr int kStages = Cfg::kStages;
+  constexpr int kRing = Cfg::kRing;
   using E = Elem<T>;
   constexpr int kWarpsN = Cfg::kWarpsN;
   constexpr int kMT = Cfg::kMT;
@@ -227,13 +238,13 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
       pid = __ldg(p.kv_indices + page_base + pg);
     }
   };
-  // Offsets of `tile` into ring slot tile % 3, plus its bad-page flags. Called by whole
+  // Offsets of `tile` into ring slot tile % kRing, plus its bad-page flags. Called by whole
   // warps (kTileKv is a multiple of 32) for the ballot.
   auto publish = [&](int tile, int pid, int slot) {
     const int j = kv_begin + tile * kTileKv + tid;
     const bool in_range = j < kv_end;
     const bool ok = in_range && pid >= 0 && pid < p.kv.num_pages;
-    const int ring = tile % 3;
+    const int ring = tile % kRing;
     s_off[ring * kTileKv + tid] =
         ok ? int64_t(pid) * p.kv.page_stride + int64_t(slot) * p.kv.slot_stride + head_off
            : int64_t(-1);
@@ -241,12 +252,12 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
     if (lane == 0) s_bad[ring * 4 + warp] = bad != 0u;
   };
 
-  // Copies of `tile` into stage tile & 1; keys without an offset are zero-filled.
+  // Copies of `tile` into stage tile % kStages; keys without an offset are zero-filled.
   const int ld_chunk = tid % kChunks;
   const int ld_row = tid / kChunks;
   auto issue = [&](int tile) {
-    const int64_t* offs = s_off + (tile % 3) * kTileKv;
-    const uint32_t stage = uint32_t(tile & 1) * Cfg::kStageBytes;
+    const int64_t* offs = s_off + (tile % kRing) * kTileKv;
+    const uint32_t stage = uint32_t(tile % kStages) * Cfg::kStageBytes;
 #pragma unroll
     for (int pass = 0; pass < Cfg::kPasses; ++pass) {
       const int row = ld_row + pass * Cfg::kRowsPerPass;
@@ -262,12 +273,13 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
   // ---- prologue ---------------------------------------------------------------------
   int pid_next = -1, slot_next = 0;
   if (tid < kTileKv) {
-    int pid0, slot0, pid1, slot1;
-    lookup(0, pid0, slot0);
-    lookup(1, pid1, slot1);
-    lookup(2, pid_next, slot_next);
-    publish(0, pid0, slot0);
-    publish(1, pid1, slot1);
+    // Tiles 0 .. kStages - 1 published, tile kStages looked up (all loads first).
+    int pids[kStages], slots[kStages];
+#pragma unroll
+    for (int i = 0; i < kStages; ++i) lookup(i, pids[i], slots[i]);
+    lookup(kStages, pid_next, slot_next);
+#pragma unroll
+    for (int i = 0; i < kStages; ++i) publish(i, pids[i], slots[i]);
   }
   if (rope) {
     // The same double-precision formula as the CPU backend, so both round the
@@ -277,8 +289,11 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
                         double(p.rope_scale));
   }
   __syncthreads();
-  if (num_tiles > 0) issue(0);
-  CpAsyncCommit();
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < num_tiles) issue(i);
+    CpAsyncCommit();  // one group per tile, empty or not, so the waits below count tiles
+  }
 
   // Q tile: thread handles chunk pairs (c, c + D/16) so RoPE can rotate in registers.
   {
@@ -350,17 +365,17 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
 
   // ---- main loop over KV tiles --------------------------------------------------------
   for (int t = 0; t < num_tiles; ++t) {
-    CpAsyncWaitAll();
+    CpAsyncWait<kStages - 2>();  // tile t has landed (newer tiles may be in flight)
     __syncthreads();
-    if (t + 1 < num_tiles) issue(t + 1);
+    if (t + kStages - 1 < num_tiles) issue(t + kStages - 1);
     CpAsyncCommit();
     if (tid < kTileKv) {
-      if (t + 2 < num_tiles) publish(t + 2, pid_next, slot_next);
-      lookup(t + 3, pid_next, slot_next);
+      if (t + kStages < num_tiles) publish(t + kStages, pid_next, slot_next);
+      lookup(t + kStages + 1, pid_next, slot_next);
     }
 
     const int kt = kv_begin + t * kTileKv;
-    const uint32_t stage = uint32_t(t & 1) * Cfg::kStageBytes;
+    const uint32_t stage = uint32_t(t % kStages) * Cfg::kStageBytes;
     if (rope) {
       uint8_t* ks = smem + Cfg::kKOff + stage;
       for (int i = tid; i < kTileKv * kHalf; i += kThreads) {
@@ -412,7 +427,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
     // Scale into base-2 logits; per-element masks/bias only where some key of the
     // warp's slice may be invisible to some row: past kv_end, a bad page, across the
     // causal diagonal, or ALiBi (which biases every element).
-    const int ring = t % 3;
+    const int ring = t % kRing;
     bool tile_bad = false;
 #pragma unroll
     for (int w = 0; w < kTileKv / 32; ++w) tile_bad |= s_bad[ring * 4 + w] != 0;
@@ -596,8 +611,8 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
 
 // The grid is [bin_cap, num_kv_heads]: CTA (bin, head) runs the bin's items in order
 // (plan_layout.h), so a launch is one wave whose balance the planner decided.
-template <typename T, int D, int TILE_ROWS>
-__global__ void __launch_bounds__(PrefillCfg<D, TILE_ROWS>::kThreads)
+template <typename T, int D, int TILE_ROWS, int STAGES>
+__global__ void __launch_bounds__(PrefillCfg<D, TILE_ROWS, STAGES>::kThreads)
     PrefillKernel(const __grid_constant__ AttentionParams p) {
   // The fragment addressing XORs bits 4-6 of absolute shared addresses, which needs
   // every tile row to start on 128 bytes; the launch adds 128 bytes of slack so the
@@ -608,7 +623,7 @@ __global__ void __launch_bounds__(PrefillCfg<D, TILE_ROWS>::kThreads)
   const int begin = max(p.bin_indptr[bin], 0);
   const int end = min(p.bin_indptr[bin + 1], p.layout.work_cap);
   for (int item = begin; item < end; ++item) {
-    AttendItem<T, D, TILE_ROWS>(p, item, smem);
+    AttendItem<T, D, TILE_ROWS, STAGES>(p, item, smem);
     __syncthreads();  // the next item's prologue rewrites what this epilogue read
   }
 }
