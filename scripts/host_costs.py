@@ -74,19 +74,34 @@ def main():
     except Exception as e:  # noqa: BLE001
       print(f"{name}: {type(e).__name__}: {str(e)[:200]}")
 
-  def loop(fresh):
+  pinned_sharding = variants.get("pinned_host plan") and jax.sharding.SingleDeviceSharding(
+      dev, memory_kind="pinned_host")
+  movers = {
+      "one plan": lambda: p0,
+      "fresh numpy plans": plan,
+      "fresh plans, device_put": lambda: (lambda pl: type(pl)(jax.device_put(pl.buffer, dev),
+                                                              pl.config))(plan()),
+  }
+  if pinned_sharding:
+    movers["fresh plans, pinned_host"] = lambda: (lambda pl: type(pl)(
+        jax.device_put(pl.buffer, pinned_sharding), pl.config))(plan())
+
+  def loop(make):
     x = q
     t0 = time.perf_counter()
     for _ in range(args.steps):
-      x = step(x, cache, plan() if fresh else p0)
+      x = step(x, cache, make())
     t1 = time.perf_counter()
     jax.block_until_ready(x)
     return (t1 - t0) / args.steps, (time.perf_counter() - t0) / args.steps
 
-  loop(True)
-  for fresh in (False, True):
-    issue, total = zip(*[loop(fresh) for _ in range(5)])
-    tag = "fresh plans" if fresh else "one plan"
+  for tag, make in movers.items():
+    try:
+      loop(make)
+      issue, total = zip(*[loop(make) for _ in range(5)])
+    except Exception as e:  # noqa: BLE001
+      print(f"loop {tag}: {type(e).__name__}: {str(e)[:200]}")
+      continue
     out[f"loop, {tag}: host issue per step"] = 1e6 * statistics.median(issue)
     out[f"loop, {tag}: per step"] = 1e6 * statistics.median(total)
   x = q

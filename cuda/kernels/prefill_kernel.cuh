@@ -255,6 +255,8 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
   // Copies of `tile` into stage tile % kStages; keys without an offset are zero-filled.
   const int ld_chunk = tid % kChunks;
   const int ld_row = tid / kChunks;
+  const int hint = p.load_hint;
+  const uint64_t policy = hint >= 2 ? EvictFirstPolicy() : 0;
   auto issue = [&](int tile) {
     const int64_t* offs = s_off + (tile % kRing) * kTileKv;
     const uint32_t stage = uint32_t(tile % kStages) * Cfg::kStageBytes;
@@ -265,8 +267,13 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
       const bool ok = off >= 0;
       const int64_t src = (ok ? off : 0) + ld_chunk * 8;
       const uint32_t dst = stage + Swz<kRowBytes>(row, ld_chunk);
-      CpAsync16(sk_addr + dst, kbase + src, ok);
-      CpAsync16(sv_addr + dst, vbase + src, ok);
+      if (hint == 0) {
+        CpAsync16(sk_addr + dst, kbase + src, ok);
+        CpAsync16(sv_addr + dst, vbase + src, ok);
+      } else {
+        CpAsync16Hinted(sk_addr + dst, kbase + src, ok, hint, policy);
+        CpAsync16Hinted(sv_addr + dst, vbase + src, ok, hint, policy);
+      }
     }
   };
 
