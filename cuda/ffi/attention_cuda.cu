@@ -6,7 +6,6 @@
 // queries: the same launches for the same shapes, as kCmdBufferCompatible promises.
 #include <cuda_runtime.h>
 
-#include <cstdlib>
 #include <string>
 
 #include "jax_pagedattn/ffi_common.h"
@@ -50,11 +49,6 @@ ffi::Error AttentionThenMerge(cudaStream_t stream, JPA_ATTENTION_HANDLER_ARGS, c
   if (err.failure()) return err;
   err = CheckGpuParams(p);
   if (err.failure()) return err;
-  static const int load_hint = [] {
-    const char* v = std::getenv("JAX_PAGEDATTN_TC_LOAD_HINT");
-    return v != nullptr ? std::atoi(v) & 3 : 0;
-  }();
-  p.load_hint = load_hint;
   cudaError_t cu = kAttention(p, stream);
   if (cu != cudaSuccess) return LaunchError(what, cu);
   cu = LaunchMerge(p, stream);

@@ -8,7 +8,6 @@
 
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 
 #include "kernel_setup.cuh"
 #include "launchers.h"
@@ -45,23 +44,14 @@ struct TileKernel {
   }
 };
 
-// K/V stages of the 16-row (decode) tile: JAX_PAGEDATTN_TC_DECODE_STAGES=2|3 (read once).
-int DecodeTileStages() {
-  static const int stages = [] {
-    const char* v = std::getenv("JAX_PAGEDATTN_TC_DECODE_STAGES");
-    return v != nullptr && std::atoi(v) == 3 ? 3 : 2;
-  }();
-  return stages;
-}
-
 // Calls op(TileKernel<T, D, TILE_ROWS, STAGES>{}) for the instantiation of (dtype,
 // head_dim, tile_rows); cudaErrorInvalidValue where there is none.
 template <typename T, int D, typename Op>
 cudaError_t WithTileRows(int tile_rows, Op&& op) {
   switch (tile_rows) {
-    case 16:
-      if (DecodeTileStages() == 3) return op(TileKernel<T, D, 16, 3>{});
-      return op(TileKernel<T, D, 16, 2>{});
+    // Two stages everywhere: a third one for the 16-row decode tile (two CTAs per SM
+    // instead of three) measured the same on an H200 (docs/PERF_NOTES.md).
+    case 16: return op(TileKernel<T, D, 16, 2>{});
     case 64: return op(TileKernel<T, D, 64, 2>{});
     case 128:
       // 128 rows x 256 dims would need 128 accumulator registers per thread with 8

@@ -25,9 +25,9 @@
 // its own copies of tile t (tiles up to t + S - 2 may still be in flight), then
 // __syncthreads makes tile t visible and guarantees that every warp finished tile
 // t - 1; the CTA then issues tile t + S - 1 into the stage that held t - 1 and computes
-// tile t while the later tiles land. S = 2 keeps 64 KB of K/V in shared memory at
-// D = 128 (three CTAs per SM); S = 3, for decode tiles, keeps two tiles in flight
-// instead of one per CTA (two CTAs per SM), which a faster memory needs. Key offsets
+// tile t while the later tiles land. The launcher uses S = 2 (64 KB of K/V at D = 128,
+// three CTAs per SM); S = 3 (two tiles in flight per CTA, two CTAs per SM) streamed no
+// faster on an H200 (docs/PERF_NOTES.md). Key offsets
 // run one tile further ahead: the page id of tile t + S + 1 is loaded into a register
 // at iteration t, so its global latency hides behind a whole tile of MMAs, turned into
 // an offset in s_off at iteration t + 1, used by the copies at t + 2 and the masks
@@ -255,8 +255,6 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
   // Copies of `tile` into stage tile % kStages; keys without an offset are zero-filled.
   const int ld_chunk = tid % kChunks;
   const int ld_row = tid / kChunks;
-  const int hint = p.load_hint;
-  const uint64_t policy = hint >= 2 ? EvictFirstPolicy() : 0;
   auto issue = [&](int tile) {
     const int64_t* offs = s_off + (tile % kRing) * kTileKv;
     const uint32_t stage = uint32_t(tile % kStages) * Cfg::kStageBytes;
@@ -267,13 +265,8 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
       const bool ok = off >= 0;
       const int64_t src = (ok ? off : 0) + ld_chunk * 8;
       const uint32_t dst = stage + Swz<kRowBytes>(row, ld_chunk);
-      if (hint == 0) {
-        CpAsync16(sk_addr + dst, kbase + src, ok);
-        CpAsync16(sv_addr + dst, vbase + src, ok);
-      } else {
-        CpAsync16Hinted(sk_addr + dst, kbase + src, ok, hint, policy);
-        CpAsync16Hinted(sv_addr + dst, vbase + src, ok, hint, policy);
-      }
+      CpAsync16(sk_addr + dst, kbase + src, ok);
+      CpAsync16(sv_addr + dst, vbase + src, ok);
     }
   };
 

@@ -27,30 +27,6 @@ __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool va
                : "memory");
 }
 
-// CpAsync16 with L2 hints, `hint` bits: 1 asks L2 to fetch the whole 128-byte line
-// (L2::128B), 2 applies `policy` (an evict-first createpolicy).
-__device__ __forceinline__ void CpAsync16Hinted(uint32_t dst, const void* src, bool valid, int hint,
-                                                uint64_t policy) {
-  const int src_bytes = valid ? 16 : 0;
-  const uint64_t g = __cvta_generic_to_global(src);
-  if (hint == 1) {
-    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(g),
-                 "r"(src_bytes) : "memory");
-  } else if (hint == 2) {
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
-                 "l"(g), "r"(src_bytes), "l"(policy) : "memory");
-  } else {
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::128B [%0], [%1], 16, %2, %3;\n" ::"r"(
-                     dst), "l"(g), "r"(src_bytes), "l"(policy) : "memory");
-  }
-}
-
-__device__ __forceinline__ uint64_t EvictFirstPolicy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-
 __device__ __forceinline__ void CpAsyncCommit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }

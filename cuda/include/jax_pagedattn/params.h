@@ -98,7 +98,6 @@ struct AttentionParams {
   float sm_scale;
   float rope_scale;
   float rope_theta;
-  int32_t load_hint;  // tensor-core kernel K/V copies: 0 plain, 1 L2::128B, 2 evict-first, 3 both
 };
 
 // Workspace bytes for the split-KV partials of one call.
