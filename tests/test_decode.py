@@ -48,6 +48,31 @@ def test_decode_matches_reference(platform, case, device, rng):
                          what=case.id)
 
 
+def _run_random_batch(device, rng, kv_lens, dtype, *, heads, head_dim, page_size, kv_layout,
+                      form, tensor_cores):
+  """Random cache and queries for requests of `kv_lens` keys, planned and run on
+  `device`. Returns (plan sections, (out, lse), oracle's (out, lse))."""
+  hq, hk = heads
+  table = page_table(rng, kv_lens, page_size)
+  k, v = random_cache(rng, table.num_pages, page_size, hk, head_dim, dtype)
+  cache = cache_in_form(k, v, dtype, kv_layout, form)
+  dt = np.dtype(DTYPES[dtype])
+  q = round_to(rng.standard_normal((len(kv_lens), hq, head_dim), dtype=np.float32), DTYPES[dtype])
+  with jax.default_device(device):
+    w = jpa.BatchDecodeWithPagedKVCacheWrapper(kv_layout=kv_layout, use_tensor_cores=tensor_cores)
+    plan = w.plan(table.indptr, table.indices, table.last_page_len, hq, hk, head_dim, page_size,
+                  q_data_type=dt)
+    got = w.run(put(q.astype(dt), device), put(cache, device), return_lse=True)
+  want = oracle(q, k, v, np.arange(len(kv_lens) + 1), table)
+  return planning.unpack_plan(plan.buffer, plan.config.caps), got, want
+
+
+def _cut_requests(sections):
+  """Whether some live item is a piece of a split request."""
+  live = sections["work"][sections["work"][:, 0] >= 0]
+  return bool((live[:, 5] >= 0).any())
+
+
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
 @pytest.mark.parametrize("tensor_cores", [False, True])
 def test_decode_split_kv(platform, device, rng, dtype, tensor_cores):
@@ -57,22 +82,10 @@ def test_decode_split_kv(platform, device, rng, dtype, tensor_cores):
   check_native(platform)
   if dtype == "f32" and platform != "cpu":
     pytest.skip("f32 is CPU-only")
-  hq, hk, d, ps = 8, 1, 128, 16
-  kv_lens = np.array([3000, 5, 0, 17, 700])
-  table = page_table(rng, kv_lens, ps)
-  k, v = random_cache(rng, table.num_pages, ps, hk, d, dtype)
-  cache = cache_in_form(k, v, dtype, "NHD", "5d")
-  dt = DTYPES[dtype]
-  q = round_to(rng.standard_normal((len(kv_lens), hq, d), dtype=np.float32), dt)
-  with jax.default_device(device):
-    w = jpa.BatchDecodeWithPagedKVCacheWrapper(kv_layout="NHD", use_tensor_cores=tensor_cores)
-    plan = w.plan(table.indptr, table.indices, table.last_page_len, hq, hk, d, ps,
-                  q_data_type=np.dtype(dt))
-    out, lse = w.run(put(q.astype(np.dtype(dt)), device), put(cache, device), return_lse=True)
-  sections = planning.unpack_plan(plan.buffer, plan.config.caps)
-  live = sections["work"][sections["work"][:, 0] >= 0]
-  assert (live[:, 5] >= 0).any(), "precondition: the planner should have split request 0"
-  ref_out, ref_lse = oracle(q, k, v, np.arange(len(kv_lens) + 1), table)
+  sections, (out, lse), (ref_out, ref_lse) = _run_random_batch(
+      device, rng, np.array([3000, 5, 0, 17, 700]), dtype, heads=(8, 1), head_dim=128,
+      page_size=16, kv_layout="NHD", form="5d", tensor_cores=tensor_cores)
+  assert _cut_requests(sections), "precondition: the planner should have split request 0"
   assert_attention_close(out, lse, ref_out, ref_lse, dtype)
 
 
@@ -85,26 +98,14 @@ def test_decode_bins_of_many_items(platform, device, rng, monkeypatch, tensor_co
   dtype = "bf16" if platform == "gpu" else "f32"
   # One CTA per SM on the GPU: 132 / 4 heads = 33 bins for 300 requests.
   monkeypatch.setenv(planning.CTAS_PER_SM_ENV, "1")
-  hq, hk, d, ps = 16, 4, 64, 8
   kv_lens = rng.integers(0, 300, size=300)
   kv_lens[[3, 150]] = [4000, 2500]  # two long requests that must be cut
-  table = page_table(rng, kv_lens, ps)
-  k, v = random_cache(rng, table.num_pages, ps, hk, d, dtype)
-  cache = cache_in_form(k, v, dtype, "HND", "tuple")
-  dt = DTYPES[dtype]
-  q = round_to(rng.standard_normal((len(kv_lens), hq, d), dtype=np.float32), dt)
-  with jax.default_device(device):
-    w = jpa.BatchDecodeWithPagedKVCacheWrapper(kv_layout="HND", use_tensor_cores=tensor_cores)
-    plan = w.plan(table.indptr, table.indices, table.last_page_len, hq, hk, d, ps,
-                  q_data_type=np.dtype(dt))
-    out, lse = w.run(put(q.astype(np.dtype(dt)), device), put(cache, device), return_lse=True)
-  sections = planning.unpack_plan(plan.buffer, plan.config.caps)
-  items_per_bin = np.diff(sections["bin_indptr"])
-  assert items_per_bin.max() >= 4, "precondition: bins should hold several items"
+  sections, (out, lse), (ref_out, ref_lse) = _run_random_batch(
+      device, rng, kv_lens, dtype, heads=(16, 4), head_dim=64, page_size=8, kv_layout="HND",
+      form="tuple", tensor_cores=tensor_cores)
+  assert np.diff(sections["bin_indptr"]).max() >= 4, "precondition: bins should hold several items"
   if platform == "gpu":  # the CPU has too few bins for a 4000-key request to overrun one
-    live = sections["work"][sections["work"][:, 0] >= 0]
-    assert (live[:, 5] >= 0).any(), "precondition: the long requests should be cut"
-  ref_out, ref_lse = oracle(q, k, v, np.arange(len(kv_lens) + 1), table)
+    assert _cut_requests(sections), "precondition: the long requests should be cut"
   assert_attention_close(out, lse, ref_out, ref_lse, dtype)
 
 

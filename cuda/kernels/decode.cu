@@ -590,11 +590,9 @@ cudaError_t WithHeadDim(int head_dim, int tile_rows, Op&& op) {
 
 template <typename Op>
 cudaError_t WithKernel(DType dtype, int head_dim, int tile_rows, Op&& op) {
-  switch (dtype) {
-    case DType::kF16: return WithHeadDim<__half>(head_dim, tile_rows, op);
-    case DType::kBF16: return WithHeadDim<__nv_bfloat16>(head_dim, tile_rows, op);
-    default: return cudaErrorInvalidValue;  // f32 has no GPU kernel
-  }
+  return WithElementType(dtype, [&](auto t) {
+    return WithHeadDim<decltype(t)>(head_dim, tile_rows, op);
+  });
 }
 
 }  // namespace

@@ -2,10 +2,14 @@
 // kernel (once per device) and the occupancy query that the planner sizes bins with.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <atomic>
 #include <cstdint>
+
+#include "jax_pagedattn/params.h"
 
 namespace jax_pagedattn {
 
@@ -34,6 +38,17 @@ cudaError_t CtasPerSm(Kernel kernel, int threads, int smem_bytes, int32_t* ctas)
                                                                         size_t(smem_bytes));
   *ctas = n;
   return err;
+}
+
+// Calls op(T{}) with T the CUDA element type of `dtype`; cudaErrorInvalidValue for
+// float32, which has no GPU kernels (it runs on the CPU backend).
+template <typename Op>
+cudaError_t WithElementType(DType dtype, Op&& op) {
+  switch (dtype) {
+    case DType::kF16: return op(__half{});
+    case DType::kBF16: return op(__nv_bfloat16{});
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace jax_pagedattn
