@@ -78,7 +78,6 @@ OutI32 Plan(nb::object qo_indptr, HostI32 kv_indptr, HostI32 kv_indices, HostI32
     req.name_kv_indices = "indices";
     req.name_kv_last_page_len = "last_page_len";
   }
-  if (bin_cap < 1) throw PlanError("bin_cap must be >= 1");
   const PlanLayout layout{batch_cap, token_cap, page_cap, work_cap, bin_cap};
   const size_t n = size_t(layout.size());
   std::unique_ptr<int32_t[]> buf(new int32_t[n]);
