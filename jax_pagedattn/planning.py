@@ -67,7 +67,9 @@ class PlanConfig:
 
   @property
   def workspace_bytes(self) -> int:
-    return self.caps.partial_rows * partial_row_bytes(self.num_qo_heads, self.head_dim)
+    """Split-KV partial rows, then one int32 merge counter per (token, kv head)."""
+    return (self.caps.partial_rows * partial_row_bytes(self.num_qo_heads, self.head_dim)
+            + self.caps.tokens * self.num_kv_heads * 4)
 
 
 @jax.tree_util.register_pytree_node_class

@@ -1,8 +1,8 @@
 // Typed-FFI CUDA handlers of jax_pagedattn_decode and jax_pagedattn_prefill.
 //
 // Thin: bind the operands (ffi_common.h, shared with the CPU handlers), check what the
-// GPU kernels need beyond the shared checks, then launch the attention pass and the
-// merge pass on XLA's stream. No allocation, no host reads of device memory, no stream
+// GPU kernels need beyond the shared checks, then launch the setup pass and the
+// attention pass (which merges its own split partials) on XLA's stream. No allocation, no host reads of device memory, no stream
 // queries: the same launches for the same shapes, as kCmdBufferCompatible promises.
 #include <cuda_runtime.h>
 
@@ -43,25 +43,25 @@ ffi::Error CheckGpuParams(const AttentionParams& p) {
 }
 
 template <cudaError_t (*kAttention)(const AttentionParams&, cudaStream_t)>
-ffi::Error AttentionThenMerge(cudaStream_t stream, JPA_ATTENTION_HANDLER_ARGS, const char* what) {
+ffi::Error SetupThenAttention(cudaStream_t stream, JPA_ATTENTION_HANDLER_ARGS, const char* what) {
   AttentionParams p;
   ffi::Error err = MakeAttentionParams(JPA_ATTENTION_FORWARD_ARGS, &p);
   if (err.failure()) return err;
   err = CheckGpuParams(p);
   if (err.failure()) return err;
-  cudaError_t cu = kAttention(p, stream);
+  cudaError_t cu = LaunchMergeSetup(p, stream);
+  if (cu != cudaSuccess) return LaunchError("merge setup kernel", cu);
+  cu = kAttention(p, stream);
   if (cu != cudaSuccess) return LaunchError(what, cu);
-  cu = LaunchMerge(p, stream);
-  if (cu != cudaSuccess) return LaunchError("merge kernel", cu);
   return ffi::Error::Success();
 }
 
 ffi::Error DecodeCuda(cudaStream_t stream, JPA_ATTENTION_HANDLER_ARGS) {
-  return AttentionThenMerge<LaunchDecode>(stream, JPA_ATTENTION_FORWARD_ARGS, "decode kernel");
+  return SetupThenAttention<LaunchDecode>(stream, JPA_ATTENTION_FORWARD_ARGS, "decode kernel");
 }
 
 ffi::Error PrefillCuda(cudaStream_t stream, JPA_ATTENTION_HANDLER_ARGS) {
-  return AttentionThenMerge<LaunchPrefill>(stream, JPA_ATTENTION_FORWARD_ARGS, "prefill kernel");
+  return SetupThenAttention<LaunchPrefill>(stream, JPA_ATTENTION_FORWARD_ARGS, "prefill kernel");
 }
 
 }  // namespace

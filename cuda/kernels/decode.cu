@@ -37,6 +37,8 @@
 #include <cstdint>
 
 #include "cp_async.cuh"
+#include "dependent_launch.cuh"
+#include "split_merge.cuh"
 #include "kernel_setup.cuh"
 #include "jax_pagedattn/params.h"
 #include "launchers.h"
@@ -50,6 +52,9 @@ namespace {
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarps = 4;  // 128 threads: small enough for 3 CTAs per SM (see smem below)
 constexpr int kThreads = kWarps * 32;
+// Query tokens of one work item at most: decode items hold one token (a GQA group or a
+// slice of it); the bound only sizes the split-merge bookkeeping in shared memory.
+constexpr int kMaxItemTokens = 8;
 // Each warp keeps one tile loading while it computes another. With 12 warps per SM that
 // is already ~5x the bytes in flight that the memory system needs; a third stage costs
 // the third CTA per SM (measured on H100: same GB/s where the grid is many waves deep,
@@ -526,6 +531,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
       }
     }
   }
+  if (split >= 0) FinishSplitItem<T, kThreads, kMaxItemTokens>(p, q_base, row_begin, row_end, kv_head);
 }
 
 // The grid is [bin_cap, num_kv_heads]: CTA (bin, head) runs the bin's items in order.
@@ -540,6 +546,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<R>)
     AttendItem<T, D, R>(p, item, smem_u4);
     __syncthreads();  // the next item's copies overwrite what this merge read
   }
+  WaitForPrimaryGrid();  // never finish before the setup pass (dependent_launch.cuh)
 }
 
 // One instantiation: its shared-memory opt-in, launch and occupancy.
@@ -556,8 +563,7 @@ struct RowsKernel {
     const cudaError_t err = Ready();
     if (err != cudaSuccess) return err;
     const dim3 grid(unsigned(p.layout.bin_cap), unsigned(p.num_kv_heads));
-    DecodeKernel<T, D, R><<<grid, kThreads, kSmem, stream>>>(p);
-    return cudaGetLastError();
+    return LaunchDependent(DecodeKernel<T, D, R>, grid, dim3(kThreads), kSmem, stream, p);
   }
 
   static cudaError_t Occupancy(int32_t* ctas) {

@@ -11,8 +11,8 @@
 namespace jax_pagedattn {
 
 // CUDA-core decode: one CTA per (bin, kv head) running the bin's work items; an item's
-// packed rows are the query heads of one token's GQA group. Writes out/lse or
-// workspace partials.
+// packed rows are the query heads of one token's GQA group. Writes out/lse, or
+// workspace partials that the last CTA of a token merges into out/lse.
 cudaError_t LaunchDecode(const AttentionParams& p, cudaStream_t stream);
 
 // Tensor-core prefill (also the use_tensor_cores decode path): one CTA per (bin, kv
@@ -24,9 +24,11 @@ cudaError_t LaunchPrefill(const AttentionParams& p, cudaStream_t stream);
 cudaError_t DecodeCtasPerSm(DType dtype, int head_dim, int tile_rows, int32_t* ctas);
 cudaError_t PrefillCtasPerSm(DType dtype, int head_dim, int tile_rows, int32_t* ctas);
 
-// After LaunchDecode/LaunchPrefill: merges split partials into out/lse and zero-fills
-// (lse = -inf) rows t >= meta[kMetaNumTokens]. Always launched, over p.q_rows tokens.
-cudaError_t LaunchMerge(const AttentionParams& p, cudaStream_t stream);
+// Before LaunchDecode/LaunchPrefill, always: zeroes the split-merge counters of the
+// workspace and zero-fills (lse = -inf) rows t >= meta[kMetaNumTokens]. The attention
+// kernels merge split partials themselves (split_merge.cuh) and launch as this pass's
+// dependent grid (dependent_launch.cuh).
+cudaError_t LaunchMergeSetup(const AttentionParams& p, cudaStream_t stream);
 
 // Scatters new K/V rows into their pages in place.
 cudaError_t LaunchAppend(const AppendParams& p, cudaStream_t stream);

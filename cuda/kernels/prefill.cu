@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "dependent_launch.cuh"
 #include "kernel_setup.cuh"
 #include "launchers.h"
 #include "prefill_kernel.cuh"
@@ -33,8 +34,8 @@ struct TileKernel {
     const cudaError_t err = Ready();
     if (err != cudaSuccess) return err;
     const dim3 grid(unsigned(p.layout.bin_cap), unsigned(p.num_kv_heads));
-    PrefillKernel<T, D, TILE_ROWS, STAGES><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
-    return cudaGetLastError();
+    return LaunchDependent(PrefillKernel<T, D, TILE_ROWS, STAGES>, grid, dim3(Cfg::kThreads),
+                           Cfg::kSmemBytes, stream, p);
   }
 
   static cudaError_t Occupancy(int32_t* ctas) {

@@ -44,6 +44,7 @@
 
 #include "jax_pagedattn/params.h"
 #include "prefill_ptx.cuh"
+#include "split_merge.cuh"
 
 namespace jax_pagedattn {
 namespace prefill_detail {
@@ -607,6 +608,8 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
       }
     }
   }
+  if (split >= 0)
+    FinishSplitItem<T, kThreads, TILE_ROWS>(p, q_base, row_begin, row_begin + nrows, kv_head);
 }
 
 // The grid is [bin_cap, num_kv_heads]: CTA (bin, head) runs the bin's items in order
@@ -626,6 +629,7 @@ __global__ void __launch_bounds__(PrefillCfg<D, TILE_ROWS, STAGES>::kThreads)
     AttendItem<T, D, TILE_ROWS, STAGES>(p, item, smem);
     __syncthreads();  // the next item's prologue rewrites what this epilogue read
   }
+  WaitForPrimaryGrid();  // never finish before the setup pass (dependent_launch.cuh)
 }
 
 }  // namespace prefill_detail

@@ -1,12 +1,12 @@
 // Standalone GPU check of the CUDA-core decode, merge and append kernels (no JAX, no
 // planner): builds small random paged caches and plan buffers by hand, runs
-// LaunchDecode + LaunchMerge, and compares with a float64 CPU loop over the same
+// LaunchMergeSetup + LaunchDecode (which merges its split partials), and compares with a float64 CPU loop over the same
 // bf16/f16 inputs. Also checks LaunchAppend bit-exactly and, unless --no-bench, times a
 // few large decode shapes against a device-to-device copy.
 //
 // Build and run (from the repository root, on a machine with a GPU):
 //   nvcc -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icuda/include -Icuda/kernels \
-//     tests/cuda/decode_harness.cu cuda/kernels/decode.cu cuda/kernels/merge.cu \
+//     tests/cuda/decode_harness.cu cuda/kernels/decode.cu cuda/kernels/merge_setup.cu \
 //     cuda/kernels/append.cu -o /tmp/h && /tmp/h [--no-bench] [--quick]
 // Exit status 0 only if every check passed.
 #include <cuda_bf16.h>
@@ -242,7 +242,7 @@ static bool RunCase(const Config& c, std::mt19937& rng, bool verbose_fail) {
   float* d_ws;
   int32_t* d_plan;
   const int partial_cap = hp.num_partial_rows + 1;
-  const size_t ws_bytes = size_t(WorkspaceBytes(partial_cap, Hq, D));
+  const size_t ws_bytes = size_t(WorkspaceBytes(partial_cap, Hq, D, Tq, Hk));
   CHECK_CUDA(cudaMalloc(&d_q, q.size() * 2));
   CHECK_CUDA(cudaMalloc(&d_out, q.size() * 2));
   CHECK_CUDA(cudaMalloc(&d_lse, size_t(Tq) * Hq * 4));
@@ -277,6 +277,7 @@ static bool RunCase(const Config& c, std::mt19937& rng, bool verbose_fail) {
   p.kv_indices = d_plan + hp.layout.kv_indices();
   p.partial_o = d_ws;
   p.partial_lse = d_ws + int64_t(partial_cap) * Hq * D;
+  p.merge_counters = reinterpret_cast<int32_t*>(p.partial_lse + int64_t(partial_cap) * Hq);
   p.partial_rows_cap = partial_cap;
   p.tile_rows = c.tile_rows > 0 ? c.tile_rows : G;
   p.causal = c.causal;
@@ -285,8 +286,8 @@ static bool RunCase(const Config& c, std::mt19937& rng, bool verbose_fail) {
   p.rope_scale = 1.0f;
   p.rope_theta = 1e4f;
 
+  CHECK_CUDA(LaunchMergeSetup(p, 0));
   CHECK_CUDA(LaunchDecode(p, 0));
-  CHECK_CUDA(LaunchMerge(p, 0));
   CHECK_CUDA(cudaDeviceSynchronize());
 
   std::vector<uint16_t> out(q.size());
@@ -533,7 +534,7 @@ static void Bench(int batch, int kv_len, int chunk, KvLayout layout, std::mt1993
   CHECK_CUDA(cudaMemset(d_q, 0x3c, size_t(Tq) * Hq * D * 2));
   CHECK_CUDA(cudaMalloc(&d_out, size_t(Tq) * Hq * D * 2));
   CHECK_CUDA(cudaMalloc(&d_lse, size_t(Tq) * Hq * 4));
-  CHECK_CUDA(cudaMalloc(&d_ws, size_t(WorkspaceBytes(partial_cap, Hq, D))));
+  CHECK_CUDA(cudaMalloc(&d_ws, size_t(WorkspaceBytes(partial_cap, Hq, D, Tq, Hk))));
   CHECK_CUDA(cudaMalloc(&d_plan, hp.buf.size() * 4));
   CHECK_CUDA(cudaMemcpy(d_plan, hp.buf.data(), hp.buf.size() * 4, cudaMemcpyHostToDevice));
   AttentionParams p{};
@@ -558,6 +559,7 @@ static void Bench(int batch, int kv_len, int chunk, KvLayout layout, std::mt1993
   p.kv_indices = d_plan + hp.layout.kv_indices();
   p.partial_o = d_ws;
   p.partial_lse = d_ws + int64_t(partial_cap) * Hq * D;
+  p.merge_counters = reinterpret_cast<int32_t*>(p.partial_lse + int64_t(partial_cap) * Hq);
   p.partial_rows_cap = partial_cap;
   p.tile_rows = G;
   p.causal = true;
@@ -569,14 +571,14 @@ static void Bench(int batch, int kv_len, int chunk, KvLayout layout, std::mt1993
   CHECK_CUDA(cudaEventCreate(&e0));
   CHECK_CUDA(cudaEventCreate(&e1));
   for (int i = 0; i < 3; ++i) {
+    CHECK_CUDA(LaunchMergeSetup(p, 0));
     CHECK_CUDA(LaunchDecode(p, 0));
-    CHECK_CUDA(LaunchMerge(p, 0));
   }
   std::vector<float> ts;
   for (int i = 0; i < 20; ++i) {
     CHECK_CUDA(cudaEventRecord(e0));
+    CHECK_CUDA(LaunchMergeSetup(p, 0));
     CHECK_CUDA(LaunchDecode(p, 0));
-    CHECK_CUDA(LaunchMerge(p, 0));
     CHECK_CUDA(cudaEventRecord(e1));
     CHECK_CUDA(cudaEventSynchronize(e1));
     float ms;

@@ -3,8 +3,8 @@
 // Each case builds a random paged cache and a plan buffer by hand (PlanLayout
 // offsets, work items as the planner would cut them: whole tokens per item, causal
 // items ending at their last row's limit, some requests split in two key chunks that
-// write workspace partials), runs the kernel once, and compares out/lse/partials with
-// a double-precision reference that follows shared/DESIGN.md §3 (RoPE rotated in fp32
+// write workspace partials that the kernel also merges into out), runs the setup pass
+// and the kernel once, and compares out/lse/partials with a double-precision reference that follows shared/DESIGN.md §3 (RoPE rotated in fp32
 // and rounded to the input type, ALiBi, bottom-right causal mask, bad page ids masked).
 // Outputs are poisoned first: every covered entry must be written, every other left.
 //
@@ -119,7 +119,7 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
     last_len[b] = cs.reqs[b].kv_len == 0 ? 0 : cs.reqs[b].kv_len - (np - 1) * ps;
   }
   const int T = qo_indptr[B];
-  const int q_rows = T + 3;  // padding rows nobody may write
+  const int q_rows = T + 3;  // padding rows: the setup pass zero-fills them
   const int used_pages = kv_indptr[B];
   const int num_pages = used_pages + 5;
   std::vector<int> perm(num_pages);
@@ -205,7 +205,7 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
   CHECK_CUDA(cudaMalloc(&d_cache, cache.size() * 2));
   CHECK_CUDA(cudaMalloc(&d_out, q.size() * 2));
   CHECK_CUDA(cudaMalloc(&d_lse, size_t(q_rows) * Hqo * 4));
-  const int64_t ws_floats = WorkspaceBytes(partial_rows, Hqo, D) / 4;
+  const int64_t ws_floats = WorkspaceBytes(partial_rows, Hqo, D, q_rows, Hkv) / 4;
   CHECK_CUDA(cudaMalloc(&d_ws, ws_floats * 4));
   CHECK_CUDA(cudaMalloc(&d_plan, plan.size() * 4));
   CHECK_CUDA(cudaMemcpy(d_q, q.data(), q.size() * 2, cudaMemcpyHostToDevice));
@@ -231,12 +231,14 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
   p.kv_last_page_len = d_plan + lay.kv_last_page_len();
   p.merge_indptr = d_plan + lay.merge_indptr(); p.kv_indices = d_plan + lay.kv_indices();
   p.partial_o = d_ws; p.partial_lse = d_ws + int64_t(partial_rows) * Hqo * D;
+  p.merge_counters = reinterpret_cast<int32_t*>(p.partial_lse + int64_t(partial_rows) * Hqo);
   p.partial_rows_cap = partial_rows;
   p.tile_rows = cs.tile_rows; p.causal = cs.causal; p.pos_encoding = cs.pos;
   p.sm_scale = 1.0f / std::sqrt(float(D));
   p.rope_scale = cs.pos == PosEncoding::kRopeLlama ? 1.5f : 1.0f;
   p.rope_theta = 1e4f;
 
+  CHECK_CUDA(LaunchMergeSetup(p, 0));  // zeroes the poisoned counters
   CHECK_CUDA(LaunchPrefill(p, 0));
   CHECK_CUDA(cudaDeviceSynchronize());
 
@@ -275,6 +277,11 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
   std::vector<char> out_cov(size_t(q_rows) * Hqo, 0), part_cov(size_t(partial_rows) * Hqo, 0);
   std::vector<double> acc(D);
   const float ln2 = std::log(2.0f);
+  // Split tokens: the merge of their partial references (base-2 lse m + log2 s, and
+  // sum 2^(lse_i - m) o_i), compared with out/lse after the loop.
+  std::vector<double> mrg_m(size_t(q_rows) * Hqo, -INFINITY), mrg_s(mrg_m.size(), 0.0);
+  std::vector<double> mrg_acc(mrg_m.size() * D, 0.0);
+  std::vector<char> mrg_cov(mrg_m.size(), 0);
   for (const Item& x : items) {
     const Req& r = cs.reqs[x.b];
     for (int hk = 0; hk < Hkv; ++hk) {
@@ -325,6 +332,16 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
         } else {
           const size_t pr = size_t(merge_indptr[tok] + x.split) * Hqo + head;
           part_cov[pr] = 1;
+          const size_t hr = size_t(tok) * Hqo + head;
+          mrg_cov[hr] = 1;
+          if (!std::isinf(ref_lse)) {
+            const double m_new = std::max(mrg_m[hr], ref_lse);
+            const double keep = std::exp2(mrg_m[hr] - m_new), add = std::exp2(ref_lse - m_new);
+            mrg_s[hr] = mrg_s[hr] * keep + add;
+            for (int d = 0; d < D; ++d)
+              mrg_acc[hr * D + d] = mrg_acc[hr * D + d] * keep + add * acc[d];
+            mrg_m[hr] = m_new;
+          }
           for (int d = 0; d < D; ++d) got[d] = ws[pr * D + d];
           got_lse = ws[size_t(partial_rows) * Hqo * D + pr];
           ++st.partial_rows;
@@ -350,6 +367,38 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
         else { st.part_max = std::max(st.part_max, omax); st.part_lse_max = std::max(st.part_lse_max, lerr); }
       }
     }
+  }
+  // Split tokens: out/lse written by the last CTA of each (token, kv head).
+  for (size_t hr = 0; hr < mrg_cov.size(); ++hr) {
+    if (!mrg_cov[hr]) continue;
+    out_cov[hr] = 1;
+    ++st.rows;
+    const bool empty = mrg_s[hr] == 0.0;
+    double omax = 0;
+    for (int d = 0; d < D; ++d) {
+      const float got = ToFloat(out[hr * D + d], dt);
+      if (std::isnan(got)) { ++st.nan; continue; }
+      const double want = empty ? 0.0 : mrg_acc[hr * D + d] / mrg_s[hr];
+      const double e = std::fabs(got - want);
+      omax = std::max(omax, e);
+      st.out_num += e * e;
+      st.out_den += want * want;
+    }
+    st.out_max = std::max(st.out_max, omax);
+    const double want_lse = empty ? -INFINITY : mrg_m[hr] + std::log2(mrg_s[hr]);
+    if (std::isnan(lse[hr])) ++st.nan;
+    else if (std::isinf(want_lse) || std::isinf(lse[hr])) {
+      if (!(std::isinf(want_lse) && std::isinf(lse[hr]) && lse[hr] < 0)) ++st.lse_inf_mismatch;
+    } else {
+      st.lse_max = std::max(st.lse_max, std::fabs(double(lse[hr]) - want_lse));
+    }
+  }
+  // Padding rows t >= T: zeros and lse -inf, from the setup pass.
+  for (size_t hr = size_t(T) * Hqo; hr < out_cov.size(); ++hr) {
+    out_cov[hr] = 1;
+    bool wrong = !(std::isinf(lse[hr]) && lse[hr] < 0);
+    for (int d = 0; d < D; ++d) wrong |= out[hr * D + d] != 0;
+    st.clobbered += wrong;
   }
   // Entries nobody owns must still hold the poison.
   for (size_t hr = 0; hr < out_cov.size(); ++hr) {

@@ -135,7 +135,8 @@ inline ffi::Error MakeAttentionParams(JPA_ATTENTION_HANDLER_ARGS, AttentionParam
     return ffi::Error::InvalidArgument("jax_pagedattn: plan buffer size does not match the capacities");
   if (qd[0] > token_cap)
     return ffi::Error::InvalidArgument("jax_pagedattn: q has more rows than token_cap");
-  if (int64_t(workspace->element_count()) < WorkspaceBytes(partial_rows_cap, num_qo_heads, head_dim))
+  if (int64_t(workspace->element_count()) <
+      WorkspaceBytes(partial_rows_cap, num_qo_heads, head_dim, token_cap, num_kv_heads))
     return ffi::Error::InvalidArgument("jax_pagedattn: workspace too small");
 
   p->q = q.untyped_data();
@@ -164,6 +165,8 @@ inline ffi::Error MakeAttentionParams(JPA_ATTENTION_HANDLER_ARGS, AttentionParam
   float* ws = reinterpret_cast<float*>(workspace->typed_data());
   p->partial_o = ws;
   p->partial_lse = ws + int64_t(partial_rows_cap) * num_qo_heads * head_dim;
+  p->merge_counters =
+      reinterpret_cast<int32_t*>(p->partial_lse + int64_t(partial_rows_cap) * num_qo_heads);
   p->partial_rows_cap = partial_rows_cap;
 
   p->tile_rows = tile_rows;

@@ -65,7 +65,9 @@ inline PagedKv MakePagedKv(const void* k, const void* v, bool combined, KvLayout
 // Everything a decode or prefill launch reads. q, out: [q_rows, num_qo_heads, head_dim]
 // contiguous; lse: [q_rows, num_qo_heads] float32, base 2. The plan pointers index into
 // the single plan buffer (plan_layout.h). Workspace: partial_o [partial_rows_cap,
-// num_qo_heads, head_dim] float32 then partial_lse [partial_rows_cap, num_qo_heads].
+// num_qo_heads, head_dim] float32, partial_lse [partial_rows_cap, num_qo_heads] float32,
+// then merge_counters [token_cap, num_kv_heads] int32 (the GPU's split bookkeeping: how
+// many partial rows of a token's GQA group are written; the CPU backend leaves them).
 struct AttentionParams {
   DType dtype;
   const void* q;
@@ -90,6 +92,7 @@ struct AttentionParams {
 
   float* partial_o;
   float* partial_lse;
+  int32_t* merge_counters;  // [token_cap][num_kv_heads], zeroed before the attention pass
   int32_t partial_rows_cap;
 
   int32_t tile_rows;  // packed rows per work item at most (the kernel's query tile)
@@ -100,9 +103,11 @@ struct AttentionParams {
   float rope_theta;
 };
 
-// Workspace bytes for the split-KV partials of one call.
-inline int64_t WorkspaceBytes(int32_t partial_rows_cap, int32_t num_qo_heads, int32_t head_dim) {
-  return int64_t(partial_rows_cap) * num_qo_heads * (head_dim + 1) * 4;
+// Workspace bytes of one call: the split-KV partials, then the merge counters.
+inline int64_t WorkspaceBytes(int32_t partial_rows_cap, int32_t num_qo_heads, int32_t head_dim,
+                              int32_t token_cap, int32_t num_kv_heads) {
+  return int64_t(partial_rows_cap) * num_qo_heads * (head_dim + 1) * 4 +
+         int64_t(token_cap) * num_kv_heads * 4;
 }
 
 // ALiBi slope of query head h among n heads (the standard geometric sequence, with the
