@@ -17,7 +17,10 @@ ops (each op's output is the next op's query, so nothing is hoisted, dropped or
 overlapped), dispatched back to back `calls` times per repetition and timed on the
 host clock around `jax.block_until_ready`; `calls` is calibrated to ~`--rep-ms` per
 repetition; after `--warmup` calls, the median over `--reps` repetitions of
-wall / (calls x inner) is reported, nothing subtracted. FlashInfer is timed with CUDA
+wall / (calls x inner) is reported, nothing subtracted. Each jitted call costs the
+device an idle gap (~85 us per call on an H200 host, measured with the profiler by
+scripts/op_timeline.py), so the default chain is 32 ops long and that gap adds ~1% per
+op; our plans are on the device, as FlashInfer's are in its run(). FlashInfer is timed with CUDA
 events around the same kind of chain, queued behind a busy-wait kernel so that Python's
 per-call cost stays out. When one call's K/V bytes are under 2x `--l2-mb`, the calls
 cycle over several disjoint page sets (`rotations` in the JSON) so that L2 never holds
@@ -97,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--reps", type=int, default=15, help="timed repetitions (median taken)")
   t.add_argument("--warmup", type=int, default=2)
   t.add_argument("--rep-ms", type=float, default=20.0, help="target length of a repetition")
-  t.add_argument("--inner", type=int, default=8, help="ops chained inside one jitted call")
+  t.add_argument("--inner", type=int, default=32, help="ops chained inside one jitted call")
   t.add_argument("--l2-mb", type=float, default=50.0,
                  help="L2 size: smaller inputs are rotated over disjoint page sets")
   t.add_argument("--max-rotations", type=int, default=8)

@@ -15,7 +15,10 @@ keeps the device busy long enough for the clock's edges not to matter:
   autotuning, allocator growth) we take the median over `reps` repetitions.
 
 Nothing is subtracted: the one dispatch latency and one sync per repetition are
-included, which is under 1% at the default 20 ms repetitions.
+included, which is under 1% at the default 20 ms repetitions. Each jitted call also
+leaves the device idle for a while between calls (about 85 us per call on an H200
+host: the profiler shows back-to-back kernels inside a call and the gap between
+calls), which is why a call chains many ops (`inner`).
 
 FlashInfer (torch) is timed with CUDA events around `calls` chained calls, after
 `torch.cuda._sleep` has queued a busy-wait kernel long enough for Python to enqueue
@@ -38,7 +41,7 @@ class TimingConfig:
   warmup: int = 2
   reps: int = 15
   rep_ms: float = 20.0
-  inner: int = 8
+  inner: int = 32
   host_iters: int = 200
   host_max_s: float = 2.0
 
