@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from jax_pagedattn import layout as layout_lib
@@ -84,21 +86,27 @@ class PagedAttentionWrapper:
                                 page_size=page_size, num_qo_heads=num_qo_heads,
                                 num_kv_heads=num_kv_heads, tile_rows=tile_rows, causal=causal,
                                 caps=caps, decode_names=self._decode)
-    config = planning.PlanConfig(
-        target=target, caps=caps, tile_rows=tile_rows, num_qo_heads=int(num_qo_heads),
-        num_kv_heads=int(num_kv_heads), head_dim=int(head_dim), page_size=int(page_size),
-        kv_layout=self._kv_layout, causal=bool(causal), pos_encoding_mode=pos_encoding_mode,
-        sm_scale=planning.default_sm_scale(head_dim, sm_scale),
-        rope_scale=1.0 if rope_scale is None else float(rope_scale),
-        rope_theta=1e4 if rope_theta is None else float(rope_theta),
-        q_dtype=q_dtype, kv_dtype=kv_dtype)
+    config = _plan_config(
+        target, caps, tile_rows, int(num_qo_heads), int(num_kv_heads), int(head_dim),
+        int(page_size), self._kv_layout, bool(causal), pos_encoding_mode,
+        planning.default_sm_scale(head_dim, sm_scale),
+        1.0 if rope_scale is None else float(rope_scale),
+        1e4 if rope_theta is None else float(rope_theta), q_dtype, kv_dtype)
     # The buffer stays a host numpy array: a jitted step transfers it with its other
     # arguments in one dispatch, which is far cheaper than a separate device_put here.
     plan = planning.Plan(buffer, config)
     self._plan = plan
-    max_page = int(kv_indices.max()) if kv_indices.size else -1
-    self._host = dict(num_tokens=tokens, max_page=max_page, names=names)
+    self._host = dict(num_tokens=tokens, num_indices=int(kv_indices.shape[0]), names=names)
     return plan
+
+  def _max_page(self, plan) -> int:
+    """Largest page id of the wrapper's own plan, read from its buffer's page section
+    when an eager run() checks it (plan() does not pay for it every step)."""
+    n = self._host["num_indices"]
+    if n == 0:
+      return -1
+    offset = planning.plan_sections(plan.config.caps)["kv_indices"][0]
+    return int(plan.buffer[offset:offset + n].max())
 
   def _run(self, primitive, q, paged_kv_cache, return_lse, plan):
     if plan is None:
@@ -117,10 +125,18 @@ class PagedAttentionWrapper:
         want = "batch_size" if self._decode else "qo_indptr[-1]"
         raise ValueError(f"q has {q.shape[0]} rows but the plan has {want} = "
                          f"{self._host['num_tokens']} query tokens")
-      if self._host["max_page"] >= info.num_pages:
-        raise ValueError(f"{self._host['names'][1]} holds page {self._host['max_page']}, but "
+      max_page = self._max_page(plan)
+      if max_page >= info.num_pages:
+        raise ValueError(f"{self._host['names'][1]} holds page {max_page}, but "
                          f"paged_kv_cache has only {info.num_pages} pages")
     k_op, v_op = layout_lib.cache_operands(paged_kv_cache)
     out, lse, _ = primitive.bind(q, k_op, v_op, plan.buffer, config=plan.config,
                                  combined=info.combined)
     return (out, lse) if return_lse else out
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_config(*fields) -> planning.PlanConfig:
+  """One PlanConfig per distinct static configuration: plan() runs every step, and the
+  same (hashable, frozen) config also makes the jit cache lookup cheap."""
+  return planning.PlanConfig(*fields)

@@ -97,6 +97,19 @@ class Plan:
 def canonical_dtype(dtype, name: str) -> str:
   """'float16' / 'bfloat16' / 'float32' for a dtype given as a string or dtype."""
   try:
+    return _canonical_dtype_cached(dtype, name)
+  except TypeError:  # unhashable or not a dtype: the slow path says which
+    return _canonical_dtype(dtype, name)
+
+
+# plan() runs every step: its per-call Python is kept to dictionary lookups.
+@functools.lru_cache(maxsize=64)
+def _canonical_dtype_cached(dtype, name: str) -> str:
+  return _canonical_dtype(dtype, name)
+
+
+def _canonical_dtype(dtype, name: str) -> str:
+  try:
     d = jnp.dtype(dtype)
   except TypeError as e:
     raise TypeError(f"{name}: not a dtype: {dtype!r}") from e
@@ -122,8 +135,13 @@ def concurrent_ctas(tensor_cores: bool, dtype: str, head_dim: int, tile_rows: in
   """CTAs of the attention kernel for this configuration that the device runs at once:
   SMs x CTAs per SM on a GPU, a few per thread on the CPU. The planner's bins (one CTA
   per kv head each) fill exactly this, so a launch is one balanced wave."""
-  return _concurrent_ctas(device or jax.devices()[0], bool(tensor_cores), str(dtype),
+  return _concurrent_ctas(device or _default_device(), bool(tensor_cores), str(dtype),
                           int(head_dim), int(tile_rows), os.environ.get(CTAS_PER_SM_ENV, ""))
+
+
+@functools.lru_cache(maxsize=1)
+def _default_device():
+  return jax.devices()[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,6 +159,8 @@ def _concurrent_ctas(device, tensor_cores, dtype, head_dim, tile_rows, override)
 
 
 def as_host_int32(x, name: str) -> np.ndarray:
+  if type(x) is np.ndarray and x.dtype == np.int32 and x.ndim == 1 and x.flags.c_contiguous:
+    return x  # the common case, without the checks' cost
   a = np.asarray(x)
   if a.ndim != 1:
     raise ValueError(f"{name} must be a 1-D integer array, got shape {a.shape}")
@@ -149,6 +169,7 @@ def as_host_int32(x, name: str) -> np.ndarray:
   return np.ascontiguousarray(a, dtype=np.int32)
 
 
+@functools.lru_cache(maxsize=256)
 def derive_capacities(batch, tokens, pages, *, group_size, tile_rows, num_kv_heads, num_ctas,
                       partial_rows_limit=-1) -> Capacities:
   """Capacities holding any batch of up to `batch` requests, `tokens` query tokens and
