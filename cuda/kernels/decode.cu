@@ -531,7 +531,11 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
       }
     }
   }
-  if (split >= 0) FinishSplitItem<T, kThreads, kMaxItemTokens>(p, q_base, row_begin, row_end, kv_head);
+  // Scratch: the probabilities, which only the main loop reads.
+  static_assert(M::kPFloats >= kMaxItemTokens + 1, "split-merge scratch fits p_smem");
+  if (split >= 0)
+    FinishSplitItem<T, kThreads, kMaxItemTokens>(p, q_base, row_begin, row_end, kv_head,
+                                                 reinterpret_cast<int*>(p_smem));
 }
 
 // The grid is [bin_cap, num_kv_heads]: CTA (bin, head) runs the bin's items in order.

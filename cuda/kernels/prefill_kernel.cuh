@@ -608,8 +608,11 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
       }
     }
   }
+  // Scratch: the key-offset ring, which only the main loop reads.
+  static_assert(kRing * kTileKv * 2 >= TILE_ROWS + 1, "split-merge scratch fits s_off");
   if (split >= 0)
-    FinishSplitItem<T, kThreads, TILE_ROWS>(p, q_base, row_begin, row_begin + nrows, kv_head);
+    FinishSplitItem<T, kThreads, TILE_ROWS>(p, q_base, row_begin, row_begin + nrows, kv_head,
+                                            reinterpret_cast<int*>(s_off));
 }
 
 // The grid is [bin_cap, num_kv_heads]: CTA (bin, head) runs the bin's items in order

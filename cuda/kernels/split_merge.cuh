@@ -81,11 +81,17 @@ __device__ __forceinline__ void MergeQuad(const AttentionParams& p, int64_t t, i
 // rows of a split item: packed rows [row_begin, row_end) of the request whose first
 // query token is q_base, for kv head `kv_head`. kMaxTokens bounds the tokens of one
 // item (a malformed plan with more only loses merges, never writes out of bounds).
+// `scratch` (kMaxTokens + 1 ints of the kernel's dynamic shared memory) must be a region
+// that the item's epilogue does not read. It is not static shared memory: that would sit
+// in front of the dynamic buffer and shift it off the 128-byte alignment whose bank
+// pattern the CUDA-core kernel's swizzle relies on (seen: that kernel 25% slower).
+// Not inlined: inlined, it pushed the 64-row prefill tile past its register cap.
 template <typename T, int kThreads, int kMaxTokens>
 __device__ __noinline__ void FinishSplitItem(const AttentionParams& p, int64_t q_base,
-                                                int row_begin, int row_end, int kv_head) {
-  __shared__ int s_last[kMaxTokens];
-  __shared__ int s_count;
+                                             int row_begin, int row_end, int kv_head,
+                                             int* scratch) {
+  int& s_count = scratch[0];
+  int* s_last = scratch + 1;
   const int G = p.group_size;
   if (row_begin < 0) row_begin = 0;
   const int first = row_begin / G;
