@@ -2,8 +2,9 @@
 //
 // Thin: bind the operands (ffi_common.h, shared with the CPU handlers), check what the
 // GPU kernels need beyond the shared checks, then launch the setup pass and the
-// attention pass (which merges its own split partials) on XLA's stream. No allocation, no host reads of device memory, no stream
-// queries: the same launches for the same shapes, as kCmdBufferCompatible promises.
+// attention pass (which merges its own split partials) on XLA's stream. No allocation,
+// no host reads of device memory, no stream queries: the same launches for the same
+// shapes, as kCmdBufferCompatible promises.
 #include <cuda_runtime.h>
 
 #include <string>

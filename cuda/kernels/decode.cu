@@ -38,12 +38,12 @@
 
 #include "cp_async.cuh"
 #include "dependent_launch.cuh"
-#include "split_merge.cuh"
 #include "kernel_setup.cuh"
 #include "jax_pagedattn/params.h"
 #include "launchers.h"
 #include "rope.cuh"
 #include "softmax_state.cuh"
+#include "split_merge.cuh"
 #include "vec_dtypes.cuh"
 
 namespace jax_pagedattn {
