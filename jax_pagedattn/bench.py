@@ -20,8 +20,8 @@ repetition; after `--warmup` calls, the median over `--reps` repetitions of
 wall / (calls x inner) is reported, nothing subtracted. Each jitted call costs the
 device an idle gap (~85 us per call on an H200 host, measured with the profiler by
 scripts/op_timeline.py), so the default chain is 32 ops long and that gap adds ~1% per
-op; our plans are on the device, as FlashInfer's are in its run(). FlashInfer is timed with CUDA
-events around the same kind of chain, queued behind a busy-wait kernel so that Python's
+op; our plans are on the device, as FlashInfer's are in its run(). FlashInfer is timed
+with CUDA events around the same kind of chain, queued behind a busy-wait kernel so that Python's
 per-call cost stays out. When one call's K/V bytes are under 2x `--l2-mb`, the calls
 cycle over several disjoint page sets (`rotations` in the JSON) so that L2 never holds
 the next call's data. Ceilings (device copy GB/s, bf16 matmul TFLOP/s) are measured in

@@ -3,11 +3,13 @@
 //
 // Why not a merge pass after the kernel: that pass starts only once the attention grid
 // has drained, and on an H200 it added 3-5 us to every op (launch, ramp-up, dependent
-// loads), 1.5-7% of a decode kernel. Here the merge of a token runs while the CTAs of
-// other bins still stream keys, so the op ends with the attention grid.
+// loads), 1.5-7% of a decode kernel. Here the op ends with the attention grid: a token
+// whose last piece finishes early is merged while other CTAs still stream keys, and
+// only the merges of the last pieces remain on the kernel's tail (which is why short
+// kernels, 16x4096 on an H200, gained nothing: docs/PERF_NOTES.md).
 //
 // Protocol, per (token t, kv head h): merge_counters[t][h] counts the partial rows
-// written for t's heads of group h. The setup kernel (merge.cu) zeroes the counters
+// written for t's heads of group h. The setup kernel (merge_setup.cu) zeroes the counters
 // before the attention grid touches them (the attention kernel is its dependent grid,
 // dependent_launch.cuh). A CTA that finishes a split item: every thread fences its
 // partial stores, the CTA syncs, then one thread per token adds the item's rows of that
