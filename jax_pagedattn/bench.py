@@ -14,13 +14,13 @@ Systems, each skipped with a printed reason where absent:
 
 Timing method (details in bench_timing): a JAX system is a jitted chain of `--inner`
 ops (each op's output is the next op's query, so nothing is hoisted, dropped or
-overlapped), dispatched back to back `calls` times per repetition and timed on the
-host clock around `jax.block_until_ready`; `calls` is calibrated to ~`--rep-ms` per
-repetition; after `--warmup` calls, the median over `--reps` repetitions of
-wall / (calls x inner) is reported, nothing subtracted. Each jitted call costs the
-device an idle gap (~85 us per call on an H200 host, measured with the profiler by
-scripts/op_timeline.py), so the default chain is 32 ops long and that gap adds ~1% per
-op; our plans are on the device, as FlashInfer's are in its run(). FlashInfer is timed
+overlapped), dispatched back to back and timed on the host clock around
+`jax.block_until_ready`: each repetition runs `calls` calls (calibrated to ~`--rep-ms`)
+and then 2 x `calls`, and the difference over calls x inner is one op's time, so the
+fixed cost of starting and ending a repetition (~1 ms on H200 hosts) cancels; after
+`--warmup` calls the median over `--reps` such pairs is reported. What a jitted call
+still costs the device between calls is charged to its ops, so the default chain is 32
+ops long; our plans are on the device, as FlashInfer's are in its run(). FlashInfer is timed
 with CUDA events around the same kind of chain, queued behind a busy-wait kernel so that Python's
 per-call cost stays out. When one call's K/V bytes are under 2x `--l2-mb`, the calls
 cycle over several disjoint page sets (`rotations` in the JSON) so that L2 never holds

@@ -10,15 +10,18 @@ keeps the device busy long enough for the clock's edges not to matter:
   through the query, and blocks once at the end (`jax.block_until_ready`); JAX
   dispatches asynchronously, so the host enqueues the next call while the device runs
   the previous one and the device never waits on Python;
-* `calls` is calibrated so that a repetition lasts about `rep_ms`; the time of one op
-  is the repetition's wall time over calls x inner; after `warmup` calls (compile,
-  autotuning, allocator growth) we take the median over `reps` repetitions.
+* `calls` is calibrated so that a repetition lasts about `rep_ms`; after `warmup` calls
+  (compile, autotuning, allocator growth) each repetition is timed twice, with `calls`
+  and with 2 x `calls` calls, and the time of one op is the difference over calls x
+  inner: the cost of starting and ending a repetition (the first dispatch, the final
+  sync, the device's ramp from idle) cancels. We take the median over `reps` pairs.
 
-Nothing is subtracted: the one dispatch latency and one sync per repetition are
-included, which is under 1% at the default 20 ms repetitions. Each jitted call also
-leaves the device idle for a while between calls (about 85 us per call on an H200
-host: the profiler shows back-to-back kernels inside a call and the gap between
-calls), which is why a call chains many ops (`inner`).
+Why the difference: on H200 hosts that fixed cost came to about 1 ms per repetition
+(2026-12-02: 64 x 4096 decode, 20 ms repetitions, 262 us per op on the wall clock
+against a 252 us op period on the profiler's device timeline), 4-5% of a 20 ms
+repetition, not the fraction of a percent a single dispatch would cost. What remains
+is each call's own gap on the device between jitted calls, which is why a call chains
+many ops (`inner`).
 
 FlashInfer (torch) is timed with CUDA events around `calls` chained calls, after
 `torch.cuda._sleep` has queued a busy-wait kernel long enough for Python to enqueue
@@ -79,13 +82,23 @@ def time_jax_chain(fn, q, rest, *, ops_per_call: int, cfg: TimingConfig) -> Timi
   t0 = time.perf_counter()
   q = jax.block_until_ready(fn(q, *rest))
   calls = _calls_for(time.perf_counter() - t0, cfg.rep_ms * 1e-3)
-  samples = []
-  for _ in range(cfg.reps):
+
+  def repetition(n):
+    nonlocal q
     t0 = time.perf_counter()
-    for _ in range(calls):
+    for _ in range(n):
       q = fn(q, *rest)
     jax.block_until_ready(q)
-    samples.append((time.perf_counter() - t0) / (calls * ops_per_call))
+    return time.perf_counter() - t0
+
+  samples = []
+  for _ in range(cfg.reps):
+    short = repetition(calls)
+    long = repetition(2 * calls)
+    # Host noise can outweigh ops of a few microseconds (CPU smoke runs): then the long
+    # repetition's plain wall time per op is the estimate.
+    samples.append((long - short) / (calls * ops_per_call) if long > short
+                   else long / (2 * calls * ops_per_call))
   return _summarise(samples, calls * ops_per_call)
 
 

@@ -10,9 +10,13 @@
 # Stages: tests (pytest -m gpu, PYTEST_K narrows it), memcheck / racecheck
 # (compute-sanitizer on scripts/sanitizer_cases.py, our kernels only), bench, bench2,
 # bench3 (python -m jax_pagedattn.bench with $BENCH / $BENCH2 / $BENCH3 as arguments;
-# FlashInfer from the wheels in .fi/ that shared/tools/flashinfer_wheels.sh prepares).
+# FlashInfer from the wheels in .fi/ that shared/tools/flashinfer_wheels.sh prepares),
+# sweep ($SWEEP once per value of $SWEEP_VAR in $SWEEP_VALUES), ncu (hardware
+# counters of our kernel and FlashInfer's on each preset of $NCU_PRESETS), timeline
+# (scripts/op_timeline.py on $TIMELINE_PRESETS).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+repo=$(pwd)
 out=${OUT:-/tmp/jpa_out}
 run=/tmp/jpa_run
 rm -rf "$run" && mkdir -p "$run" "$out"
@@ -47,7 +51,7 @@ for stage in ${STAGES-tests memcheck bench}; do  # STAGES="" runs none (build on
       grep -E "^(FAILED|ERROR)" "$run/pytest_gpu.log" | head -20
       ;;
     memcheck | racecheck)
-      timeout 200 compute-sanitizer --tool "$stage" --error-exitcode 9 --kernel-name kns=jax_pagedattn \
+      timeout "${SAN_TIMEOUT:-200}" compute-sanitizer --tool "$stage" --error-exitcode 9 --kernel-name kns=jax_pagedattn \
         python3 -P scripts/sanitizer_cases.py "--$stage" >"$run/sanitizer_$stage.log" 2>&1
       rc=$?
       summary+=("$stage: rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$run/sanitizer_$stage.log" | tail -1) ($(( $(date +%s) - t0 )) s)")
@@ -63,6 +67,47 @@ for stage in ${STAGES-tests memcheck bench}; do  # STAGES="" runs none (build on
       summary+=("$stage ($args): rc=$rc ($(( $(date +%s) - t0 )) s)")
       cat "$run/$stage.txt"
       [ $rc -eq 0 ] || tail -20 "$run/$stage.err"
+      ;;
+    sweep)
+      # The bench ($SWEEP) once per value in $SWEEP_VALUES of the environment variable
+      # $SWEEP_VAR ("auto": unset), e.g. JAX_PAGEDATTN_CTAS_PER_SM (how many bins the
+      # planner fills) or JAX_PAGEDATTN_DEAL (bins / equal pieces).
+      var=${SWEEP_VAR:-JAX_PAGEDATTN_CTAS_PER_SM}
+      for c in ${SWEEP_VALUES:-auto 1 2}; do
+        (cd /tmp && if [ "$c" = auto ]; then unset "$var"; else export "$var=$c"; fi
+         timeout "${BENCH_TIMEOUT:-400}" python3 -m jax_pagedattn.bench ${SWEEP:-decode --preset design} \
+           --no-progress --no-host --json "$run/sweep_$c.json" >"$run/sweep_$c.txt" 2>"$run/sweep_$c.err")
+        echo "-- $var=$c (rc=$?)"
+        cat "$run/sweep_$c.txt"
+      done
+      summary+=("sweep $var: ($(( $(date +%s) - t0 )) s)")
+      ;;
+    timeline)
+      (cd /tmp && timeout "${BENCH_TIMEOUT:-400}" python3 -P "$repo/scripts/op_timeline.py" \
+         --preset "${TIMELINE_PRESETS:-64x4096,16x4096}" >"$run/timeline.txt" 2>"$run/timeline.err")
+      rc=$?
+      summary+=("timeline: rc=$rc ($(( $(date +%s) - t0 )) s)")
+      cat "$run/timeline.txt"
+      [ $rc -eq 0 ] || tail -20 "$run/timeline.err"
+      ;;
+    ncu)
+      # Hardware counters of our attention kernel and FlashInfer's on the $NCU_PRESET
+      # workloads (one bench process per kernel; clocks left alone, METHOD.md).
+      for pre in ${NCU_PRESETS:-64x4096}; do
+      for k in "regex:^PrefillKernel" "regex:BatchPrefillWithPagedKVCacheKernel"; do
+        tag=$pre-$(echo "$k" | tr -cd 'A-Za-z')
+        (cd /tmp && timeout "${NCU_TIMEOUT:-200}" ncu --clock-control none -k "$k" --launch-skip 8 \
+           --launch-count "${NCU_COUNT:-2}" --section SpeedOfLight --section MemoryWorkloadAnalysis \
+           --section Occupancy --section LaunchStats --section WarpStateStats \
+           python3 -m jax_pagedattn.bench decode --preset "$pre" --quick \
+           --systems ours-tc,flashinfer-tc --no-host --no-ceilings --no-check --no-progress \
+           >"$run/ncu_$tag.txt" 2>&1)
+        echo "-- ncu $k (rc=$?)"
+        grep -E "^  [A-Za-z].*\(|Duration|DRAM Throughput|Memory Throughput|L2 Hit|L1/TEX Hit|Achieved Occupancy|Theoretical Occupancy|Registers Per|Shared Memory Config|Block Limit|Grid Size|Stall|Warp Cycles Per Issued|Mem Busy|Max Bandwidth" \
+          "$run/ncu_$tag.txt" | head -${NCU_LINES:-80}
+      done
+      done
+      summary+=("ncu: ($(( $(date +%s) - t0 )) s)")
       ;;
     *) summary+=("unknown stage $stage") ;;
   esac

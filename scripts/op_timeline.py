@@ -7,7 +7,7 @@ rotated) under `jax.profiler.trace`, reads the GPU kernel events back with
 `jax.profiler.ProfileData`, and prints per kernel name its count and median duration,
 then the median period of one op (start of an attention kernel to the next) and the
 median idle time inside it (the period minus the kernels' busy time). Beside it, the
-per-op wall time of the benchmark's own chain timing (bench_timing.time_jax_chain, 8
+per-op time of the benchmark's own chain timing (bench_timing.time_jax_chain, 32
 ops per call) with the plans passed as host numpy buffers and as device arrays. A
 diagnostic for docs/PERF_NOTES.md, not part of the benchmark.
 """
@@ -105,7 +105,7 @@ def measure(name: str, ops: int, tensor_cores: bool):
     print(f"  op period {per:.2f} us, idle in it {statistics.median(idles) / 1e3:.2f} us, "
           f"attention kernel {statistics.median([a[2] for a in attn]) / 1e3:.2f} us, "
           f"GB/s per period {w.kv_bytes / per / 1e3:.0f}")
-  print("  bench chain wall time per op: " +
+  print("  bench chain time per op: " +
         ", ".join(f"{k} {v:.2f} us ({w.kv_bytes / v / 1e3:.0f} GB/s)" for k, v in wall.items()))
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_pagedattn as jpa
-from jax_pagedattn import reference
+from jax_pagedattn import planning, reference
 
 
 def random_batch(rng, batch, max_pages, page_size, num_pages):
@@ -30,6 +30,12 @@ def on_cpu(fn, *args, **kwargs):
   args = [jax.device_put(a, cpu) if isinstance(a, jax.Array) else a for a in args]
   with jax.default_device(cpu):
     return fn(*args, **kwargs)
+
+
+def partial_rows(plan) -> int:
+  """Split-KV partial rows the plan uses: > 0 means the kernels' fused merge runs."""
+  meta = planning.unpack_plan(plan.buffer, plan.config.caps)["meta"]
+  return int(meta[3])  # kMetaNumPartialRows (plan_layout.h)
 
 
 def check(name, got, want, tol=3e-2):
@@ -63,6 +69,37 @@ def main():
     want, _ = on_cpu(reference.batch_decode, q.astype(jnp.float32), cache.astype(jnp.float32),
                      indptr, indices, last, kv_layout=layout, pos_encoding_mode=mode)
     check(f"decode {layout} page{ps} tc={tc} {mode}", out, want)
+
+  # Split requests, so the cross-CTA merge inside the attention kernels runs: one long
+  # request the planner must cut, one of a single key, one without pages.
+  ps, num_pages = 16, 128
+  cache = jax.random.normal(key, (num_pages, 2, ps, hk, d), dt)
+  pages = np.array([40 if small else 64, 1, 0])
+  indptr = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
+  indices = rng.permutation(num_pages)[: indptr[-1]].astype(np.int32)
+  last = np.array([7, 1, 0], np.int32)
+  q = jax.random.normal(jax.random.key(6), (3, hq, d), dt)
+  for tc in (False, True):
+    w = jpa.BatchDecodeWithPagedKVCacheWrapper(use_tensor_cores=tc)
+    plan = w.plan(indptr, indices, last, hq, hk, d, ps, q_data_type=dt)
+    if partial_rows(plan) == 0:
+      raise SystemExit("split case: the plan cut no request, so the merge would not run")
+    out, lse = w.run(q, cache, return_lse=True)
+    want, want_lse = on_cpu(reference.batch_decode, q.astype(jnp.float32),
+                            cache.astype(jnp.float32), indptr, indices, last)
+    check(f"decode split tc={tc} ({partial_rows(plan)} partial rows)", out, want)
+    # The request without pages has lse -inf in both; compare the other two.
+    check(f"decode split tc={tc} lse", lse[:2], want_lse[:2])
+  qo_indptr = np.array([0, 20, 21, 21], np.int32)
+  q = jax.random.normal(jax.random.key(7), (21, hq, d), dt)
+  w = jpa.BatchPrefillWithPagedKVCacheWrapper()
+  plan = w.plan(qo_indptr, indptr, indices, last, hq, hk, d, ps, causal=True, q_data_type=dt)
+  if partial_rows(plan) == 0:
+    raise SystemExit("prefill split case: the plan cut no request")
+  out = w.run(q, cache)
+  want, _ = on_cpu(reference.batch_attention, q.astype(jnp.float32), cache.astype(jnp.float32),
+                   qo_indptr, indptr, indices, last, causal=True)
+  check(f"prefill split causal ({partial_rows(plan)} partial rows)", out, want)
 
   ps, num_pages = 16, 64
   cache = jax.random.normal(key, (num_pages, 2, ps, hk, d), dt)

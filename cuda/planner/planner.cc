@@ -15,6 +15,15 @@
 // with all its G heads, ceil(G / tile_rows) items per key piece, all cut at the same
 // keys: partial rows are per token, so every head of a token must split alike.
 //
+// Equal pieces. When there are no more units than bins, a second plan is priced: every
+// unit cut into pieces of at most `chunk` keys, each piece alone in a bin, with the
+// smallest chunk for which the pieces fit the bins (FlashInfer's split rule). The
+// dealt bins balance cost more finely but mostly hold two items each (the end of one
+// request, the start of the next), and an item's start (page ids, the first tile's
+// latency) and end (partial write, merge counter) leave its CTA's stream idle for a few
+// microseconds; on uniform batches the equal pieces give one item per bin. The planner
+// keeps the deal whose costliest bin, counted with kItemCost per item, is cheaper.
+//
 // Bounds behind DeriveCapacities: each of the B - 1 bin boundaries cuts at most one
 // unit once, so pieces <= units + B - 1 and items <= (units + B - 1) * items_per_piece;
 // a cut unit has n >= 2 pieces and n - 1 cuts, so cut units hold <= 2 (B - 1) pieces,
@@ -22,6 +31,7 @@
 #include "planner.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -39,6 +49,13 @@ constexpr int64_t kMinBinCost = 256;
 // Fixed cost of one work item in keys: the latency of starting an item (page ids, q)
 // during which its CTA streams nothing.
 constexpr int64_t kItemOverhead = 32;
+// What an item costs its bin when the two deals are compared (see the file comment):
+// start plus end, about 5 us of one CTA's ~23 keys/us share of an H200's stream at
+// head_dim 128 (GQA 8/1, 64 x 4096: 264 dealt bins of ~2 items 48.4 us, FlashInfer's
+// 256 one-item CTAs 42.7 us).
+constexpr int64_t kItemCost = 128;
+// Equal pieces start on multiples of this many keys.
+constexpr int64_t kPieceAlign = 16;
 
 [[noreturn]] void Fail(const std::string& msg) { throw PlanError(msg); }
 
@@ -69,6 +86,44 @@ int32_t ItemsPerPiece(int32_t group_size, int32_t tile_rows) {
 struct Unit {
   int32_t request, first_token, num_tokens, extent;  // extent: keys the unit sees
 };
+
+// JAX_PAGEDATTN_DEAL=bins|equal forces one deal where both are possible (a tuning
+// knob for benchmarks, read once per process); anything else prices both.
+enum class Deal { kAuto, kBins, kEqual };
+Deal ForcedDeal() {
+  static const Deal deal = [] {
+    const char* v = std::getenv("JAX_PAGEDATTN_DEAL");
+    if (v && !std::strcmp(v, "bins")) return Deal::kBins;
+    if (v && !std::strcmp(v, "equal")) return Deal::kEqual;
+    return Deal::kAuto;
+  }();
+  return deal;
+}
+
+// Pieces of a unit of `extent` keys cut at most `chunk` keys long (one even if empty).
+int64_t PiecesOf(int64_t extent, int64_t chunk) { return std::max<int64_t>(1, CeilDiv(extent, chunk)); }
+
+// The smallest chunk (a multiple of kPieceAlign, at least kMinPiece) whose pieces fit
+// `bins` bins, one piece each; 0 if even uncut units do not fit.
+int64_t EqualChunk(const std::vector<Unit>& units, int64_t bins, int64_t total_keys) {
+  if (int64_t(units.size()) > bins) return 0;
+  int64_t longest = 0;
+  for (const Unit& u : units) longest = std::max<int64_t>(longest, u.extent);
+  auto fits = [&](int64_t chunk) {
+    int64_t n = 0;
+    for (const Unit& u : units) n += PiecesOf(u.extent, chunk);
+    return n <= bins;
+  };
+  int64_t hi = std::max(kMinPiece, CeilDiv(longest, kPieceAlign) * kPieceAlign);  // fits
+  int64_t lo = std::max(kMinPiece, CeilDiv(CeilDiv(total_keys, bins), kPieceAlign) * kPieceAlign);
+  if (lo >= hi) return hi;
+  if (fits(lo)) return lo;
+  while (hi - lo > kPieceAlign) {  // fits(hi), !fits(lo)
+    const int64_t mid = (lo + hi) / 2 / kPieceAlign * kPieceAlign;
+    (fits(mid) ? hi : lo) = mid;
+  }
+  return hi;
+}
 
 }  // namespace
 
@@ -191,72 +246,128 @@ void PlanBatch(const PlanRequest& r, int32_t* out) {
   // counts the item overhead of every cut the bins may add.
   const int64_t budget = total_cost + per_piece * (bins - 1) * kItemOverhead;
   const int64_t slack = CeilDiv(budget, bins) / 16;  // overrun allowed rather than a cut
+  // Both deals run through these; with `write` false they only price the bins.
+  bool write = true;
   int64_t w = 0;       // items written
   int64_t bin = 0;     // the open bin
   int64_t placed = 0;  // cost placed so far
   bool open_empty = true;
+  int64_t bin_cost = 0, worst_bin = 0;  // kItemCost pricing of the open / costliest bin
+  auto reset = [&](bool write_items) {
+    write = write_items;
+    w = bin = placed = bin_cost = worst_bin = 0;
+    open_empty = true;
+  };
   auto bin_end = [&]() { return budget * (bin + 1) / bins; };
   auto close_bin = [&]() {
     ++bin;
-    bin_indptr[bin] = int32_t(w);
+    if (write) bin_indptr[bin] = int32_t(w);
     open_empty = true;
+    worst_bin = std::max(worst_bin, bin_cost);
+    bin_cost = 0;
   };
-  for (const Unit& u : units) {
+  // Items of unit u's key piece [kb, ke), the `split`-th piece.
+  auto emit = [&](const Unit& u, int32_t split, int64_t kb, int64_t ke) {
+    placed += per_piece * (ke - kb + kItemOverhead);
+    bin_cost += per_piece * (ke - kb + kItemCost);
+    open_empty = false;
+    if (!write) {
+      w += per_piece;
+      return;
+    }
     const int32_t qo_len = qo_begin(u.request + 1) - qo_begin(u.request);
     const int32_t kv_len = kv_len_of(u.request);
-    const int64_t first_item = w;
-    int32_t pieces = 0;
-    auto emit = [&](int64_t kb, int64_t ke) {
-      placed += per_piece * (ke - kb + kItemOverhead);
-      open_empty = false;
-      for (int32_t k = 0; k < per_piece; ++k) {
-        int32_t* it = work + w * kWorkFields;
-        it[kWorkRequest] = u.request;
-        if (per_piece == 1) {
-          it[kWorkRowBegin] = u.first_token * G;
-          it[kWorkRowEnd] = (u.first_token + u.num_tokens) * G;
-        } else {  // one token, heads [k tile_rows, (k + 1) tile_rows)
-          it[kWorkRowBegin] = u.first_token * G + k * r.tile_rows;
-          it[kWorkRowEnd] = u.first_token * G + std::min(G, (k + 1) * r.tile_rows);
-        }
-        it[kWorkKvBegin] = int32_t(kb);
-        it[kWorkKvEnd] = int32_t(ke);
-        it[kWorkSplit] = pieces;
-        it[kWorkQoLen] = qo_len;
-        it[kWorkKvLen] = kv_len;
-        ++w;
+    for (int32_t k = 0; k < per_piece; ++k) {
+      int32_t* it = work + w * kWorkFields;
+      it[kWorkRequest] = u.request;
+      if (per_piece == 1) {
+        it[kWorkRowBegin] = u.first_token * G;
+        it[kWorkRowEnd] = (u.first_token + u.num_tokens) * G;
+      } else {  // one token, heads [k tile_rows, (k + 1) tile_rows)
+        it[kWorkRowBegin] = u.first_token * G + k * r.tile_rows;
+        it[kWorkRowEnd] = u.first_token * G + std::min(G, (k + 1) * r.tile_rows);
       }
-      ++pieces;
-    };
-    int64_t k0 = 0;
-    while (true) {
-      const int64_t rest = u.extent - k0;
-      const int64_t end = bin_end();
-      if (bin == bins - 1 || placed + per_piece * (rest + kItemOverhead) <= end + slack) {
-        emit(k0, u.extent);
-        break;
-      }
-      // Keys up to the boundary, rounded to the nearest multiple of the key tile.
-      int64_t take = ((end - placed) / per_piece - kItemOverhead + kChunkAlign / 2) / kChunkAlign *
-                     kChunkAlign;
-      if (open_empty) take = std::max(take, kMinPiece);  // an empty bin always takes a piece
-      if (take >= kMinPiece) {
-        if (rest - take < kMinPiece) {  // the remainder would be a sliver: keep it here
-          emit(k0, u.extent);
-          close_bin();
-          break;
-        }
-        emit(k0, k0 + take);
-        k0 += take;
-      }
-      close_bin();
+      it[kWorkKvBegin] = int32_t(kb);
+      it[kWorkKvEnd] = int32_t(ke);
+      it[kWorkSplit] = split;
+      it[kWorkQoLen] = qo_len;
+      it[kWorkKvLen] = kv_len;
+      ++w;
     }
+  };
+  // After a unit's pieces: an uncut unit's items are marked unsplit, a cut unit's
+  // tokens get their partial-row counts (prefix-summed at the end).
+  auto finish_unit = [&](const Unit& u, int64_t first_item, int32_t pieces) {
+    if (!write) return;
     if (pieces == 1) {
       for (int64_t i = first_item; i < w; ++i) work[i * kWorkFields + kWorkSplit] = -1;
     } else {
       const int32_t t0 = qo_begin(u.request) + u.first_token;
       for (int32_t k = 0; k < u.num_tokens; ++k) merge[t0 + k + 1] = pieces;
     }
+  };
+  auto deal_bins = [&]() {
+    for (const Unit& u : units) {
+      const int64_t first_item = w;
+      int32_t pieces = 0;
+      int64_t k0 = 0;
+      while (true) {
+        const int64_t rest = u.extent - k0;
+        const int64_t end = bin_end();
+        if (bin == bins - 1 || placed + per_piece * (rest + kItemOverhead) <= end + slack) {
+          emit(u, pieces++, k0, u.extent);
+          break;
+        }
+        // Keys up to the boundary, rounded to the nearest multiple of the key tile.
+        int64_t take = ((end - placed) / per_piece - kItemOverhead + kChunkAlign / 2) /
+                       kChunkAlign * kChunkAlign;
+        if (open_empty) take = std::max(take, kMinPiece);  // an empty bin always takes a piece
+        if (take >= kMinPiece) {
+          if (rest - take < kMinPiece) {  // the remainder would be a sliver: keep it here
+            emit(u, pieces++, k0, u.extent);
+            close_bin();
+            break;
+          }
+          emit(u, pieces++, k0, k0 + take);
+          k0 += take;
+        }
+        close_bin();
+      }
+      finish_unit(u, first_item, pieces);
+    }
+  };
+  // Each unit in PiecesOf(extent, chunk) pieces of about equal length, a bin per piece.
+  auto deal_equal = [&](int64_t chunk) {
+    for (const Unit& u : units) {
+      const int64_t first_item = w;
+      const int64_t n = PiecesOf(u.extent, chunk);
+      int64_t kb = 0;
+      for (int64_t i = 1; i <= n; ++i) {
+        const int64_t ke = i == n ? u.extent
+                                  : (u.extent * i / n + kPieceAlign / 2) / kPieceAlign * kPieceAlign;
+        emit(u, int32_t(i - 1), kb, ke);
+        close_bin();
+        kb = ke;
+      }
+      finish_unit(u, first_item, int32_t(n));
+    }
+  };
+
+  const int64_t chunk = EqualChunk(units, bins, total_keys);
+  bool equal = false;
+  if (chunk > 0 && ForcedDeal() != Deal::kBins) {  // price both deals, write the cheaper
+    reset(false);
+    deal_bins();
+    const int64_t cost_bins = std::max(worst_bin, bin_cost);
+    reset(false);
+    deal_equal(chunk);
+    equal = ForcedDeal() == Deal::kEqual || worst_bin < cost_bins;
+    reset(true);
+  }
+  if (equal) {
+    deal_equal(chunk);
+  } else {
+    deal_bins();
   }
   for (int64_t b = bin + 1; b <= caps.bins; ++b) bin_indptr[b] = int32_t(w);
   for (int64_t i = w * kWorkFields; i < int64_t(caps.work) * kWorkFields; ++i) work[i] = -1;
