@@ -13,8 +13,8 @@ keeps the device busy long enough for the clock's edges not to matter:
 * `calls` is calibrated so that a repetition lasts about `rep_ms`; after `warmup` calls
   (compile, autotuning, allocator growth) each repetition is timed twice, with `calls`
   and with 2 x `calls` calls, and the time of one op is the difference over calls x
-  inner: the cost of starting and ending a repetition (the first dispatch, the final
-  sync, the device's ramp from idle) cancels. We take the median over `reps` pairs.
+  inner: what a repetition pays once (the first dispatch, the final sync, whatever
+  else starting and ending costs) cancels. We take the median over `reps` pairs.
 
 Why the difference: on H200 hosts that fixed cost came to about 1 ms per repetition
 (2026-12-02: 64 x 4096 decode, 20 ms repetitions, 262 us per op on the wall clock
