@@ -63,6 +63,27 @@ def test_page_sets_are_disjoint_random_and_cover_each_request():
   assert wl.rotations_for(400 << 20, 50 << 20, 8) == 1
 
 
+def test_chain_timing_cancels_a_fixed_cost_per_repetition(monkeypatch):
+  """time_jax_chain reports an op's time without what a repetition pays once: here
+  each call takes 2 ms on the host clock and every final sync 10 ms, so one repetition
+  of wall time per op would read 2 ms + 10 ms / calls."""
+  import time
+
+  import jax
+
+  from jax_pagedattn import bench_timing
+
+  monkeypatch.setattr(jax, "block_until_ready", lambda x: (time.sleep(0.010), x)[1])
+
+  def call(q):
+    time.sleep(0.002)
+    return q
+
+  cfg = bench_timing.TimingConfig(warmup=1, reps=3, rep_ms=10.0)
+  t = bench_timing.time_jax_chain(call, 0, (), ops_per_call=2, cfg=cfg)
+  assert 0.85e-3 <= t.median_s <= 1.25e-3, t  # 2 ms per call, 2 ops per call
+
+
 def test_system_selection():
   assert bench_baselines.select_systems("decode", "ours,flashinfer") == [
       "ours-tc", "ours-cc", "flashinfer-tc", "flashinfer-cc"]
