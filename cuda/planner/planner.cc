@@ -27,7 +27,9 @@
 // Bounds behind DeriveCapacities: each of the B - 1 bin boundaries cuts at most one
 // unit once, so pieces <= units + B - 1 and items <= (units + B - 1) * items_per_piece;
 // a cut unit has n >= 2 pieces and n - 1 cuts, so cut units hold <= 2 (B - 1) pieces,
-// each of at most tile_rows / G tokens, which bounds the partial rows.
+// each of at most tile_rows / G tokens, which bounds the partial rows. Equal pieces
+// stay inside the same room: at most `bins` pieces in all, and `bins` is first cut down
+// to what the work and partial-row capacities leave (PlanBatch, "bins:" below).
 #include "planner.h"
 
 #include <algorithm>
