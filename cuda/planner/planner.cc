@@ -54,7 +54,7 @@ constexpr int64_t kItemOverhead = 32;
 // What an item costs its bin when the two deals are compared (see the file comment):
 // start plus end, about 5 us of one CTA's ~23 keys/us share of an H200's stream at
 // head_dim 128 (GQA 8/1, 64 x 4096: 264 dealt bins of ~2 items 48.4 us, FlashInfer's
-// 256 one-item CTAs 42.7 us).
+// 256 one-item CTAs 42.7 us; our equal pieces then 44.9 us against 48.1 dealt).
 constexpr int64_t kItemCost = 128;
 // Equal pieces start on multiples of this many keys.
 constexpr int64_t kPieceAlign = 16;
@@ -103,7 +103,9 @@ Deal ForcedDeal() {
 }
 
 // Pieces of a unit of `extent` keys cut at most `chunk` keys long (one even if empty).
-int64_t PiecesOf(int64_t extent, int64_t chunk) { return std::max<int64_t>(1, CeilDiv(extent, chunk)); }
+int64_t PiecesOf(int64_t extent, int64_t chunk) {
+  return std::max<int64_t>(1, CeilDiv(extent, chunk));
+}
 
 // The smallest chunk (a multiple of kPieceAlign, at least kMinPiece) whose pieces fit
 // `bins` bins, one piece each; 0 if even uncut units do not fit.
@@ -345,8 +347,9 @@ void PlanBatch(const PlanRequest& r, int32_t* out) {
       const int64_t n = PiecesOf(u.extent, chunk);
       int64_t kb = 0;
       for (int64_t i = 1; i <= n; ++i) {
-        const int64_t ke = i == n ? u.extent
-                                  : (u.extent * i / n + kPieceAlign / 2) / kPieceAlign * kPieceAlign;
+        // The i-th boundary of n equal parts, rounded to the nearest multiple of kPieceAlign.
+        const int64_t ke =
+            i == n ? u.extent : (u.extent * i / n + kPieceAlign / 2) / kPieceAlign * kPieceAlign;
         emit(u, int32_t(i - 1), kb, ke);
         close_bin();
         kb = ke;
