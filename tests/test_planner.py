@@ -200,23 +200,29 @@ def test_plan_splits_long_requests():
   assert (work[:, SPLIT] >= 1).any(), "a 4000-key request on 132 SMs must be split"
 
 
+def _decode_plan(batch, spec, heads=(32, 8), tile_rows=16, num_ctas=396):
+  """(workload, caps, plan sections) of a decode batch from bench_workloads' length spec."""
+  from jax_pagedattn import bench_workloads as wl
+
+  hq, hk = heads
+  w = wl.make_workload("plan", "decode", batch, spec, heads=heads, page_size=16)
+  s = wl.build_page_sets(w, 1, 0)[1][0]
+  caps = planning.derive_capacities(batch, batch, len(s.kv_indices), group_size=hq // hk,
+                                    tile_rows=tile_rows, num_kv_heads=hk, num_ctas=num_ctas)
+  buf = planning.plan_host(None, s.kv_indptr, s.kv_indices, s.kv_last_page_len, page_size=16,
+                           num_qo_heads=hq, num_kv_heads=hk, tile_rows=tile_rows, causal=False,
+                           caps=caps)
+  return w, caps, planning.unpack_plan(buf, caps)
+
+
 @pytest.mark.parametrize("spec", ["4096", "2048", "1024", "32768", "lognormal:16:32768",
                                   "zipf:16:32768"])
 @pytest.mark.parametrize("tile_rows", [4, 16])
 def test_plan_balances_bins(spec, tile_rows):
   """The bins of a launch all run at once, so the launch lasts as long as the costliest:
   every bin must get about the same number of keys, however unequal the requests."""
-  from jax_pagedattn import bench_workloads as wl
-
   batch = 8 if spec == "32768" else 64
-  w = wl.make_workload("balance", "decode", batch, spec, heads=(32, 8), page_size=16)
-  s = wl.build_page_sets(w, 1, 0)[1][0]
-  caps = planning.derive_capacities(batch, batch, len(s.kv_indices), group_size=4,
-                                    tile_rows=tile_rows, num_kv_heads=8, num_ctas=396)
-  buf = planning.plan_host(None, s.kv_indptr, s.kv_indices, s.kv_last_page_len, page_size=16,
-                           num_qo_heads=32, num_kv_heads=8, tile_rows=tile_rows, causal=False,
-                           caps=caps)
-  sec = planning.unpack_plan(buf, caps)
+  w, caps, sec = _decode_plan(batch, spec, tile_rows=tile_rows)
   work, bins = sec["work"], sec["bin_indptr"]
   keys = np.array([int((work[bins[i]:bins[i + 1], KV_E] - work[bins[i]:bins[i + 1], KV_B]).sum())
                    for i in range(caps.bins)])
@@ -232,20 +238,6 @@ def test_plan_balances_bins(spec, tile_rows):
   assert int(sec["meta"][NUM_WORK]) <= batch + caps.bins - 1
 
 
-def _uniform_decode_plan(batch, kv_len, heads, num_ctas=396, tile_rows=16):
-  from jax_pagedattn import bench_workloads as wl
-
-  hq, hk = heads
-  w = wl.make_workload("uniform", "decode", batch, str(kv_len), heads=heads, page_size=16)
-  s = wl.build_page_sets(w, 1, 0)[1][0]
-  caps = planning.derive_capacities(batch, batch, len(s.kv_indices), group_size=hq // hk,
-                                    tile_rows=tile_rows, num_kv_heads=hk, num_ctas=num_ctas)
-  buf = planning.plan_host(None, s.kv_indptr, s.kv_indices, s.kv_last_page_len, page_size=16,
-                           num_qo_heads=hq, num_kv_heads=hk, tile_rows=tile_rows, causal=False,
-                           caps=caps)
-  return caps, planning.unpack_plan(buf, caps)
-
-
 @pytest.mark.parametrize("batch,kv_len,heads,pieces", [(64, 4096, (8, 1), 6),
                                                       (16, 4096, (32, 8), 3),
                                                       (8, 32768, (32, 8), 6)])
@@ -253,7 +245,7 @@ def test_plan_cuts_uniform_requests_into_equal_pieces(batch, kv_len, heads, piec
   """No more requests than bins: each request is cut into equal pieces, one per bin,
   rather than dealt so that most bins hold the end of one request and the start of the
   next (two item start-ups and ends per bin)."""
-  caps, sec = _uniform_decode_plan(batch, kv_len, heads)
+  _, caps, sec = _decode_plan(batch, str(kv_len), heads)
   work, bins, meta = sec["work"], sec["bin_indptr"], sec["meta"]
   nb, nw = int(meta[NUM_BINS]), int(meta[NUM_WORK])
   assert nb == nw == batch * pieces <= caps.bins
@@ -267,15 +259,7 @@ def test_plan_cuts_uniform_requests_into_equal_pieces(batch, kv_len, heads, piec
 def test_plan_deals_bins_when_pieces_would_be_unequal():
   """Equal pieces of a Zipf batch would leave most bins short of the longest request's
   pieces; the planner keeps the dealt bins, which balance keys across requests."""
-  from jax_pagedattn import bench_workloads as wl
-
-  w = wl.make_workload("zipf", "decode", 8, "zipf:16:32768", heads=(32, 8), page_size=16)
-  s = wl.build_page_sets(w, 1, 0)[1][0]
-  caps = planning.derive_capacities(8, 8, len(s.kv_indices), group_size=4, tile_rows=16,
-                                    num_kv_heads=8, num_ctas=396)
-  buf = planning.plan_host(None, s.kv_indptr, s.kv_indices, s.kv_last_page_len, page_size=16,
-                           num_qo_heads=32, num_kv_heads=8, tile_rows=16, causal=False, caps=caps)
-  sec = planning.unpack_plan(buf, caps)
+  w, caps, sec = _decode_plan(8, "zipf:16:32768")
   work, bins = sec["work"], sec["bin_indptr"]
   assert (np.diff(bins) > 1).any(), "some dealt bin holds two requests' pieces"
   keys = [int((work[bins[i]:bins[i + 1], KV_E] - work[bins[i]:bins[i + 1], KV_B]).sum())

@@ -358,15 +358,16 @@ void PlanBatch(const PlanRequest& r, int32_t* out) {
     }
   };
 
-  const int64_t chunk = EqualChunk(units, bins, total_keys);
-  bool equal = false;
-  if (chunk > 0 && ForcedDeal() != Deal::kBins) {  // price both deals, write the cheaper
+  const Deal forced = ForcedDeal();
+  const int64_t chunk = forced == Deal::kBins ? 0 : EqualChunk(units, bins, total_keys);
+  bool equal = chunk > 0 && forced == Deal::kEqual;
+  if (chunk > 0 && forced == Deal::kAuto) {  // price both deals, write the cheaper
     reset(false);
     deal_bins();
     const int64_t cost_bins = std::max(worst_bin, bin_cost);
     reset(false);
     deal_equal(chunk);
-    equal = ForcedDeal() == Deal::kEqual || worst_bin < cost_bins;
+    equal = worst_bin < cost_bins;
     reset(true);
   }
   if (equal) {
