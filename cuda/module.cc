@@ -15,6 +15,7 @@
 #include <stdexcept>
 
 #include "jax_pagedattn/occupancy.h"
+#include "jax_pagedattn/plan_acks.h"
 #endif
 
 namespace nb = nanobind;
@@ -49,10 +50,15 @@ nb::dict Registrations() {
   return all;
 }
 
-OutI32 Plan(nb::object qo_indptr, HostI32 kv_indptr, HostI32 kv_indices, HostI32 kv_last_page_len,
-            int32_t page_size, int32_t group_size, int32_t num_kv_heads, int32_t tile_rows,
-            bool causal, int32_t num_pages, int32_t batch_cap, int32_t token_cap, int32_t page_cap,
-            int32_t work_cap, int32_t partial_rows_cap, int32_t bin_cap, bool decode_names) {
+using SlotI32 = nb::ndarray<int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+// Plans into `out` when given (a staged slot, plan_staging.py), else into a new array.
+nb::object Plan(nb::object qo_indptr, HostI32 kv_indptr, HostI32 kv_indices,
+                HostI32 kv_last_page_len, int32_t page_size, int32_t group_size,
+                int32_t num_kv_heads, int32_t tile_rows, bool causal, int32_t num_pages,
+                int32_t batch_cap, int32_t token_cap, int32_t page_cap, int32_t work_cap,
+                int32_t partial_rows_cap, int32_t bin_cap, bool decode_names, nb::object out,
+                uint64_t ticket, int32_t ack_entry) {
   PlanRequest req{};
   HostI32 qo;
   if (!qo_indptr.is_none()) {
@@ -78,8 +84,19 @@ OutI32 Plan(nb::object qo_indptr, HostI32 kv_indptr, HostI32 kv_indices, HostI32
     req.name_kv_indices = "indices";
     req.name_kv_last_page_len = "last_page_len";
   }
+  req.ticket = ticket;
+  req.ack_entry = ack_entry;
   const PlanLayout layout{batch_cap, token_cap, page_cap, work_cap, bin_cap};
   const size_t n = size_t(layout.size());
+  if (!out.is_none()) {
+    SlotI32 slot = nb::cast<SlotI32>(out);
+    if (slot.shape(0) != n) throw nb::value_error("plan: out has the wrong size for these capacities");
+    {
+      nb::gil_scoped_release release;
+      PlanBatch(req, slot.data());
+    }
+    return out;
+  }
   std::unique_ptr<int32_t[]> buf(new int32_t[n]);
   {
     nb::gil_scoped_release release;
@@ -87,7 +104,7 @@ OutI32 Plan(nb::object qo_indptr, HostI32 kv_indptr, HostI32 kv_indices, HostI32
   }
   int32_t* data = buf.release();
   nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<int32_t*>(p); });
-  return OutI32(data, {n}, owner);
+  return nb::cast(OutI32(data, {n}, owner));
 }
 
 nb::dict Layout(int32_t batch_cap, int32_t token_cap, int32_t page_cap, int32_t work_cap,
@@ -124,7 +141,9 @@ NB_MODULE(_C, m) {
         nb::arg("num_kv_heads"), nb::arg("tile_rows"), nb::arg("causal"), nb::arg("num_pages"),
         nb::arg("batch_cap"), nb::arg("token_cap"), nb::arg("page_cap"), nb::arg("work_cap"),
         nb::arg("partial_rows_cap"), nb::arg("bin_cap"), nb::arg("decode_names"),
-        "Validates a batch and returns its plan buffer (int32, see docs/CONTRACT.md).");
+        nb::arg("out").none() = nb::none(), nb::arg("ticket") = 0, nb::arg("ack_entry") = 0,
+        "Validates a batch and returns its plan buffer (int32, see docs/CONTRACT.md), "
+        "written into `out` when given; ticket and ack_entry go to the meta section.");
   m.def("plan_layout", &Layout, nb::arg("batch_cap"), nb::arg("token_cap"), nb::arg("page_cap"),
         nb::arg("work_cap"), nb::arg("bin_cap"),
         "{section: (offset, length)} of the plan buffer, and its size.");
@@ -154,6 +173,12 @@ NB_MODULE(_C, m) {
       nb::arg("tensor_cores"), nb::arg("dtype"), nb::arg("head_dim"), nb::arg("tile_rows"),
       "CTAs of the attention kernel for this configuration one SM of the current device "
       "holds at once (the CUDA occupancy calculator).");
+  m.def("plan_ack_acquire", &AcquirePlanAckEntry,
+        "Takes an entry of the plan acknowledgement board (plan_acks.h): its index + 1, "
+        "or 0 when no mapped host memory is available.");
+  m.def("plan_ack_release", &ReleasePlanAckEntry, nb::arg("entry"));
+  m.def("plan_ack_read", &ReadPlanAck, nb::arg("entry"),
+        "The last ticket the device stored in the entry (0: none yet).");
 #endif
   m.attr("WORK_FIELDS") = int(kWorkFields);
   m.attr("HAS_CUDA") =

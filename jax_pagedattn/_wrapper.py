@@ -7,7 +7,7 @@ import functools
 import jax
 
 from jax_pagedattn import layout as layout_lib
-from jax_pagedattn import planning
+from jax_pagedattn import plan_staging, planning
 
 
 class PagedAttentionWrapper:
@@ -18,7 +18,7 @@ class PagedAttentionWrapper:
   _decode: bool  # set by subclasses
 
   def __init__(self, workspace_size: int, kv_layout: str, max_batch_size, max_num_pages,
-               max_num_tokens):
+               max_num_tokens, plan_staging):
     self._kv_layout = layout_lib.check_kv_layout(kv_layout)
     if workspace_size is not None and workspace_size <= 0:
       raise ValueError(f"workspace_size must be positive, got {workspace_size}")
@@ -31,6 +31,10 @@ class PagedAttentionWrapper:
     self._caps_base = None  # (batch, tokens, pages) fixed by the first plan
     self._plan = None
     self._host = None  # host facts of the last plan for eager checks
+    if plan_staging not in (None, True, False):
+      raise TypeError(f"plan_staging must be None, True or False, got {plan_staging!r}")
+    self._plan_staging = plan_staging
+    self._rings = {}  # (buffer size, device) -> PlanRing or None (staging not available)
 
   @property
   def kv_layout(self) -> str:
@@ -82,22 +86,44 @@ class PagedAttentionWrapper:
     caps = planning.derive_capacities(b, t, p, group_size=group, tile_rows=tile_rows,
                                       num_kv_heads=num_kv_heads, num_ctas=num_ctas,
                                       partial_rows_limit=limit)
-    buffer = planning.plan_host(qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
-                                page_size=page_size, num_qo_heads=num_qo_heads,
-                                num_kv_heads=num_kv_heads, tile_rows=tile_rows, causal=causal,
-                                caps=caps, decode_names=self._decode)
     config = _plan_config(
         target, caps, tile_rows, int(num_qo_heads), int(num_kv_heads), int(head_dim),
         int(page_size), self._kv_layout, bool(causal), pos_encoding_mode,
         planning.default_sm_scale(head_dim, sm_scale),
         1.0 if rope_scale is None else float(rope_scale),
         1e4 if rope_theta is None else float(rope_theta), q_dtype, kv_dtype)
-    # The buffer stays a host numpy array: a jitted step transfers it with its other
-    # arguments in one dispatch, which is far cheaper than a separate device_put here.
-    plan = planning.Plan(buffer, config)
+
+    def fill(out=None, ticket=0, ack_entry=0):
+      return planning.plan_host(qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
+                                page_size=page_size, num_qo_heads=num_qo_heads,
+                                num_kv_heads=num_kv_heads, tile_rows=tile_rows, causal=causal,
+                                caps=caps, decode_names=self._decode, out=out, ticket=ticket,
+                                ack_entry=ack_entry)
+
+    ring = self._ring(planning.plan_sections(caps)["size"])
+    if ring is None:
+      # A host numpy buffer: a jitted step moves it with its other arguments.
+      host_view = fill()
+      plan = planning.Plan(host_view, config)
+    else:
+      # Written in place into a pinned host slot that the step copies itself.
+      plan, host_view = ring.stage(fill, lambda array: planning.Plan(array, config))
     self._plan = plan
-    self._host = dict(num_tokens=tokens, num_indices=int(kv_indices.shape[0]), names=names)
+    self._host = dict(num_tokens=tokens, num_indices=int(kv_indices.shape[0]), names=names,
+                      view=host_view)
     return plan
+
+  def _ring(self, size: int):
+    """The wrapper's plan ring for buffers of `size` on the current default device (where
+    a step will run), or None when plans stay host numpy arrays (plan_staging=False, or
+    not on a GPU)."""
+    if self._plan_staging is False:
+      return None
+    device = plan_staging.current_device()
+    key = (size, device)
+    if key not in self._rings:
+      self._rings[key] = plan_staging.make_ring(size, device, self._plan_staging is True)
+    return self._rings[key]
 
   def _max_page(self, plan) -> int:
     """Largest page id of the wrapper's own plan, read from its buffer's page section
@@ -106,7 +132,7 @@ class PagedAttentionWrapper:
     if n == 0:
       return -1
     offset = planning.plan_sections(plan.config.caps)["kv_indices"][0]
-    return int(plan.buffer[offset:offset + n].max())
+    return int(self._host["view"][offset:offset + n].max())
 
   def _run(self, primitive, q, paged_kv_cache, return_lse, plan):
     if plan is None:
@@ -130,7 +156,8 @@ class PagedAttentionWrapper:
         raise ValueError(f"{self._host['names'][1]} holds page {max_page}, but "
                          f"paged_kv_cache has only {info.num_pages} pages")
     k_op, v_op = layout_lib.cache_operands(paged_kv_cache)
-    out, lse, _ = primitive.bind(q, k_op, v_op, plan.buffer, config=plan.config,
+    buffer = plan_staging.to_device_memory(plan.buffer)
+    out, lse, _ = primitive.bind(q, k_op, v_op, buffer, config=plan.config,
                                  combined=info.combined)
     return (out, lse) if return_lse else out
 

@@ -148,6 +148,27 @@ def time_host(fn, cfg: TimingConfig) -> float:
   return statistics.median(samples)
 
 
+def time_host_steady(run, steps: int, cfg: TimingConfig) -> float:
+  """Seconds per step of run(n), a loop of n steps ended by one block: the median over
+  repetitions of (run(2 steps) - run(steps)) / steps, so the loop's fixed costs (the
+  first dispatch before the device starts, the final sync) cancel, as in
+  time_jax_chain."""
+  run(steps)  # compiles, allocates
+  samples = []
+  deadline = time.perf_counter() + cfg.host_max_s
+  for _ in range(max(3, cfg.host_iters // 4)):
+    t0 = time.perf_counter()
+    run(steps)
+    t1 = time.perf_counter()
+    run(2 * steps)
+    t2 = time.perf_counter()
+    short, long = t1 - t0, t2 - t1
+    samples.append((long - short) / steps if long > short else long / (2 * steps))
+    if time.perf_counter() > deadline and len(samples) >= 3:
+      break
+  return statistics.median(samples)
+
+
 # ---------------------------------------------------------------------- ceilings
 
 

@@ -23,14 +23,18 @@ class BatchDecodeWithPagedKVCacheWrapper(PagedAttentionWrapper):
     use_tensor_cores: run the GQA group as matrix rows through the prefill kernel.
     max_batch_size, max_num_pages: capacities; None fixes them at the first plan()
       (rounded up to a power of two) and keeps them, so later plans reuse compiled steps.
+    plan_staging: write plans into reused pinned host buffers that a jitted step copies
+      itself (plan_staging.py); None: on a GPU with the CUDA build, False: host numpy
+      buffers, True: staging or an error.
   """
 
   _decode = True
 
   def __init__(self, workspace_size: int | None = 128 * 1024 * 1024, kv_layout: str = "NHD",
                use_tensor_cores: bool = False, max_batch_size: int | None = None,
-               max_num_pages: int | None = None):
-    super().__init__(workspace_size, kv_layout, max_batch_size, max_num_pages, None)
+               max_num_pages: int | None = None, plan_staging: bool | None = None):
+    super().__init__(workspace_size, kv_layout, max_batch_size, max_num_pages, None,
+                     plan_staging)
     self._use_tensor_cores = bool(use_tensor_cores)
 
   @property

@@ -180,8 +180,9 @@ def derive_capacities(batch, tokens, pages, *, group_size, tile_rows, num_kv_hea
 
 def plan_host(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, *, page_size, num_qo_heads,
               num_kv_heads, tile_rows, causal, caps: Capacities, num_pages=-1,
-              decode_names=False) -> np.ndarray:
-  """Runs the C++ planner on host arrays; returns the int32 plan buffer.
+              decode_names=False, out=None, ticket=0, ack_entry=0) -> np.ndarray:
+  """Runs the C++ planner on host arrays; returns the int32 plan buffer (`out` when
+  given: a staged slot, plan_staging.py, with its ticket and board entry).
 
   `qo_indptr=None` plans a decode batch (one query per request). Raises ValueError
   naming the offending argument.
@@ -189,7 +190,8 @@ def plan_host(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, *, page_size, 
   return _C.plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, int(page_size),
                  int(num_qo_heads // num_kv_heads), int(num_kv_heads), int(tile_rows), bool(causal),
                  int(num_pages), caps.batch, caps.tokens, caps.pages, caps.work,
-                 caps.partial_rows, caps.bins, bool(decode_names))
+                 caps.partial_rows, caps.bins, bool(decode_names), out, int(ticket),
+                 int(ack_entry))
 
 
 @functools.lru_cache(maxsize=256)

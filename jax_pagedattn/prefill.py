@@ -20,14 +20,16 @@ class BatchPrefillWithPagedKVCacheWrapper(PagedAttentionWrapper):
     kv_layout: "NHD" or "HND".
     max_batch_size, max_num_pages, max_num_tokens: capacities; None fixes each at the
       first plan() (rounded up to a power of two) and keeps it.
+    plan_staging: as for BatchDecodeWithPagedKVCacheWrapper.
   """
 
   _decode = False
 
   def __init__(self, workspace_size: int | None = 128 * 1024 * 1024, kv_layout: str = "NHD",
                max_batch_size: int | None = None, max_num_pages: int | None = None,
-               max_num_tokens: int | None = None):
-    super().__init__(workspace_size, kv_layout, max_batch_size, max_num_pages, max_num_tokens)
+               max_num_tokens: int | None = None, plan_staging: bool | None = None):
+    super().__init__(workspace_size, kv_layout, max_batch_size, max_num_pages, max_num_tokens,
+                     plan_staging)
 
   def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len,
            num_qo_heads: int, num_kv_heads: int, head_dim: int | None = None,

@@ -13,7 +13,8 @@
 # FlashInfer from the wheels in .fi/ that shared/tools/flashinfer_wheels.sh prepares),
 # sweep ($SWEEP once per value of $SWEEP_VAR in $SWEEP_VALUES), ncu (hardware
 # counters of our kernel and FlashInfer's on each preset of $NCU_PRESETS), timeline
-# (scripts/op_timeline.py on $TIMELINE_PRESETS).
+# (scripts/op_timeline.py on $TIMELINE_PRESETS), host (scripts/host_costs.py on each
+# BxL of $HOST_SHAPES).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -89,6 +90,16 @@ for stage in ${STAGES-tests memcheck bench}; do  # STAGES="" runs none (build on
       summary+=("timeline: rc=$rc ($(( $(date +%s) - t0 )) s)")
       cat "$run/timeline.txt"
       [ $rc -eq 0 ] || tail -20 "$run/timeline.err"
+      ;;
+    host)
+      # Where a step's host time goes (scripts/host_costs.py) on each BxL of $HOST_SHAPES.
+      for shape in ${HOST_SHAPES:-16x4096 64x4096}; do
+        (cd /tmp && timeout "${BENCH_TIMEOUT:-400}" python3 -P "$repo/scripts/host_costs.py" \
+           --batch "${shape%x*}" --kv-len "${shape#*x}" >"$run/host_$shape.txt" 2>"$run/host_$shape.err")
+        echo "-- host costs $shape (rc=$?)"
+        cat "$run/host_$shape.txt"; tail -5 "$run/host_$shape.err"
+      done
+      summary+=("host: ($(( $(date +%s) - t0 )) s)")
       ;;
     ncu)
       # Hardware counters of our attention kernel and FlashInfer's on the $NCU_PRESET

@@ -1,12 +1,14 @@
 """Where the host time of a decode step goes: planning, moving the plan, dispatching.
 
-    python3 scripts/host_costs.py [--batch 16] [--kv-len 4096] [--steps 64]
+    python3 scripts/host_costs.py [--batch 16] [--kv-len 4096] [--steps 32]
 
-Prints medians (us) of: wrapper.plan(); jax.device_put of the plan buffer (until it
-returns / until it is ready); the dispatch of a jitted step (time until the call
+Prints medians (us) of: wrapper.plan() (numpy and staged); jax.device_put of the plan buffer (to the
+device and to pinned host memory); the dispatch of a jitted step (time until the call
 returns, nothing blocked) with the plan as a host numpy array, as a device array and in
-pinned host memory; and a loop of fresh plans + steps per step, beside the step's
-device time. A diagnostic for docs/PERF_NOTES.md, not part of the benchmark.
+pinned host memory (copied to the device inside the step); and serving loops of fresh
+plans + steps, steady state per step (a loop of 2n steps minus a loop of n, so the
+pipeline's fill and drain cancel), beside the loop with one device plan (~ the step's
+device time). A diagnostic for docs/PERF_NOTES.md, not part of the benchmark.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jax_pagedattn as jpa
 from jax_pagedattn import bench_workloads as wl
+from jax_pagedattn import planning
 
 
 def median_us(fn, n=200):
@@ -37,85 +39,111 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--kv-len", default="4096")
-  ap.add_argument("--steps", type=int, default=64)
+  ap.add_argument("--steps", type=int, default=32)
   args = ap.parse_args()
   w = wl.make_workload("host", "decode", args.batch, args.kv_len, heads=(32, 8))
   pool, sets = wl.build_page_sets(w, 1, 0)
   s = sets[0]
   cache, q = wl.make_device_inputs(w, pool, 0)
   dev = jax.devices()[0]
-  wrapper = jpa.BatchDecodeWithPagedKVCacheWrapper(kv_layout="NHD", use_tensor_cores=True)
+  wrapper = jpa.BatchDecodeWithPagedKVCacheWrapper(kv_layout="NHD", use_tensor_cores=True,
+                                                   plan_staging=False)
+  on_device = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
+  pinned = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
 
   def plan():
     return wrapper.plan(s.kv_indptr, s.kv_indices, s.kv_last_page_len, 32, 8, 128, 16,
                         q_data_type="bfloat16")
 
   p0 = plan()
+  print(f"plan buffer: {p0.buffer.nbytes} bytes, caps {p0.config.caps}")
   step = jax.jit(lambda q, cache, p: wrapper.run(q, cache, plan=p))
+  # The plan in pinned host memory: the step copies it to the device itself (an XLA copy
+  # on the step's stream) instead of the dispatch moving a numpy argument.
+  step_pinned = jax.jit(lambda q, cache, p: wrapper.run(
+      q, cache, plan=planning.Plan(jax.device_put(p.buffer, on_device), p.config)))
   out = {}
   out["plan()"] = median_us(plan)
-  out["device_put(buffer) returns"] = median_us(lambda: jax.device_put(p0.buffer, dev))
-  out["device_put(buffer) ready"] = median_us(
+  out["device_put(buffer, device) returns"] = median_us(lambda: jax.device_put(p0.buffer, dev))
+  out["device_put(buffer, device) ready"] = median_us(
       lambda: jax.block_until_ready(jax.device_put(p0.buffer, dev)))
-  dev_plan = type(p0)(jax.device_put(p0.buffer, dev), p0.config)
-  variants = {"numpy plan": p0, "device plan": dev_plan}
-  try:
-    pinned = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
-    variants["pinned_host plan"] = type(p0)(jax.device_put(p0.buffer, pinned), p0.config)
-  except Exception as e:  # noqa: BLE001
-    print(f"pinned_host: {type(e).__name__}: {e}")
-  for name, pl in variants.items():
+  out["device_put(buffer, pinned_host) returns"] = median_us(
+      lambda: jax.device_put(p0.buffer, pinned))
+  out["device_put(buffer, pinned_host) ready"] = median_us(
+      lambda: jax.block_until_ready(jax.device_put(p0.buffer, pinned)))
+  one = np.ones(1, np.int32)
+  tiny = jax.jit(lambda x, y: x)
+  out["jit dispatch, one int32 numpy arg"] = median_us(lambda: tiny(q, one))
+  one_on_device = jax.device_put(one, dev)
+  out["jit dispatch, one int32 device arg"] = median_us(lambda: tiny(q, one_on_device))
+  dev_plan = planning.Plan(jax.device_put(p0.buffer, dev), p0.config)
+  pin_plan = planning.Plan(jax.device_put(p0.buffer, pinned), p0.config)
+  variants = {"numpy plan": (step, p0), "device plan": (step, dev_plan),
+              "pinned_host plan, copied in the step": (step_pinned, pin_plan)}
+  for name, (fn, pl) in variants.items():
     try:
-      jax.block_until_ready(step(q, cache, pl))
-      out[f"step dispatch, {name}"] = median_us(lambda: step(q, cache, pl), n=50)
-      jax.block_until_ready(step(q, cache, pl))
+      jax.block_until_ready(fn(q, cache, pl))
+      out[f"step dispatch, {name}"] = median_us(lambda: fn(q, cache, pl), n=50)
+      jax.block_until_ready(fn(q, cache, pl))
       out[f"step blocked, {name}"] = median_us(
-          lambda: jax.block_until_ready(step(q, cache, pl)), n=50)
+          lambda: jax.block_until_ready(fn(q, cache, pl)), n=50)
     except Exception as e:  # noqa: BLE001
-      print(f"{name}: {type(e).__name__}: {str(e)[:200]}")
+      print(f"{name}: {type(e).__name__}: {str(e)[:300]}")
 
-  pinned_sharding = variants.get("pinned_host plan") and jax.sharding.SingleDeviceSharding(
-      dev, memory_kind="pinned_host")
-  movers = {
-      "one plan": lambda: p0,
-      "fresh numpy plans": plan,
-      "fresh plans, device_put": lambda: (lambda pl: type(pl)(jax.device_put(pl.buffer, dev),
-                                                              pl.config))(plan()),
+  # The wrapper's own staging (plan_staging.py): plans written in place into pinned
+  # host slots reused once the device acknowledges (the default on a GPU).
+  staged = jpa.BatchDecodeWithPagedKVCacheWrapper(kv_layout="NHD", use_tensor_cores=True)
+
+  def staged_plan():
+    return staged.plan(s.kv_indptr, s.kv_indices, s.kv_last_page_len, 32, 8, 128, 16,
+                       q_data_type="bfloat16")
+
+  out["plan(), staged"] = median_us(staged_plan)
+  staged_step = jax.jit(lambda q, cache, p: staged.run(q, cache, plan=p))
+
+  loops = {
+      "one device plan (~ device time)": (step, lambda: dev_plan),
+      "fresh numpy plans": (step, plan),
+      "fresh plans, device_put to device": (
+          step, lambda: (lambda pl: planning.Plan(jax.device_put(pl.buffer, dev), pl.config))(plan())),
+      "fresh plans, device_put to pinned_host": (
+          step_pinned, lambda: (lambda pl: planning.Plan(jax.device_put(pl.buffer, pinned),
+                                                         pl.config))(plan())),
+      "fresh staged plans (plan_staging)": (staged_step, staged_plan),
   }
-  if pinned_sharding:
-    movers["fresh plans, pinned_host"] = lambda: (lambda pl: type(pl)(
-        jax.device_put(pl.buffer, pinned_sharding), pl.config))(plan())
 
-  def loop(make):
+  def loop(fn, make, n):
     x = q
     t0 = time.perf_counter()
-    for _ in range(args.steps):
-      x = step(x, cache, make())
+    for _ in range(n):
+      x = fn(x, cache, make())
     t1 = time.perf_counter()
     jax.block_until_ready(x)
-    return (t1 - t0) / args.steps, (time.perf_counter() - t0) / args.steps
+    return t1 - t0, time.perf_counter() - t0
 
-  for tag, make in movers.items():
+  for tag, (fn, make) in loops.items():
     try:
-      loop(make)
-      issue, total = zip(*[loop(make) for _ in range(5)])
+      loop(fn, make, args.steps)
+      issue, short, long = [], [], []
+      for _ in range(7):
+        a = loop(fn, make, args.steps)
+        b = loop(fn, make, 2 * args.steps)
+        issue.append(b[0] / (2 * args.steps))
+        short.append(a[1])
+        long.append(b[1])
     except Exception as e:  # noqa: BLE001
-      print(f"loop {tag}: {type(e).__name__}: {str(e)[:200]}")
+      print(f"loop {tag}: {type(e).__name__}: {str(e)[:300]}")
       continue
     out[f"loop, {tag}: host issue per step"] = 1e6 * statistics.median(issue)
-    out[f"loop, {tag}: per step"] = 1e6 * statistics.median(total)
-  x = q
-  for _ in range(3):
-    x = step(x, cache, dev_plan)
-  jax.block_until_ready(x)
-  t0 = time.perf_counter()
-  for _ in range(args.steps):
-    x = step(x, cache, dev_plan)
-  jax.block_until_ready(x)
-  out["loop, device plan: per step (~ device time)"] = 1e6 * (time.perf_counter() - t0) / args.steps
+    out[f"loop, {tag}: per step, whole loop"] = 1e6 * statistics.median(long) / (2 * args.steps)
+    out[f"loop, {tag}: per step, steady state"] = 1e6 * statistics.median(
+        [(b - a) / args.steps for a, b in zip(short, long)])
+  rings = list(staged._rings.values())
+  if rings and rings[0] is not None:
+    out["staged ring: slots after the loops"] = rings[0].num_slots
   print(f"host costs, decode {args.batch} x {args.kv_len} on {dev.device_kind} (us):")
   for k, v in out.items():
-    print(f"  {k:50s} {v:9.1f}")
+    print(f"  {k:70s} {v:9.1f}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 // The setup pass of an attention call, launched just before the attention kernel:
-// zeroes the split-merge counters of rows [0, q_rows) (split_merge.cuh) and zero-fills
+// zeroes the split-merge counters of rows [0, q_rows) (split_merge.cuh), zero-fills
 // the padding rows t >= meta[kMetaNumTokens] (out = 0, lse = -inf), which no work item
-// writes.
+// writes, and acknowledges a staged plan's ticket (plan_acks.h).
 //
 // The attention kernel is launched as its dependent grid (dependent_launch.cuh): every
 // CTA here lets it launch first thing, so the attention grid fills the GPU while these
@@ -15,6 +15,7 @@
 
 #include "dependent_launch.cuh"
 #include "jax_pagedattn/params.h"
+#include "jax_pagedattn/plan_acks.h"
 #include "launchers.h"
 
 namespace jax_pagedattn {
@@ -25,6 +26,16 @@ constexpr int kMaxSetupCtas = 64;
 
 __global__ void __launch_bounds__(kSetupThreads) MergeSetupKernel(const AttentionParams p) {
   LetDependentGridLaunch();
+  if (blockIdx.x == 0 && threadIdx.x == 0 && p.plan_acks != nullptr) {
+    // A staged plan: tell its ring that the device has reached this call (plan_acks.h).
+    // An ordinary launch starts after the stream's earlier work, dependent grids included.
+    const int32_t entry = __ldg(p.meta + kMetaAckEntry);
+    if (entry >= 1 && entry <= kPlanAckEntries) {
+      const uint64_t ticket = uint64_t(uint32_t(__ldg(p.meta + kMetaTicketLow))) |
+                              uint64_t(uint32_t(__ldg(p.meta + kMetaTicketHigh))) << 32;
+      reinterpret_cast<volatile uint64_t*>(p.plan_acks)[entry - 1] = ticket;
+    }
+  }
   const int64_t stride = int64_t(gridDim.x) * kSetupThreads;
   const int64_t first = int64_t(blockIdx.x) * kSetupThreads + threadIdx.x;
   const int64_t counters = int64_t(p.q_rows) * p.num_kv_heads;

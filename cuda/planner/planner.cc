@@ -385,6 +385,9 @@ void PlanBatch(const PlanRequest& r, int32_t* out) {
   meta[kMetaNumWork] = int32_t(w);
   meta[kMetaNumPartialRows] = merge[caps.tokens];
   meta[kMetaNumBins] = int32_t(open_empty ? bin : bin + 1);
+  meta[kMetaTicketLow] = int32_t(uint32_t(r.ticket));
+  meta[kMetaTicketHigh] = int32_t(uint32_t(r.ticket >> 32));
+  meta[kMetaAckEntry] = r.ack_entry;
 
   int32_t* qo = out + L.qo_indptr();
   int32_t* kvp = out + L.kv_indptr();

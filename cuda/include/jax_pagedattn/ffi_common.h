@@ -139,6 +139,7 @@ inline ffi::Error MakeAttentionParams(JPA_ATTENTION_HANDLER_ARGS, AttentionParam
       WorkspaceBytes(partial_rows_cap, num_qo_heads, head_dim, token_cap, num_kv_heads))
     return ffi::Error::InvalidArgument("jax_pagedattn: workspace too small");
 
+  p->plan_acks = nullptr;  // the CUDA handler sets it
   p->q = q.untyped_data();
   p->out = out->untyped_data();
   p->lse = lse->typed_data();

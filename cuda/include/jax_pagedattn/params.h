@@ -101,6 +101,10 @@ struct AttentionParams {
   float sm_scale;
   float rope_scale;
   float rope_theta;
+
+  // The plan acknowledgement board (plan_acks.h) as the device sees it, or nullptr: the
+  // setup pass stores the plan's ticket in its entry. GPU only; the CPU ignores it.
+  uint64_t* plan_acks;
 };
 
 // Workspace bytes of one call: the split-KV partials, then the merge counters.
