@@ -136,7 +136,8 @@ def format_host(records: list[dict]) -> str:
            "step = jitted single op, fixed plan, blocked; plan+step = fresh plan then step, "
            "blocked; overhead = plan+step - kernel; loop step = per step of a loop of fresh "
            "plans and steps dispatched back to back (each step's output the next's query, "
-           "one block at the end); loop overhead = loop step - kernel")
+           "one block at the end), in the steady state: a 2n-step loop minus an n-step one; "
+           "loop overhead = loop step - kernel")
   return title + "\n" + _table(header, rows, "ll" + "r" * len(_HOST_FIELDS))
 
 

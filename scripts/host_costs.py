@@ -2,13 +2,15 @@
 
     python3 scripts/host_costs.py [--batch 16] [--kv-len 4096] [--steps 32]
 
-Prints medians (us) of: wrapper.plan() (numpy and staged); jax.device_put of the plan buffer (to the
-device and to pinned host memory); the dispatch of a jitted step (time until the call
-returns, nothing blocked) with the plan as a host numpy array, as a device array and in
-pinned host memory (copied to the device inside the step); and serving loops of fresh
-plans + steps, steady state per step (a loop of 2n steps minus a loop of n, so the
-pipeline's fill and drain cancel), beside the loop with one device plan (~ the step's
-device time). A diagnostic for docs/PERF_NOTES.md, not part of the benchmark.
+Prints medians (us) of: wrapper.plan() (numpy and staged buffers); jax.device_put of
+the plan buffer (to the device and to pinned host memory); the dispatch of a jitted
+step (time until the call returns, nothing blocked) with the plan as a host numpy
+array, as a device array and in pinned host memory (copied to the device inside the
+step); and serving loops of fresh plans + steps, per step in the steady state (a loop
+of 2n steps minus a loop of n, so the loop's fill and final sync cancel), beside the
+loop with one device plan (~ the step's device time), including the wrapper's own
+staged plans (plan_staging.py). A diagnostic for docs/PERF_NOTES.md, not part of the
+benchmark.
 """
 
 from __future__ import annotations

@@ -84,6 +84,22 @@ def test_chain_timing_cancels_a_fixed_cost_per_repetition(monkeypatch):
   assert 0.85e-3 <= t.median_s <= 1.25e-3, t  # 2 ms per call, 2 ops per call
 
 
+def test_steady_loop_timing_cancels_the_loops_fixed_cost():
+  """time_host_steady reports a step without the loop's fill and final sync: here a
+  loop of n steps takes 1 ms per step plus 8 ms, which its plain average would read as
+  1 ms + 8 ms / n."""
+  import time
+
+  from jax_pagedattn import bench_timing
+
+  def loop(n):
+    time.sleep(0.008 + 0.001 * n)
+
+  cfg = bench_timing.TimingConfig(host_iters=12, host_max_s=2.0)
+  per_step = bench_timing.time_host_steady(loop, 8, cfg)
+  assert 0.8e-3 <= per_step <= 1.3e-3, per_step  # the plain average: 2 ms
+
+
 def test_system_selection():
   assert bench_baselines.select_systems("decode", "ours,flashinfer") == [
       "ours-tc", "ours-cc", "flashinfer-tc", "flashinfer-cc"]
