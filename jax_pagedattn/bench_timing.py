@@ -95,11 +95,15 @@ def time_jax_chain(fn, q, rest, *, ops_per_call: int, cfg: TimingConfig) -> Timi
   for _ in range(cfg.reps):
     short = repetition(calls)
     long = repetition(2 * calls)
-    # Host noise can outweigh ops of a few microseconds (CPU smoke runs): then the long
-    # repetition's plain wall time per op is the estimate.
-    samples.append((long - short) / (calls * ops_per_call) if long > short
-                   else long / (2 * calls * ops_per_call))
+    samples.append(_per_unit(short, long, calls * ops_per_call))
   return _summarise(samples, calls * ops_per_call)
+
+
+def _per_unit(short: float, long: float, units: int) -> float:
+  """Seconds per unit from a run of `units` (short) and one of 2 x `units` (long): the
+  difference, so what each run pays once cancels. Host noise can outweigh units of a
+  few microseconds (CPU smoke runs): then the long run's plain time per unit."""
+  return (long - short) / units if long > short else long / (2 * units)
 
 
 def time_torch_chain(step, q, *, cfg: TimingConfig) -> Timing:
@@ -148,13 +152,14 @@ def time_host(fn, cfg: TimingConfig) -> float:
   return statistics.median(samples)
 
 
-def time_host_steady(run, steps: int, cfg: TimingConfig) -> float:
-  """Seconds per step of run(n), a loop of n steps ended by one block: the median over
-  repetitions of (run(2 steps) - run(steps)) / steps, so the loop's fixed costs (the
-  first dispatch before the device starts, the final sync) cancel, as in
-  time_jax_chain."""
+def time_host_steady(run, steps: int, cfg: TimingConfig) -> tuple[float, float]:
+  """Seconds per step of run(n), a loop of n steps ended by one block, from repetitions
+  of run(steps) and run(2 steps): (the median of their difference over `steps`, so the
+  loop's fixed costs, the first dispatch before the device starts and the final sync,
+  cancel as in time_jax_chain; the median of run(steps) over `steps`, the whole loop's
+  average)."""
   run(steps)  # compiles, allocates
-  samples = []
+  steady, whole = [], []
   deadline = time.perf_counter() + cfg.host_max_s
   for _ in range(max(3, cfg.host_iters // 4)):
     t0 = time.perf_counter()
@@ -162,11 +167,11 @@ def time_host_steady(run, steps: int, cfg: TimingConfig) -> float:
     t1 = time.perf_counter()
     run(2 * steps)
     t2 = time.perf_counter()
-    short, long = t1 - t0, t2 - t1
-    samples.append((long - short) / steps if long > short else long / (2 * steps))
-    if time.perf_counter() > deadline and len(samples) >= 3:
+    steady.append(_per_unit(t1 - t0, t2 - t1, steps))
+    whole.append((t1 - t0) / steps)
+    if time.perf_counter() > deadline and len(steady) >= 3:
       break
-  return statistics.median(samples)
+  return statistics.median(steady), statistics.median(whole)
 
 
 # ---------------------------------------------------------------------- ceilings
