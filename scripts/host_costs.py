@@ -50,7 +50,6 @@ def main():
   dev = jax.devices()[0]
   wrapper = jpa.BatchDecodeWithPagedKVCacheWrapper(kv_layout="NHD", use_tensor_cores=True,
                                                    plan_staging=False)
-  on_device = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
   pinned = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
 
   def plan():
@@ -59,11 +58,9 @@ def main():
 
   p0 = plan()
   print(f"plan buffer: {p0.buffer.nbytes} bytes, caps {p0.config.caps}")
-  step = jax.jit(lambda q, cache, p: wrapper.run(q, cache, plan=p))
-  # The plan in pinned host memory: the step copies it to the device itself (an XLA copy
+  # run() copies a plan in pinned host memory to the device inside the step (an XLA copy
   # on the step's stream) instead of the dispatch moving a numpy argument.
-  step_pinned = jax.jit(lambda q, cache, p: wrapper.run(
-      q, cache, plan=planning.Plan(jax.device_put(p.buffer, on_device), p.config)))
+  step = jax.jit(lambda q, cache, p: wrapper.run(q, cache, plan=p))
   out = {}
   out["plan()"] = median_us(plan)
   out["device_put(buffer, device) returns"] = median_us(lambda: jax.device_put(p0.buffer, dev))
@@ -80,15 +77,15 @@ def main():
   out["jit dispatch, one int32 device arg"] = median_us(lambda: tiny(q, one_on_device))
   dev_plan = planning.Plan(jax.device_put(p0.buffer, dev), p0.config)
   pin_plan = planning.Plan(jax.device_put(p0.buffer, pinned), p0.config)
-  variants = {"numpy plan": (step, p0), "device plan": (step, dev_plan),
-              "pinned_host plan, copied in the step": (step_pinned, pin_plan)}
-  for name, (fn, pl) in variants.items():
+  variants = {"numpy plan": p0, "device plan": dev_plan,
+              "pinned_host plan, copied in the step": pin_plan}
+  for name, pl in variants.items():
     try:
-      jax.block_until_ready(fn(q, cache, pl))
-      out[f"step dispatch, {name}"] = median_us(lambda: fn(q, cache, pl), n=50)
-      jax.block_until_ready(fn(q, cache, pl))
+      jax.block_until_ready(step(q, cache, pl))
+      out[f"step dispatch, {name}"] = median_us(lambda: step(q, cache, pl), n=50)
+      jax.block_until_ready(step(q, cache, pl))
       out[f"step blocked, {name}"] = median_us(
-          lambda: jax.block_until_ready(fn(q, cache, pl)), n=50)
+          lambda: jax.block_until_ready(step(q, cache, pl)), n=50)
     except Exception as e:  # noqa: BLE001
       print(f"{name}: {type(e).__name__}: {str(e)[:300]}")
 
@@ -101,35 +98,36 @@ def main():
                        q_data_type="bfloat16")
 
   out["plan(), staged"] = median_us(staged_plan)
-  staged_step = jax.jit(lambda q, cache, p: staged.run(q, cache, plan=p))
 
+  def moved(sharding):
+    return lambda: (lambda pl: planning.Plan(jax.device_put(pl.buffer, sharding),
+                                             pl.config))(plan())
+
+  # One step serves every transport: both wrappers plan for the same layout.
   loops = {
-      "one device plan (~ device time)": (step, lambda: dev_plan),
-      "fresh numpy plans": (step, plan),
-      "fresh plans, device_put to device": (
-          step, lambda: (lambda pl: planning.Plan(jax.device_put(pl.buffer, dev), pl.config))(plan())),
-      "fresh plans, device_put to pinned_host": (
-          step_pinned, lambda: (lambda pl: planning.Plan(jax.device_put(pl.buffer, pinned),
-                                                         pl.config))(plan())),
-      "fresh staged plans (plan_staging)": (staged_step, staged_plan),
+      "one device plan (~ device time)": lambda: dev_plan,
+      "fresh numpy plans": plan,
+      "fresh plans, device_put to device": moved(dev),
+      "fresh plans, device_put to pinned_host": moved(pinned),
+      "fresh staged plans (plan_staging)": staged_plan,
   }
 
-  def loop(fn, make, n):
+  def loop(make, n):
     x = q
     t0 = time.perf_counter()
     for _ in range(n):
-      x = fn(x, cache, make())
+      x = step(x, cache, make())
     t1 = time.perf_counter()
     jax.block_until_ready(x)
     return t1 - t0, time.perf_counter() - t0
 
-  for tag, (fn, make) in loops.items():
+  for tag, make in loops.items():
     try:
-      loop(fn, make, args.steps)
+      loop(make, args.steps)
       issue, short, long = [], [], []
       for _ in range(7):
-        a = loop(fn, make, args.steps)
-        b = loop(fn, make, 2 * args.steps)
+        a = loop(make, args.steps)
+        b = loop(make, 2 * args.steps)
         issue.append(b[0] / (2 * args.steps))
         short.append(a[1])
         long.append(b[1])
