@@ -88,20 +88,21 @@ nb::object Plan(nb::object qo_indptr, HostI32 kv_indptr, HostI32 kv_indices,
   req.ack_entry = ack_entry;
   const PlanLayout layout{batch_cap, token_cap, page_cap, work_cap, bin_cap};
   const size_t n = size_t(layout.size());
+  std::unique_ptr<int32_t[]> buf;
+  int32_t* dst;
   if (!out.is_none()) {
     SlotI32 slot = nb::cast<SlotI32>(out);
     if (slot.shape(0) != n) throw nb::value_error("plan: out has the wrong size for these capacities");
-    {
-      nb::gil_scoped_release release;
-      PlanBatch(req, slot.data());
-    }
-    return out;
+    dst = slot.data();
+  } else {
+    buf.reset(new int32_t[n]);
+    dst = buf.get();
   }
-  std::unique_ptr<int32_t[]> buf(new int32_t[n]);
   {
     nb::gil_scoped_release release;
-    PlanBatch(req, buf.get());
+    PlanBatch(req, dst);
   }
+  if (!buf) return out;
   int32_t* data = buf.release();
   nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<int32_t*>(p); });
   return nb::cast(OutI32(data, {n}, owner));
