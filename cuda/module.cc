@@ -31,7 +31,9 @@ nb::capsule Capsule(Fn* fn) {
   return nb::capsule(reinterpret_cast<void*>(fn));
 }
 
-nb::dict Registrations() {
+// `command_buffers`: register the CUDA handlers that declare kCmdBufferCompatible
+// (handlers.h) instead of the plain ones.
+nb::dict Registrations(bool command_buffers) {
   nb::dict cpu;
   cpu["jax_pagedattn_decode"] = Capsule(JaxPagedAttnDecodeCpu);
   cpu["jax_pagedattn_prefill"] = Capsule(JaxPagedAttnPrefillCpu);
@@ -41,10 +43,12 @@ nb::dict Registrations() {
   all["cpu"] = cpu;
 #ifdef JAX_PAGEDATTN_WITH_CUDA
   nb::dict cuda;
-  cuda["jax_pagedattn_decode"] = Capsule(JaxPagedAttnDecodeCuda);
-  cuda["jax_pagedattn_prefill"] = Capsule(JaxPagedAttnPrefillCuda);
-  cuda["jax_pagedattn_append"] = Capsule(JaxPagedAttnAppendCuda);
-  cuda["jax_pagedattn_append_kv"] = Capsule(JaxPagedAttnAppendKvCuda);
+  const bool g = command_buffers;
+  cuda["jax_pagedattn_decode"] = Capsule(g ? JaxPagedAttnDecodeCudaGraph : JaxPagedAttnDecodeCuda);
+  cuda["jax_pagedattn_prefill"] = Capsule(g ? JaxPagedAttnPrefillCudaGraph : JaxPagedAttnPrefillCuda);
+  cuda["jax_pagedattn_append"] = Capsule(g ? JaxPagedAttnAppendCudaGraph : JaxPagedAttnAppendCuda);
+  cuda["jax_pagedattn_append_kv"] =
+      Capsule(g ? JaxPagedAttnAppendKvCudaGraph : JaxPagedAttnAppendKvCuda);
   all["CUDA"] = cuda;
 #endif
   return all;
@@ -108,6 +112,25 @@ nb::object Plan(nb::object qo_indptr, HostI32 kv_indptr, HostI32 kv_indices,
   return nb::cast(OutI32(data, {n}, owner));
 }
 
+#ifdef JAX_PAGEDATTN_WITH_CUDA
+// One staged plan slot of `size` int32 in mapped host memory (plan_acks.h): a numpy
+// array to write plans into, and the same memory as a CUDA array of device
+// `device_ordinal` for jax.dlpack.from_dlpack. The memory lives while either does.
+nb::tuple MappedPlanSlot(int64_t size, int32_t device_ordinal) {
+  if (size <= 0) throw nb::value_error("mapped_plan_slot: size must be positive");
+  void* slot = AllocateMappedPlanSlot(size_t(size) * sizeof(int32_t));
+  if (slot == nullptr)
+    throw std::runtime_error("jax_pagedattn: cannot allocate mapped page-locked host memory");
+  nb::capsule owner(slot, [](void* p) noexcept { FreeMappedPlanSlot(p); });
+  const size_t shape[1] = {size_t(size)};
+  nb::ndarray<nb::numpy, int32_t, nb::ndim<1>> host(slot, 1, shape, owner);
+  nb::ndarray<nb::array_api, int32_t, nb::ndim<1>> device(
+      slot, 1, shape, owner, nullptr, nb::dtype<int32_t>(), nb::device::cuda::value,
+      device_ordinal);
+  return nb::make_tuple(host, device);
+}
+#endif
+
 nb::dict Layout(int32_t batch_cap, int32_t token_cap, int32_t page_cap, int32_t work_cap,
                 int32_t bin_cap) {
   const PlanLayout L{batch_cap, token_cap, page_cap, work_cap, bin_cap};
@@ -135,8 +158,9 @@ NB_MODULE(_C, m) {
       PyErr_SetString(PyExc_ValueError, e.what());
     }
   });
-  m.def("registrations", &Registrations,
-        "{platform: {target name: FFI handler capsule}} for every handler built.");
+  m.def("registrations", &Registrations, nb::arg("command_buffers") = false,
+        "{platform: {target name: FFI handler capsule}} for every handler built; "
+        "command_buffers picks the CUDA handlers that XLA may record into CUDA graphs.");
   m.def("plan", &Plan, nb::arg("qo_indptr").none(), nb::arg("kv_indptr"), nb::arg("kv_indices"),
         nb::arg("kv_last_page_len"), nb::arg("page_size"), nb::arg("group_size"),
         nb::arg("num_kv_heads"), nb::arg("tile_rows"), nb::arg("causal"), nb::arg("num_pages"),
@@ -180,6 +204,8 @@ NB_MODULE(_C, m) {
   m.def("plan_ack_release", &ReleasePlanAckEntry, nb::arg("entry"));
   m.def("plan_ack_read", &ReadPlanAck, nb::arg("entry"),
         "The last ticket the device stored in the entry (0: none yet).");
+  m.def("mapped_plan_slot", &MappedPlanSlot, nb::arg("size"), nb::arg("device_ordinal"),
+        "(numpy int32[size], CUDA DLPack array) views of one new slot of mapped host memory.");
 #endif
   m.attr("WORK_FIELDS") = int(kWorkFields);
   m.attr("HAS_CUDA") =

@@ -7,7 +7,7 @@ import functools
 import jax
 
 from jax_pagedattn import layout as layout_lib
-from jax_pagedattn import plan_staging, planning
+from jax_pagedattn import _C, plan_staging, planning
 
 
 class PagedAttentionWrapper:
@@ -35,6 +35,7 @@ class PagedAttentionWrapper:
       raise TypeError(f"plan_staging must be None, True or False, got {plan_staging!r}")
     self._plan_staging = plan_staging
     self._rings = {}  # (buffer size, device) -> PlanRing or None (staging not available)
+    self._statics = {}  # plan()'s static arguments -> _derive_static's result
 
   @property
   def kv_layout(self) -> str:
@@ -57,15 +58,6 @@ class PagedAttentionWrapper:
   def _make_plan(self, *, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads,
                  num_kv_heads, head_dim, page_size, causal, pos_encoding_mode, sm_scale, rope_scale,
                  rope_theta, q_data_type, kv_data_type, target, tile_rows_for):
-    planning.check_head_config(num_qo_heads, num_kv_heads, head_dim)
-    planning.check_pos_encoding(pos_encoding_mode)
-    if page_size < 1:
-      raise ValueError(f"page_size must be >= 1, got {page_size}")
-    q_dtype = planning.canonical_dtype(q_data_type, "q_data_type")
-    kv_dtype = planning.canonical_dtype(kv_data_type if kv_data_type is not None else q_data_type,
-                                        "kv_data_type")
-    if q_dtype != kv_dtype:
-      raise TypeError(f"kv_data_type ({kv_dtype}) must equal q_data_type ({q_dtype})")
     names = (("indptr", "indices", "last_page_len") if self._decode else
              ("paged_kv_indptr", "paged_kv_indices", "paged_kv_last_page_len"))
     kv_indptr = planning.as_host_int32(kv_indptr, names[0])
@@ -75,7 +67,55 @@ class PagedAttentionWrapper:
       qo_indptr = planning.as_host_int32(qo_indptr, "qo_indptr")
     batch = kv_last_page_len.shape[0]
     tokens = batch if qo_indptr is None else int(qo_indptr[-1]) if qo_indptr.size else 0
-    b, t, p = self._base_capacities(batch, tokens, kv_indices.shape[0])
+    # Everything but the index arrays is the same step after step: derived once per
+    # distinct setting (plan() runs every step; its Python is most of its host time).
+    key = (num_qo_heads, num_kv_heads, head_dim, page_size, causal, pos_encoding_mode, sm_scale,
+           rope_scale, rope_theta, q_data_type, kv_data_type, target,
+           plan_staging.current_device())
+    try:
+      static = self._statics.get(key)
+    except TypeError:  # an unhashable argument: derive without the memo
+      key, static = None, None
+    if static is None:
+      static = self._derive_static(
+          batch, tokens, kv_indices.shape[0], num_qo_heads=num_qo_heads,
+          num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, causal=causal,
+          pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale, rope_scale=rope_scale,
+          rope_theta=rope_theta, q_data_type=q_data_type, kv_data_type=kv_data_type,
+          target=target, tile_rows_for=tile_rows_for)
+      if key is not None:
+        self._statics[key] = static
+    config, ring, planner_args = static
+    arrays = (qo_indptr, kv_indptr, kv_indices, kv_last_page_len)
+    if ring is None:
+      # A host numpy buffer: a jitted step moves it with its other arguments.
+      host_view = _C.plan(*arrays, *planner_args)
+      plan = planning.Plan(host_view, config)
+    else:
+      # Written in place into a mapped host slot that the step reads as a device array.
+      plan, host_view = ring.stage(
+          lambda out, ticket, ack_entry: _C.plan(*arrays, *planner_args, out, ticket, ack_entry),
+          lambda array: planning.Plan(array, config))
+    self._plan = plan
+    self._host = dict(num_tokens=tokens, num_indices=int(kv_indices.shape[0]), names=names,
+                      view=host_view)
+    return plan
+
+  def _derive_static(self, batch, tokens, pages, *, num_qo_heads, num_kv_heads, head_dim,
+                     page_size, causal, pos_encoding_mode, sm_scale, rope_scale, rope_theta,
+                     q_data_type, kv_data_type, target, tile_rows_for):
+    """(PlanConfig, plan ring or None, the planner's arguments after the index arrays)
+    for one setting of plan()'s static arguments; raises on bad ones."""
+    planning.check_head_config(num_qo_heads, num_kv_heads, head_dim)
+    planning.check_pos_encoding(pos_encoding_mode)
+    if page_size < 1:
+      raise ValueError(f"page_size must be >= 1, got {page_size}")
+    q_dtype = planning.canonical_dtype(q_data_type, "q_data_type")
+    kv_dtype = planning.canonical_dtype(kv_data_type if kv_data_type is not None else q_data_type,
+                                        "kv_data_type")
+    if q_dtype != kv_dtype:
+      raise TypeError(f"kv_data_type ({kv_dtype}) must equal q_data_type ({q_dtype})")
+    b, t, p = self._base_capacities(batch, tokens, pages)
     group = num_qo_heads // num_kv_heads
     tile_rows = tile_rows_for(group, head_dim)
     num_ctas = planning.concurrent_ctas(target == "jax_pagedattn_prefill", q_dtype, head_dim,
@@ -86,32 +126,18 @@ class PagedAttentionWrapper:
     caps = planning.derive_capacities(b, t, p, group_size=group, tile_rows=tile_rows,
                                       num_kv_heads=num_kv_heads, num_ctas=num_ctas,
                                       partial_rows_limit=limit)
+    ring = self._ring(planning.plan_sections(caps)["size"])
     config = _plan_config(
         target, caps, tile_rows, int(num_qo_heads), int(num_kv_heads), int(head_dim),
         int(page_size), self._kv_layout, bool(causal), pos_encoding_mode,
         planning.default_sm_scale(head_dim, sm_scale),
         1.0 if rope_scale is None else float(rope_scale),
-        1e4 if rope_theta is None else float(rope_theta), q_dtype, kv_dtype)
-
-    def fill(out=None, ticket=0, ack_entry=0):
-      return planning.plan_host(qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
-                                page_size=page_size, num_qo_heads=num_qo_heads,
-                                num_kv_heads=num_kv_heads, tile_rows=tile_rows, causal=causal,
-                                caps=caps, decode_names=self._decode, out=out, ticket=ticket,
-                                ack_entry=ack_entry)
-
-    ring = self._ring(planning.plan_sections(caps)["size"])
-    if ring is None:
-      # A host numpy buffer: a jitted step moves it with its other arguments.
-      host_view = fill()
-      plan = planning.Plan(host_view, config)
-    else:
-      # Written in place into a pinned host slot that the step copies itself.
-      plan, host_view = ring.stage(fill, lambda array: planning.Plan(array, config))
-    self._plan = plan
-    self._host = dict(num_tokens=tokens, num_indices=int(kv_indices.shape[0]), names=names,
-                      view=host_view)
-    return plan
+        1e4 if rope_theta is None else float(rope_theta), q_dtype, kv_dtype,
+        ring is not None and ring.mapped)
+    planner_args = planning.planner_args(
+        page_size=page_size, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
+        tile_rows=tile_rows, causal=causal, caps=caps, decode_names=self._decode)
+    return config, ring, planner_args
 
   def _ring(self, size: int):
     """The wrapper's plan ring for buffers of `size` on the current default device (where
@@ -156,8 +182,7 @@ class PagedAttentionWrapper:
         raise ValueError(f"{self._host['names'][1]} holds page {max_page}, but "
                          f"paged_kv_cache has only {info.num_pages} pages")
     k_op, v_op = layout_lib.cache_operands(paged_kv_cache)
-    buffer = plan_staging.to_device_memory(plan.buffer)
-    out, lse, _ = primitive.bind(q, k_op, v_op, buffer, config=plan.config,
+    out, lse, _ = primitive.bind(q, k_op, v_op, plan.buffer, config=plan.config,
                                  combined=info.combined)
     return (out, lse) if return_lse else out
 

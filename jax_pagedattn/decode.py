@@ -23,9 +23,9 @@ class BatchDecodeWithPagedKVCacheWrapper(PagedAttentionWrapper):
     use_tensor_cores: run the GQA group as matrix rows through the prefill kernel.
     max_batch_size, max_num_pages: capacities; None fixes them at the first plan()
       (rounded up to a power of two) and keeps them, so later plans reuse compiled steps.
-    plan_staging: write plans into reused pinned host buffers that a jitted step copies
-      itself (plan_staging.py); None: on a GPU with the CUDA build, False: host numpy
-      buffers, True: staging or an error.
+    plan_staging: write plans into reused slots of mapped host memory that a jitted
+      step reads as device arrays (plan_staging.py); None: on a GPU with the CUDA build,
+      False: host numpy buffers, True: staging or an error.
   """
 
   _decode = True

@@ -1,10 +1,13 @@
-"""Plan buffers staged in pinned host memory, so a jitted step pays nothing to move them.
+"""Plans staged in mapped host memory, so a jitted step pays nothing to move them.
 
 A plan passed as a host numpy array is moved by JAX when the step is dispatched; on the
 GPU that costs 70-150 us of host time per step, several times the planner. A `PlanRing`
-instead keeps plan-sized JAX arrays in pinned host memory and writes each new plan into
-one of them in place; the step copies it to the device itself (`to_device_memory`, an
-XLA copy on the step's own stream), so the dispatch sees an array JAX already has.
+instead keeps plan-sized slots of mapped page-locked host memory, each imported once into
+JAX as a *device* array (a DLPack view of the address the GPU reads it at), and writes
+each new plan into one of them in place. The step's dispatch sees a device array JAX
+already has: no transfer, no host-memory argument. The GPU reads the slot over the bus
+once per call: the setup pass copies it into the workspace, where the attention kernel
+reads it (cuda/kernels/merge_setup.cu; the plan's config says `plan_mapped`).
 
 A slot is rewritten only when no step can read it any more:
   - nothing outside the ring references its array (no Plan, no copy of one), so no
@@ -24,7 +27,7 @@ get acknowledged: both end up draining once per soft limit's worth of plans.
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import itertools
 import sys
 import threading
@@ -47,7 +50,7 @@ class _Slot:
   __slots__ = ("array", "view", "fresh", "seen_free_at")
 
   def __init__(self, array, view):
-    self.array = array         # the pinned host jax.Array that steps read
+    self.array = array         # the jax.Array that steps read
     self.view = view           # a writable numpy view of the same memory
     self.fresh = True          # never handed out
     self.seen_free_at = None   # ticket noted when first seen unreferenced, or None
@@ -61,11 +64,14 @@ class PlanRing:
 
   `board` has acquire() -> entry (0: none left), read(entry) -> last stored ticket and
   release(entry): the extension's board (`ExtensionBoard`) by default, a fake in tests.
+  `mapped`: the device reads the slots over the bus (a GPU), so plans must say
+  `plan_mapped` and the kernels copy them first; on the CPU the slots are plain memory.
   """
 
   def __init__(self, size: int, device, board, soft_limit: int | None = None):
     self.size = int(size)
     self.device = device
+    self.mapped = device.platform == "gpu"
     self._board = board
     self.entry = board.acquire()
     if not self.entry:
@@ -74,9 +80,7 @@ class PlanRing:
       soft_limit = max(4, min(SOFT_LIMIT_SLOTS, SOFT_LIMIT_BYTES // (4 * self.size)))
     self._soft_limit = int(soft_limit)
     self._slots: list[_Slot] = []
-    self._cursor = 0
     self._lock = threading.Lock()
-    self._sharding = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
 
   def __del__(self):
     board, entry = getattr(self, "_board", None), getattr(self, "entry", 0)
@@ -113,12 +117,11 @@ class PlanRing:
     return slot if slot is not None else self._new_slot()
 
   def _find_free(self, acked: int):
-    n = len(self._slots)
-    for k in range(n):
-      i = (self._cursor + k) % n
-      s = self._slots[i]
+    # Lowest index first: a loop then cycles through the few slots its steps in flight
+    # need, not through every slot the ring ever grew to, and the GPU reads slots whose
+    # pages its address translation has just seen.
+    for s in self._slots:
       if s.fresh:
-        self._cursor = (i + 1) % n
         return s
       if s.referenced():
         continue
@@ -128,7 +131,6 @@ class PlanRing:
         s.seen_free_at = next(_tickets)
         continue
       if acked > s.seen_free_at:
-        self._cursor = (i + 1) % n
         return s
     return None
 
@@ -138,13 +140,26 @@ class PlanRing:
     jax.block_until_ready(x + 1)  # queued behind every earlier step on the stream
 
   def _new_slot(self) -> _Slot:
-    array = jax.device_put(np.zeros(self.size, np.int32), self._sharding)
-    jax.block_until_ready(array)  # its own initial copy must land before we write
-    view = np.ctypeslib.as_array(
-        (ctypes.c_int32 * self.size).from_address(array.unsafe_buffer_pointer()))
+    view, array = (_mapped_slot if self.mapped else _host_slot)(self.size, self.device)
     slot = _Slot(array, view)
     self._slots.append(slot)
     return slot
+
+
+def _mapped_slot(size: int, device):
+  """(numpy view, device jax.Array) of one new slot of mapped page-locked host memory
+  (the extension allocates it; freed when both are gone)."""
+  from jax_pagedattn import _C
+  view, exported = _C.mapped_plan_slot(size, device.local_hardware_id)
+  return view, jax.dlpack.from_dlpack(exported, copy=False)
+
+
+def _host_slot(size: int, device):
+  """(numpy view, jax.Array) sharing one plain host buffer, for a CPU device."""
+  raw = np.zeros(size + 16, np.int32)
+  start = (-raw.ctypes.data % 64) // 4  # XLA's CPU client aliases 64-byte aligned memory
+  view = raw[start:start + size]
+  return view, jax.dlpack.from_dlpack(view, device=device, copy=False)
 
 
 class ExtensionBoard:
@@ -163,22 +178,17 @@ class ExtensionBoard:
     self._ext.plan_ack_release(entry)
 
 
-def to_device_memory(buffer):
-  """The plan buffer as the kernels need it, in device memory: a buffer in host memory
-  is copied (inside jit, by an XLA copy on the step's stream); others pass through."""
-  if isinstance(buffer, np.ndarray):
-    return buffer
-  if jax.typeof(buffer).memory_space == jax.memory.Space.Device:
-    return buffer
-  return jax.device_put(buffer, jax.memory.Space.Device)
-
-
 def current_device():
   """The device computations go to now: jax.default_device's, else the first one."""
   d = jax.config.jax_default_device
   if d is None:
-    return jax.devices()[0]
+    return _first_device()
   return jax.devices(d)[0] if isinstance(d, str) else d
+
+
+@functools.lru_cache(maxsize=1)
+def _first_device():
+  return jax.devices()[0]
 
 
 def default_board():

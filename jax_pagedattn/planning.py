@@ -60,6 +60,9 @@ class PlanConfig:
   rope_theta: float
   q_dtype: str
   kv_dtype: str
+  # The plan buffer is a staged slot of mapped host memory (plan_staging.py): the GPU
+  # kernels copy it into the workspace before reading it. The CPU reads it in place.
+  plan_mapped: bool = False
 
   @property
   def group_size(self) -> int:
@@ -67,9 +70,13 @@ class PlanConfig:
 
   @property
   def workspace_bytes(self) -> int:
-    """Split-KV partial rows, then one int32 merge counter per (token, kv head)."""
-    return (self.caps.partial_rows * partial_row_bytes(self.num_qo_heads, self.head_dim)
-            + self.caps.tokens * self.num_kv_heads * 4)
+    """Split-KV partial rows, then one int32 merge counter per (token, kv head), then
+    (plan_mapped) the plan's device copy at the next 256-byte boundary (params.h)."""
+    n = (self.caps.partial_rows * partial_row_bytes(self.num_qo_heads, self.head_dim)
+         + self.caps.tokens * self.num_kv_heads * 4)
+    if self.plan_mapped:
+      n = -(-n // 256) * 256 + 4 * plan_sections(self.caps)["size"]
+    return n
 
 
 @jax.tree_util.register_pytree_node_class
@@ -178,6 +185,14 @@ def derive_capacities(batch, tokens, pages, *, group_size, tile_rows, num_kv_hea
                                           num_kv_heads, num_ctas, partial_rows_limit))
 
 
+def planner_args(*, page_size, num_qo_heads, num_kv_heads, tile_rows, causal,
+                 caps: Capacities, num_pages=-1, decode_names=False) -> tuple:
+  """The C++ planner's (`_C.plan`) arguments after the four index arrays."""
+  return (int(page_size), int(num_qo_heads // num_kv_heads), int(num_kv_heads), int(tile_rows),
+          bool(causal), int(num_pages), caps.batch, caps.tokens, caps.pages, caps.work,
+          caps.partial_rows, caps.bins, bool(decode_names))
+
+
 def plan_host(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, *, page_size, num_qo_heads,
               num_kv_heads, tile_rows, causal, caps: Capacities, num_pages=-1,
               decode_names=False, out=None, ticket=0, ack_entry=0) -> np.ndarray:
@@ -187,10 +202,10 @@ def plan_host(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, *, page_size, 
   `qo_indptr=None` plans a decode batch (one query per request). Raises ValueError
   naming the offending argument.
   """
-  return _C.plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, int(page_size),
-                 int(num_qo_heads // num_kv_heads), int(num_kv_heads), int(tile_rows), bool(causal),
-                 int(num_pages), caps.batch, caps.tokens, caps.pages, caps.work,
-                 caps.partial_rows, caps.bins, bool(decode_names), out, int(ticket),
+  args = planner_args(page_size=page_size, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
+                      tile_rows=tile_rows, causal=causal, caps=caps, num_pages=num_pages,
+                      decode_names=decode_names)
+  return _C.plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, *args, out, int(ticket),
                  int(ack_entry))
 
 

@@ -70,7 +70,8 @@ def _ffi_attention_attrs(config: planning.PlanConfig, combined: bool) -> dict:
       sm_scale=f32(c.sm_scale), rope_scale=f32(c.rope_scale), rope_theta=f32(c.rope_theta),
       tile_rows=i32(c.tile_rows), batch_cap=i32(c.caps.batch), token_cap=i32(c.caps.tokens),
       page_cap=i32(c.caps.pages), work_cap=i32(c.caps.work),
-      partial_rows_cap=i32(c.caps.partial_rows), bin_cap=i32(c.caps.bins))
+      partial_rows_cap=i32(c.caps.partial_rows), bin_cap=i32(c.caps.bins),
+      plan_mapped=i32(c.plan_mapped))
 
 
 def _native_attention_lowering(ctx, q, k_cache, v_cache, plan, *, config, combined):

@@ -3,14 +3,16 @@
     python3 scripts/host_costs.py [--batch 16] [--kv-len 4096] [--steps 32]
 
 Prints medians (us) of: wrapper.plan() (numpy and staged buffers); jax.device_put of
-the plan buffer (to the device and to pinned host memory); the dispatch of a jitted
-step (time until the call returns, nothing blocked) with the plan as a host numpy
-array, as a device array and in pinned host memory (copied to the device inside the
-step); and serving loops of fresh plans + steps, per step in the steady state (a loop
-of 2n steps minus a loop of n, so the loop's fill and final sync cancel), beside the
-loop with one device plan (~ the step's device time), including the wrapper's own
-staged plans (plan_staging.py). A diagnostic for docs/PERF_NOTES.md, not part of the
-benchmark.
+the plan buffer; the dispatch of a jitted step (time until the call returns, nothing
+blocked) with the plan as a host numpy array, as a device array and staged in a mapped
+host slot (plan_staging.py); the device time per op of a 32-op chain reading a device
+plan and a staged one (the setup pass copies a staged plan before the attention reads
+it); and serving loops of fresh plans + steps, per step in the steady state (a loop of
+2n steps minus a loop of n, so the loop's fill and final sync cancel), with the host's
+time per step split into making the plan and dispatching the step. The loop with one
+device plan is about the step's device time. A diagnostic for docs/PERF_NOTES.md, not
+part of the benchmark. Set JAX_PAGEDATTN_COMMAND_BUFFERS=1 to compare the handlers
+that XLA may record into CUDA graphs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import jax
 import numpy as np
 
 import jax_pagedattn as jpa
+from jax_pagedattn import bench_timing as timing
 from jax_pagedattn import bench_workloads as wl
 from jax_pagedattn import planning
 
@@ -48,98 +51,87 @@ def main():
   s = sets[0]
   cache, q = wl.make_device_inputs(w, pool, 0)
   dev = jax.devices()[0]
-  wrapper = jpa.BatchDecodeWithPagedKVCacheWrapper(kv_layout="NHD", use_tensor_cores=True,
-                                                   plan_staging=False)
-  pinned = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
+  wrappers = {staging: jpa.BatchDecodeWithPagedKVCacheWrapper(
+      kv_layout="NHD", use_tensor_cores=True, plan_staging=staging) for staging in (False, None)}
 
-  def plan():
-    return wrapper.plan(s.kv_indptr, s.kv_indices, s.kv_last_page_len, 32, 8, 128, 16,
-                        q_data_type="bfloat16")
+  def planner(staging):
+    return lambda: wrappers[staging].plan(s.kv_indptr, s.kv_indices, s.kv_last_page_len, 32,
+                                          8, 128, 16, q_data_type="bfloat16")
 
-  p0 = plan()
+  numpy_plan, staged_plan = planner(False), planner(None)
+  p0 = numpy_plan()
   print(f"plan buffer: {p0.buffer.nbytes} bytes, caps {p0.config.caps}")
-  # run() copies a plan in pinned host memory to the device inside the step (an XLA copy
-  # on the step's stream) instead of the dispatch moving a numpy argument.
-  step = jax.jit(lambda q, cache, p: wrapper.run(q, cache, plan=p))
+  # Both wrappers run a plan of either kind: the config says how to read it.
+  run = wrappers[None].run
+  step = jax.jit(lambda q, cache, p: run(q, cache, plan=p))
   out = {}
-  out["plan()"] = median_us(plan)
-  out["device_put(buffer, device) returns"] = median_us(lambda: jax.device_put(p0.buffer, dev))
-  out["device_put(buffer, device) ready"] = median_us(
-      lambda: jax.block_until_ready(jax.device_put(p0.buffer, dev)))
-  out["device_put(buffer, pinned_host) returns"] = median_us(
-      lambda: jax.device_put(p0.buffer, pinned))
-  out["device_put(buffer, pinned_host) ready"] = median_us(
-      lambda: jax.block_until_ready(jax.device_put(p0.buffer, pinned)))
-  one = np.ones(1, np.int32)
-  tiny = jax.jit(lambda x, y: x)
-  out["jit dispatch, one int32 numpy arg"] = median_us(lambda: tiny(q, one))
-  one_on_device = jax.device_put(one, dev)
-  out["jit dispatch, one int32 device arg"] = median_us(lambda: tiny(q, one_on_device))
-  dev_plan = planning.Plan(jax.device_put(p0.buffer, dev), p0.config)
-  pin_plan = planning.Plan(jax.device_put(p0.buffer, pinned), p0.config)
-  variants = {"numpy plan": p0, "device plan": dev_plan,
-              "pinned_host plan, copied in the step": pin_plan}
-  for name, pl in variants.items():
-    try:
-      jax.block_until_ready(step(q, cache, pl))
-      out[f"step dispatch, {name}"] = median_us(lambda: step(q, cache, pl), n=50)
-      jax.block_until_ready(step(q, cache, pl))
-      out[f"step blocked, {name}"] = median_us(
-          lambda: jax.block_until_ready(step(q, cache, pl)), n=50)
-    except Exception as e:  # noqa: BLE001
-      print(f"{name}: {type(e).__name__}: {str(e)[:300]}")
-
-  # The wrapper's own staging (plan_staging.py): plans written in place into pinned
-  # host slots reused once the device acknowledges (the default on a GPU).
-  staged = jpa.BatchDecodeWithPagedKVCacheWrapper(kv_layout="NHD", use_tensor_cores=True)
-
-  def staged_plan():
-    return staged.plan(s.kv_indptr, s.kv_indices, s.kv_last_page_len, 32, 8, 128, 16,
-                       q_data_type="bfloat16")
-
+  out["plan(), numpy buffer"] = median_us(numpy_plan)
   out["plan(), staged"] = median_us(staged_plan)
+  out["device_put(buffer) returns"] = median_us(lambda: jax.device_put(p0.buffer, dev))
+  out["device_put(buffer) ready"] = median_us(
+      lambda: jax.block_until_ready(jax.device_put(p0.buffer, dev)))
+  tiny = jax.jit(lambda x, y: x)
+  one = jax.device_put(np.ones(1, np.int32), dev)
+  out["jit dispatch, two device args, trivial"] = median_us(lambda: tiny(q, one))
+  dev_plan = planning.Plan(jax.device_put(p0.buffer, dev), p0.config)
+  staged0 = staged_plan()
+  variants = {"numpy plan": p0, "device plan": dev_plan, "staged plan": staged0}
+  for name, pl in variants.items():
+    jax.block_until_ready(step(q, cache, pl))
+    out[f"step dispatch, {name}"] = median_us(lambda: step(q, cache, pl), n=50)
+    jax.block_until_ready(step(q, cache, pl))
 
-  def moved(sharding):
-    return lambda: (lambda pl: planning.Plan(jax.device_put(pl.buffer, sharding),
-                                             pl.config))(plan())
+  def chain(q, cache, p):
+    for _ in range(32):
+      q = run(q, cache, plan=p)
+    return q
 
-  # One step serves every transport: both wrappers plan for the same layout.
+  chained = jax.jit(chain)
+  cfg = timing.TimingConfig(reps=7, inner=32)
+  for name, pl in (("device plan", dev_plan), ("staged plan", staged0),
+                   ("staged plan moved to the device", planning.Plan(
+                       jax.device_put(np.asarray(staged0.buffer), dev), staged0.config))):
+    t = timing.time_jax_chain(chained, q, (cache, pl), ops_per_call=32, cfg=cfg)
+    out[f"device time per op, 32-op chain, {name}"] = 1e6 * t.median_s
+  del staged0
+
   loops = {
       "one device plan (~ device time)": lambda: dev_plan,
-      "fresh numpy plans": plan,
-      "fresh plans, device_put to device": moved(dev),
-      "fresh plans, device_put to pinned_host": moved(pinned),
+      "fresh numpy plans": numpy_plan,
+      "fresh plans, device_put": lambda: (lambda pl: planning.Plan(
+          jax.device_put(pl.buffer, dev), pl.config))(numpy_plan()),
       "fresh staged plans (plan_staging)": staged_plan,
   }
 
-  def loop(make, n):
+  def loop(make, n, split):
     x = q
     t0 = time.perf_counter()
     for _ in range(n):
-      x = step(x, cache, make())
-    t1 = time.perf_counter()
+      a = time.perf_counter()
+      p = make()
+      b = time.perf_counter()
+      x = step(x, cache, p)
+      split[0].append(b - a)
+      split[1].append(time.perf_counter() - b)
     jax.block_until_ready(x)
-    return t1 - t0, time.perf_counter() - t0
+    return time.perf_counter() - t0
 
   for tag, make in loops.items():
-    try:
-      loop(make, args.steps)
-      issue, short, long = [], [], []
-      for _ in range(7):
-        a = loop(make, args.steps)
-        b = loop(make, 2 * args.steps)
-        issue.append(b[0] / (2 * args.steps))
-        short.append(a[1])
-        long.append(b[1])
-    except Exception as e:  # noqa: BLE001
-      print(f"loop {tag}: {type(e).__name__}: {str(e)[:300]}")
-      continue
-    out[f"loop, {tag}: host issue per step"] = 1e6 * statistics.median(issue)
-    out[f"loop, {tag}: per step, whole loop"] = 1e6 * statistics.median(long) / (2 * args.steps)
-    out[f"loop, {tag}: per step, steady state"] = 1e6 * statistics.median(
-        [(b - a) / args.steps for a, b in zip(short, long)])
-  rings = list(staged._rings.values())
-  if rings and rings[0] is not None:
+    split = ([], [])
+    loop(make, args.steps, split)
+    split = ([], [])
+    steady, whole = [], []
+    for _ in range(7):
+      a = loop(make, args.steps, split)
+      b = loop(make, 2 * args.steps, split)
+      steady.append((b - a) / args.steps)
+      whole.append(b / (2 * args.steps))
+    out[f"loop, {tag}: per step, steady state"] = 1e6 * statistics.median(steady)
+    out[f"loop, {tag}: per step, whole loop"] = 1e6 * statistics.median(whole)
+    out[f"loop, {tag}: host, making the plan"] = 1e6 * statistics.median(split[0])
+    out[f"loop, {tag}: host, dispatching the step"] = 1e6 * statistics.median(split[1])
+  rings = [r for r in wrappers[None]._rings.values() if r is not None]
+  if rings:
     out["staged ring: slots after the loops"] = rings[0].num_slots
   print(f"host costs, decode {args.batch} x {args.kv_len} on {dev.device_kind} (us):")
   for k, v in out.items():

@@ -1,4 +1,4 @@
-"""Plans staged in pinned host slots (plan_staging.py): slots are reused only once no
+"""Plans staged in reused host slots (plan_staging.py): slots are reused only once no
 step can read them, and staged plans give the same results as host numpy plans."""
 
 from __future__ import annotations
@@ -257,18 +257,43 @@ def _check(results):
 
 @pytest.mark.parametrize("jit", [True, False])
 def test_staged_plans_run_on_the_cpu_with_a_fake_board(monkeypatch, rng, jit):
-  """The plumbing (pinned host buffers, the copy inside the step, eager runs) on the
-  CPU backend, which has pinned host memory too. Nothing acknowledges here, so the ring
-  drains at its soft limit; the CPU client may run independent computations at once, so
-  each step is waited for (the ordering argument is the GPU stream's)."""
+  """The plumbing (slots rewritten in place under JAX arrays that alias them, eager
+  runs) on the CPU backend. Nothing acknowledges here, so the ring drains at its soft
+  limit; the CPU client may run independent computations at once, so each step is
+  waited for (the ordering argument is the GPU stream's)."""
   monkeypatch.setattr(plan_staging, "default_board", FakeBoard)
   monkeypatch.setattr(plan_staging, "SOFT_LIMIT_SLOTS", 4)
   w, results = _decode_steps(cpu(), rng, True, steps=20, jit=jit, sync=True)
   _check(results)
   plan = w.last_plan
-  assert plan.buffer.sharding.memory_kind == "pinned_host"
+  assert isinstance(plan.buffer, jax.Array) and not plan.config.plan_mapped
+  assert plan.buffer.unsafe_buffer_pointer() == w._host["view"].ctypes.data
   (ring,) = w._rings.values()
   assert ring.num_slots == 4
+
+
+def test_a_mapped_plan_config_sizes_the_workspace_the_handlers_check(rng):
+  """plan_mapped adds the plan's device copy to the workspace (params.h's formula); the
+  CPU handler checks that size and reads the plan in place, so the results match."""
+  import dataclasses
+  dtype = "f16"
+  hq, hk, d, ps = 4, 2, 64, 8
+  k, v = random_cache(rng, 24, ps, hk, d, dtype)
+  cache = put(cache_in_form(k, v, dtype, "NHD", "5d"), cpu())
+  table = page_table(rng, [1, 17, 40], ps, spare_pages=0)
+  with jax.default_device(cpu()):
+    w = jpa.BatchDecodeWithPagedKVCacheWrapper(kv_layout="NHD", plan_staging=False)
+    plan = w.plan(table.indptr, table.indices, table.last_page_len, hq, hk, d, ps,
+                  q_data_type="float16")
+    mapped = planning.Plan(plan.buffer, dataclasses.replace(plan.config, plan_mapped=True))
+    extra = mapped.config.workspace_bytes - plan.config.workspace_bytes
+    assert 4 * planning.plan_sections(plan.config.caps)["size"] <= extra
+    q = put(round_to(rng.standard_normal((3, hq, d), dtype=np.float32), DTYPES[dtype])
+            .astype(np.float16), cpu())
+    step = jax.jit(lambda q, cache, p: w.run(q, cache, return_lse=True, plan=p))
+    a, b = step(q, cache, plan), step(q, cache, mapped)
+  np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+  np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
 
 
 def test_plan_staging_true_without_a_board_is_an_error(monkeypatch):
@@ -301,7 +326,9 @@ def test_staged_plans_on_the_gpu_are_acknowledged_and_right(rng):
     pytest.skip(f"no gpu backend: {e}")
   w, results = _decode_steps(device, rng, None, steps=40)
   plan = w.last_plan
-  assert plan.buffer.sharding.memory_kind == "pinned_host", "GPU plans are staged by default"
+  assert plan.config.plan_mapped, "GPU plans are staged in mapped slots by default"
+  assert plan.buffer.sharding.memory_kind == "device"
+  assert plan.buffer.unsafe_buffer_pointer() == w._host["view"].ctypes.data
   _check(results)
   (ring,) = w._rings.values()
   assert ring.num_slots < 8, f"{ring.num_slots} slots: the device did not acknowledge"
@@ -310,3 +337,41 @@ def test_staged_plans_on_the_gpu_are_acknowledged_and_right(rng):
   last = (int(view[meta_at + 5]) & 0xFFFFFFFF) | (int(view[meta_at + 6]) << 32)
   from jax_pagedattn import _C
   assert _C.plan_ack_read(ring.entry) == last
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tensor_cores", [False, True])
+def test_a_mapped_plan_reads_the_same_from_either_memory(rng, tensor_cores):
+  """One staged plan three ways: in its mapped slot (copied by the setup pass), moved
+  to device memory under the same config (the copy reads device memory), and moved with
+  plan_mapped off (read in place): bit-identical outputs, and right."""
+  import dataclasses
+  try:
+    device = jax.devices("gpu")[0]
+  except RuntimeError as e:
+    pytest.skip(f"no gpu backend: {e}")
+  dtype = "bf16"
+  hq, hk, d, ps = 8, 2, 128, 16
+  k, v = random_cache(rng, 64, ps, hk, d, dtype)
+  cache = put(cache_in_form(k, v, dtype, "NHD", "5d"), device)
+  table = page_table(rng, [1, 16, 17, 300, 0, 129], ps, spare_pages=0)
+  with jax.default_device(device):
+    w = jpa.BatchDecodeWithPagedKVCacheWrapper(kv_layout="NHD", use_tensor_cores=tensor_cores,
+                                               max_batch_size=8)
+    staged = w.plan(table.indptr, table.indices, table.last_page_len, hq, hk, d, ps,
+                    q_data_type="bfloat16")
+    assert staged.config.plan_mapped
+    host = np.asarray(staged.buffer)
+    moved = planning.Plan(jax.device_put(host, device), staged.config)
+    plain = planning.Plan(jax.device_put(host, device),
+                          dataclasses.replace(staged.config, plan_mapped=False))
+    q32 = round_to(rng.standard_normal((6, hq, d), dtype=np.float32), DTYPES[dtype])
+    q = put(q32.astype(DTYPES[dtype]), device)
+    step = jax.jit(lambda q, cache, p: w.run(q, cache, return_lse=True, plan=p))
+    outs = [jax.block_until_ready(step(q, cache, p)) for p in (staged, moved, plain)]
+  for out, lse in outs[1:]:
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(outs[0][0], np.float32))
+    np.testing.assert_array_equal(np.asarray(lse), np.asarray(outs[0][1]))
+  table.num_pages = 64
+  ref_out, ref_lse = oracle(q32, k, v, np.arange(7), table)
+  assert_attention_close(outs[0][0], outs[0][1], ref_out, ref_lse, dtype, what="staged")

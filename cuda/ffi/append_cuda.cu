@@ -75,16 +75,15 @@ ffi::Error AppendKvCuda(cudaStream_t stream, ffi::AnyBuffer new_k, ffi::AnyBuffe
 
 // The bindings: stream context, ffi_common.h's inputs, the cache operand(s), the aliased
 // cache result(s), then the attributes.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
+JPA_DEFINE_CUDA_HANDLERS(
     JaxPagedAttnAppendCuda, jax_pagedattn::AppendCuda,
     jax_pagedattn::BindAppendAttrs(
         jax_pagedattn::BindAppendInputs(
             xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>())
             .Arg<xla::ffi::AnyBuffer>()   // cache
-            .Ret<xla::ffi::AnyBuffer>()),  // cache (aliased)
-    {xla::ffi::Traits::kCmdBufferCompatible});
+            .Ret<xla::ffi::AnyBuffer>()));  // cache (aliased)
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
+JPA_DEFINE_CUDA_HANDLERS(
     JaxPagedAttnAppendKvCuda, jax_pagedattn::AppendKvCuda,
     jax_pagedattn::BindAppendAttrs(
         jax_pagedattn::BindAppendInputs(
@@ -92,5 +91,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
             .Arg<xla::ffi::AnyBuffer>()   // k_cache
             .Arg<xla::ffi::AnyBuffer>()   // v_cache
             .Ret<xla::ffi::AnyBuffer>()   // k_cache (aliased)
-            .Ret<xla::ffi::AnyBuffer>()),  // v_cache (aliased)
-    {xla::ffi::Traits::kCmdBufferCompatible});
+            .Ret<xla::ffi::AnyBuffer>()));  // v_cache (aliased)

@@ -4,7 +4,7 @@
 // GPU kernels need beyond the shared checks, then launch the setup pass and the
 // attention pass (which merges its own split partials) on XLA's stream. No allocation,
 // no host reads of device memory, no stream queries: the same launches for the same
-// shapes, as kCmdBufferCompatible promises.
+// shapes, as kCmdBufferCompatible promises (handlers.h registers both kinds).
 #include <cuda_runtime.h>
 
 #include <string>
@@ -52,6 +52,7 @@ ffi::Error SetupThenAttention(cudaStream_t stream, JPA_ATTENTION_HANDLER_ARGS, c
   err = CheckGpuParams(p);
   if (err.failure()) return err;
   p.plan_acks = PlanAckBoardDevice();
+  if (plan_mapped) UseDevicePlanCopy(&p, plan, workspace);
   cudaError_t cu = LaunchMergeSetup(p, stream);
   if (cu != cudaSuccess) return LaunchError("merge setup kernel", cu);
   cu = kAttention(p, stream);
@@ -80,14 +81,12 @@ const char* AttentionCtasPerSm(bool tensor_cores, DType dtype, int32_t head_dim,
 }  // namespace jax_pagedattn
 
 // The bindings: stream context, then ffi_common.h's operand list.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
+JPA_DEFINE_CUDA_HANDLERS(
     JaxPagedAttnDecodeCuda, jax_pagedattn::DecodeCuda,
     jax_pagedattn::BindAttention(
-        xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
-    {xla::ffi::Traits::kCmdBufferCompatible});
+        xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
+JPA_DEFINE_CUDA_HANDLERS(
     JaxPagedAttnPrefillCuda, jax_pagedattn::PrefillCuda,
     jax_pagedattn::BindAttention(
-        xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
-    {xla::ffi::Traits::kCmdBufferCompatible});
+        xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()));

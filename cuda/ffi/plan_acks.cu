@@ -64,4 +64,26 @@ uint64_t ReadPlanAck(int32_t entry) {
 
 uint64_t* PlanAckBoardDevice() { return board_device.load(std::memory_order_acquire); }
 
+void* AllocateMappedPlanSlot(size_t bytes) {
+  void* host = nullptr;
+  if (cudaHostAlloc(&host, bytes, cudaHostAllocMapped | cudaHostAllocPortable) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  // JAX imports the slot as a device array at this address, so it must be the one the
+  // device uses (always so with unified addressing, which every supported GPU has).
+  void* device = nullptr;
+  if (cudaHostGetDevicePointer(&device, host, 0) != cudaSuccess || device != host) {
+    cudaGetLastError();
+    cudaFreeHost(host);
+    return nullptr;
+  }
+  std::memset(host, 0, bytes);
+  return host;
+}
+
+void FreeMappedPlanSlot(void* slot) {
+  if (slot != nullptr && cudaFreeHost(slot) != cudaSuccess) cudaGetLastError();
+}
+
 }  // namespace jax_pagedattn

@@ -543,6 +543,8 @@ template <typename T, int D, int R>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<R>)
     DecodeKernel(const __grid_constant__ AttentionParams p) {
   extern __shared__ uint4 smem_u4[];
+  // A mapped plan is read from the setup pass's device copy: wait for that first.
+  if (p.plan_source != nullptr) WaitForPrimaryGrid();
   const int bin = blockIdx.x;
   const int begin = max(p.bin_indptr[bin], 0);
   const int end = min(p.bin_indptr[bin + 1], p.layout.work_cap);

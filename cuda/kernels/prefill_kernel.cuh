@@ -625,6 +625,8 @@ __global__ void __launch_bounds__(PrefillCfg<D, TILE_ROWS, STAGES>::kThreads)
   // base can be rounded up whatever the runtime reserved in front of it.
   extern __shared__ __align__(128) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((128u - (SmemAddr(smem_raw) & 127u)) & 127u);
+  // A mapped plan is read from the setup pass's device copy: wait for that first.
+  if (p.plan_source != nullptr) WaitForPrimaryGrid();
   const int bin = blockIdx.x;
   const int begin = max(p.bin_indptr[bin], 0);
   const int end = min(p.bin_indptr[bin + 1], p.layout.work_cap);

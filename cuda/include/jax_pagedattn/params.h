@@ -105,13 +105,40 @@ struct AttentionParams {
   // The plan acknowledgement board (plan_acks.h) as the device sees it, or nullptr: the
   // setup pass stores the plan's ticket in its entry. GPU only; the CPU ignores it.
   uint64_t* plan_acks;
+
+  // A staged plan lives in mapped host memory (plan_acks.h): reading it over the bus
+  // tile by tile would slow the attention pass more than twofold, so the setup pass
+  // copies it once into plan_copy (workspace) and the section pointers above point
+  // there. nullptr: the plan operand is in device memory and is read in place. GPU only.
+  const int32_t* plan_source;
+  int32_t* plan_copy;
 };
+
+// Points the plan section pointers of `p` into a plan buffer at `base`.
+inline void PointPlanSections(AttentionParams* p, const int32_t* base) {
+  const PlanLayout& L = p->layout;
+  p->work = base + L.work();
+  p->meta = base + L.meta();
+  p->bin_indptr = base + L.bin_indptr();
+  p->qo_indptr = base + L.qo_indptr();
+  p->kv_indptr = base + L.kv_indptr();
+  p->kv_last_page_len = base + L.kv_last_page_len();
+  p->merge_indptr = base + L.merge_indptr();
+  p->kv_indices = base + L.kv_indices();
+}
 
 // Workspace bytes of one call: the split-KV partials, then the merge counters.
 inline int64_t WorkspaceBytes(int32_t partial_rows_cap, int32_t num_qo_heads, int32_t head_dim,
                               int32_t token_cap, int32_t num_kv_heads) {
   return int64_t(partial_rows_cap) * num_qo_heads * (head_dim + 1) * 4 +
          int64_t(token_cap) * num_kv_heads * 4;
+}
+
+// A mapped plan's device copy follows at the next 256-byte boundary (its work items are
+// read as 16-byte vectors); `workspace_bytes` is WorkspaceBytes(...).
+inline int64_t PlanCopyOffset(int64_t workspace_bytes) { return (workspace_bytes + 255) / 256 * 256; }
+inline int64_t WorkspaceBytesWithPlanCopy(int64_t workspace_bytes, const PlanLayout& layout) {
+  return PlanCopyOffset(workspace_bytes) + layout.size() * 4;
 }
 
 // ALiBi slope of query head h among n heads (the standard geometric sequence, with the
