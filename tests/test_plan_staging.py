@@ -3,6 +3,7 @@ step can read them, and staged plans give the same results as host numpy plans."
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 
 import jax
@@ -275,7 +276,6 @@ def test_staged_plans_run_on_the_cpu_with_a_fake_board(monkeypatch, rng, jit):
 def test_a_mapped_plan_config_sizes_the_workspace_the_handlers_check(rng):
   """plan_mapped adds the plan's device copy to the workspace (params.h's formula); the
   CPU handler checks that size and reads the plan in place, so the results match."""
-  import dataclasses
   dtype = "f16"
   hq, hk, d, ps = 4, 2, 64, 8
   k, v = random_cache(rng, 24, ps, hk, d, dtype)
@@ -345,7 +345,6 @@ def test_a_mapped_plan_reads_the_same_from_either_memory(rng, tensor_cores):
   """One staged plan three ways: in its mapped slot (copied by the setup pass), moved
   to device memory under the same config (the copy reads device memory), and moved with
   plan_mapped off (read in place): bit-identical outputs, and right."""
-  import dataclasses
   try:
     device = jax.devices("gpu")[0]
   except RuntimeError as e:
