@@ -15,7 +15,6 @@
 #include <stdexcept>
 
 #include "jax_pagedattn/occupancy.h"
-#include "jax_pagedattn/plan_acks.h"
 #endif
 
 namespace nb = nanobind;
@@ -24,7 +23,8 @@ using namespace jax_pagedattn;
 namespace {
 
 using HostI32 = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
-using OutI32 = nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>;
+// Plans are values: the buffer reaches Python as a read-only numpy array.
+using PlanI32 = nb::ndarray<nb::numpy, const int32_t, nb::ndim<1>>;
 
 template <typename Fn>
 nb::capsule Capsule(Fn* fn) {
@@ -54,15 +54,12 @@ nb::dict Registrations(bool command_buffers) {
   return all;
 }
 
-using SlotI32 = nb::ndarray<int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
-
-// Plans into `out` when given (a staged slot, plan_staging.py), else into a new array.
+// Plans into a new array, which nothing writes again.
 nb::object Plan(nb::object qo_indptr, HostI32 kv_indptr, HostI32 kv_indices,
                 HostI32 kv_last_page_len, int32_t page_size, int32_t group_size,
                 int32_t num_kv_heads, int32_t tile_rows, bool causal, int32_t num_pages,
                 int32_t batch_cap, int32_t token_cap, int32_t page_cap, int32_t work_cap,
-                int32_t partial_rows_cap, int32_t bin_cap, bool decode_names, nb::object out,
-                uint64_t ticket, int32_t ack_entry) {
+                int32_t partial_rows_cap, int32_t bin_cap, bool decode_names) {
   PlanRequest req{};
   HostI32 qo;
   if (!qo_indptr.is_none()) {
@@ -88,48 +85,17 @@ nb::object Plan(nb::object qo_indptr, HostI32 kv_indptr, HostI32 kv_indices,
     req.name_kv_indices = "indices";
     req.name_kv_last_page_len = "last_page_len";
   }
-  req.ticket = ticket;
-  req.ack_entry = ack_entry;
   const PlanLayout layout{batch_cap, token_cap, page_cap, work_cap, bin_cap};
   const size_t n = size_t(layout.size());
-  std::unique_ptr<int32_t[]> buf;
-  int32_t* dst;
-  if (!out.is_none()) {
-    SlotI32 slot = nb::cast<SlotI32>(out);
-    if (slot.shape(0) != n) throw nb::value_error("plan: out has the wrong size for these capacities");
-    dst = slot.data();
-  } else {
-    buf.reset(new int32_t[n]);
-    dst = buf.get();
-  }
+  std::unique_ptr<int32_t[]> buf(new int32_t[n]);
   {
     nb::gil_scoped_release release;
-    PlanBatch(req, dst);
+    PlanBatch(req, buf.get());
   }
-  if (!buf) return out;
   int32_t* data = buf.release();
   nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<int32_t*>(p); });
-  return nb::cast(OutI32(data, {n}, owner));
+  return nb::cast(PlanI32(data, {n}, owner));
 }
-
-#ifdef JAX_PAGEDATTN_WITH_CUDA
-// One staged plan slot of `size` int32 in mapped host memory (plan_acks.h): a numpy
-// array to write plans into, and the same memory as a CUDA array of device
-// `device_ordinal` for jax.dlpack.from_dlpack. The memory lives while either does.
-nb::tuple MappedPlanSlot(int64_t size, int32_t device_ordinal) {
-  if (size <= 0) throw nb::value_error("mapped_plan_slot: size must be positive");
-  void* slot = AllocateMappedPlanSlot(size_t(size) * sizeof(int32_t));
-  if (slot == nullptr)
-    throw std::runtime_error("jax_pagedattn: cannot allocate mapped page-locked host memory");
-  nb::capsule owner(slot, [](void* p) noexcept { FreeMappedPlanSlot(p); });
-  const size_t shape[1] = {size_t(size)};
-  nb::ndarray<nb::numpy, int32_t, nb::ndim<1>> host(slot, 1, shape, owner);
-  nb::ndarray<nb::array_api, int32_t, nb::ndim<1>> device(
-      slot, 1, shape, owner, nullptr, nb::dtype<int32_t>(), nb::device::cuda::value,
-      device_ordinal);
-  return nb::make_tuple(host, device);
-}
-#endif
 
 nb::dict Layout(int32_t batch_cap, int32_t token_cap, int32_t page_cap, int32_t work_cap,
                 int32_t bin_cap) {
@@ -166,9 +132,8 @@ NB_MODULE(_C, m) {
         nb::arg("num_kv_heads"), nb::arg("tile_rows"), nb::arg("causal"), nb::arg("num_pages"),
         nb::arg("batch_cap"), nb::arg("token_cap"), nb::arg("page_cap"), nb::arg("work_cap"),
         nb::arg("partial_rows_cap"), nb::arg("bin_cap"), nb::arg("decode_names"),
-        nb::arg("out").none() = nb::none(), nb::arg("ticket") = 0, nb::arg("ack_entry") = 0,
-        "Validates a batch and returns its plan buffer (int32, see docs/CONTRACT.md), "
-        "written into `out` when given; ticket and ack_entry go to the meta section.");
+        "Validates a batch and returns its plan buffer: a new read-only int32 array "
+        "(docs/CONTRACT.md).");
   m.def("plan_layout", &Layout, nb::arg("batch_cap"), nb::arg("token_cap"), nb::arg("page_cap"),
         nb::arg("work_cap"), nb::arg("bin_cap"),
         "{section: (offset, length)} of the plan buffer, and its size.");
@@ -198,14 +163,6 @@ NB_MODULE(_C, m) {
       nb::arg("tensor_cores"), nb::arg("dtype"), nb::arg("head_dim"), nb::arg("tile_rows"),
       "CTAs of the attention kernel for this configuration one SM of the current device "
       "holds at once (the CUDA occupancy calculator).");
-  m.def("plan_ack_acquire", &AcquirePlanAckEntry,
-        "Takes an entry of the plan acknowledgement board (plan_acks.h): its index + 1, "
-        "or 0 when no mapped host memory is available.");
-  m.def("plan_ack_release", &ReleasePlanAckEntry, nb::arg("entry"));
-  m.def("plan_ack_read", &ReadPlanAck, nb::arg("entry"),
-        "The last ticket the device stored in the entry (0: none yet).");
-  m.def("mapped_plan_slot", &MappedPlanSlot, nb::arg("size"), nb::arg("device_ordinal"),
-        "(numpy int32[size], CUDA DLPack array) views of one new slot of mapped host memory.");
 #endif
   m.attr("WORK_FIELDS") = int(kWorkFields);
   m.attr("HAS_CUDA") =

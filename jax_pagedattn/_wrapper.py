@@ -2,12 +2,46 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
+import numbers
 
 import jax
 
 from jax_pagedattn import layout as layout_lib
-from jax_pagedattn import _C, plan_staging, planning
+from jax_pagedattn import _C, planning
+
+
+@dataclasses.dataclass
+class _LastPlan:
+  """The wrapper's last plan with the host facts an eager run() checks, replaced as one
+  object by each plan() (so a run() never pairs one plan with another's facts)."""
+
+  plan: planning.Plan
+  num_tokens: int
+  num_indices: int
+  names: tuple
+  device_buffer: object = None  # (device, the buffer's copy there), by the first eager run()
+
+
+def workspace_bytes_of(workspace, name: str = "workspace") -> int | None:
+  """Bytes of a workspace given as a size or as FlashInfer's float_workspace_buffer (any
+  array: only its size is used; XLA allocates the workspace each call)."""
+  if workspace is None:
+    return None
+  if isinstance(workspace, numbers.Integral) and not isinstance(workspace, bool):
+    n = int(workspace)
+  elif hasattr(workspace, "nbytes"):
+    n = int(workspace.nbytes)
+  elif hasattr(workspace, "shape") and hasattr(workspace, "dtype"):
+    n = math.prod(workspace.shape) * int(getattr(workspace.dtype, "itemsize", 1))
+  else:
+    raise TypeError(f"{name} must be a size in bytes or a workspace buffer (an array), "
+                    f"got {type(workspace).__name__}")
+  if n <= 0:
+    raise ValueError(f"{name} must hold a positive number of bytes, got {n}")
+  return n
 
 
 class PagedAttentionWrapper:
@@ -17,24 +51,17 @@ class PagedAttentionWrapper:
 
   _decode: bool  # set by subclasses
 
-  def __init__(self, workspace_size: int, kv_layout: str, max_batch_size, max_num_pages,
-               max_num_tokens, plan_staging):
+  def __init__(self, workspace, kv_layout: str, max_batch_size, max_num_pages,
+               max_num_tokens):
     self._kv_layout = layout_lib.check_kv_layout(kv_layout)
-    if workspace_size is not None and workspace_size <= 0:
-      raise ValueError(f"workspace_size must be positive, got {workspace_size}")
-    self._workspace_size = workspace_size
+    self._workspace_size = workspace_bytes_of(workspace, "float_workspace_buffer")
     self._fixed = dict(batch=max_batch_size, pages=max_num_pages, tokens=max_num_tokens)
     for name, value in (("max_batch_size", max_batch_size), ("max_num_pages", max_num_pages),
                         ("max_num_tokens", max_num_tokens)):
       if value is not None and value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     self._caps_base = None  # (batch, tokens, pages) fixed by the first plan
-    self._plan = None
-    self._host = None  # host facts of the last plan for eager checks
-    if plan_staging not in (None, True, False):
-      raise TypeError(f"plan_staging must be None, True or False, got {plan_staging!r}")
-    self._plan_staging = plan_staging
-    self._rings = {}  # (buffer size, device) -> PlanRing or None (staging not available)
+    self._last = None  # _LastPlan
     self._statics = {}  # plan()'s static arguments -> _derive_static's result
 
   @property
@@ -43,7 +70,8 @@ class PagedAttentionWrapper:
 
   @property
   def last_plan(self):
-    return self._plan
+    last = self._last
+    return None if last is None else last.plan
 
   def _base_capacities(self, batch: int, tokens: int, pages: int):
     """Capacities fixed at the first plan (given ones, else rounded up to a power of
@@ -65,13 +93,12 @@ class PagedAttentionWrapper:
     kv_last_page_len = planning.as_host_int32(kv_last_page_len, names[2])
     if qo_indptr is not None:
       qo_indptr = planning.as_host_int32(qo_indptr, "qo_indptr")
-    batch = kv_last_page_len.shape[0]
+    batch = max(kv_indptr.shape[0] - 1, 0)
     tokens = batch if qo_indptr is None else int(qo_indptr[-1]) if qo_indptr.size else 0
     # Everything but the index arrays is the same step after step: derived once per
     # distinct setting (plan() runs every step; its Python is most of its host time).
     key = (num_qo_heads, num_kv_heads, head_dim, page_size, causal, pos_encoding_mode, sm_scale,
-           rope_scale, rope_theta, q_data_type, kv_data_type, target,
-           plan_staging.current_device())
+           rope_scale, rope_theta, q_data_type, kv_data_type, target)
     try:
       static = self._statics.get(key)
     except TypeError:  # an unhashable argument: derive without the memo
@@ -85,27 +112,18 @@ class PagedAttentionWrapper:
           target=target, tile_rows_for=tile_rows_for)
       if key is not None:
         self._statics[key] = static
-    config, ring, planner_args = static
-    arrays = (qo_indptr, kv_indptr, kv_indices, kv_last_page_len)
-    if ring is None:
-      # A host numpy buffer: a jitted step moves it with its other arguments.
-      host_view = _C.plan(*arrays, *planner_args)
-      plan = planning.Plan(host_view, config)
-    else:
-      # Written in place into a mapped host slot that the step reads as a device array.
-      plan, host_view = ring.stage(
-          lambda out, ticket, ack_entry: _C.plan(*arrays, *planner_args, out, ticket, ack_entry),
-          lambda array: planning.Plan(array, config))
-    self._plan = plan
-    self._host = dict(num_tokens=tokens, num_indices=int(kv_indices.shape[0]), names=names,
-                      view=host_view)
+    config, planner_args = static
+    # A new read-only host buffer: a jitted step moves it with its other arguments.
+    buffer = _C.plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, *planner_args)
+    plan = planning.Plan(buffer, config)
+    self._last = _LastPlan(plan, tokens, int(kv_indices.shape[0]), names)
     return plan
 
   def _derive_static(self, batch, tokens, pages, *, num_qo_heads, num_kv_heads, head_dim,
                      page_size, causal, pos_encoding_mode, sm_scale, rope_scale, rope_theta,
                      q_data_type, kv_data_type, target, tile_rows_for):
-    """(PlanConfig, plan ring or None, the planner's arguments after the index arrays)
-    for one setting of plan()'s static arguments; raises on bad ones."""
+    """(PlanConfig, the planner's arguments after the index arrays) for one setting of
+    plan()'s static arguments; raises on bad ones."""
     planning.check_head_config(num_qo_heads, num_kv_heads, head_dim)
     planning.check_pos_encoding(pos_encoding_mode)
     if page_size < 1:
@@ -126,65 +144,71 @@ class PagedAttentionWrapper:
     caps = planning.derive_capacities(b, t, p, group_size=group, tile_rows=tile_rows,
                                       num_kv_heads=num_kv_heads, num_ctas=num_ctas,
                                       partial_rows_limit=limit)
-    ring = self._ring(planning.plan_sections(caps)["size"])
     config = _plan_config(
         target, caps, tile_rows, int(num_qo_heads), int(num_kv_heads), int(head_dim),
         int(page_size), self._kv_layout, bool(causal), pos_encoding_mode,
         planning.default_sm_scale(head_dim, sm_scale),
         1.0 if rope_scale is None else float(rope_scale),
         1e4 if rope_theta is None else float(rope_theta), q_dtype, kv_dtype,
-        ring is not None and ring.mapped)
+        "decode" if self._decode else "prefill")
     planner_args = planning.planner_args(
         page_size=page_size, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
         tile_rows=tile_rows, causal=causal, caps=caps, decode_names=self._decode)
-    return config, ring, planner_args
+    return config, planner_args
 
-  def _ring(self, size: int):
-    """The wrapper's plan ring for buffers of `size` on the current default device (where
-    a step will run), or None when plans stay host numpy arrays (plan_staging=False, or
-    not on a GPU)."""
-    if self._plan_staging is False:
-      return None
-    device = plan_staging.current_device()
-    key = (size, device)
-    if key not in self._rings:
-      self._rings[key] = plan_staging.make_ring(size, device, self._plan_staging is True)
-    return self._rings[key]
-
-  def _max_page(self, plan) -> int:
+  def _max_page(self, last: _LastPlan) -> int:
     """Largest page id of the wrapper's own plan, read from its buffer's page section
     when an eager run() checks it (plan() does not pay for it every step)."""
-    n = self._host["num_indices"]
-    if n == 0:
+    if last.num_indices == 0:
       return -1
-    offset = planning.plan_sections(plan.config.caps)["kv_indices"][0]
-    return int(self._host["view"][offset:offset + n].max())
+    offset = planning.plan_sections(last.plan.config.caps)["kv_indices"][0]
+    return int(last.plan.buffer[offset:offset + last.num_indices].max())
 
   def _run(self, primitive, q, paged_kv_cache, return_lse, plan):
+    last = self._last
     if plan is None:
-      plan = self._plan
-      if plan is None:
+      if last is None:
         raise RuntimeError("run() called before plan(): call plan() first or pass plan=")
+      plan = last.plan
     if not isinstance(plan, planning.Plan):
       raise TypeError(f"plan must be a jax_pagedattn.Plan, got {type(plan).__name__}")
+    kind = "decode" if self._decode else "prefill"
+    if plan.config.wrapper != kind:
+      raise ValueError(f"plan was made by a {plan.config.wrapper} wrapper; this {kind} "
+                       f"wrapper's run() needs a plan from its own kind's plan()")
     info = layout_lib.inspect_cache(paged_kv_cache, plan.config.kv_layout)
     if plan.config.kv_layout != self._kv_layout:
       raise ValueError(f"plan was made for kv_layout={plan.config.kv_layout!r}, this wrapper "
                        f"uses {self._kv_layout!r}")
-    if plan is self._plan and not isinstance(q, jax.core.Tracer):
-      # The eager FlashInfer path: host facts of this very plan are known.
-      if q.shape[0] != self._host["num_tokens"]:
+    buffer = plan.buffer
+    if last is not None and plan is last.plan and not isinstance(q, jax.core.Tracer):
+      # The eager FlashInfer path: host facts of this very plan are known, and its
+      # buffer goes to the device once, however many layers run() it.
+      if q.shape[0] != last.num_tokens:
         want = "batch_size" if self._decode else "qo_indptr[-1]"
         raise ValueError(f"q has {q.shape[0]} rows but the plan has {want} = "
-                         f"{self._host['num_tokens']} query tokens")
-      max_page = self._max_page(plan)
+                         f"{last.num_tokens} query tokens")
+      max_page = self._max_page(last)
       if max_page >= info.num_pages:
-        raise ValueError(f"{self._host['names'][1]} holds page {max_page}, but "
+        raise ValueError(f"{last.names[1]} holds page {max_page}, but "
                          f"paged_kv_cache has only {info.num_pages} pages")
+      buffer = _eager_buffer(last, q)
     k_op, v_op = layout_lib.cache_operands(paged_kv_cache)
-    out, lse, _ = primitive.bind(q, k_op, v_op, plan.buffer, config=plan.config,
+    out, lse, _ = primitive.bind(q, k_op, v_op, buffer, config=plan.config,
                                  combined=info.combined)
     return (out, lse) if return_lse else out
+
+
+def _eager_buffer(last: _LastPlan, q):
+  """The plan buffer on q's device, copied there once per plan (an eager FlashInfer loop
+  runs one plan for every layer); the host buffer where q is not on one device."""
+  devices = q.devices() if isinstance(q, jax.Array) else ()
+  if len(devices) != 1:
+    return last.plan.buffer
+  device = next(iter(devices))
+  if last.device_buffer is None or last.device_buffer[0] != device:
+    last.device_buffer = (device, jax.device_put(last.plan.buffer, device))
+  return last.device_buffer[1]
 
 
 @functools.lru_cache(maxsize=256)

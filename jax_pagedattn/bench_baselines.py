@@ -160,11 +160,7 @@ def run_ours(case: Case, *, tensor_cores: bool = False) -> dict:
   # run() is (its plan() copies the plan over): passed as host numpy buffers, the plans
   # would be copied on every call of the chain and that copy counted as op time. What
   # moving a fresh plan costs is measured separately below (step_with_plan, loop step).
-  # (A staged plan's buffer is mapped host memory, which the kernels copy before
-  # reading: fetched, put on the device and marked as read in place.)
-  device_plans = tuple(planning.Plan(jax.device_put(np.asarray(p.buffer)),
-                                     dataclasses.replace(p.config, plan_mapped=False))
-                       for p in plans)
+  device_plans = tuple(jax.tree.map(jax.device_put, p) for p in plans)
 
   def step(q, cache, p):
     return wrapper.run(q, cache, plan=p)

@@ -17,24 +17,21 @@ class BatchDecodeWithPagedKVCacheWrapper(PagedAttentionWrapper):
   """Batched decode attention over a paged KV cache (FlashInfer's API, in JAX).
 
   Args:
-    workspace_size: bytes the split-KV partial outputs may use at most (the workspace
-      is allocated by XLA per call, sized from the capacities).
+    workspace_size: bytes the split-KV partial outputs may use at most, or FlashInfer's
+      `float_workspace_buffer` (any array; its size in bytes is taken). The workspace
+      itself is allocated by XLA per call, sized from the capacities.
     kv_layout: "NHD" or "HND".
     use_tensor_cores: run the GQA group as matrix rows through the prefill kernel.
     max_batch_size, max_num_pages: capacities; None fixes them at the first plan()
       (rounded up to a power of two) and keeps them, so later plans reuse compiled steps.
-    plan_staging: write plans into reused slots of mapped host memory that a jitted
-      step reads as device arrays (plan_staging.py); None: on a GPU with the CUDA build,
-      False: host numpy buffers, True: staging or an error.
   """
 
   _decode = True
 
-  def __init__(self, workspace_size: int | None = 128 * 1024 * 1024, kv_layout: str = "NHD",
+  def __init__(self, workspace_size=128 * 1024 * 1024, kv_layout: str = "NHD",
                use_tensor_cores: bool = False, max_batch_size: int | None = None,
-               max_num_pages: int | None = None, plan_staging: bool | None = None):
-    super().__init__(workspace_size, kv_layout, max_batch_size, max_num_pages, None,
-                     plan_staging)
+               max_num_pages: int | None = None):
+    super().__init__(workspace_size, kv_layout, max_batch_size, max_num_pages, None)
     self._use_tensor_cores = bool(use_tensor_cores)
 
   @property
@@ -69,7 +66,9 @@ class BatchDecodeWithPagedKVCacheWrapper(PagedAttentionWrapper):
 
     With return_lse, also returns lse [batch, num_qo_heads] float32 in base 2
     (log2 of the sum of exp2 of the scaled logits), as FlashInfer does. Inside jax.jit
-    pass the plan explicitly; q may then have fewer rows than max_batch_size.
+    pass the plan explicitly; q may then have fewer rows than max_batch_size, but no
+    fewer than the plan's batch_size: jit cannot see the plan's counts, so requests
+    past q's last row are not computed (and q rows past the batch come back 0).
     """
     return self._run(primitives.decode_p, q, paged_kv_cache, return_lse, plan)
 

@@ -34,7 +34,9 @@ def inspect_cache(paged_kv_cache, kv_layout: str, name: str = "paged_kv_cache") 
 
   A combined cache is `[pages, 2, page_size, kv_heads, head_dim]` (NHD) or
   `[pages, 2, kv_heads, page_size, head_dim]` (HND); a tuple holds two 4-D arrays of
-  the same shape without the axis of 2.
+  the same shape without the axis of 2. When page_size == kv_heads the two layouts have
+  the same shape, so a cache in the other layout cannot be told apart here (nor in
+  FlashInfer): `kv_layout` is trusted.
   """
   check_kv_layout(kv_layout)
   if isinstance(paged_kv_cache, (tuple, list)):

@@ -1,8 +1,14 @@
 """Plans: the host planner's output as a pytree that jitted steps take as an argument.
 
-A `Plan` holds one int32 device array (the plan buffer of docs/CONTRACT.md) and static
+A `Plan` holds one int32 array (the plan buffer of docs/CONTRACT.md) and static
 metadata (capacities, head counts, dtypes, tiling). Two plans with equal metadata have
 equal buffer shapes, so a jitted step compiles once for every batch that fits.
+
+Plans are values. `plan()` returns its buffer as a new read-only numpy array that
+nothing writes again, so every copy of it (`jax.device_put` to any device or sharding,
+`addressable_data`, a jit constant, a donated argument) holds that plan for as long as
+it lives. A jitted step moves the buffer to the device once, with its other arguments,
+however many attention ops (layers) read it.
 """
 
 from __future__ import annotations
@@ -60,9 +66,9 @@ class PlanConfig:
   rope_theta: float
   q_dtype: str
   kv_dtype: str
-  # The plan buffer is a staged slot of mapped host memory (plan_staging.py): the GPU
-  # kernels copy it into the workspace before reading it. The CPU reads it in place.
-  plan_mapped: bool = False
+  # "decode" or "prefill": the kind of wrapper that made the plan (a tensor-core decode
+  # plan runs the prefill kernel, but only a decode wrapper's run() takes it).
+  wrapper: str
 
   @property
   def group_size(self) -> int:
@@ -70,19 +76,16 @@ class PlanConfig:
 
   @property
   def workspace_bytes(self) -> int:
-    """Split-KV partial rows, then one int32 merge counter per (token, kv head), then
-    (plan_mapped) the plan's device copy at the next 256-byte boundary (params.h)."""
-    n = (self.caps.partial_rows * partial_row_bytes(self.num_qo_heads, self.head_dim)
-         + self.caps.tokens * self.num_kv_heads * 4)
-    if self.plan_mapped:
-      n = -(-n // 256) * 256 + 4 * plan_sections(self.caps)["size"]
-    return n
+    """Split-KV partial rows, then one int32 merge counter per (token, kv head)
+    (params.h, WorkspaceBytes)."""
+    return (self.caps.partial_rows * partial_row_bytes(self.num_qo_heads, self.head_dim)
+            + self.caps.tokens * self.num_kv_heads * 4)
 
 
 @jax.tree_util.register_pytree_node_class
 class Plan:
-  """A planned batch: `buffer` (the int32 plan buffer, a host numpy array until a jitted
-  step moves it) plus static `config`."""
+  """A planned batch: `buffer` (the int32 plan buffer: a read-only host numpy array
+  from plan(), or any copy of it on a device) plus static `config`."""
 
   def __init__(self, buffer, config: PlanConfig):
     self.buffer = buffer
@@ -102,7 +105,8 @@ class Plan:
 
 
 def canonical_dtype(dtype, name: str) -> str:
-  """'float16' / 'bfloat16' / 'float32' for a dtype given as a string or dtype."""
+  """'float16' / 'bfloat16' / 'float32' for a dtype given as a string, a numpy or JAX
+  dtype, or a torch dtype or its name ('torch.float16', as FlashInfer code passes)."""
   try:
     return _canonical_dtype_cached(dtype, name)
   except TypeError:  # unhashable or not a dtype: the slow path says which
@@ -115,11 +119,23 @@ def _canonical_dtype_cached(dtype, name: str) -> str:
   return _canonical_dtype(dtype, name)
 
 
+# torch dtype names (after 'torch.') and the dtypes they mean; torch is never imported.
+_TORCH_DTYPE_NAMES = {"half": "float16", "bfloat16": "bfloat16", "float16": "float16",
+                      "float": "float32", "float32": "float32"}
+
+
 def _canonical_dtype(dtype, name: str) -> str:
+  text = str(dtype)
+  if text.startswith("torch."):  # a torch dtype, or its name as a string
+    if text[len("torch."):] not in _TORCH_DTYPE_NAMES:
+      raise TypeError(f"{name} must be float16, bfloat16 or float32 (torch.float16, "
+                      f"torch.bfloat16, torch.float32 or their numpy/JAX names), got {text}")
+    dtype = _TORCH_DTYPE_NAMES[text[len("torch."):]]
   try:
     d = jnp.dtype(dtype)
   except TypeError as e:
-    raise TypeError(f"{name}: not a dtype: {dtype!r}") from e
+    raise TypeError(f"{name}: not a dtype: {dtype!r}; pass jnp.float16, jnp.bfloat16, "
+                    f"'float16', 'bfloat16' or a torch dtype") from e
   if d.name not in _DTYPES:
     raise TypeError(f"{name} must be float16, bfloat16 or float32, got {d.name}")
   return d.name
@@ -195,9 +211,9 @@ def planner_args(*, page_size, num_qo_heads, num_kv_heads, tile_rows, causal,
 
 def plan_host(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, *, page_size, num_qo_heads,
               num_kv_heads, tile_rows, causal, caps: Capacities, num_pages=-1,
-              decode_names=False, out=None, ticket=0, ack_entry=0) -> np.ndarray:
-  """Runs the C++ planner on host arrays; returns the int32 plan buffer (`out` when
-  given: a staged slot, plan_staging.py, with its ticket and board entry).
+              decode_names=False) -> np.ndarray:
+  """Runs the C++ planner on host arrays; returns the int32 plan buffer, a new
+  read-only array.
 
   `qo_indptr=None` plans a decode batch (one query per request). Raises ValueError
   naming the offending argument.
@@ -205,8 +221,7 @@ def plan_host(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, *, page_size, 
   args = planner_args(page_size=page_size, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
                       tile_rows=tile_rows, causal=causal, caps=caps, num_pages=num_pages,
                       decode_names=decode_names)
-  return _C.plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, *args, out, int(ticket),
-                 int(ack_entry))
+  return _C.plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, *args)
 
 
 @functools.lru_cache(maxsize=256)

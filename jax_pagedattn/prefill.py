@@ -16,20 +16,19 @@ class BatchPrefillWithPagedKVCacheWrapper(PagedAttentionWrapper):
   """Batched prefill / append attention over a paged KV cache (FlashInfer's API).
 
   Args:
-    workspace_size: bytes the split-KV partial outputs may use at most.
+    workspace_size: bytes the split-KV partial outputs may use at most, or FlashInfer's
+      `float_workspace_buffer` (its size in bytes is taken).
     kv_layout: "NHD" or "HND".
     max_batch_size, max_num_pages, max_num_tokens: capacities; None fixes each at the
       first plan() (rounded up to a power of two) and keeps it.
-    plan_staging: as for BatchDecodeWithPagedKVCacheWrapper.
   """
 
   _decode = False
 
-  def __init__(self, workspace_size: int | None = 128 * 1024 * 1024, kv_layout: str = "NHD",
+  def __init__(self, workspace_size=128 * 1024 * 1024, kv_layout: str = "NHD",
                max_batch_size: int | None = None, max_num_pages: int | None = None,
-               max_num_tokens: int | None = None, plan_staging: bool | None = None):
-    super().__init__(workspace_size, kv_layout, max_batch_size, max_num_pages, max_num_tokens,
-                     plan_staging)
+               max_num_tokens: int | None = None):
+    super().__init__(workspace_size, kv_layout, max_batch_size, max_num_pages, max_num_tokens)
 
   def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len,
            num_qo_heads: int, num_kv_heads: int, head_dim: int | None = None,
@@ -61,7 +60,8 @@ class BatchPrefillWithPagedKVCacheWrapper(PagedAttentionWrapper):
 
     With return_lse, also lse [tokens, num_qo_heads] float32, base 2. Inside jax.jit
     q may have more rows than qo_indptr[-1] (up to max_num_tokens): those padding rows
-    come back as 0 with lse -inf.
+    come back as 0 with lse -inf. It must not have fewer: jit cannot see the plan's
+    counts, so tokens past q's last row are not computed.
     """
     return self._run(primitives.prefill_p, q, paged_kv_cache, return_lse, plan)
 

@@ -70,8 +70,7 @@ def _ffi_attention_attrs(config: planning.PlanConfig, combined: bool) -> dict:
       sm_scale=f32(c.sm_scale), rope_scale=f32(c.rope_scale), rope_theta=f32(c.rope_theta),
       tile_rows=i32(c.tile_rows), batch_cap=i32(c.caps.batch), token_cap=i32(c.caps.tokens),
       page_cap=i32(c.caps.pages), work_cap=i32(c.caps.work),
-      partial_rows_cap=i32(c.caps.partial_rows), bin_cap=i32(c.caps.bins),
-      plan_mapped=i32(c.plan_mapped))
+      partial_rows_cap=i32(c.caps.partial_rows), bin_cap=i32(c.caps.bins))
 
 
 def _native_attention_lowering(ctx, q, k_cache, v_cache, plan, *, config, combined):
@@ -135,33 +134,12 @@ def _native_append_lowering(ctx, *args, kv_layout, combined):
 
 def _reference_append(new_k, new_v, batch_indices, positions, kv_indices, kv_indptr, *caches,
                       kv_layout, combined):
-  """Scatter with the native kernels' guard: rows outside the pages they own are dropped."""
+  """The jax.numpy oracle's scatter, which skips rows outside the pages they own as the
+  native kernels do."""
   cache = caches[0] if combined else tuple(caches)
-  info = layout_lib.inspect_cache(cache, kv_layout)
-  batch = kv_indptr.shape[0] - 1
-  b = jnp.clip(batch_indices, 0, max(batch - 1, 0))
-  slot_in_request = positions // info.page_size
-  entry = kv_indptr[b] + slot_in_request
-  ok = ((batch_indices >= 0) & (batch_indices < batch) & (positions >= 0)
-        & (entry < kv_indptr[b + 1]))
-  page = kv_indices[jnp.clip(entry, 0, max(kv_indices.shape[0] - 1, 0))]
-  ok &= (page >= 0) & (page < info.num_pages) & (kv_indices.shape[0] > 0)
-  page = jnp.where(ok, page, info.num_pages)  # out of bounds: dropped by the scatter
-  slot = positions % info.page_size
-
-  def put(dst, rows, half):
-    if kv_layout == "NHD":
-      idx = (page, half, slot) if combined else (page, slot)
-    else:
-      idx = (page, half, slice(None), slot) if combined else (page, slice(None), slot)
-    # With HND the advanced indices are split by a slice, so numpy rules move the row
-    # axis to the front: the update is [N, H, D] in both layouts.
-    return dst.at[idx].set(rows.astype(dst.dtype), mode="drop")
-
-  if combined:
-    out = put(put(caches[0], new_k, 0), new_v, 1)
-    return (out,)
-  return put(caches[0], new_k, None), put(caches[1], new_v, None)
+  out = reference.append_paged_kv_cache(new_k, new_v, batch_indices, positions, cache,
+                                        kv_indices, kv_indptr, kv_layout=kv_layout)
+  return (out,) if combined else tuple(out)
 
 
 # ---------------------------------------------------------------------------------------

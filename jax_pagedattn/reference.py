@@ -368,6 +368,10 @@ def batch_attention_masked(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices
   key_ok = key_ok.reshape(-1)
   rk_slot = jnp.repeat(rk_c, page_size)
 
+  # Page ids outside [0, num_pages) are masked, as in the native kernels (the clip only
+  # keeps the gather in bounds; those keys never reach the softmax).
+  page_ok = (kv_indices >= 0) & (kv_indices < num_pages)
+  key_ok = key_ok & jnp.repeat(page_ok, page_size)
   page_ids = jnp.clip(kv_indices.astype(jnp.int32), 0, num_pages - 1)
   k = k_pages[page_ids].reshape(pcap * page_size, num_kv_heads, head_dim)
   v = v_pages[page_ids].reshape(pcap * page_size, num_kv_heads, head_dim)
@@ -431,9 +435,11 @@ def append_paged_kv_cache(append_key, append_value, batch_indices, positions,
   positions[i]``: page ``kv_indices[kv_indptr[b] + p // page_size]``, slot
   ``p % page_size``. Rows whose ``b`` is outside ``[0, B)``, whose page slot falls
   outside the request's ``[kv_indptr[b], kv_indptr[b+1])`` or whose page id is outside
-  ``[0, num_pages)`` are skipped. ``kv_last_page_len`` is accepted for FlashInfer
-  signature compatibility and not needed. Jit-able; the result has the cache's
-  structure (5-D array or ``(k, v)`` tuple) and dtype.
+  ``[0, num_pages)`` are skipped, whatever the index arrays hold (the page slot is
+  compared with the request's page count, so no sum of int32 values can wrap into
+  another request's pages). ``kv_last_page_len`` is accepted for FlashInfer signature
+  compatibility and not needed. Jit-able; the result has the cache's structure (5-D
+  array or ``(k, v)`` tuple) and dtype.
   """
   del kv_last_page_len
   if kv_layout not in ("NHD", "HND"):
@@ -450,10 +456,22 @@ def append_paged_kv_cache(append_key, append_value, batch_indices, positions,
   kv_indptr = jnp.asarray(kv_indptr, jnp.int32)
   kv_indices = jnp.asarray(kv_indices, jnp.int32)
   batch = kv_indptr.shape[0] - 1
+  num_indices = kv_indices.shape[0]
+  if batch < 1 or num_indices == 0:  # no page to write to
+    return paged_kv_cache if combined else tuple(paged_kv_cache)
   b_c = jnp.clip(b, 0, batch - 1)
-  entry = kv_indptr[b_c] + jnp.floor_divide(p, page_size)
-  ok = (b >= 0) & (b < batch) & (p >= 0) & (entry < kv_indptr[b_c + 1])
-  page = kv_indices[jnp.clip(entry, 0, kv_indices.shape[0] - 1)]
+  first, last = kv_indptr[b_c], kv_indptr[b_c + 1]
+  n = jnp.floor_divide(p, page_size)  # >= 0 for the rows that count
+  # The slot first + n must lie in [first, last) and in [0, num_indices), compared
+  # without forming a sum that could wrap: for first >= 0 n is compared with the room
+  # left (an int32 difference of two values in range), for first < 0 the sum of a
+  # negative and a non-negative int32 cannot wrap.
+  end = jnp.clip(jnp.minimum(last, num_indices), 0, num_indices)
+  below = jnp.minimum(first, 0) + n
+  in_table = jnp.where(first >= 0, n < end - jnp.maximum(first, 0), (below >= 0) & (below < end))
+  ok = (b >= 0) & (b < batch) & (p >= 0) & in_table
+  entry = jnp.where(ok, first + n, 0)
+  page = kv_indices[entry]
   ok = ok & (page >= 0) & (page < num_pages)
   # Skipped rows get page id num_pages, out of bounds, and mode="drop" discards them.
   page = jnp.where(ok, page, num_pages)

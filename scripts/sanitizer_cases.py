@@ -1,11 +1,15 @@
 """A small representative set of GPU calls for compute-sanitizer (memcheck, racecheck).
 
 Each case runs once on fresh random data and is checked against the jax.numpy oracle,
-so a sanitizer run also fails on a wrong answer. Kept small: the sanitizers slow
-kernels down by orders of magnitude.
+so a sanitizer run also fails on a wrong answer. Then every attention kernel runs on
+garbage plans and append on positions up to 2^31 - 1 and garbage indices (tests/
+garbage_plans.py): memcheck must see no access outside the buffers, and the calls must
+return. Kept small: the sanitizers slow kernels down by orders of magnitude.
 """
 
 import argparse
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +17,9 @@ import numpy as np
 
 import jax_pagedattn as jpa
 from jax_pagedattn import planning, reference
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import garbage_plans  # noqa: E402
 
 
 def random_batch(rng, batch, max_pages, page_size, num_pages):
@@ -122,7 +129,55 @@ def main():
   got = jpa.append_paged_kv_cache(kn, vn, bi, pos, cache, indices, indptr, last)
   want = on_cpu(reference.append_paged_kv_cache, kn, vn, bi, pos, cache, indices, indptr, last)
   check("append", got, want, tol=0)
+
+  garbage(rng, key, dt, hq, hk, d, rounds=1 if small else 2)
   print("sanitizer cases done")
+
+
+def garbage(rng, key, dt, hq, hk, d, rounds):
+  """Each attention kernel on garbage plans of every kind, then append at extreme
+  positions and with random page tables, all under jit; a valid call after each."""
+  ps, num_pages = 16, 64
+  cache = jax.random.normal(key, (num_pages, 2, ps, hk, d), dt)
+  indptr, indices, last = random_batch(rng, 4, 6, ps, num_pages)
+  kv_len = np.where(np.diff(indptr) > 0, (np.diff(indptr) - 1) * ps + last, 0)
+  qo_indptr = np.concatenate([[0], np.cumsum(np.minimum(kv_len, 9))]).astype(np.int32)
+  for name, w, plan, rows in (
+      ("decode cc", *_decode(indptr, indices, last, hq, hk, d, ps, dt, False)),
+      ("decode tc", *_decode(indptr, indices, last, hq, hk, d, ps, dt, True)),
+      ("prefill", *_prefill(qo_indptr, indptr, indices, last, hq, hk, d, ps, dt))):
+    q = jax.random.normal(jax.random.key(8), (rows, hq, d), dt)
+    step = jax.jit(lambda q, cache, p, w=w: w.run(q, cache, return_lse=True, plan=p))
+    for kind in garbage_plans.KINDS:
+      for _ in range(rounds):
+        out, lse = jax.block_until_ready(step(q, cache, garbage_plans.garbage_plan(plan, rng, kind)))
+        assert out.shape == q.shape and lse.shape == q.shape[:2]
+    jax.block_until_ready(step(q[: rows // 2], cache, plan))  # q shorter than the plan
+    print(f"garbage plans: {name} ({', '.join(garbage_plans.KINDS)}) returned")
+  pages = [int(n) for n in np.diff(indptr)]
+  bi, pos, _ = garbage_plans.extreme_append_rows(pages, ps)
+  kn = jax.random.normal(jax.random.key(9), (len(bi), hk, d), dt)
+  append = jax.jit(jpa.append_paged_kv_cache)
+  got = append(kn, kn, bi, pos, cache, indices, indptr, last)
+  want = on_cpu(reference.append_paged_kv_cache, kn, kn, bi, pos, cache, indices, indptr, last)
+  check("append at positions up to 2^31 - 1", got, want, tol=0)
+  for _ in range(rounds):
+    bad_indptr = rng.choice([0, 3, 7, -2, 2**31 - 1, -(2**31)], size=len(indptr)).astype(np.int32)
+    bad_indices = rng.integers(-3, num_pages + 3, size=len(indices)).astype(np.int32)
+    bad_pos = rng.choice([0, 5, 2**31 - 1, 2**30, -1], size=len(bi)).astype(np.int32)
+    jax.block_until_ready(append(kn, kn, bi, bad_pos, cache, bad_indices, bad_indptr, last))
+  print("garbage append indices returned")
+
+
+def _decode(indptr, indices, last, hq, hk, d, ps, dt, tc):
+  w = jpa.BatchDecodeWithPagedKVCacheWrapper(use_tensor_cores=tc)
+  return w, w.plan(indptr, indices, last, hq, hk, d, ps, q_data_type=dt), len(last)
+
+
+def _prefill(qo_indptr, indptr, indices, last, hq, hk, d, ps, dt):
+  w = jpa.BatchPrefillWithPagedKVCacheWrapper()
+  plan = w.plan(qo_indptr, indptr, indices, last, hq, hk, d, ps, causal=True, q_data_type=dt)
+  return w, plan, int(qo_indptr[-1])
 
 
 if __name__ == "__main__":

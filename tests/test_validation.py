@@ -82,7 +82,12 @@ def test_indptr_wrong_length(batch):
   with pytest.raises(ValueError) as e:
     _decode_plan(jpa.BatchDecodeWithPagedKVCacheWrapper(), table,
                  last_page_len=table.last_page_len[:2])
-  _named(e, "indptr", "last_page_len")
+  _named(e, "last_page_len")  # the batch size is len(indptr) - 1, as in FlashInfer
+  assert "indptr must" not in str(e.value)
+  with pytest.raises(ValueError) as e:
+    _prefill_plan(jpa.BatchPrefillWithPagedKVCacheWrapper(), table,
+                  np.array([0, 1, 2, 3], np.int32), paged_kv_last_page_len=table.last_page_len[:1])
+  _named(e, "paged_kv_last_page_len")
   with pytest.raises(ValueError) as e:
     _prefill_plan(jpa.BatchPrefillWithPagedKVCacheWrapper(), table,
                   np.array([0, 1, 2], np.int32))
@@ -246,6 +251,51 @@ def test_unsupported_dtype(batch):
   with pytest.raises(TypeError) as e:
     _decode_plan(jpa.BatchDecodeWithPagedKVCacheWrapper(), table, q_data_type="int8")
   _named(e, "q_data_type")
+
+
+@pytest.mark.parametrize("name", ["torch.float16", "torch.half", "torch.bfloat16"])
+def test_torch_dtype_names_are_understood(batch, name):
+  """FlashInfer code passes torch dtypes (or their names): they mean the same dtype."""
+  table, _ = batch
+  plan = _decode_plan(jpa.BatchDecodeWithPagedKVCacheWrapper(), table, q_data_type=name)
+  assert plan.config.q_dtype == {"torch.bfloat16": "bfloat16"}.get(name, "float16")
+  with pytest.raises(TypeError) as e:
+    _decode_plan(jpa.BatchDecodeWithPagedKVCacheWrapper(), table, q_data_type="torch.int8")
+  _named(e, "q_data_type")
+  assert "torch.float16" in str(e.value)  # says what to pass
+
+
+def test_workspace_buffer_is_taken_by_its_size(batch):
+  """FlashInfer's first argument is a float workspace buffer: any array works, and its
+  byte size bounds the split-KV partials as workspace_size does."""
+  table, _ = batch
+  for buffer in (np.zeros(1 << 20, np.uint8), jnp.zeros((1 << 18,), jnp.float32)):
+    by_buffer = _decode_plan(jpa.BatchDecodeWithPagedKVCacheWrapper(buffer), table)
+    by_size = _decode_plan(jpa.BatchDecodeWithPagedKVCacheWrapper(1 << 20), table)
+    assert by_buffer.config.caps == by_size.config.caps
+  small = _decode_plan(jpa.BatchDecodeWithPagedKVCacheWrapper(np.zeros(4096, np.uint8)), table)
+  assert small.config.caps.partial_rows < by_size.config.caps.partial_rows
+  for bad in ("128MB", 0, -5):
+    with pytest.raises((TypeError, ValueError)) as e:
+      jpa.BatchPrefillWithPagedKVCacheWrapper(bad)
+    _named(e, "float_workspace_buffer")
+
+
+def test_plan_of_the_other_wrapper_kind_is_rejected(batch):
+  """A prefill plan given to a decode run() (or the reverse) names `plan`; a tensor-core
+  decode plan, which runs the prefill kernel, is still a decode plan."""
+  table, cache = batch
+  prefill = jpa.BatchPrefillWithPagedKVCacheWrapper()
+  prefill_plan = _prefill_plan(prefill, table, np.arange(4, dtype=np.int32))
+  decode = jpa.BatchDecodeWithPagedKVCacheWrapper(use_tensor_cores=True)
+  decode_plan = _decode_plan(decode, table)
+  with pytest.raises(ValueError) as e:
+    decode.run(_q(3), cache, plan=prefill_plan)
+  _named(e, "plan")
+  with pytest.raises(ValueError) as e:
+    prefill.run(_q(3), cache, plan=decode_plan)
+  _named(e, "plan")
+  assert decode.run(_q(3), cache, plan=decode_plan).shape == (3, HQ, D)
 
 
 def test_layout_differs_between_plan_and_run(batch):

@@ -12,7 +12,6 @@
 #include "jax_pagedattn/ffi_common.h"
 #include "jax_pagedattn/handlers.h"
 #include "jax_pagedattn/occupancy.h"
-#include "jax_pagedattn/plan_acks.h"
 #include "launchers.h"
 
 namespace jax_pagedattn {
@@ -51,8 +50,6 @@ ffi::Error SetupThenAttention(cudaStream_t stream, JPA_ATTENTION_HANDLER_ARGS, c
   if (err.failure()) return err;
   err = CheckGpuParams(p);
   if (err.failure()) return err;
-  p.plan_acks = PlanAckBoardDevice();
-  if (plan_mapped) UseDevicePlanCopy(&p, plan, workspace);
   cudaError_t cu = LaunchMergeSetup(p, stream);
   if (cu != cudaSuccess) return LaunchError("merge setup kernel", cu);
   cu = kAttention(p, stream);

@@ -4,7 +4,8 @@
 // position pos = positions[i]: page kv_indices[kv_indptr[b] + pos / page_size], slot
 // pos % page_size. A row whose b is outside [0, batch), whose pos is negative, whose page
 // slot is outside [kv_indptr[b], kv_indptr[b+1]) (or outside kv_indices) or whose page id
-// is outside [0, num_pages) is skipped, so no call writes outside the pages it owns.
+// is outside [0, num_pages) is skipped, so no call writes outside the pages it owns. The
+// slot is formed in 64 bits: positions near 2^31 must not wrap into another request.
 //
 // One thread per 16-byte unit of a (row, head) for K and the same unit of V: a warp moves
 // 512 contiguous bytes of new_k and of new_v per instruction, and each head's destination
@@ -51,9 +52,9 @@ __global__ void __launch_bounds__(kAppendThreads)
     const int b = __ldg(p.batch_indices + i);
     const int pos = __ldg(p.positions + i);
     if (b < 0 || b >= p.batch || pos < 0) continue;
-    const int first = __ldg(p.kv_indptr + b), last = __ldg(p.kv_indptr + b + 1);
-    const int page_slot = first + pos / p.kv.page_size;
-    if (first < 0 || page_slot >= last || page_slot >= p.num_indices) continue;
+    const int64_t first = __ldg(p.kv_indptr + b), last = __ldg(p.kv_indptr + b + 1);
+    const int64_t page_slot = first + pos / p.kv.page_size;
+    if (page_slot < 0 || page_slot >= last || page_slot >= p.num_indices) continue;
     const int page = __ldg(p.kv_indices + page_slot);
     if (page < 0 || page >= p.kv.num_pages) continue;
 

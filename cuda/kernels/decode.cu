@@ -45,6 +45,7 @@
 #include "softmax_state.cuh"
 #include "split_merge.cuh"
 #include "vec_dtypes.cuh"
+#include "work_item.cuh"
 
 namespace jax_pagedattn {
 namespace {
@@ -116,17 +117,15 @@ struct KeySlot {
 };
 
 // Looks up key position j of request b (page_base = kv_indptr[b]); keys at or past
-// kv_end, and page-table entries past the plan's page capacity, give page -1.
-__device__ __forceinline__ KeySlot LookupKey(const AttentionParams& p, int page_base, int j,
+// kv_end give page -1. LoadWorkItem bounded [kv_begin, kv_end) so that every slot
+// page_base + j / page_size of it lies inside the plan's page table.
+__device__ __forceinline__ KeySlot LookupKey(const AttentionParams& p, int64_t page_base, int j,
                                              int kv_end) {
   KeySlot ks{-1, 0};
   if (j < kv_end) {
     const int pi = j / p.kv.page_size;
-    const int idx = page_base + pi;
-    if (idx >= 0 && idx < p.layout.page_cap) {
-      ks.page = __ldg(p.kv_indices + idx);
-      ks.slot = j - pi * p.kv.page_size;
-    }
+    ks.page = __ldg(p.kv_indices + page_base + pi);
+    ks.slot = j - pi * p.kv.page_size;
   }
   return ks;
 }
@@ -251,8 +250,8 @@ __device__ __forceinline__ void LoadRowValues(const float* src, float (&v)[R]) {
 template <int R>
 constexpr int kMinBlocks = R >= 8 ? 2 : 3;
 
-// One work item (`item_index` into p.work) for the CTA's kv head. Every early return is
-// uniform over the CTA.
+// One work item (`item_index` into p.work) for the CTA's kv head, clamped by LoadWorkItem
+// to its request and to q's rows. Every early return is uniform over the CTA.
 template <typename T, int D, int R>
 __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_index,
                                            uint4* smem_u4) {
@@ -265,19 +264,19 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
   float* ml_smem = freq_smem + M::kFreqFloats;
   int4* row_smem = reinterpret_cast<int4*>(ml_smem + M::kMlFloats);
 
-  const int* item = p.work + int64_t(item_index) * kWorkFields;
-  const int4 w0 = __ldg(reinterpret_cast<const int4*>(item));
-  const int4 w1 = __ldg(reinterpret_cast<const int4*>(item) + 1);
-  const int b = w0.x;
-  if (b < 0 || b >= p.layout.batch_cap) return;  // padding item
-  const int row_begin = w0.y, row_end = w0.z, kv_begin = w0.w;
-  const int kv_end = w1.x, split = w1.y, qo_len = w1.z, kv_len = w1.w;
+  // At most tile_rows rows (the planner's bound), in passes of R.
+  const WorkItem it = LoadWorkItem(p, item_index, p.tile_rows > 1 ? p.tile_rows : 1);
+  if (it.request < 0) return;  // padding, or nothing left inside the bounds
+  // Rows are counted from the item's first token (q row q_base, key position pos_base).
+  const int row_begin = it.row_begin, row_end = it.row_begin + it.num_rows;
+  const int kv_begin = it.kv_begin, kv_end = it.kv_end, split = it.split;
+  const int pos_base = it.pos_base;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int kv_head = blockIdx.y;
   const int G = p.group_size, H = p.num_qo_heads;
-  const int q_base = __ldg(p.qo_indptr + b);
-  const int page_base = __ldg(p.kv_indptr + b);
+  const int64_t q_base = it.q_base;
+  const int64_t page_base = it.page_base;
   const bool rope = p.pos_encoding == PosEncoding::kRopeLlama;
   const bool alibi = p.pos_encoding == PosEncoding::kAlibi;
   const T* q_ptr = static_cast<const T*>(p.q);
@@ -317,7 +316,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
       int4 info = make_int4(INT_MIN, 0, 0, 0);
       if (rr < row_end) {
         const int tok = rr / G;
-        const int qpos = kv_len - qo_len + tok;
+        const int qpos = pos_base + tok;
         const float slope = alibi ? AlibiSlope(kv_head * G + (rr - tok * G), H) * kLog2e : 0.f;
         info = make_int4(p.causal ? qpos : INT_MAX, qpos, __float_as_int(slope), 0);
       }
@@ -352,9 +351,9 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
       float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       if (rr < row_end) {
         const int tok = rr / G;
-        const int token = q_base + tok;
-        if (token >= 0 && token < p.q_rows) {
-          const T* qrow = q_ptr + (int64_t(token) * H + kv_head * G + (rr - tok * G)) * D;
+        const int64_t token = q_base + tok;  // in [0, q_rows): LoadWorkItem
+        {
+          const T* qrow = q_ptr + (token * H + kv_head * G + (rr - tok * G)) * D;
           Unpack8<T>(LoadGlobal16(qrow + c * 8), f);
           if (rope) {
             float y[8];
@@ -362,7 +361,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
             float freq[8];
 #pragma unroll
             for (int e = 0; e < 8; ++e) freq[e] = freq_smem[(c & (S::kChunks / 2 - 1)) * 8 + e];
-            RopeRotate8<true>(f, y, freq, float(kv_len - qo_len + tok), c < S::kChunks / 2);
+            RopeRotate8<true>(f, y, freq, float(pos_base + tok), c < S::kChunks / 2);
           }
 #pragma unroll
           for (int e = 0; e < 8; ++e) f[e] *= q_scale;
@@ -516,15 +515,14 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
       const float4 res = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
       const float lse = st.Lse();
       const int tok = rr / G;
-      const int token = q_base + tok;
-      if (token < 0 || token >= p.q_rows) continue;
+      const int64_t token = q_base + tok;  // in [0, q_rows): LoadWorkItem
       const int head = kv_head * G + (rr - tok * G);
       if (split < 0) {
-        T* dst = static_cast<T*>(p.out) + (int64_t(token) * H + head) * D + d;
+        T* dst = static_cast<T*>(p.out) + (token * H + head) * D + d;
         *reinterpret_cast<uint2*>(dst) = Pack4<T>(res);
-        if (d == 0) p.lse[int64_t(token) * H + head] = lse;
+        if (d == 0) p.lse[token * H + head] = lse;
       } else {
-        const int prow = __ldg(p.merge_indptr + token) + split;
+        const int64_t prow = int64_t(__ldg(p.merge_indptr + token)) + split;
         if (prow < 0 || prow >= p.partial_rows_cap) continue;
         *reinterpret_cast<float4*>(p.partial_o + (int64_t(prow) * H + head) * D + d) = res;
         if (d == 0) p.partial_lse[int64_t(prow) * H + head] = lse;
@@ -543,8 +541,6 @@ template <typename T, int D, int R>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<R>)
     DecodeKernel(const __grid_constant__ AttentionParams p) {
   extern __shared__ uint4 smem_u4[];
-  // A mapped plan is read from the setup pass's device copy: wait for that first.
-  if (p.plan_source != nullptr) WaitForPrimaryGrid();
   const int bin = blockIdx.x;
   const int begin = max(p.bin_indptr[bin], 0);
   const int end = min(p.bin_indptr[bin + 1], p.layout.work_cap);

@@ -45,6 +45,7 @@
 #include "jax_pagedattn/params.h"
 #include "prefill_ptx.cuh"
 #include "split_merge.cuh"
+#include "work_item.cuh"
 
 namespace jax_pagedattn {
 namespace prefill_detail {
@@ -172,51 +173,22 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
   const int wn = warp % kWarpsN;
   const int kv_head = blockIdx.y;
 
-  // ---- the work item ------------------------------------------------------------
-  const int4* wp = reinterpret_cast<const int4*>(p.work + int64_t(item) * kWorkFields);
-  const int4 w0 = wp[0];
-  const int4 w1 = wp[1];
-  const int b = w0.x;
-  if (b < 0 || b >= p.layout.batch_cap) return;  // padding
+  // ---- the work item: clamped to its request and q's rows (work_item.cuh) -----------
+  const WorkItem it = LoadWorkItem(p, item, TILE_ROWS);
+  if (it.request < 0) return;  // padding, or nothing inside the bounds
   const int G = p.group_size;
   const int Hqo = p.num_qo_heads;
-  const int64_t q_base = p.qo_indptr[b];
-  const int split = w1.y;
-  const int qo_len = w1.z;
-  const int kv_len = w1.w;
-  const int pos_off = kv_len - qo_len;  // position of query token 0
-
-  // Rows: only those of real tokens (index < qo_len, row of q < q_rows, >= 0) are
-  // computed and written, at most TILE_ROWS of them; the planner never asks for more,
-  // and a malformed plan must not make the kernel write outside out/lse.
-  int64_t row_lo = w0.y > 0 ? w0.y : 0;
-  if (q_base < 0) row_lo = row_lo > -q_base * G ? row_lo : -q_base * G;
-  int64_t row_hi = w0.z;
-  {
-    int64_t tok_hi = int64_t(p.q_rows) - q_base;
-    if (tok_hi > qo_len) tok_hi = qo_len;
-    if (row_hi > tok_hi * G) row_hi = tok_hi * G;
-    if (row_hi > row_lo + TILE_ROWS) row_hi = row_lo + TILE_ROWS;
-  }
-  if (row_hi <= row_lo) return;
-  const int row_begin = int(row_lo);
-  const int nrows = int(row_hi - row_lo);
-
-  // Keys: [kv_begin, kv_end) cut to kv_len and to the page slots inside kv_indices,
-  // so every slot index the lookup forms lies in [0, page_cap).
+  // Rows count from the item's first token: q row q_base, query position pos_off.
+  const int64_t q_base = it.q_base;
+  const int pos_off = it.pos_base;
+  const int row_begin = it.row_begin;
+  const int nrows = it.num_rows;
+  const int split = it.split;
+  // Every page-table slot page_base + j / ps of [kv_begin, kv_end) is inside kv_indices.
   const int ps = p.kv.page_size;
-  const int64_t page_base = p.kv_indptr[b];
-  int kv_begin, kv_end;
-  {
-    int64_t hi = w1.x < kv_len ? w1.x : kv_len;
-    const int64_t cap = (int64_t(p.layout.page_cap) - page_base) * ps;
-    if (hi > cap) hi = cap;
-    int64_t lo = w0.w > 0 ? w0.w : 0;
-    if (page_base < 0 && lo < -page_base * ps) lo = -page_base * ps;
-    if (hi < lo) hi = lo;
-    kv_begin = int(lo);
-    kv_end = int(hi);
-  }
+  const int64_t page_base = it.page_base;
+  const int kv_begin = it.kv_begin;
+  const int kv_end = it.kv_end;
   const int num_tiles = (kv_end - kv_begin + kTileKv - 1) / kTileKv;
 
   const bool causal = p.causal;
@@ -625,8 +597,6 @@ __global__ void __launch_bounds__(PrefillCfg<D, TILE_ROWS, STAGES>::kThreads)
   // base can be rounded up whatever the runtime reserved in front of it.
   extern __shared__ __align__(128) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((128u - (SmemAddr(smem_raw) & 127u)) & 127u);
-  // A mapped plan is read from the setup pass's device copy: wait for that first.
-  if (p.plan_source != nullptr) WaitForPrimaryGrid();
   const int bin = blockIdx.x;
   const int begin = max(p.bin_indptr[bin], 0);
   const int end = min(p.bin_indptr[bin + 1], p.layout.work_cap);

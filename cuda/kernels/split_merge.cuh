@@ -90,14 +90,14 @@ __device__ __forceinline__ void MergeQuad(const AttentionParams& p, int64_t t, i
 // Not inlined: inlined, it pushed the 64-row prefill tile past its register cap.
 template <typename T, int kThreads, int kMaxTokens>
 __device__ __noinline__ void FinishSplitItem(const AttentionParams& p, int64_t q_base,
-                                             int row_begin, int row_end, int kv_head,
-                                             int* scratch) {
+                                             int64_t row_begin, int64_t row_end,
+                                             int kv_head, int* scratch) {
   int& s_count = scratch[0];
   int* s_last = scratch + 1;
-  const int G = p.group_size;
+  const int64_t G = p.group_size;
   if (row_begin < 0) row_begin = 0;
-  const int first = row_begin / G;
-  int ntok = row_end > row_begin ? (row_end - 1) / G - first + 1 : 0;
+  const int64_t first = row_begin / G;
+  int64_t ntok = row_end > row_begin ? (row_end - 1) / G - first + 1 : 0;
   if (ntok > kMaxTokens) ntok = kMaxTokens;
 
   __threadfence();  // this thread's partial stores, before any count below
@@ -105,14 +105,14 @@ __device__ __noinline__ void FinishSplitItem(const AttentionParams& p, int64_t q
   __syncthreads();
   WaitForPrimaryGrid();  // the setup kernel's zeroed counters
   for (int i = threadIdx.x; i < ntok; i += kThreads) {
-    const int tr = first + i;  // token index within the request
+    const int64_t tr = first + i;  // token index within the request
     const int64_t t = q_base + tr;
     if (t < 0 || t >= p.q_rows) continue;
-    const int lo = row_begin > tr * G ? row_begin : tr * G;
-    const int hi = row_end < (tr + 1) * G ? row_end : (tr + 1) * G;
+    const int rows = int((row_end < (tr + 1) * G ? row_end : (tr + 1) * G) -
+                         (row_begin > tr * G ? row_begin : tr * G));
     const int splits = __ldg(p.merge_indptr + t + 1) - __ldg(p.merge_indptr + t);
-    const int before = atomicAdd(p.merge_counters + t * p.num_kv_heads + kv_head, hi - lo);
-    if (before + (hi - lo) == splits * G) s_last[atomicAdd(&s_count, 1)] = int(t);
+    const int before = atomicAdd(p.merge_counters + t * p.num_kv_heads + kv_head, rows);
+    if (before + rows == splits * int(G)) s_last[atomicAdd(&s_count, 1)] = int(t);
   }
   __syncthreads();
   const int nmerge = s_count;

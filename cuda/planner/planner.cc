@@ -160,7 +160,14 @@ void PlanBatch(const PlanRequest& r, int32_t* out) {
   if (caps.bins < 1) Fail("the bin capacity must be >= 1");
 
   // ---- validation (DESIGN.md §3) ----
-  const int64_t batch = r.kv_last_page_len_len;
+  // FlashInfer's rule: the batch is len(kv_indptr) - 1; the other arrays must agree.
+  if (r.kv_indptr_len < 1)
+    Fail(std::string(r.name_kv_indptr) + " must have batch_size + 1 >= 1 entries, got 0");
+  const int64_t batch = r.kv_indptr_len - 1;
+  if (r.kv_last_page_len_len != batch)
+    Fail(std::string(r.name_kv_last_page_len) + " must have batch_size = len(" +
+         r.name_kv_indptr + ") - 1 = " + std::to_string(batch) + " entries, got " +
+         std::to_string(r.kv_last_page_len_len));
   if (batch > caps.batch)
     Fail("batch of " + std::to_string(batch) + " requests exceeds max_batch_size = " +
          std::to_string(caps.batch) + " fixed by the first plan; create the wrapper with a larger max_batch_size");
@@ -385,9 +392,6 @@ void PlanBatch(const PlanRequest& r, int32_t* out) {
   meta[kMetaNumWork] = int32_t(w);
   meta[kMetaNumPartialRows] = merge[caps.tokens];
   meta[kMetaNumBins] = int32_t(open_empty ? bin : bin + 1);
-  meta[kMetaTicketLow] = int32_t(uint32_t(r.ticket));
-  meta[kMetaTicketHigh] = int32_t(uint32_t(r.ticket >> 32));
-  meta[kMetaAckEntry] = r.ack_entry;
 
   int32_t* qo = out + L.qo_indptr();
   int32_t* kvp = out + L.kv_indptr();

@@ -42,8 +42,6 @@ struct PlanRequest {
   bool causal;
   int32_t num_pages;     // pages in the cache, or -1 when not known yet
   Capacities caps;       // caps.bins is how many bins the planner may fill
-  uint64_t ticket = 0;   // written to the meta section (kMetaTicketLow/High)
-  int32_t ack_entry = 0; // written to meta[kMetaAckEntry]: 1 + board entry, or 0
 
   // Argument names used in messages: FlashInfer's decode and prefill wrappers name
   // the same arrays differently.

@@ -6,8 +6,7 @@
 //   args:  q [T, Hqo, D], k_cache, v_cache (the same 5-D array twice when combined),
 //          plan int32 [PlanLayout::size()]
 //   rets:  out [T, Hqo, D] (q's dtype), lse [T, Hqo] float32, workspace uint8
-//   attrs: see BindAttention (plan_mapped: the plan operand is mapped host memory that
-//          the GPU kernels copy before reading, plan_acks.h)
+//   attrs: see BindAttention
 // Append (targets jax_pagedattn_append with one 5-D cache, jax_pagedattn_append_kv with
 // a (k, v) pair): args new_k, new_v, batch_indices, positions, kv_indices, kv_indptr,
 // then the cache operand(s); rets the cache(s), aliased to those operands.
@@ -85,8 +84,7 @@ auto BindAttention(Binding b) {
       .template Attr<int32_t>("page_cap")
       .template Attr<int32_t>("work_cap")
       .template Attr<int32_t>("partial_rows_cap")
-      .template Attr<int32_t>("bin_cap")
-      .template Attr<int32_t>("plan_mapped");
+      .template Attr<int32_t>("bin_cap");
 }
 
 // The handler arguments of BindAttention, in order, as one parameter pack macro so the
@@ -100,13 +98,13 @@ auto BindAttention(Binding b) {
       int32_t combined, int32_t causal, int32_t pos_encoding, float sm_scale,           \
       float rope_scale, float rope_theta, int32_t tile_rows, int32_t batch_cap,         \
       int32_t token_cap, int32_t page_cap, int32_t work_cap, int32_t partial_rows_cap,   \
-      int32_t bin_cap, int32_t plan_mapped
+      int32_t bin_cap
 
 #define JPA_ATTENTION_FORWARD_ARGS                                                    \
   q, k_cache, v_cache, plan, out, lse, workspace, num_qo_heads, num_kv_heads, head_dim, \
       page_size, kv_layout, combined, causal, pos_encoding, sm_scale, rope_scale,       \
       rope_theta, tile_rows, batch_cap, token_cap, page_cap, work_cap, partial_rows_cap, \
-      bin_cap, plan_mapped
+      bin_cap
 
 // Fills `p` from the handler arguments; checks what the primitive's abstract evaluation
 // already checked, so a hand-written custom call cannot read out of bounds either.
@@ -132,19 +130,16 @@ inline ffi::Error MakeAttentionParams(JPA_ATTENTION_HANDLER_ARGS, AttentionParam
     return ffi::Error::InvalidArgument("jax_pagedattn: lse must be [tokens, num_qo_heads]");
   if (bin_cap < 1 || work_cap < 0)
     return ffi::Error::InvalidArgument("jax_pagedattn: bin_cap must be >= 1 and work_cap >= 0");
-  if (plan_mapped != 0 && plan_mapped != 1)
-    return ffi::Error::InvalidArgument("jax_pagedattn: plan_mapped must be 0 or 1");
   const PlanLayout layout{batch_cap, token_cap, page_cap, work_cap, bin_cap};
   if (int64_t(plan.element_count()) != layout.size())
     return ffi::Error::InvalidArgument("jax_pagedattn: plan buffer size does not match the capacities");
   if (qd[0] > token_cap)
     return ffi::Error::InvalidArgument("jax_pagedattn: q has more rows than token_cap");
-  int64_t ws_bytes = WorkspaceBytes(partial_rows_cap, num_qo_heads, head_dim, token_cap, num_kv_heads);
-  if (plan_mapped) ws_bytes = WorkspaceBytesWithPlanCopy(ws_bytes, layout);
+  const int64_t ws_bytes =
+      WorkspaceBytes(partial_rows_cap, num_qo_heads, head_dim, token_cap, num_kv_heads);
   if (int64_t(workspace->element_count()) < ws_bytes)
     return ffi::Error::InvalidArgument("jax_pagedattn: workspace too small");
 
-  p->plan_acks = nullptr;  // the CUDA handler sets it
   p->q = q.untyped_data();
   p->out = out->untyped_data();
   p->lse = lse->typed_data();
@@ -159,7 +154,6 @@ inline ffi::Error MakeAttentionParams(JPA_ATTENTION_HANDLER_ARGS, AttentionParam
 
   p->layout = layout;
   PointPlanSections(p, plan.typed_data());
-  p->plan_source = nullptr;  // the CUDA handler's UseDevicePlanCopy sets it
 
   float* ws = reinterpret_cast<float*>(workspace->typed_data());
   p->partial_o = ws;
@@ -175,18 +169,6 @@ inline ffi::Error MakeAttentionParams(JPA_ATTENTION_HANDLER_ARGS, AttentionParam
   p->rope_scale = rope_scale;
   p->rope_theta = rope_theta;
   return ffi::Error::Success();
-}
-
-// For a plan in mapped host memory (attribute plan_mapped): the kernels read the copy
-// that the setup pass makes in the workspace (AttentionParams::plan_source). Only the
-// CUDA handler calls this; MakeAttentionParams sized the workspace for the copy.
-inline void UseDevicePlanCopy(AttentionParams* p, ffi::Buffer<ffi::S32> plan,
-                              ffi::ResultBuffer<ffi::U8> workspace) {
-  const int64_t base = WorkspaceBytes(p->partial_rows_cap, p->num_qo_heads, p->head_dim,
-                                      p->layout.token_cap, p->num_kv_heads);
-  p->plan_source = plan.typed_data();
-  p->plan_copy = reinterpret_cast<int32_t*>(workspace->typed_data() + PlanCopyOffset(base));
-  PointPlanSections(p, p->plan_copy);
 }
 
 // Operands of an append call before the cache operand(s).

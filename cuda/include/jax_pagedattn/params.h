@@ -101,17 +101,6 @@ struct AttentionParams {
   float sm_scale;
   float rope_scale;
   float rope_theta;
-
-  // The plan acknowledgement board (plan_acks.h) as the device sees it, or nullptr: the
-  // setup pass stores the plan's ticket in its entry. GPU only; the CPU ignores it.
-  uint64_t* plan_acks;
-
-  // A staged plan lives in mapped host memory (plan_acks.h): reading it over the bus
-  // tile by tile would slow the attention pass more than twofold, so the setup pass
-  // copies it once into plan_copy (workspace) and the section pointers above point
-  // there. nullptr: the plan operand is in device memory and is read in place. GPU only.
-  const int32_t* plan_source;
-  int32_t* plan_copy;
 };
 
 // Points the plan section pointers of `p` into a plan buffer at `base`.
@@ -132,13 +121,6 @@ inline int64_t WorkspaceBytes(int32_t partial_rows_cap, int32_t num_qo_heads, in
                               int32_t token_cap, int32_t num_kv_heads) {
   return int64_t(partial_rows_cap) * num_qo_heads * (head_dim + 1) * 4 +
          int64_t(token_cap) * num_kv_heads * 4;
-}
-
-// A mapped plan's device copy follows at the next 256-byte boundary (its work items are
-// read as 16-byte vectors); `workspace_bytes` is WorkspaceBytes(...).
-inline int64_t PlanCopyOffset(int64_t workspace_bytes) { return (workspace_bytes + 255) / 256 * 256; }
-inline int64_t WorkspaceBytesWithPlanCopy(int64_t workspace_bytes, const PlanLayout& layout) {
-  return PlanCopyOffset(workspace_bytes) + layout.size() * 4;
 }
 
 // ALiBi slope of query head h among n heads (the standard geometric sequence, with the

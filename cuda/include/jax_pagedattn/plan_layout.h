@@ -44,13 +44,7 @@ enum MetaField : int32_t {
   kMetaNumWork = 2,        // live work items (they come first)
   kMetaNumPartialRows = 3, // partial rows in use
   kMetaNumBins = 4,        // bins with at least one item (they come first)
-  // A plan staged in a reused pinned host slot (plan_acks.h) carries its ticket and the
-  // board entry its ring reads: the setup pass writes the ticket there, telling the host
-  // that the device has moved past every earlier step. Entry 0: not staged, no write.
-  kMetaTicketLow = 5,      // low 32 bits of the ticket
-  kMetaTicketHigh = 6,     // high 32 bits
-  kMetaAckEntry = 7,       // 1 + the board entry, or 0
-  kMetaFields = 8,
+  kMetaFields = 5,
 };
 
 // A *bin* is what one CTA (per kv head) runs: a contiguous range of work items, in
