@@ -5,6 +5,11 @@ ceilings). Workloads are the DESIGN.md §6 presets (`--preset all`, the default,
 comma list of names) and/or one custom batch (`--batch`, `--kv-len`); every workload
 gets a random cache whose pages sit at random places of the pool.
 
+`--layers L` (decode) times the model-shaped step instead of one op: L attention ops,
+each layer with its own cache, sharing one fresh plan per step, against FlashInfer's
+plan() plus L run() calls (bench_model.py). The presets `model16` and `model32` are
+the headline rows at 16 and 32 layers.
+
 Systems, each skipped with a printed reason where absent:
   decode:  ours-tc, ours-cc (use_tensor_cores True / False), jnp (gather + einsum
            reference), pallas (jax.experimental.pallas.ops.gpu.paged_attention),
@@ -32,6 +37,8 @@ single-op step with a fresh plan each call (planning + host-to-device copy + dis
 Examples:
   python -m jax_pagedattn.bench decode                      # the §6 decode presets
   python -m jax_pagedattn.bench all --json b.json --plot b.png
+  python -m jax_pagedattn.bench decode --preset model16           # 16-layer steps
+  python -m jax_pagedattn.bench decode --preset 64x4096 --layers 32 --systems ours-tc,flashinfer-tc
   python -m jax_pagedattn.bench decode --preset 64x4096,zipf64 --systems ours,flashinfer
   python -m jax_pagedattn.bench decode --batch 64 --kv-len lognormal:16:32768 --heads 32/8
   python -m jax_pagedattn.bench prefill --batch 8 --kv-len 256:2048 --head-dim 64
@@ -54,6 +61,7 @@ import sys  # noqa: E402
 import traceback  # noqa: E402
 
 from jax_pagedattn import bench_baselines as systems_lib  # noqa: E402
+from jax_pagedattn import bench_model  # noqa: E402
 from jax_pagedattn import bench_report as report  # noqa: E402
 from jax_pagedattn import bench_timing as timing  # noqa: E402
 from jax_pagedattn import bench_workloads as wl  # noqa: E402
@@ -68,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
       epilog="Length specs: N | A:B (uniform) | zipf:LO:HI[:S] | lognormal:LO:HI[:SIGMA].\n"
              "Presets: decode " + ", ".join(wl.PRESETS["decode"]) + "; prefill "
              + ", ".join(wl.PREFILL_PRESETS) + ". Groups: all, design (DESIGN.md §6 rows), "
-             "variants (decode: head_dim, page size and head-count variants of 64x4096).")
+             "variants (decode: head_dim, page size and head-count variants of 64x4096), "
+             "model16 / model32 (decode: the model-shaped step of the headline rows).")
   p.add_argument("kind", choices=("decode", "prefill", "all"))
   g = p.add_argument_group("workloads")
   g.add_argument("--preset", default=None,
@@ -88,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--layout", default="NHD", choices=("NHD", "HND"))
   g.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
   g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--layers", type=int, default=None,
+                 help="decode: time the model-shaped step of this many layers (one cache "
+                      "each, one fresh plan per step) instead of one op")
   s = p.add_argument_group("systems")
   s.add_argument("--systems", default="all",
                  help="comma list, prefixes match (e.g. ours,flashinfer); decode: "
@@ -130,6 +142,7 @@ def _workloads(args, kind: str) -> list[wl.Workload]:
                 prefix=args.prefix, seed=args.seed)
   custom = args.batch is not None or args.kv_len is not None
   preset = args.preset if args.preset is not None else (None if custom else "all")
+  layers = {} if args.layers is None or kind != "decode" else {"layers": args.layers}
   out = []
   if preset:
     table = wl.PRESETS[kind]
@@ -139,12 +152,22 @@ def _workloads(args, kind: str) -> list[wl.Workload]:
           continue  # the other kind's preset in an `all` sweep
         raise SystemExit(f"unknown preset {name!r}; {kind} presets: {', '.join(table)}")
       batch, spec, overrides = wl.preset(kind, name)
-      out.append(wl.make_workload(name, kind, batch, spec, **{**common, **overrides}))
+      settings = {**common, **overrides, **layers}
+      out.append(wl.make_workload(_layers_name(name, settings), kind, batch, spec, **settings))
   if custom:
     batch = args.batch if args.batch is not None else 16
     spec = args.kv_len if args.kv_len is not None else ("4096" if kind == "decode" else "2048")
-    out.append(wl.make_workload(f"{batch}x{spec}", kind, batch, spec, **common))
+    settings = {**common, **layers}
+    out.append(wl.make_workload(_layers_name(f"{batch}x{spec}", settings), kind, batch, spec,
+                                **settings))
   return out
+
+
+def _layers_name(name: str, settings: dict) -> str:
+  """A workload's name with its layer count, where --layers gave one the preset lacks."""
+  layers = settings.get("layers", 1)
+  suffix = f"-L{layers}"
+  return name if layers == 1 or name.endswith(suffix) else name.split("-L")[0] + suffix
 
 
 def _timing_config(args) -> timing.TimingConfig:
@@ -280,7 +303,7 @@ def main(argv=None) -> dict:
       case = None
       gc.collect()
       _release_torch_memory()
-      rotations = wl.rotations_for(w.kv_bytes, l2, args.max_rotations)
+      rotations = wl.rotations_for(w.step_kv_bytes, l2, args.max_rotations)
       pool, sets = wl.build_page_sets(w, rotations, args.seed)
       cache, q = wl.make_device_inputs(w, pool, args.seed)
       case = systems_lib.Case(w=w, pool=pool, sets=sets, cache=cache, q=q, cfg=cfg, opts=opts,
@@ -290,7 +313,9 @@ def main(argv=None) -> dict:
       bar.set_postfix_str(f"{w.kind} {w.name} {system}")
     rec = dict(workload=w.name, kind=w.kind, system=system)
     try:
-      rec.update(systems_lib.RUNNERS[(w.kind, system)](case))
+      run = (bench_model.runner(system) if w.layers > 1
+             else systems_lib.RUNNERS[(w.kind, system)])
+      rec.update(run(case))
       rec["status"] = "ok"
     except systems_lib.Skip as e:
       rec.update(status="skipped", message=str(e))
@@ -319,6 +344,10 @@ def main(argv=None) -> dict:
     if text:
       print()
       print(text)
+  model = report.format_model(records, workloads)
+  if model:
+    print()
+    print(model)
   host = report.format_host(records)
   if host:
     print()

@@ -121,7 +121,7 @@ def _config_suffix(w: dict, first: dict) -> str:
 
 
 def format_host(records: list[dict]) -> str:
-  recs = [r for r in records if r["status"] == "ok" and
+  recs = [r for r in records if r["status"] == "ok" and r.get("layers", 1) == 1 and
           any(r.get(k) is not None for k, _ in _HOST_FIELDS[:2])]
   if not recs:
     return ""
@@ -139,6 +139,37 @@ def format_host(records: list[dict]) -> str:
            "one block at the end), in the steady state: a 2n-step loop minus an n-step one; "
            "loop overhead = loop step - kernel")
   return title + "\n" + _table(header, rows, "ll" + "r" * len(_HOST_FIELDS))
+
+
+_MODEL_FIELDS = (("step_us", "step, fresh plan"), ("time_us", "per layer"),
+                 ("step_reused_us", "step, reused plan"), ("step_device_put_us", "step, device_put"),
+                 ("step_vs_reused", "fresh / reused"), ("wrapper_plan_us", "plan()"))
+
+
+def model_rows(records: list[dict]) -> list[dict]:
+  """The ok records of model-shaped steps (layers > 1)."""
+  return [r for r in records if r["status"] == "ok" and r.get("layers", 1) > 1]
+
+
+def format_model(records: list[dict], workloads: dict) -> str:
+  recs = model_rows(records)
+  if not recs:
+    return ""
+  header = ["workload", "layers", "system"] + [label for _, label in _MODEL_FIELDS] + ["vs FI"]
+  rows = []
+  for r in recs:
+    row = [r["workload"], str(r["layers"]), r["system"]]
+    for key, _ in _MODEL_FIELDS:
+      row.append(_fmt(r.get(key), ".3f" if key == "step_vs_reused" else ".1f"))
+    vs = r.get("vs_flashinfer")
+    rows.append(row + [_fmt(vs, ".2f") + ("x" if vs else "")])
+  title = ("model-shaped decode steps (us; host clock, steady state of back-to-back steps): "
+           "L attention ops over L caches sharing one plan; fresh plan = plan() every step "
+           "(ours: the host buffer goes with the jitted call; FlashInfer: plan() + L run()); "
+           "reused = one plan made before the loop (ours: on the device); device_put = ours "
+           "with the fresh plan put on the device before each call; vs FI = FlashInfer's "
+           "best fresh-plan step over ours")
+  return title + "\n" + _table(header, rows, "lrl" + "r" * (len(_MODEL_FIELDS) + 1))
 
 
 def format_ceilings(ceilings: dict) -> str:
@@ -277,7 +308,23 @@ def format_markdown(doc: dict) -> str:
       label = name + _config_suffix(workloads[wkey(kind, name)], first)
       lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
     lines.append("")
-  host = [r for r in records if r["status"] == "ok" and r.get("wrapper_plan_us") is not None]
+  model = model_rows(records)
+  if model:
+    lines.append("### model-shaped decode steps (us per step, fresh plan every step)")
+    lines.append("")
+    lines.append("| workload | system | step, fresh plan | per layer | step, reused plan | "
+                 "step, device_put | fresh / reused | FlashInfer best / ours |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for r in model:
+      vs = r.get("vs_flashinfer")
+      lines.append(f"| {r['workload']} | {r['system']} | "
+                   + " | ".join(_fmt(r.get(k), ".1f") for k in (
+                       "step_us", "time_us", "step_reused_us", "step_device_put_us"))
+                   + f" | {_fmt(r.get('step_vs_reused'), '.3f')} | "
+                   + (f"{vs:.2f}x" if vs else "-") + " |")
+    lines.append("")
+  host = [r for r in records if r["status"] == "ok" and r.get("wrapper_plan_us") is not None
+          and r.get("layers", 1) == 1]
   if host:
     lines.append("### host costs (us, medians)")
     lines.append("")

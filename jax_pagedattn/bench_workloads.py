@@ -35,16 +35,26 @@ DECODE_VARIANTS = {
     "mha-64x4096": (64, "4096", dict(heads=(32, 32))),
     "gqa8-64x4096": (64, "4096", dict(heads=(8, 1))),
 }
+# The model-shaped decode step (issue 13): L attention ops, each layer with its own
+# cache, sharing one fresh plan per step, on the rows the README's headline quotes.
+MODEL_ROWS = ("16x4096", "64x4096", "256x1024", "lognormal64")
+MODEL_LAYERS = (16, 32)
+DECODE_MODEL = {f"{name}-L{layers}": (*DECODE_PRESETS[name], dict(layers=layers))
+                for layers in MODEL_LAYERS for name in MODEL_ROWS}
 PREFILL_PRESETS = {
     "4x2048": (4, "2048"),
     "1x8192": (1, "8192"),
     "16x512": (16, "512"),
 }
-PRESETS = {"decode": {**DECODE_PRESETS, **DECODE_VARIANTS}, "prefill": PREFILL_PRESETS}
-# Names that --preset accepts for several presets at once.
+PRESETS = {"decode": {**DECODE_PRESETS, **DECODE_VARIANTS, **DECODE_MODEL},
+           "prefill": PREFILL_PRESETS}
+# Names that --preset accepts for several presets at once ('all' leaves out the model
+# steps, which allocate a cache per layer: ask for them by name or group).
 PRESET_GROUPS = {
-    "decode": {"all": list(PRESETS["decode"]), "design": list(DECODE_PRESETS),
-               "variants": list(DECODE_VARIANTS)},
+    "decode": {"all": [*DECODE_PRESETS, *DECODE_VARIANTS], "design": list(DECODE_PRESETS),
+               "variants": list(DECODE_VARIANTS),
+               **{f"model{layers}": [n for n, v in DECODE_MODEL.items()
+                                     if v[2]["layers"] == layers] for layers in MODEL_LAYERS}},
     "prefill": {"all": list(PREFILL_PRESETS), "design": list(PREFILL_PRESETS), "variants": []},
 }
 
@@ -179,6 +189,9 @@ class Workload:
   dtype: str
   causal: bool
   length_spec: str = ""
+  # > 1: a model-shaped decode step of this many attention ops, each layer with its own
+  # cache, sharing one fresh plan per step (bench_model.py); times are per layer.
+  layers: int = 1
 
   @property
   def batch(self) -> int:
@@ -204,6 +217,11 @@ class Workload:
   def kv_bytes(self) -> int:
     """K and V bytes a kernel must read: every key of every request once."""
     return int(self.kv_lens.sum()) * self.num_kv_heads * self.head_dim * 2 * self.itemsize
+
+  @property
+  def step_kv_bytes(self) -> int:
+    """K and V bytes one timed call reads: every layer's cache."""
+    return self.kv_bytes * self.layers
 
   @property
   def qo_bytes(self) -> int:
@@ -235,11 +253,13 @@ class Workload:
                 kv_tokens=int(kv.sum()), qo_tokens=self.tokens, num_qo_heads=self.num_qo_heads,
                 num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, page_size=self.page_size,
                 kv_layout=self.kv_layout, dtype=self.dtype, causal=self.causal,
-                kv_bytes=self.kv_bytes, bytes_moved=self.bytes_moved, flops=self.flops)
+                kv_bytes=self.kv_bytes, bytes_moved=self.bytes_moved, flops=self.flops,
+                layers=self.layers)
 
 
 def make_workload(name, kind, batch, length_spec, *, heads=(32, 8), head_dim=128, page_size=16,
-                  kv_layout="NHD", dtype="bfloat16", causal=True, prefix=0, seed=0) -> Workload:
+                  kv_layout="NHD", dtype="bfloat16", causal=True, prefix=0, seed=0,
+                  layers=1) -> Workload:
   """Draws the lengths (seeded by the workload name too, so each preset keeps its lengths
   when other presets are added or removed from a sweep)."""
   if batch < 1:
@@ -248,7 +268,12 @@ def make_workload(name, kind, batch, length_spec, *, heads=(32, 8), head_dim=128
     raise ValueError(f"page size must be >= 1, got {page_size}")
   if kv_layout not in ("NHD", "HND"):
     raise ValueError(f"--layout must be NHD or HND, got {kv_layout!r}")
-  rng = np.random.default_rng([seed, _stable_hash(name)])
+  if layers < 1 or (layers > 1 and kind != "decode"):
+    raise ValueError(f"--layers must be >= 1, and > 1 only for decode, got {layers} ({kind})")
+  # A model-shaped row ('64x4096-L16') draws the lengths of its single-op row.
+  suffix = f"-L{layers}"
+  base = name[:-len(suffix)] if layers > 1 and name.endswith(suffix) else name
+  rng = np.random.default_rng([seed, _stable_hash(base)])
   lens = parse_lengths(length_spec)(batch, rng)
   if kind == "decode":
     qo, kv = np.ones(batch, np.int64), lens
@@ -259,7 +284,8 @@ def make_workload(name, kind, batch, length_spec, *, heads=(32, 8), head_dim=128
   return Workload(name=name, kind=kind, qo_lens=qo, kv_lens=kv, num_qo_heads=heads[0],
                   num_kv_heads=heads[1], head_dim=head_dim, page_size=page_size,
                   kv_layout=kv_layout, dtype=canonical_dtype(dtype),
-                  causal=bool(causal) if kind == "prefill" else False, length_spec=str(length_spec))
+                  causal=bool(causal) if kind == "prefill" else False, length_spec=str(length_spec),
+                  layers=int(layers))
 
 
 def _stable_hash(text: str) -> int:
@@ -356,12 +382,31 @@ def make_device_inputs(w: Workload, pool: int, seed: int):
   import jax
   import jax.numpy as jnp
 
-  dtype = jnp.dtype(w.dtype)
-  # rbg: XLA's RngBitGenerator compiles in a fraction of threefry's time on the CPU.
-  key = jax.random.fold_in(jax.random.key(seed, impl="rbg"), _stable_hash(w.name))
-  kc, kq = jax.random.split(key)
-  shape = cache_shape(w, pool)
+  kc, kq = jax.random.split(_workload_key(w, seed))
   q_shape = (w.tokens, w.num_qo_heads, w.head_dim)
-  cache = jax.jit(lambda k: jax.random.normal(k, shape, dtype))(kc)
-  q = jax.jit(lambda k: jax.random.normal(k, q_shape, dtype))(kq)
-  return jax.block_until_ready(cache), jax.block_until_ready(q)
+  q = jax.jit(lambda k: jax.random.normal(k, q_shape, jnp.dtype(w.dtype)))(kq)
+  return random_cache(w, pool, kc), jax.block_until_ready(q)
+
+
+def random_cache(w: Workload, pool: int, key):
+  """One random normal combined cache of `pool` pages, on the default device."""
+  import jax
+  import jax.numpy as jnp
+
+  shape, dtype = cache_shape(w, pool), jnp.dtype(w.dtype)
+  return jax.block_until_ready(jax.jit(lambda k: jax.random.normal(k, shape, dtype))(key))
+
+
+def layer_cache_key(w: Workload, seed: int, layer: int):
+  """The random key of layer `layer`'s cache in a model-shaped step (layer 0's cache is
+  make_device_inputs' own)."""
+  import jax
+
+  return jax.random.fold_in(_workload_key(w, seed), 1000 + layer)
+
+
+def _workload_key(w: Workload, seed: int):
+  import jax
+
+  # rbg: XLA's RngBitGenerator compiles in a fraction of threefry's time on the CPU.
+  return jax.random.fold_in(jax.random.key(seed, impl="rbg"), _stable_hash(w.name))

@@ -182,3 +182,41 @@ def test_cli_rejects_bad_arguments():
     bench.main(["decode", "--systems", "nonesuch", "--quick"])
   with pytest.raises(SystemExit):
     bench.main(["prefill", "--preset", "nonesuch", "--quick"])
+
+
+def test_cli_model_step_json(tmp_path, capsys):
+  """--layers: the model-shaped step of L ops over L caches sharing one fresh plan, with
+  the reused-plan and device_put variants beside it; times per layer and per step."""
+  out = tmp_path / "model.json"
+  md = tmp_path / "model.md"
+  bench.main(["decode", *TINY, "--layers", "3", "--systems", "ours,flashinfer,jnp", "--json",
+              str(out), "--markdown", str(md)])
+  text = capsys.readouterr().out
+  assert "model-shaped decode steps" in text
+  doc = _load(out)
+  (key, w), = doc["workloads"].items()
+  assert key == "decode/2x64-L3" and w["layers"] == 3
+  res = _by_system(doc)
+  for name in ("ours-tc", "ours-cc"):
+    r = res[name]
+    assert r["status"] == "ok", r.get("message")
+    assert r["layers"] == 3 and r["rel_err"] < 2e-2
+    for field in ("step_us", "step_reused_us", "step_device_put_us", "wrapper_plan_us"):
+      assert r[field] > 0, field
+    assert r["time_us"] == pytest.approx(r["step_us"] / 3)
+    assert r["step_vs_reused"] == pytest.approx(r["step_us"] / r["step_reused_us"])
+  assert res["jnp"]["status"] == "skipped" and res["flashinfer-tc"]["status"] == "skipped"
+  assert "| 2x64-L3 | ours-tc |" in md.read_text()
+
+
+def test_model_presets_keep_their_single_op_rows_lengths():
+  for layers in wl.MODEL_LAYERS:
+    names = wl.preset_names("decode", f"model{layers}")
+    assert names == [f"{row}-L{layers}" for row in wl.MODEL_ROWS]
+    for name in names:
+      batch, spec, over = wl.preset("decode", name)
+      row = name.rsplit("-L", 1)[0]
+      a = wl.make_workload(name, "decode", batch, spec, **over)
+      b = wl.make_workload(row, "decode", *wl.preset("decode", row)[:2])
+      assert a.layers == layers and np.array_equal(a.kv_lens, b.kv_lens)
+  assert not any("-L" in n for n in wl.preset_names("decode", "all"))
