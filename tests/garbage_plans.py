@@ -65,8 +65,10 @@ def extreme_append_rows(num_pages_of_request: list[int], page_size: int):
   int32 `kv_indptr[b] + pos / page_size` into other requests' pages."""
   bi, pos, valid = [], [], []
   for b, pages in enumerate(num_pages_of_request):
-    for p in (0, pages * page_size - 1, pages * page_size, I32_MAX, I32_MAX - page_size,
-              I32_MAX - 2 * page_size + 1, 2**30, -1, I32_MIN):
+    # Distinct positions: two rows naming one slot may land in either order.
+    for p in dict.fromkeys((0, pages * page_size - 1, pages * page_size, I32_MAX,
+                            I32_MAX - page_size, I32_MAX - 2 * page_size + 1, 2**30, -1,
+                            I32_MIN)):
       bi.append(b)
       pos.append(p)
       valid.append(0 <= p < pages * page_size)
