@@ -171,4 +171,12 @@ NB_MODULE(_C, m) {
 #else
       false;
 #endif
+  // The Hopper prefill kernel (cuda/kernels/sm90/) is in this build; it runs on devices
+  // of compute capability 9.0 for the settings prefill_sm90.h lists.
+  m.attr("HAS_SM90_PREFILL") =
+#ifdef JAX_PAGEDATTN_WITH_SM90
+      true;
+#else
+      false;
+#endif
 }

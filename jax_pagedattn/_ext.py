@@ -35,3 +35,4 @@ def _register() -> frozenset[tuple[str, str]]:
 # {(lowering platform, target name)} of every handler this build provides.
 NATIVE_TARGETS = _register()
 HAS_CUDA = bool(_C.HAS_CUDA)
+HAS_SM90_PREFILL = bool(_C.HAS_SM90_PREFILL)

@@ -8,11 +8,16 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "dependent_launch.cuh"
 #include "kernel_setup.cuh"
 #include "launchers.h"
 #include "prefill_kernel.cuh"
+#ifdef JAX_PAGEDATTN_WITH_SM90
+#include "sm90/prefill_sm90.h"
+#endif
 
 namespace jax_pagedattn {
 namespace {
@@ -80,9 +85,29 @@ cudaError_t WithKernel(DType dtype, int head_dim, int tile_rows, Op&& op) {
   });
 }
 
+// The Hopper kernel (sm90/prefill_sm90.cu) where this build has it and it covers the
+// call; JAX_PAGEDATTN_SM90_PREFILL=0 keeps the sm80 kernel (for measuring both).
+bool Sm90PrefillWanted() {
+#ifdef JAX_PAGEDATTN_WITH_SM90
+  static const bool wanted = [] {
+    const char* v = std::getenv("JAX_PAGEDATTN_SM90_PREFILL");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return wanted;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 cudaError_t LaunchPrefill(const AttentionParams& p, cudaStream_t stream) {
+#ifdef JAX_PAGEDATTN_WITH_SM90
+  if (Sm90PrefillWanted()) {
+    const cudaError_t err = LaunchPrefillSm90(p, stream);
+    if (err != cudaErrorNotSupported) return err;  // launched, or a real error
+  }
+#endif
   // The kernel indexes with these; a mismatch would read or write out of bounds.
   if (p.num_kv_heads <= 0 || p.num_kv_heads > 65535 || p.group_size <= 0 ||
       int64_t(p.group_size) * p.num_kv_heads != p.num_qo_heads ||
@@ -95,6 +120,12 @@ cudaError_t LaunchPrefill(const AttentionParams& p, cudaStream_t stream) {
 }
 
 cudaError_t PrefillCtasPerSm(DType dtype, int head_dim, int tile_rows, int32_t* ctas) {
+#ifdef JAX_PAGEDATTN_WITH_SM90
+  if (Sm90PrefillWanted()) {
+    const cudaError_t err = PrefillSm90CtasPerSm(dtype, head_dim, tile_rows, ctas);
+    if (err != cudaErrorNotSupported) return err;
+  }
+#endif
   return WithKernel(dtype, head_dim, tile_rows,
                     [&](auto kernel) { return decltype(kernel)::Occupancy(ctas); });
 }

@@ -1,4 +1,7 @@
-// Standalone check of LaunchPrefill (cuda/kernels/prefill.cu) against a CPU loop.
+// Standalone check of LaunchPrefill (cuda/kernels/prefill.cu) against a CPU loop; built
+// with -DJPA_HARNESS_SM90 (and cuda/kernels/sm90/prefill_sm90.cu, sm_90a) the same cases
+// and bench run LaunchPrefillSm90 instead, on the settings that kernel covers, and the
+// bench times the sm80 kernel beside it (scripts/sm90_prefill_session.sh builds that).
 //
 // Each case builds a random paged cache and a plan buffer by hand (PlanLayout
 // offsets, work items as the planner would cut them: whole tokens per item, causal
@@ -8,8 +11,11 @@
 // and rounded to the input type, ALiBi, bottom-right causal mask, bad page ids masked).
 // Outputs are poisoned first: every covered entry must be written, every other left.
 //
-//   prefill_harness [check|bench|all] [seed]
-// check: correctness cases (run it under compute-sanitizer too); bench: a few timings.
+//   prefill_harness [check|bench|all|garbage|quick] [seed]
+// check: correctness cases (run it under compute-sanitizer too); bench: a few timings;
+// garbage: random plans (indices, items, bins, merge offsets), which must neither fault,
+// hang, nor write outside out/lse/workspace (guard bands checked); quick: a few of the
+// check cases and garbage plans, sized for compute-sanitizer.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -22,13 +28,39 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "jax_pagedattn/params.h"
 #include "jax_pagedattn/plan_layout.h"
 #include "launchers.h"
+#ifdef JPA_HARNESS_SM90
+#include "sm90/prefill_sm90.h"
+#endif
 
 using namespace jax_pagedattn;
+
+// The launcher the checks exercise. JPA_SM90_PINGPONG=0 runs the sm90 checks without
+// the warpgroup pingpong (a diagnostic when the default fails); JPA_SM90_STAGES=3 with
+// three K/V stages.
+static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream) {
+#ifdef JPA_HARNESS_SM90
+  static const bool pingpong = [] {
+    const char* v = std::getenv("JPA_SM90_PINGPONG");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  static const int stages = [] {
+    const char* v = std::getenv("JPA_SM90_STAGES");
+    return v == nullptr ? PrefillSm90Tuning{}.stages : std::atoi(v);
+  }();
+  PrefillSm90Tuning t;
+  t.pingpong = pingpong;
+  t.stages = stages;
+  return LaunchPrefillSm90(p, stream, t);
+#else
+  return LaunchPrefill(p, stream);
+#endif
+}
 
 #define CHECK_CUDA(x)                                                                  \
   do {                                                                                 \
@@ -78,6 +110,7 @@ struct Case {
   PosEncoding pos;
   std::vector<Req> reqs;
   bool bad_pages;  // plant page ids outside [0, num_pages)
+  int bins = 0;    // > 0: the items in this many bins (CTAs run several items); 0: one per item
 };
 
 struct Stats {
@@ -105,6 +138,11 @@ static void RopeRef(std::vector<float>& x, int D, long pos, float scale, float t
 }
 
 static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
+#ifdef JPA_HARNESS_SM90
+  // Name the case before it runs: a hang (a broken barrier protocol) then shows in the log.
+  std::printf("... %s\n", cs.name.c_str());
+  std::fflush(stdout);
+#endif
   const DType dt = cs.dtype;
   const int D = cs.head_dim, Hkv = cs.num_kv_heads, G = cs.group, Hqo = Hkv * G;
   const int ps = cs.page_size, B = int(cs.reqs.size());
@@ -165,9 +203,12 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
   std::shuffle(items.begin(), items.end(), rng);  // the kernel must not rely on order
   const int work_cap = int(items.size()) + 3;      // trailing padding items
 
-  PlanLayout lay{B + 2, q_rows, used_pages + 4, work_cap, work_cap};  // one bin per item
+  // One bin per item, or cs.bins bins of consecutive items (the padding ones included).
+  const int bin_cap = cs.bins > 0 ? cs.bins : work_cap;
+  const int per_bin = (work_cap + bin_cap - 1) / bin_cap;
+  PlanLayout lay{B + 2, q_rows, used_pages + 4, work_cap, bin_cap};
   std::vector<int32_t> plan(lay.size(), 0);
-  for (int i = 0; i <= work_cap; ++i) plan[lay.bin_indptr() + i] = i;
+  for (int i = 0; i <= bin_cap; ++i) plan[lay.bin_indptr() + i] = std::min(i * per_bin, work_cap);
   for (int w = 0; w < work_cap; ++w) {
     int32_t* it = plan.data() + lay.work() + w * kWorkFields;
     if (w >= int(items.size())) {
@@ -239,7 +280,7 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
   p.rope_theta = 1e4f;
 
   CHECK_CUDA(LaunchMergeSetup(p, 0));  // zeroes the poisoned counters
-  CHECK_CUDA(LaunchPrefill(p, 0));
+  CHECK_CUDA(LaunchUnderTest(p, 0));
   CHECK_CUDA(cudaDeviceSynchronize());
 
   std::vector<uint16_t> out(q.size());
@@ -426,7 +467,7 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
   return ok;
 }
 
-static std::vector<Case> Cases() {
+[[maybe_unused]] static std::vector<Case> Cases() {
   const auto N = PosEncoding::kNone, R = PosEncoding::kRopeLlama, A = PosEncoding::kAlibi;
   const auto NHD = KvLayout::kNHD, HND = KvLayout::kHND;
   const auto BF = DType::kBF16, F16 = DType::kF16;
@@ -465,6 +506,180 @@ static std::vector<Case> Cases() {
   c.push_back({"f16 D128 G8 NHD ps16 t16 nocausal long", F16, 128, 1, 8, 16, 16, NHD, false, false, N, longer, false});
   c.push_back({"f16 D256 G2 NHD ps16 nocausal none t64", F16, 256, 2, 2, 16, 64, NHD, false, false, N, mix, false});
   return c;
+}
+
+// The settings the sm90 kernel covers (D 128, tile 128): both dtypes, NHD/HND, split and
+// combined caches, page sizes 1/3/7/16/64, causal or not, qo < kv and qo > kv, GQA 1, 4,
+// 8 and 32, split items, empty requests, bad page ids, several items per CTA (bins).
+[[maybe_unused]] static std::vector<Case> Sm90Cases() {
+  const auto N = PosEncoding::kNone, R = PosEncoding::kRopeLlama, A = PosEncoding::kAlibi;
+  const auto NHD = KvLayout::kNHD, HND = KvLayout::kHND;
+  const auto BF = DType::kBF16, F16 = DType::kF16;
+  const std::vector<Req> mix = {{37, 100, false}, {1, 260, false}, {50, 50, false},
+                                {10, 5, false},   {3, 0, false},   {20, 300, true},
+                                {70, 333, true}};
+  const std::vector<Req> decode = {{1, 17, false}, {1, 300, false}, {1, 1, false},
+                                   {2, 129, false}, {1, 500, true}, {1, 0, false},
+                                   {4, 77, true}};
+  const std::vector<Req> longer = {{100, 1500, true}, {64, 1024, false}, {33, 700, false},
+                                   {1, 2000, false}};
+  // Requests of many items (32 tokens an item at G = 4): the causal diagonal in every
+  // position of a 128-key tile, qo == kv and a long cached prefix.
+  const std::vector<Req> many = {{300, 300, false}, {129, 1200, false}, {161, 161, true},
+                                 {0, 50, false}, {64, 576, false}};
+  std::vector<Case> c;
+  c.push_back({"sm90 bf16 G4 NHD ps16 causal none mix", BF, 128, 2, 4, 16, 128, NHD, false, true, N, mix, false});
+  c.push_back({"sm90 bf16 G4 HND ps16 causal none long bins3", BF, 128, 2, 4, 16, 128, HND, false, true, N, longer, false, 3});
+  c.push_back({"sm90 f16 G4 NHD ps64 causal none long", F16, 128, 2, 4, 64, 128, NHD, false, true, N, longer, false});
+  c.push_back({"sm90 bf16 G8 HND comb ps1 causal none mix", BF, 128, 1, 8, 1, 128, HND, true, true, N, mix, false});
+  c.push_back({"sm90 bf16 G1 NHD ps16 causal none many", BF, 128, 4, 1, 16, 128, NHD, false, true, N, many, false});
+  c.push_back({"sm90 bf16 G4 NHD ps16 causal none many bins5", BF, 128, 2, 4, 16, 128, NHD, false, true, N, many, false, 5});
+  c.push_back({"sm90 bf16 G4 NHD ps16 nocausal none mix", BF, 128, 2, 4, 16, 128, NHD, false, false, N, mix, false});
+  c.push_back({"sm90 f16 G8 HND ps64 nocausal none long bins2", F16, 128, 1, 8, 64, 128, HND, false, false, N, longer, false, 2});
+  c.push_back({"sm90 bf16 G4 NHD ps16 causal alibi mix badpg", BF, 128, 2, 4, 16, 128, NHD, false, true, A, mix, true});
+  c.push_back({"sm90 bf16 G4 HND ps7 causal alibi long badpg bins4", BF, 128, 2, 4, 7, 128, HND, false, true, A, longer, true, 4});
+  c.push_back({"sm90 f16 G1 HND ps64 nocausal alibi long badpg", F16, 128, 2, 1, 64, 128, HND, false, false, A, longer, true});
+  c.push_back({"sm90 bf16 G4 HND comb ps1 causal rope mix", BF, 128, 2, 4, 1, 128, HND, true, true, R, mix, false});
+  c.push_back({"sm90 f16 G4 NHD ps3 causal rope long", F16, 128, 2, 4, 3, 128, NHD, false, true, R, longer, false});
+  c.push_back({"sm90 bf16 G8 NHD ps16 nocausal rope mix badpg bins2", BF, 128, 1, 8, 16, 128, NHD, false, false, R, mix, true, 2});
+  c.push_back({"sm90 bf16 G4 NHD ps16 causal rope many", BF, 128, 2, 4, 16, 128, NHD, false, true, R, many, false});
+  c.push_back({"sm90 bf16 G32 NHD ps16 causal none decode", BF, 128, 2, 32, 16, 128, NHD, false, true, N, decode, false});
+  c.push_back({"sm90 f16 G4 NHD comb ps16 causal none decode bins2", F16, 128, 2, 4, 16, 128, NHD, true, true, N, decode, true, 2});
+  return c;
+}
+
+// A few cases for the sanitizers (racecheck is slow): one of each position encoding,
+// splits, bad pages and several items per CTA among them.
+static std::vector<Case> QuickCases() {
+#ifdef JPA_HARNESS_SM90
+  const std::vector<Case> all = Sm90Cases();
+  const int pick[] = {0, 8, 11, 5};
+#else
+  const std::vector<Case> all = Cases();
+  const int pick[] = {0, 1, 2};
+#endif
+  std::vector<Case> c;
+  for (int i : pick) c.push_back(all[i]);
+  return c;
+}
+
+// ---- garbage plans ------------------------------------------------------------------------
+// Every int of the plan random (mostly small, some huge or negative; the work items
+// mostly plausible so that the kernel gets deep into them), on a small cache. The call
+// must finish without a CUDA error and leave the guard bands around out, lse and the
+// workspace as they were; under compute-sanitizer memcheck no access may fall outside
+// any allocation.
+static bool RunGarbage(std::mt19937& rng, int iters, DType dt) {
+  const int D = 128, Hkv = 2, G = 4, Hqo = Hkv * G, ps = 16, num_pages = 24, q_rows = 96;
+  const int partial_rows = 16;
+  PlanLayout lay{6, q_rows, 40, 24, 8};
+  std::uniform_int_distribution<int> small(-4, 140), coin(0, 99);
+  auto wild = [&](int lo, int hi) {
+    const int c = coin(rng);
+    if (c < 3) return INT32_MAX - coin(rng);
+    if (c < 6) return INT32_MIN + coin(rng);
+    if (c < 12) return small(rng);
+    return std::uniform_int_distribution<int>(lo, hi)(rng);
+  };
+  const size_t out_elems = size_t(q_rows) * Hqo * D, lse_elems = size_t(q_rows) * Hqo;
+  const size_t ws_bytes = size_t(WorkspaceBytes(partial_rows, Hqo, D, q_rows, Hkv));
+  const size_t guard = 4096;  // bytes on each side
+  const size_t cache_elems = size_t(num_pages) * 2 * ps * Hkv * D;
+  std::vector<uint16_t> host_cache(cache_elems), host_q(out_elems);
+  std::uniform_real_distribution<float> uni(-1.f, 1.f);
+  for (auto& v : host_cache) v = FromFloat(uni(rng), dt);
+  for (auto& v : host_q) v = FromFloat(uni(rng), dt);
+  void *d_cache, *d_q;
+  uint8_t *g_out, *g_lse, *g_ws;
+  int32_t* d_plan;
+  CHECK_CUDA(cudaMalloc(&d_cache, cache_elems * 2));
+  CHECK_CUDA(cudaMalloc(&d_q, out_elems * 2));
+  CHECK_CUDA(cudaMalloc(&g_out, out_elems * 2 + 2 * guard));
+  CHECK_CUDA(cudaMalloc(&g_lse, lse_elems * 4 + 2 * guard));
+  CHECK_CUDA(cudaMalloc(&g_ws, ws_bytes + 2 * guard));
+  CHECK_CUDA(cudaMalloc(&d_plan, lay.size() * 4));
+  CHECK_CUDA(cudaMemcpy(d_cache, host_cache.data(), cache_elems * 2, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(d_q, host_q.data(), out_elems * 2, cudaMemcpyHostToDevice));
+  bool ok = true;
+  long launched = 0;
+  for (int iter = 0; iter < iters; ++iter) {
+    std::vector<int32_t> plan(lay.size());
+    for (auto& v : plan) v = wild(-3, 100);
+    for (int w = 0; w < lay.work_cap; ++w) {
+      int32_t* it = plan.data() + lay.work() + w * kWorkFields;
+      it[kWorkRequest] = wild(-1, lay.batch_cap - 1);
+      it[kWorkRowBegin] = wild(0, 200);
+      it[kWorkRowEnd] = wild(0, 330);
+      it[kWorkKvBegin] = wild(0, 400);
+      it[kWorkKvEnd] = wild(0, 700);
+      it[kWorkSplit] = wild(-1, 3);
+      it[kWorkQoLen] = wild(0, 150);
+      it[kWorkKvLen] = wild(0, 700);
+    }
+    for (int b = 0; b <= lay.bin_cap; ++b) plan[lay.bin_indptr() + b] = wild(-2, lay.work_cap + 2);
+    for (int b = 0; b <= lay.batch_cap; ++b) {
+      plan[lay.qo_indptr() + b] = wild(-10, q_rows + 10);
+      plan[lay.kv_indptr() + b] = wild(-5, lay.page_cap + 5);
+    }
+    for (int t = 0; t <= q_rows; ++t) plan[lay.merge_indptr() + t] = wild(-3, partial_rows + 3);
+    for (int i = 0; i < lay.page_cap; ++i) plan[lay.kv_indices() + i] = wild(-3, num_pages + 3);
+    CHECK_CUDA(cudaMemcpy(d_plan, plan.data(), plan.size() * 4, cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemset(g_out, 0xab, out_elems * 2 + 2 * guard));
+    CHECK_CUDA(cudaMemset(g_lse, 0xab, lse_elems * 4 + 2 * guard));
+    CHECK_CUDA(cudaMemset(g_ws, 0xab, ws_bytes + 2 * guard));
+
+    AttentionParams p{};
+    p.dtype = dt;
+    p.q = d_q; p.out = g_out + guard; p.lse = reinterpret_cast<float*>(g_lse + guard);
+    p.q_rows = q_rows;
+    p.num_qo_heads = Hqo; p.num_kv_heads = Hkv; p.head_dim = D; p.group_size = G;
+    p.kv = MakePagedKv(d_cache, d_cache, true, coin(rng) < 50 ? KvLayout::kNHD : KvLayout::kHND,
+                       num_pages, ps, Hkv, D, 2);
+    p.layout = lay;
+    PointPlanSections(&p, d_plan);
+    float* ws = reinterpret_cast<float*>(g_ws + guard);
+    p.partial_o = ws;
+    p.partial_lse = ws + int64_t(partial_rows) * Hqo * D;
+    p.merge_counters = reinterpret_cast<int32_t*>(p.partial_lse + int64_t(partial_rows) * Hqo);
+    p.partial_rows_cap = partial_rows;
+    p.tile_rows = 128;
+    p.causal = coin(rng) < 50;
+    const int pe = coin(rng) % 3;
+    p.pos_encoding = pe == 0 ? PosEncoding::kNone : pe == 1 ? PosEncoding::kRopeLlama : PosEncoding::kAlibi;
+    p.sm_scale = 1.0f / std::sqrt(float(D));
+    p.rope_scale = 1.0f; p.rope_theta = 1e4f;
+#ifdef JPA_HARNESS_SM90
+    std::printf("... garbage plan %d\n", iter);
+    std::fflush(stdout);
+#endif
+    CHECK_CUDA(LaunchMergeSetup(p, 0));
+    const cudaError_t le = LaunchUnderTest(p, 0);
+    const cudaError_t se = cudaDeviceSynchronize();
+    if (le != cudaSuccess || se != cudaSuccess) {
+      std::printf("garbage plan %d: launch %s, sync %s  FAIL\n", iter, cudaGetErrorString(le),
+                  cudaGetErrorString(se));
+      ok = false;
+      break;
+    }
+    ++launched;
+    auto guards_intact = [&](uint8_t* base, size_t inner) {
+      std::vector<uint8_t> h(inner + 2 * guard);
+      CHECK_CUDA(cudaMemcpy(h.data(), base, h.size(), cudaMemcpyDeviceToHost));
+      for (size_t k = 0; k < guard; ++k)
+        if (h[k] != 0xab || h[guard + inner + k] != 0xab) return false;
+      return true;
+    };
+    if (!guards_intact(g_out, out_elems * 2) || !guards_intact(g_lse, lse_elems * 4) ||
+        !guards_intact(g_ws, ws_bytes)) {
+      std::printf("garbage plan %d: a write outside out/lse/workspace  FAIL\n", iter);
+      ok = false;
+      break;
+    }
+  }
+  cudaFree(d_cache); cudaFree(d_q); cudaFree(g_out); cudaFree(g_lse); cudaFree(g_ws); cudaFree(d_plan);
+  std::printf("garbage plans (%s): %ld run, %s\n", dt == DType::kBF16 ? "bf16" : "f16", launched,
+              ok ? "PASS" : "FAIL");
+  return ok;
 }
 
 // Random bf16 in [-1, 1) from a hash of the index: gigabyte caches fill in
@@ -547,29 +762,78 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
   cudaEvent_t e0, e1;
   CHECK_CUDA(cudaEventCreate(&e0));
   CHECK_CUDA(cudaEventCreate(&e1));
-  for (int i = 0; i < 3; ++i) CHECK_CUDA(LaunchPrefill(p, 0));
-  CHECK_CUDA(cudaDeviceSynchronize());
-  std::vector<float> ms;
-  for (int i = 0; i < 20; ++i) {
-    CHECK_CUDA(cudaEventRecord(e0));
-    CHECK_CUDA(LaunchPrefill(p, 0));
-    CHECK_CUDA(cudaEventRecord(e1));
-    CHECK_CUDA(cudaEventSynchronize(e1));
-    float t;
-    CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
-    ms.push_back(t);
-  }
-  std::sort(ms.begin(), ms.end());
-  const double med = ms[ms.size() / 2];
   // Causal FLOPs count the visible half (as the DESIGN table does).
   double pairs = 0;
   for (int i = 0; i < qo_len; ++i) pairs += causal ? std::min(kv_len, kv_len - qo_len + i + 1) : kv_len;
   const double flops = 4.0 * batch * Hqo * pairs * D;
   const double kv_bytes = double(batch) * kv_len * Hkv * D * 2 * 2;
   const char* pname = pos == PosEncoding::kRopeLlama ? "rope " : pos == PosEncoding::kAlibi ? "alibi" : "none ";
-  std::printf("bench bf16 %3d x qo %5d kv %5d tile %3d %s %s: %8.3f ms  %7.1f TFLOP/s  %7.1f GB/s (K+V)\n",
-              batch, qo_len, kv_len, tile, causal ? "causal" : "full  ", pname, med, flops / med / 1e9,
-              kv_bytes / med / 1e6);
+
+  // The kernels timed on this one plan, each against the first one's output.
+  struct Timed {
+    const char* name;
+    cudaError_t (*launch)(const AttentionParams&, cudaStream_t);
+  };
+  std::vector<Timed> kernels = {{"sm80", [](const AttentionParams& q, cudaStream_t st) { return LaunchPrefill(q, st); }}};
+#ifdef JPA_HARNESS_SM90
+  kernels.push_back({"sm90", [](const AttentionParams& q, cudaStream_t st) { return LaunchPrefillSm90(q, st); }});
+  kernels.push_back({"sm90-nopp", [](const AttentionParams& q, cudaStream_t st) {
+                       PrefillSm90Tuning t;
+                       t.pingpong = false;
+                       return LaunchPrefillSm90(q, st, t);
+                     }});
+  kernels.push_back({"sm90-3st", [](const AttentionParams& q, cudaStream_t st) {
+                       PrefillSm90Tuning t;
+                       t.stages = 3;
+                       return LaunchPrefillSm90(q, st, t);
+                     }});
+#endif
+  std::vector<uint16_t> first_out, got_out;
+  for (size_t k = 0; k < kernels.size(); ++k) {
+    const Timed& kern = kernels[k];
+    CHECK_CUDA(cudaMemset(d_out, 0xff, q_elems * 2));
+    const cudaError_t le = kern.launch(p, 0);
+    if (le != cudaSuccess) {
+      std::printf("bench bf16 %3d x qo %5d kv %5d tile %3d %s %s %-9s: %s\n", batch, qo_len, kv_len,
+                  tile, causal ? "causal" : "full  ", pname, kern.name, cudaGetErrorString(le));
+      cudaGetLastError();
+      continue;
+    }
+    for (int i = 0; i < 2; ++i) CHECK_CUDA(kern.launch(p, 0));
+    CHECK_CUDA(cudaDeviceSynchronize());
+    std::vector<float> ms;
+    for (int i = 0; i < 20; ++i) {
+      CHECK_CUDA(cudaEventRecord(e0));
+      CHECK_CUDA(kern.launch(p, 0));
+      CHECK_CUDA(cudaEventRecord(e1));
+      CHECK_CUDA(cudaEventSynchronize(e1));
+      float t;
+      CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
+      ms.push_back(t);
+    }
+    std::sort(ms.begin(), ms.end());
+    const double med = ms[ms.size() / 2];
+    std::vector<uint16_t>& dst = k == 0 ? first_out : got_out;
+    dst.resize(q_elems);
+    CHECK_CUDA(cudaMemcpy(dst.data(), d_out, q_elems * 2, cudaMemcpyDeviceToHost));
+    double diff = 0;
+    long nan = 0;
+    if (k > 0 && !first_out.empty()) {
+      for (size_t e = 0; e < q_elems; ++e) {
+        const float a = ToFloat(first_out[e], DType::kBF16), b = ToFloat(got_out[e], DType::kBF16);
+        if (std::isnan(b)) { ++nan; continue; }
+        diff = std::max(diff, double(std::fabs(a - b)));
+      }
+    }
+    std::printf("bench bf16 %3d x qo %5d kv %5d tile %3d %s %s %-9s: %8.3f ms  %7.1f TFLOP/s  %7.1f GB/s (K+V)",
+                batch, qo_len, kv_len, tile, causal ? "causal" : "full  ", pname, kern.name, med,
+                flops / med / 1e9, kv_bytes / med / 1e6);
+    if (k > 0) std::printf("  max|out - %s| %.2e nan %ld", kernels[0].name, diff, nan);
+    std::printf("\n");
+    std::fflush(stdout);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
   cudaFree(d_q); cudaFree(d_out); cudaFree(d_cache); cudaFree(d_lse); cudaFree(d_ws); cudaFree(d_plan);
 }
 
@@ -579,21 +843,65 @@ int main(int argc, char** argv) {
   std::printf("seed %u\n", seed);
   std::mt19937 rng(seed);
   int failed = 0;
-  if (mode == "check" || mode == "all") {
-    for (const Case& c : Cases()) failed += !RunCase(c, rng, false);
+  if (mode == "check" || mode == "all" || mode == "quick") {
+#ifdef JPA_HARNESS_SM90
+    const std::vector<Case> cases = mode == "quick" ? QuickCases() : Sm90Cases();
+#else
+    const std::vector<Case> cases = mode == "quick" ? QuickCases() : Cases();
+#endif
+    for (const Case& c : cases) failed += !RunCase(c, rng, false);
     // Unsupported configurations must be refused, not launched.
     AttentionParams bad{};
     bad.dtype = DType::kBF16; bad.head_dim = 256; bad.num_kv_heads = 1; bad.num_qo_heads = 1;
     bad.group_size = 1; bad.kv.num_kv_heads = 1; bad.kv.head_dim = 256; bad.kv.page_size = 1;
     bad.layout.work_cap = 1; bad.layout.bin_cap = 1; bad.tile_rows = 128;
-    const bool refused = LaunchPrefill(bad, 0) == cudaErrorInvalidValue;
+#ifdef JPA_HARNESS_SM90
+    const cudaError_t kRefused = cudaErrorNotSupported;
+#else
+    const cudaError_t kRefused = cudaErrorInvalidValue;
+#endif
+    const bool refused = LaunchUnderTest(bad, 0) == kRefused;
     bad.tile_rows = 64; bad.head_dim = bad.kv.head_dim = 96;
-    const bool refused2 = LaunchPrefill(bad, 0) == cudaErrorInvalidValue;
-    std::printf("unsupported configs refused: %s\n", refused && refused2 ? "PASS" : "FAIL");
-    failed += !(refused && refused2);
-    std::printf("%s: %d case(s) failed\n", failed ? "FAILED" : "ALL PASSED", failed);
+    const bool refused2 = LaunchUnderTest(bad, 0) == kRefused;
+    bool refused3 = true;
+#ifdef JPA_HARNESS_SM90
+    bad.head_dim = bad.kv.head_dim = 128;  // covered head_dim, uncovered tile
+    refused3 = LaunchUnderTest(bad, 0) == kRefused;
+    bad.tile_rows = 128; bad.dtype = DType::kF32;
+    refused3 = refused3 && LaunchUnderTest(bad, 0) == kRefused;
+#endif
+    std::printf("unsupported configs refused: %s\n", refused && refused2 && refused3 ? "PASS" : "FAIL");
+    failed += !(refused && refused2 && refused3);
   }
+  if (mode == "garbage" || mode == "all" || mode == "quick") {
+    const int iters = mode == "quick" ? 3 : 40;
+    failed += !RunGarbage(rng, iters, DType::kBF16);
+    failed += !RunGarbage(rng, mode == "quick" ? 1 : 10, DType::kF16);
+  }
+  if (mode == "check" || mode == "all" || mode == "quick" || mode == "garbage")
+    std::printf("%s: %d case(s) failed\n", failed ? "FAILED" : "ALL PASSED", failed);
   if (mode == "bench" || mode == "all") {
+    // JPA_BENCH_ROWS="0,4" runs only those rows (0-based, in the order below), e.g. to
+    // profile one row under ncu.
+    const char* rows_env = std::getenv("JPA_BENCH_ROWS");
+    const std::string rows = rows_env ? std::string(",") + rows_env + "," : "";
+    int row = 0;
+    auto Bench = [&](auto&&... args) {
+      const bool wanted = rows.empty() || rows.find("," + std::to_string(row) + ",") != std::string::npos;
+      ++row;
+      if (wanted) ::Bench(std::forward<decltype(args)>(args)...);
+    };
+#ifdef JPA_HARNESS_SM90
+    // shared/DESIGN.md §6's causal prefill rows (8 x (1024 new over 4096 cached): kv 5120),
+    // then the same with the other settings the sm90 kernel covers.
+    Bench(4, 2048, 2048, 128, true, rng);
+    Bench(1, 8192, 8192, 128, true, rng);
+    Bench(16, 512, 512, 128, true, rng);
+    Bench(8, 1024, 5120, 128, true, rng);
+    Bench(4, 2048, 2048, 128, false, rng);
+    Bench(4, 2048, 2048, 128, true, rng, PosEncoding::kRopeLlama);
+    Bench(4, 2048, 2048, 128, true, rng, PosEncoding::kAlibi);
+#else
     Bench(4, 2048, 2048, 128, true, rng);
     Bench(4, 2048, 2048, 64, true, rng);
     Bench(1, 8192, 8192, 128, true, rng);
@@ -604,6 +912,7 @@ int main(int argc, char** argv) {
     Bench(64, 1, 4096, 16, true, rng);
     Bench(128, 1, 2048, 16, true, rng);
     Bench(16, 1, 4096, 16, true, rng);
+#endif
   }
   return failed ? 1 : 0;
 }

@@ -1,0 +1,114 @@
+// LaunchPrefillSm90: the Hopper prefill kernel (prefill_sm90_kernel.cuh) for bf16 and
+// fp16 at head_dim 128, with 2 or 3 K/V stages: four instantiations. Built for sm_90a only
+// (-gencode=arch=compute_90a,code=sm_90a); on any other target the kernel body is empty
+// and the launcher refuses (cudaErrorNotSupported), so the file may sit in a
+// multi-architecture build.
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "../dependent_launch.cuh"
+#include "../kernel_setup.cuh"
+#include "prefill_sm90.h"
+#include "prefill_sm90_kernel.cuh"
+
+namespace jax_pagedattn {
+namespace {
+
+using sm90::PrefillSm90Cfg;
+using sm90::PrefillSm90Kernel;
+
+// Compute capability 9.0 (sm_90a code runs there and nowhere else), cached per device.
+bool DeviceIsSm90() {
+  static std::atomic<uint64_t> known{0}, yes{0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  const uint64_t bit = uint64_t(1) << dev;
+  if ((known.load(std::memory_order_acquire) & bit) == 0) {
+    int major = 0, minor = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+      return false;
+    if (major == 9 && minor == 0) yes.fetch_or(bit, std::memory_order_relaxed);
+    known.fetch_or(bit, std::memory_order_release);
+  }
+  return (yes.load(std::memory_order_relaxed) & bit) != 0;
+}
+
+template <typename T, int D, int Stages>
+struct Sm90Kernel {
+  using Cfg = PrefillSm90Cfg<T, D, Stages>;
+
+  static cudaError_t Ready() {
+    static std::atomic<uint64_t> smem_set{0};
+    return AllowSmem(PrefillSm90Kernel<T, D, Stages>, Cfg::kSmemBytes, &smem_set);
+  }
+
+  static cudaError_t Launch(const AttentionParams& p, cudaStream_t stream, const PrefillSm90Tuning& t) {
+    const cudaError_t err = Ready();
+    if (err != cudaSuccess) return err;
+    const dim3 grid(unsigned(p.layout.bin_cap), unsigned(p.num_kv_heads));
+    return LaunchDependent(PrefillSm90Kernel<T, D, Stages>, grid, dim3(Cfg::kThreads),
+                           Cfg::kSmemBytes, stream, p, t.pingpong ? 1 : 0);
+  }
+
+  static cudaError_t Occupancy(int32_t* ctas) {
+    const cudaError_t err = Ready();
+    if (err != cudaSuccess) return err;
+    return CtasPerSm(PrefillSm90Kernel<T, D, Stages>, Cfg::kThreads, Cfg::kSmemBytes, ctas);
+  }
+};
+
+// op(Sm90Kernel<T, 128, stages>{}) for the covered (dtype, head_dim, tile_rows, stages);
+// NotSupported else.
+template <typename Op>
+cudaError_t WithSm90Kernel(DType dtype, int head_dim, int tile_rows, int stages, Op&& op) {
+  if (head_dim != 128 || tile_rows != 128 || !DeviceIsSm90()) return cudaErrorNotSupported;
+  auto with_stages = [&](auto elem) -> cudaError_t {
+    using T = decltype(elem);
+    switch (stages) {
+      case 2: return op(Sm90Kernel<T, 128, 2>{});
+      case 3: return op(Sm90Kernel<T, 128, 3>{});
+      default: return cudaErrorNotSupported;
+    }
+  };
+  switch (dtype) {
+    case DType::kBF16: return with_stages(__nv_bfloat16{});
+    case DType::kF16: return with_stages(__half{});
+    default: return cudaErrorNotSupported;
+  }
+}
+
+bool Aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+}  // namespace
+
+cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream,
+                              const PrefillSm90Tuning& tuning) {
+  // The kernel indexes with these; a mismatch would read or write out of bounds.
+  if (p.num_kv_heads <= 0 || p.num_kv_heads > 65535 || p.group_size <= 0 ||
+      int64_t(p.group_size) * p.num_kv_heads != p.num_qo_heads ||
+      p.kv.num_kv_heads != p.num_kv_heads || p.kv.head_dim != p.head_dim ||
+      p.kv.page_size < 1 || p.layout.work_cap < 0 || p.layout.bin_cap < 1)
+    return cudaErrorInvalidValue;
+  // 16-byte copies of q, out and every K/V row: element strides multiples of 8.
+  if (!Aligned16(p.q) || !Aligned16(p.out) || !Aligned16(p.kv.k) || !Aligned16(p.kv.v) ||
+      p.kv.page_stride % 8 != 0 || p.kv.slot_stride % 8 != 0 || p.kv.head_stride % 8 != 0)
+    return cudaErrorNotSupported;
+  return WithSm90Kernel(p.dtype, p.head_dim, p.tile_rows, tuning.stages, [&](auto kernel) {
+    if (p.layout.work_cap == 0) return cudaSuccess;  // no items, nothing to launch
+    return decltype(kernel)::Launch(p, stream, tuning);
+  });
+}
+
+cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream) {
+  return LaunchPrefillSm90(p, stream, PrefillSm90Tuning{});
+}
+
+cudaError_t PrefillSm90CtasPerSm(DType dtype, int head_dim, int tile_rows, int32_t* ctas) {
+  return WithSm90Kernel(dtype, head_dim, tile_rows, PrefillSm90Tuning{}.stages,
+                        [&](auto kernel) { return decltype(kernel)::Occupancy(ctas); });
+}
+
+}  // namespace jax_pagedattn

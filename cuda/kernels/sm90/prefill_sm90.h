@@ -1,0 +1,37 @@
+// Host entry points of the Hopper (sm_90a) paged prefill kernel (prefill_sm90.cu): the
+// same AttentionParams, plan and outputs as LaunchPrefill (launchers.h), for the settings
+// it covers; the caller falls back to LaunchPrefill on cudaErrorNotSupported.
+//
+// Covered: bf16 and fp16, head_dim 128, tile_rows 128, causal or not, no position
+// encoding, ALiBi and RoPE (LLaMA), NHD and HND through PagedKv strides, any page size,
+// split items, on a device of compute capability 9.0. Anything else, and strides or
+// pointers that break its 16-byte copies, returns cudaErrorNotSupported without
+// launching. Like LaunchPrefill it runs after LaunchMergeSetup on the same stream, as
+// that pass's dependent grid.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "jax_pagedattn/params.h"
+
+namespace jax_pagedattn {
+
+// Knobs for measurement; the defaults are what LaunchPrefillSm90(p, stream) uses.
+struct PrefillSm90Tuning {
+  // The two consumer warpgroups take turns to issue their GEMMs (named barriers).
+  bool pingpong = true;
+  // K and V tiles in flight each (2 or 3; 3 takes 224 of the 227 KB of shared memory).
+  int stages = 2;
+};
+
+cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream);
+cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream,
+                              const PrefillSm90Tuning& tuning);
+
+// CTAs per SM of the kernel LaunchPrefillSm90 would launch (the planner's bins fill
+// them); cudaErrorNotSupported where it would not launch.
+cudaError_t PrefillSm90CtasPerSm(DType dtype, int head_dim, int tile_rows, int32_t* ctas);
+
+}  // namespace jax_pagedattn

@@ -1,0 +1,722 @@
+// Hopper (sm_90a) paged prefill: wgmma (CuTe GMMA atoms), warp specialisation, one CTA
+// per (bin, kv head) running the bin's work items in order, like the sm80 kernel
+// (prefill_kernel.cuh) whose semantics it shares: packed GQA rows, bottom-right causal,
+// ALiBi, in-kernel RoPE, masked bad page ids, split items merged by the last CTA.
+//
+// Roles (384 threads, one CTA per SM):
+//   warpgroups 0, 1  consumers; each owns 64 of the item's 128 packed query rows. Per
+//                    KV tile: S = Q K^T (wgmma, both operands in shared memory), online
+//                    softmax in registers (base 2), O += P V (wgmma, P from registers).
+//   warpgroup 2      producer: gathers K/V tiles page by page with cp.async (16-byte
+//                    copies, 64-bit element offsets) into a ring of `Stages` (2 or 3)
+//                    tiles each; rotates K in place when RoPE is on.
+// setmaxnreg moves registers from the producer (24) to the consumers (240).
+//
+// Ring: K and V have their own stages and mbarriers (full: data landed; empty: both
+// consumer warpgroups are done with it). The producer fills K(i+1) before V(i), the order
+// in which the consumers need them. A full barrier completes on the cp.async arrivals of
+// the 128 producer threads (cp.async.mbarrier.arrive.noinc), plus, for K, one ordinary
+// arrival per producer warp that publishes the tile's key-validity mask (32 keys a
+// word: past the item's keys or a page id outside [0, num_pages)). The consumers fence
+// the async proxy after each wait, before wgmma reads what cp.async wrote.
+//
+// Consumer schedule (tiles in reverse key order, so the tiles that need masks, the
+// causal diagonal and the ragged end, come first): iteration i issues S_i = Q K_i^T,
+// then O += P_{i-1} V_{i-1}, and computes the softmax of S_i while the second GEMM runs
+// (wgmma.wait_group 1). With `pingpong` the two consumer warpgroups also take turns to
+// issue their GEMMs (named barriers), so one warpgroup's softmax overlaps the other's
+// GEMMs.
+//
+// Shared memory (base rounded up to 1024 bytes, the 128-byte swizzle's period):
+//   Q     [2 warpgroups][64 rows][D]    GMMA K-major SW128 (also each warpgroup's O staging)
+//   K, V  [Stages][128 keys][D]          GMMA K-major SW128; V is read as MN-major V^T
+//   mbarriers, key masks [2][4] u32, RoPE frequencies [D/2], split-merge scratch.
+// An SW128 tile of R rows keeps d in [0, 64) of every row first, then d in [64, 128):
+// row r's 16-byte chunk c (c < 8) of a half sits at half * R * 128 + r * 128 + ((c ^ r % 8) * 16).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/tensor.hpp>
+
+#include "../dependent_launch.cuh"
+#include "../prefill_kernel.cuh"  // prefill_detail::RopeSinCos / RopePairs: one RoPE rounding for both paths
+#include "../softmax_state.cuh"
+#include "../vec_dtypes.cuh"
+#include "../work_item.cuh"
+#include "jax_pagedattn/params.h"
+#include "sm90_sync.cuh"
+#include "split_finish_sm90.cuh"
+
+namespace jax_pagedattn {
+namespace sm90 {
+
+template <typename T>
+struct CuteElem;
+template <>
+struct CuteElem<__nv_bfloat16> {
+  using type = cute::bfloat16_t;
+};
+template <>
+struct CuteElem<__half> {
+  using type = cute::half_t;
+};
+
+template <typename T, int D, int Stages>
+struct PrefillSm90Cfg {
+  static_assert(D == 128, "the sm90 prefill kernel covers head_dim 128");
+  using TE = typename CuteElem<T>::type;
+  static constexpr int kTileQ = 128;   // packed rows per item (2 consumer warpgroups x 64)
+  static constexpr int kWgRows = 64;
+  static constexpr int kTileKv = 128;  // keys per tile
+  static constexpr int kStages = Stages;  // K and V tiles each in flight
+  static constexpr int kThreads = 384;
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;  // 2 x 128 x 240 + 128 x 24 <= 64 K registers
+  static constexpr int kHalfBytes = 128;     // one 64-element half row
+  static constexpr int kQWgBytes = kWgRows * D * 2;
+  static constexpr int kKvBytes = kTileKv * D * 2;
+
+  static constexpr int kQOff = 0;
+  static constexpr int kKOff = kQOff + 2 * kQWgBytes;
+  static constexpr int kVOff = kKOff + kStages * kKvBytes;
+  static constexpr int kBarOff = kVOff + kStages * kKvBytes;
+  static constexpr int kMaskOff = kBarOff + 4 * kStages * 8;
+  static constexpr int kFreqOff = kMaskOff + kStages * 16;
+  static constexpr int kScratchOff = kFreqOff + D / 2 * 4;
+  static constexpr int kScratchInts = kTileQ + 1;
+  static constexpr int kEnd = kScratchOff + kScratchInts * 4;
+  static constexpr int kSmemBytes = kEnd + 1024;  // slack to round the base up to 1024
+
+  // Barrier counts: 128 producer threads' copies (+ one mask word per producer warp for K);
+  // 8 consumer warps release a stage.
+  static constexpr uint32_t kFullKCount = 128 + 4;
+  static constexpr uint32_t kFullVCount = 128;
+  static constexpr uint32_t kEmptyCount = 8;
+
+  // Named barriers.
+  static constexpr uint32_t kBarWg0 = 1;        // + wg: one consumer warpgroup (128)
+  static constexpr uint32_t kBarConsumers = 3;  // both consumer warpgroups (256)
+  static constexpr uint32_t kBarTurn0 = 4;      // + wg: that warpgroup's turn to issue (pingpong)
+
+  using LayoutQ = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<TE>{},
+                                               cute::Shape<cute::Int<kWgRows>, cute::Int<D>>{}));
+  using LayoutK = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_K_SW128_Atom<TE>{},
+      cute::Shape<cute::Int<kTileKv>, cute::Int<D>, cute::Int<kStages>>{}));
+  // V stored [key][d] like K, read as V^T (d, key): d contiguous, i.e. MN-major for the
+  // B operand; 8-key groups 1 KB apart, d halves kTileKv * 128 bytes apart.
+  using LayoutVt = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_MN_SW128_Atom<TE>{},
+      cute::Shape<cute::Int<D>, cute::Int<kTileKv>, cute::Int<kStages>>{},
+      cute::Step<cute::_2, cute::_1, cute::_3>{}));
+  using MmaQK = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<TE, TE, float,
+                                 cute::Shape<cute::Int<kWgRows>, cute::Int<kTileKv>, cute::Int<D>>>()));
+  using MmaPV = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<TE, TE, float,
+                                 cute::Shape<cute::Int<kWgRows>, cute::Int<D>, cute::Int<kTileKv>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
+};
+
+// The keys an item's CTA visits: [kv_lo, kv_hi), kv_hi cut at the causal limit of the
+// item's last row; n tiles of kTileKv. Producer and consumers derive it alike.
+struct TileRange {
+  int kv_lo, kv_hi, n;
+};
+template <int kTileKv>
+__device__ __forceinline__ TileRange ItemTiles(const AttentionParams& p, const WorkItem& it) {
+  TileRange r;
+  r.kv_lo = it.kv_begin;
+  int hi = it.kv_end;
+  if (p.causal) {
+    const int lim = it.pos_base + (it.row_begin + it.num_rows - 1) / p.group_size + 1;
+    hi = hi < lim ? hi : lim;
+  }
+  r.kv_hi = hi;
+  r.n = hi > r.kv_lo ? (hi - r.kv_lo + kTileKv - 1) / kTileKv : 0;
+  return r;
+}
+
+// ---- producer warpgroup ------------------------------------------------------------------------
+template <typename T, int D, int Stages>
+__device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* smem,
+                                             int item_begin, int item_end) {
+  using Cfg = PrefillSm90Cfg<T, D, Stages>;
+  constexpr int S = Cfg::kStages;
+  constexpr int kTileKv = Cfg::kTileKv;
+  const int pw = (int(threadIdx.x) >> 5) - 8;  // producer warp 0..3: keys [32 pw, 32 pw + 32)
+  const int lane = threadIdx.x & 31;
+  const bool rope = p.pos_encoding == PosEncoding::kRopeLlama;
+  const T* kbase = static_cast<const T*>(p.kv.k);
+  const T* vbase = static_cast<const T*>(p.kv.v);
+  const uint32_t k_smem = SmemU32(smem + Cfg::kKOff);
+  const uint32_t v_smem = SmemU32(smem + Cfg::kVOff);
+  const uint32_t bars = SmemU32(smem + Cfg::kBarOff);
+  uint32_t* s_mask = reinterpret_cast<uint32_t*>(smem + Cfg::kMaskOff);
+  const float* s_freq = reinterpret_cast<const float*>(smem + Cfg::kFreqOff);
+  const int ps = p.kv.page_size;
+  const int64_t head_off = int64_t(blockIdx.y) * p.kv.head_stride;
+  const int chunk = lane & 15;  // D = 128: 16 lanes copy one 256-byte key row
+
+  auto full_k = [&](uint32_t s) { return bars + 8 * s; };
+  auto full_v = [&](uint32_t s) { return bars + 8 * (S + s); };
+  auto empty_k = [&](uint32_t s) { return bars + 8 * (2 * S + s); };
+  auto empty_v = [&](uint32_t s) { return bars + 8 * (3 * S + s); };
+
+  // Copies this warp's 32 key rows of one tile: step k moves rows 2k (lanes 0-15) and
+  // 2k + 1 (lanes 16-31); each lane's key offset comes from the lane that owns that key.
+  auto issue = [&](const T* base, uint32_t stage_addr, int64_t off) {
+    const uint32_t lo = uint32_t(uint64_t(off));
+    const uint32_t hi = uint32_t(uint64_t(off) >> 32);
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+      const int src = 2 * k + (lane >> 4);
+      const uint32_t olo = __shfl_sync(0xffffffffu, lo, src);
+      const uint32_t ohi = __shfl_sync(0xffffffffu, hi, src);
+      const int64_t o = int64_t((uint64_t(ohi) << 32) | olo);
+      const int row = pw * 32 + src;
+      const uint32_t dst = stage_addr + uint32_t((chunk >> 3) * (kTileKv * Cfg::kHalfBytes)) +
+                           uint32_t(row * Cfg::kHalfBytes) + uint32_t(((chunk & 7) ^ (src & 7)) << 4);
+      CpAsync16(dst, base + (o >= 0 ? o : 0) + chunk * 8, o >= 0);
+    }
+  };
+
+  uint32_t kc = 0, vc = 0;  // K / V tiles produced so far (ring position), across items
+  for (int item = item_begin; item < item_end; ++item) {
+    const WorkItem it = LoadWorkItem(p, item, Cfg::kTileQ);
+    if (it.request < 0) continue;
+    const TileRange tr = ItemTiles<kTileKv>(p, it);
+    const int n = tr.n;
+    if (n == 0) continue;
+
+    // Page id and slot of this lane's key in step i (tile n - 1 - i); pid -1 past the keys.
+    auto lookup = [&](int i, int& pid, int& slot) {
+      pid = -1;
+      slot = 0;
+      if (i < n) {
+        const int j = tr.kv_lo + (n - 1 - i) * kTileKv + pw * 32 + lane;
+        if (j < tr.kv_hi) {
+          const int pg = j / ps;
+          slot = j - pg * ps;
+          pid = __ldg(p.kv_indices + it.page_base + pg);
+        }
+      }
+    };
+    auto offset_of = [&](int pid, int slot) -> int64_t {
+      return (pid >= 0 && pid < p.kv.num_pages)
+                 ? int64_t(pid) * p.kv.page_stride + int64_t(slot) * p.kv.slot_stride + head_off
+                 : int64_t(-1);
+    };
+    auto produce_k = [&](int64_t off) {
+      const uint32_t s = kc % S;
+      MbarWait(empty_k(s), ((kc / S) & 1) ^ 1);
+      const unsigned bad = __ballot_sync(0xffffffffu, off < 0);
+      issue(kbase, k_smem + s * Cfg::kKvBytes, off);
+      CpAsyncCommit();
+      if (!rope) MbarArriveOnCpAsync(full_k(s));
+      if (lane == 0) {
+        s_mask[s * 4 + pw] = bad;
+        MbarArrive(full_k(s));  // release: the mask word is visible with the phase
+      }
+      ++kc;
+    };
+    auto produce_v = [&](int64_t off) {
+      const uint32_t s = vc % S;
+      MbarWait(empty_v(s), ((vc / S) & 1) ^ 1);
+      issue(vbase, v_smem + s * Cfg::kKvBytes, off);
+      CpAsyncCommit();
+      MbarArriveOnCpAsync(full_v(s));
+      ++vc;
+    };
+    // RoPE: once K of step i (ring position c) has landed, this warp rotates its rows in
+    // place. Lane (chunk c) takes 4 of the 8 dim pairs of chunk pair (c % 8, c % 8 + 8):
+    // the elements [4 (c / 8), 4 (c / 8) + 4) of both, so no pair is done twice.
+    auto rotate_k = [&](uint32_t c, int i, bool newer_pending) {
+      if (newer_pending) {
+        CpAsyncWait<1>();  // all but the newest group (K of step i + 1)
+      } else {
+        CpAsyncWait<0>();
+      }
+      __syncwarp();  // the warp's other lanes' copies are visible
+      const uint32_t s = c % S;
+      uint8_t* st = smem + Cfg::kKOff + s * Cfg::kKvBytes;
+      const int pc = chunk & 7, sel = chunk >> 3;
+      float f[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) f[e] = s_freq[pc * 8 + sel * 4 + e];
+      const int first = tr.kv_lo + (n - 1 - i) * kTileKv + pw * 32;
+#pragma unroll 4
+      for (int k = 0; k < 16; ++k) {
+        const int src = 2 * k + (lane >> 4);
+        const int row = pw * 32 + src;
+        const uint32_t off = uint32_t(row * Cfg::kHalfBytes) + uint32_t((pc ^ (src & 7)) << 4) +
+                             uint32_t(sel * 8);
+        uint2* plo = reinterpret_cast<uint2*>(st + off);
+        uint2* phi = reinterpret_cast<uint2*>(st + kTileKv * Cfg::kHalfBytes + off);
+        const uint2 lo = *plo, hi = *phi;
+        const float pos = float(first + src);
+        const float2 a0 = UnpackPair<T>(lo.x), a1 = UnpackPair<T>(lo.y);
+        const float2 b0 = UnpackPair<T>(hi.x), b1 = UnpackPair<T>(hi.y);
+        const float xa[4] = {a0.x, a0.y, a1.x, a1.y};
+        const float xb[4] = {b0.x, b0.y, b1.x, b1.y};
+        float ra[4], rb[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float sn, cs;
+          prefill_detail::RopeSinCos(pos * f[e], &sn, &cs);
+          ra[e] = xa[e] * cs - xb[e] * sn;
+          rb[e] = xb[e] * cs + xa[e] * sn;
+        }
+        *plo = make_uint2(PackPair<T>(ra[0], ra[1]), PackPair<T>(ra[2], ra[3]));
+        *phi = make_uint2(PackPair<T>(rb[0], rb[1]), PackPair<T>(rb[2], rb[3]));
+      }
+      FenceProxyAsync();  // ordinary stores, read next by wgmma
+      MbarArrive(full_k(s));
+    };
+
+    int pid, slot;
+    lookup(0, pid, slot);
+    int64_t off_cur = offset_of(pid, slot);
+    lookup(1, pid, slot);  // one step ahead: its latency hides behind a step's copies
+    uint32_t kc_cur = kc;
+    produce_k(off_cur);
+    for (int i = 0; i < n; ++i) {
+      const bool has_next = i + 1 < n;
+      int64_t off_next = -1;
+      const uint32_t kc_next = kc;
+      if (has_next) {
+        off_next = offset_of(pid, slot);
+        lookup(i + 2, pid, slot);
+        produce_k(off_next);
+      }
+      if (rope) rotate_k(kc_cur, i, has_next);
+      produce_v(off_cur);
+      off_cur = off_next;
+      kc_cur = kc_next;
+    }
+  }
+  CpAsyncWait<0>();
+}
+
+// ---- consumer warpgroups -----------------------------------------------------------------------
+// D += A B over the k blocks of one warpgroup tile; kZero: D = A B.
+template <bool kZero, class Mma, class TA, class TB, class TC>
+__device__ __forceinline__ void WgGemm(Mma& mma, const TA& a, const TB& b, TC& c) {
+  using namespace cute;
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  if constexpr (kZero) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a); ++k) {
+    cute::gemm(mma, a(_, _, k), b(_, _, k), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_fence_operand(c);
+}
+
+// The key-validity bits of a tile that this thread's S columns need: column
+// 8 nb + 2 quad + e (nb < 16, e < 2) of the 128-bit tile mask `w` lands on bit
+// 8 (nb % 4) + 2 (nb / 4) + e of the result.
+__device__ __forceinline__ uint32_t ThreadMask(const uint4& w, int quad) {
+  const uint32_t sel = 0x03030303u;
+  return ((w.x >> (2 * quad)) & sel) | (((w.y >> (2 * quad)) & sel) << 2) |
+         (((w.z >> (2 * quad)) & sel) << 4) | (((w.w >> (2 * quad)) & sel) << 6);
+}
+
+template <typename T, int D, int Stages>
+__device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* smem,
+                                             int item_begin, int item_end, bool pingpong) {
+  using namespace cute;
+  using Cfg = PrefillSm90Cfg<T, D, Stages>;
+  using TE = typename Cfg::TE;
+  constexpr int S = Cfg::kStages;
+  constexpr int kTileKv = Cfg::kTileKv;
+  constexpr float kNegInf = -__builtin_huge_valf();
+  const int wg = int(threadIdx.x) >> 7;  // 0 or 1
+  const int tw = threadIdx.x & 127;
+  const int warp_wg = tw >> 5;
+  const int lane = tw & 31;
+  const int quad = lane & 3;
+  const int kv_head = blockIdx.y;
+  const int G = p.group_size;
+  const int Hqo = p.num_qo_heads;
+  const bool causal = p.causal;
+  const bool rope = p.pos_encoding == PosEncoding::kRopeLlama;
+  const bool alibi = p.pos_encoding == PosEncoding::kAlibi;
+  const float scale_log2 = p.sm_scale * kLog2e;
+  // The unmasked path takes the row max of raw scores, which needs a positive scale.
+  const bool always_mask = alibi || !(scale_log2 > 0.f);
+  const uint32_t bars = SmemU32(smem + Cfg::kBarOff);
+  const uint4* s_mask = reinterpret_cast<const uint4*>(smem + Cfg::kMaskOff);
+  const float* s_freq = reinterpret_cast<const float*>(smem + Cfg::kFreqOff);
+  int* s_scratch = reinterpret_cast<int*>(smem + Cfg::kScratchOff);
+  uint8_t* sq_bytes = smem + Cfg::kQOff + wg * Cfg::kQWgBytes;
+
+  auto full_k = [&](uint32_t s) { return bars + 8 * s; };
+  auto full_v = [&](uint32_t s) { return bars + 8 * (S + s); };
+  auto empty_k = [&](uint32_t s) { return bars + 8 * (2 * S + s); };
+  auto empty_v = [&](uint32_t s) { return bars + 8 * (3 * S + s); };
+
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<TE*>(sq_bytes)), typename Cfg::LayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<TE*>(smem + Cfg::kKOff)), typename Cfg::LayoutK{});
+  Tensor sVt = make_tensor(make_smem_ptr(reinterpret_cast<TE*>(smem + Cfg::kVOff)), typename Cfg::LayoutVt{});
+  typename Cfg::MmaQK mma_qk;
+  typename Cfg::MmaPV mma_pv;
+  auto thr_qk = mma_qk.get_slice(tw);
+  auto thr_pv = mma_pv.get_slice(tw);
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, 1, D / 16) descriptors
+  Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, 1, D / 16, S)
+  Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, 1, KV / 16, S)
+  Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<Cfg::kWgRows>, Int<kTileKv>>{});
+  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<Cfg::kWgRows>, Int<D>>{});
+  Tensor tOrP = thr_pv.partition_fragment_A(
+      make_tensor(make_smem_ptr(static_cast<TE*>(nullptr)),
+                  make_layout(Shape<Int<Cfg::kWgRows>, Int<kTileKv>>{})));
+  // S element i (i = 4 nb + 2 h + e) is row warp_wg * 16 + lane / 4 + 8 h, key column
+  // 8 nb + 2 quad + e; the A operand of the RS GEMM has the same order (two 16-bit values
+  // a register), so P is S converted element by element.
+  static_assert(decltype(size(tSrS))::value == kTileKv / 2, "S: 64 floats per thread");
+  static_assert(decltype(size(tOrP))::value == kTileKv / 2, "P: as S");
+  static_assert(decltype(size(tOrO))::value == D / 2, "O: 64 floats per thread");
+
+  // Barrier ids as immediates (a branch on the warpgroup), so no register holds them.
+  const bool wg1 = wg != 0;
+  auto wg_sync = [&] {
+    if (wg1) {
+      NamedSyncImm<Cfg::kBarWg0 + 1>(128);
+    } else {
+      NamedSyncImm<Cfg::kBarWg0>(128);
+    }
+  };
+  auto turn_wait = [&] {
+    if (!pingpong) return;
+    if (wg1) {
+      NamedSyncImm<Cfg::kBarTurn0 + 1>(256);
+    } else {
+      NamedSyncImm<Cfg::kBarTurn0>(256);
+    }
+  };
+  auto turn_pass = [&] {
+    if (!pingpong) return;
+    if (wg1) {
+      NamedArriveImm<Cfg::kBarTurn0>(256);
+    } else {
+      NamedArriveImm<Cfg::kBarTurn0 + 1>(256);
+    }
+  };
+  if (pingpong && wg == 1) NamedArrive(Cfg::kBarTurn0, 256);  // warpgroup 0 issues first
+
+  uint32_t kc = 0, vc = 0;  // K / V tiles consumed so far (ring position), across items
+  for (int item = item_begin; item < item_end; ++item) {
+    const WorkItem it = LoadWorkItem(p, item, Cfg::kTileQ);
+    if (it.request < 0) continue;
+    const TileRange tr = ItemTiles<kTileKv>(p, it);
+    const int n = tr.n;
+    const int nrows = it.num_rows;
+
+    // This thread's two rows (h = 0, 1) of the item tile.
+    int rr[2], qpos[2];
+    float slope[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      rr[h] = wg * Cfg::kWgRows + warp_wg * 16 + (lane >> 2) + 8 * h;
+      const int r = it.row_begin + rr[h];
+      qpos[h] = it.pos_base + r / G;
+      slope[h] = alibi ? AlibiSlope(kv_head * G + r % G, Hqo) * kLog2e : 0.f;
+    }
+    // Rows grow with the token: the warpgroup's first row has the smallest causal limit.
+    const int wg_min_limit = it.pos_base + (it.row_begin + wg * Cfg::kWgRows) / G;
+
+    clear(tOrO);
+    float m_run[2] = {kNegInf, kNegInf}, l_run[2] = {0.f, 0.f}, corr[2] = {0.f, 0.f};
+
+    // Softmax of tile step i (keys from kf): S -> 2^(logit - running max), in place.
+    auto softmax = [&](int i, bool any_bad, uint32_t absent_bits) {
+      const int kf = tr.kv_lo + (n - 1 - i) * kTileKv;
+      const bool need_mask = always_mask || any_bad || (causal && kf + kTileKv - 1 > wg_min_limit);
+      float sc = scale_log2;
+      if (need_mask) {
+#pragma unroll
+        for (int i2 = 0; i2 < kTileKv / 2; ++i2) {
+          const int nb = i2 >> 2, h = (i2 >> 1) & 1, e = i2 & 1;
+          const int col = 8 * nb + 2 * quad + e;
+          const int j = kf + col;
+          const bool absent = (absent_bits >> (8 * (nb & 3) + 2 * (nb >> 2) + e)) & 1u;
+          const bool vis = !absent && (!causal || j <= qpos[h]);
+          const float v = tSrS(i2) * scale_log2 + slope[h] * float(j - qpos[h]);
+          tSrS(i2) = vis ? v : kNegInf;
+        }
+        sc = 1.f;
+      }
+      float mx[2] = {kNegInf, kNegInf};
+#pragma unroll
+      for (int i2 = 0; i2 < kTileKv / 2; ++i2) {
+        const int h = (i2 >> 1) & 1;
+        mx[h] = fmaxf(mx[h], tSrS(i2));
+      }
+      float base[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+        const float m_new = fmaxf(m_run[h], mx[h] * sc);
+        base[h] = SafeMax(m_new);  // rows with nothing visible yet: exp2(-inf - 0) = 0
+        corr[h] = FastExp2(m_run[h] - base[h]);
+        m_run[h] = m_new;
+      }
+      float sum[2] = {0.f, 0.f};
+#pragma unroll
+      for (int i2 = 0; i2 < kTileKv / 2; ++i2) {
+        const int h = (i2 >> 1) & 1;
+        const float e2 = FastExp2(fmaf(tSrS(i2), sc, -base[h]));
+        tSrS(i2) = e2;
+        sum[h] += e2;
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) l_run[h] = l_run[h] * corr[h] + sum[h];
+    };
+    Tensor tOrP32 = recast<uint32_t>(tOrP);
+    auto convert_p = [&] {  // one packed convert per pair, element 2k in the low half
+#pragma unroll
+      for (int k = 0; k < kTileKv / 4; ++k) tOrP32(k) = PackPair<T>(tSrS(2 * k), tSrS(2 * k + 1));
+    };
+    auto rescale_o = [&] {
+#pragma unroll
+      for (int i2 = 0; i2 < D / 2; ++i2) tOrO(i2) *= corr[(i2 >> 1) & 1];
+    };
+    // One arrival per warp; __syncwarp first orders every lane's reads of the stage (the
+    // mask words) before lane 0's release, so the producer's next write cannot pass them.
+    auto release = [&](uint32_t bar) {
+      __syncwarp();
+      if (lane == 0) MbarArrive(bar);
+    };
+
+    if (n > 0) {
+      // ---- Q tile of this warpgroup (rows past the item are zeros) ----------------------------
+      {
+        // Every warp of the warpgroup is done with the previous item's Q (its GEMMs) and O
+        // staging before any Q store lands.
+        wg_sync();
+        const T* qg = static_cast<const T*>(p.q);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int idx = tw + 128 * k;  // (row, chunk pair c / c + 8): 64 x 8
+          const int row = idx >> 3, c = idx & 7;
+          const int r_item = wg * Cfg::kWgRows + row;
+          uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
+          if (r_item < nrows) {
+            const int r = it.row_begin + r_item;
+            const int64_t tok = it.q_base + r / G;
+            const int head = kv_head * G + r % G;
+            const T* src = qg + (tok * Hqo + head) * D + c * 8;
+            lo = LoadGlobal16(src);
+            hi = LoadGlobal16(src + D / 2);
+            if (rope) prefill_detail::RopePairs<T>(lo, hi, float(it.pos_base + r / G), s_freq + c * 8);
+          }
+          const uint32_t off = uint32_t(row * Cfg::kHalfBytes) + uint32_t((c ^ (row & 7)) << 4);
+          *reinterpret_cast<uint4*>(sq_bytes + off) = lo;
+          *reinterpret_cast<uint4*>(sq_bytes + Cfg::kWgRows * Cfg::kHalfBytes + off) = hi;
+        }
+        FenceProxyAsync();
+        wg_sync();
+      }
+
+      // ---- step 0: S_0 ----------------------------------------------------------------------
+      {
+        const uint32_t s = kc % S;
+        MbarWait(full_k(s), (kc / S) & 1);
+        FenceProxyAsync();
+        const uint4 words = s_mask[s];
+        const bool any_bad = (words.x | words.y | words.z | words.w) != 0u;
+        const uint32_t absent_bits = ThreadMask(words, quad);
+        turn_wait();
+        WgGemm<true>(mma_qk, tSrQ, tSrK(_, _, _, s), tSrS);
+        turn_pass();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tSrS);
+        release(empty_k(s));
+        ++kc;
+        softmax(0, any_bad, absent_bits);
+        convert_p();
+      }
+      // ---- steps 1 .. n-1: S_i = Q K_i^T and O += P_{i-1} V_{i-1}, softmax of S_i between ----
+      for (int i = 1; i < n; ++i) {
+        const uint32_t s = kc % S;
+        MbarWait(full_k(s), (kc / S) & 1);
+        FenceProxyAsync();
+        const uint4 words = s_mask[s];
+        const bool any_bad = (words.x | words.y | words.z | words.w) != 0u;
+        const uint32_t absent_bits = ThreadMask(words, quad);
+        turn_wait();
+        WgGemm<true>(mma_qk, tSrQ, tSrK(_, _, _, s), tSrS);
+        rescale_o();  // by the correction of step i - 1, before P_{i-1} V_{i-1} adds in
+        const uint32_t sv = vc % S;
+        MbarWait(full_v(sv), (vc / S) & 1);
+        FenceProxyAsync();
+        warpgroup_fence_operand(tOrP);
+        WgGemm<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
+        turn_pass();
+        warpgroup_wait<1>();  // S_i is ready; the P V GEMM may still run
+        warpgroup_fence_operand(tSrS);
+        release(empty_k(s));
+        ++kc;
+        softmax(i, any_bad, absent_bits);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrO);
+        warpgroup_fence_operand(tOrP);
+        release(empty_v(sv));
+        ++vc;
+        convert_p();
+      }
+      // ---- last: O += P_{n-1} V_{n-1} ----------------------------------------------------------
+      {
+        rescale_o();
+        const uint32_t sv = vc % S;
+        MbarWait(full_v(sv), (vc / S) & 1);
+        FenceProxyAsync();
+        turn_wait();
+        warpgroup_fence_operand(tOrP);
+        WgGemm<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
+        turn_pass();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrO);
+        warpgroup_fence_operand(tOrP);
+        release(empty_v(sv));
+        ++vc;
+      }
+    }
+
+    // ---- epilogue: normalise, write out/lse (or a partial row), merge splits ---------------------
+    float inv[2], lse[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
+      l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
+      const bool any = l_run[h] > 0.f;
+      inv[h] = any ? 1.f / l_run[h] : 0.f;
+      lse[h] = any ? m_run[h] + log2f(l_run[h]) : kNegInf;
+    }
+    int64_t hrow[2];  // (token, head) index of each row
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = it.row_begin + rr[h];
+      hrow[h] = (it.q_base + r / G) * Hqo + kv_head * G + r % G;
+    }
+    if (it.split < 0) {
+      // Stage O (input type) in this warpgroup's Q tile, then store whole 16-byte chunks.
+      wg_sync();  // every warp's GEMMs have stopped reading Q
+      const int row0 = warp_wg * 16 + (lane >> 2);
+#pragma unroll
+      for (int i2 = 0; i2 < D / 2; i2 += 2) {
+        const int nb = i2 >> 2, h = (i2 >> 1) & 1;
+        const int row = row0 + 8 * h;
+        const int col = 8 * nb + 2 * quad;
+        const uint32_t off = uint32_t(row * (D * 2)) + uint32_t(((col >> 3) ^ (row & 7)) << 4) +
+                             uint32_t((col & 7) * 2);
+        *reinterpret_cast<uint32_t*>(sq_bytes + off) =
+            PackPair<T>(tOrO(i2) * inv[h], tOrO(i2 + 1) * inv[h]);
+      }
+      wg_sync();
+      T* out = static_cast<T*>(p.out);
+#pragma unroll
+      for (int k = 0; k < Cfg::kWgRows * (D / 8) / 128; ++k) {
+        const int idx = tw + 128 * k;
+        const int row = idx / (D / 8), c = idx % (D / 8);
+        const int r_item = wg * Cfg::kWgRows + row;
+        if (r_item < nrows) {
+          const uint4 v = *reinterpret_cast<const uint4*>(sq_bytes + row * (D * 2) +
+                                                          ((c ^ (row & 7)) << 4));
+          const int r = it.row_begin + r_item;
+          const int64_t hr = (it.q_base + r / G) * Hqo + kv_head * G + r % G;
+          *reinterpret_cast<uint4*>(out + hr * D + c * 8) = v;
+        }
+      }
+      if (quad == 0) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          if (rr[h] < nrows) p.lse[hrow[h]] = lse[h];
+      }
+      // The next item's Q stores and O staging each come after a wg_sync.
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (rr[h] >= nrows) continue;
+        const int r = it.row_begin + rr[h];
+        const int64_t tok = it.q_base + r / G;
+        const int64_t prow = int64_t(__ldg(p.merge_indptr + tok)) + it.split;
+        if (prow < 0 || prow >= p.partial_rows_cap) continue;
+        const int64_t ph = prow * Hqo + kv_head * G + r % G;
+        float* dst = p.partial_o + ph * D;
+#pragma unroll
+        for (int i2 = 2 * h; i2 < D / 2; i2 += 4) {
+          const int col = 8 * (i2 >> 2) + 2 * quad;
+          *reinterpret_cast<float2*>(dst + col) =
+              make_float2(tOrO(i2) * inv[h], tOrO(i2 + 1) * inv[h]);
+        }
+        if (quad == 0) p.partial_lse[ph] = lse[h];
+      }
+      FinishSplitItemPartial<T, 256, Cfg::kTileQ>(p, int(threadIdx.x), Cfg::kBarConsumers,
+                                                 it.q_base, it.row_begin,
+                                                 it.row_begin + nrows, kv_head, s_scratch);
+    }
+  }
+  if (pingpong && wg == 0) NamedSync(Cfg::kBarTurn0, 256);  // warpgroup 1's last pass
+}
+
+// Grid [bin_cap, num_kv_heads], Cfg::kThreads threads, Cfg::kSmemBytes dynamic shared memory.
+template <typename T, int D, int Stages>
+__global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages>::kThreads, 1)
+    PrefillSm90Kernel(const __grid_constant__ AttentionParams p, const int pingpong) {
+#if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
+  using Cfg = PrefillSm90Cfg<T, D, Stages>;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024u - (SmemU32(smem_raw) & 1023u)) & 1023u);
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    const uint32_t bars = SmemU32(smem + Cfg::kBarOff);
+    for (int s = 0; s < Cfg::kStages; ++s) {
+      MbarInit(bars + 8 * s, Cfg::kFullKCount);
+      MbarInit(bars + 8 * (Cfg::kStages + s), Cfg::kFullVCount);
+      MbarInit(bars + 8 * (2 * Cfg::kStages + s), Cfg::kEmptyCount);
+      MbarInit(bars + 8 * (3 * Cfg::kStages + s), Cfg::kEmptyCount);
+    }
+    MbarInitFence();
+  }
+  if (p.pos_encoding == PosEncoding::kRopeLlama) {
+    // The double-precision formula of the CPU backend and the sm80 kernel.
+    float* s_freq = reinterpret_cast<float*>(smem + Cfg::kFreqOff);
+    for (int d = tid; d < D / 2; d += Cfg::kThreads)
+      s_freq[d] = float(pow(double(p.rope_theta), -2.0 * double(d) / double(D)) /
+                        double(p.rope_scale));
+  }
+  __syncthreads();
+  const int bin = blockIdx.x;
+  const int item_begin = max(__ldg(p.bin_indptr + bin), 0);
+  const int item_end = min(__ldg(p.bin_indptr + bin + 1), p.layout.work_cap);
+  if (tid >= 256) {
+    RegDealloc<Cfg::kProducerRegs>();
+    ProduceItems<T, D, Stages>(p, smem, item_begin, item_end);
+  } else {
+    RegAlloc<Cfg::kConsumerRegs>();
+    ConsumeItems<T, D, Stages>(p, smem, item_begin, item_end, pingpong != 0);
+  }
+  WaitForPrimaryGrid();  // never finish before the setup pass (dependent_launch.cuh)
+#else
+  // Built for a target without wgmma/setmaxnreg (anything but sm_90a): the launcher only
+  // launches on compute capability 9.0, where such code could only come from a JIT of
+  // older PTX; fail loudly rather than return nothing.
+  (void)p;
+  (void)pingpong;
+  __trap();
+#endif
+}
+
+}  // namespace sm90
+}  // namespace jax_pagedattn

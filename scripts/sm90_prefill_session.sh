@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# One call on the offline GPU machine (an H200) for the sm90 prefill kernel
+# (cuda/kernels/sm90/): build tests/cuda/prefill_harness.cu with -DJPA_HARNESS_SM90
+# against the CUTLASS/CuTe headers carried in .cutlass/, then run, each stage bounded by
+# a timeout and none stopping the others:
+#   check      all correctness cases + garbage plans (harness `all` minus bench)
+#   bench      TFLOP/s of the sm80 kernel and the sm90 kernel (pingpong on / off), same process
+#   sass       HGMMA count and local-memory traffic in the sm90 kernel's SASS
+#   ncu        hardware counters and the hottest SASS lines of one timed launch per row
+#              of $NCU_ROWS (bench rows, 0-based), not run unless named
+#   memcheck / racecheck / synccheck   compute-sanitizer on the reduced set (`quick`)
+# SM90_STAGES picks stages (default: all but ncu). Logs go to $OUT (default /tmp/sm90_out): summary.txt, check.log, bench.log and
+# sm90_logs.tgz (everything); the summary table is printed last.
+#
+#   bash scripts/sm90_prefill_session.sh        # device tool: carry [".cutlass"]
+#
+# Installs nothing. The headers: .cutlass/unpacked/cutlass_library/source/include, or
+# the wheel .cutlass/nvidia_cutlass-*.whl unzipped with python3 -m zipfile.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+t_start=$(date +%s)
+budget=${SM90_BUDGET_S:-285}  # seconds for the whole call; stages get what is left
+out=${OUT:-/tmp/sm90_out}
+run=/tmp/sm90_run
+rm -rf "$run" && mkdir -p "$run" "$out"
+summary=()
+note() { summary+=("$1"); }
+pack() {
+  cp "$run"/check.log "$run"/bench.log "$out"/ 2>/dev/null
+  printf '%s\n' "${summary[@]}" >"$out/summary.txt"
+  tar czf "$out/sm90_logs.tgz" -C "$run" --exclude='*.o' --exclude='prefill_harness_sm90*' . 2>/dev/null
+  true
+}
+trap pack EXIT
+left() { echo $(( budget - ($(date +%s) - t_start) )); }
+# timeout for a stage: its own cap, or what is left of the budget
+cap() { local l; l=$(left); (( l < $1 )) && echo "$l" || echo "$1"; }
+
+pick() { command -v "$1" 2>/dev/null || { [ -x "/usr/local/cuda/bin/$1" ] && echo "/usr/local/cuda/bin/$1"; }; }
+NVCC=${NVCC:-$(pick nvcc)}
+SANITIZER=$(pick compute-sanitizer)
+CUOBJDUMP=$(pick cuobjdump)
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
+    --format=csv,noheader >"$run/gpu.txt" 2>&1
+else
+  echo "nvidia-smi not found" >"$run/gpu.txt"
+fi
+note "gpu: $(head -1 "$run/gpu.txt")"
+
+# ---- headers ----------------------------------------------------------------------------
+inc=.cutlass/unpacked/cutlass_library/source/include
+if [ ! -d "$inc/cute" ]; then
+  whl=$(ls .cutlass/nvidia_cutlass-*.whl 2>/dev/null | head -1)
+  if [ -n "$whl" ]; then
+    python3 -m zipfile -e "$whl" /tmp/sm90_cutlass >/dev/null 2>&1
+    inc=/tmp/sm90_cutlass/cutlass_library/source/include
+  fi
+fi
+[ -d "$inc/cute" ] || note "headers: NOT FOUND (carry .cutlass)"
+
+# ---- build (five translation units in parallel) ---------------------------------------------
+# Two harness binaries: the production kernel (ptxas report, SASS, bench, sanitizers) and a
+# test build with -DJPA_SM90_WATCHDOG (check, garbage plans), whose mbarrier waits trap
+# after 4 s with the barrier named, so a broken protocol cannot hang the call.
+bin=$run/prefill_harness_sm90
+bin_wd=$run/prefill_harness_sm90_watchdog
+flags=(-std=c++17 -O3 -lineinfo --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a
+       -Icuda/include -Icuda/kernels "-I$inc")
+t0=$(date +%s)
+"$NVCC" "${flags[@]}" -Xptxas -v -c cuda/kernels/sm90/prefill_sm90.cu -o "$run/prefill_sm90.o" \
+  >"$run/build_sm90.log" 2>&1 & p1=$!
+"$NVCC" "${flags[@]}" -DJPA_SM90_WATCHDOG -c cuda/kernels/sm90/prefill_sm90.cu \
+  -o "$run/prefill_sm90_wd.o" >"$run/build_sm90_wd.log" 2>&1 & p5=$!
+"$NVCC" "${flags[@]}" -c cuda/kernels/prefill.cu -o "$run/prefill.o" >"$run/build_sm80.log" 2>&1 & p2=$!
+"$NVCC" "${flags[@]}" -c cuda/kernels/merge_setup.cu -o "$run/merge_setup.o" >"$run/build_setup.log" 2>&1 & p3=$!
+"$NVCC" "${flags[@]}" -DJPA_HARNESS_SM90 -c tests/cuda/prefill_harness.cu -o "$run/harness.o" \
+  >"$run/build_harness.log" 2>&1 & p4=$!
+brc=0
+for pid in $p1 $p2 $p3 $p4 $p5; do wait "$pid" || brc=1; done
+if (( brc == 0 )); then
+  "$NVCC" -gencode=arch=compute_90a,code=sm_90a "$run/harness.o" "$run/prefill_sm90.o" \
+    "$run/prefill.o" "$run/merge_setup.o" -o "$bin" >"$run/build_link.log" 2>&1 || brc=1
+  "$NVCC" -gencode=arch=compute_90a,code=sm_90a "$run/harness.o" "$run/prefill_sm90_wd.o" \
+    "$run/prefill.o" "$run/merge_setup.o" -o "$bin_wd" >>"$run/build_link.log" 2>&1 || brc=1
+fi
+cat "$run"/build_*.log >"$run/build.log" 2>/dev/null
+ptx=$(grep -E "spill|Used" "$run/build_sm90.log" | sed 's/ptxas info *: //' | sort | uniq -c | tr -s ' ' | paste -sd ';' -)
+note "build: rc=$brc ($(( $(date +%s) - t0 )) s); sm90 ptxas (2 kernels): ${ptx:-none}"
+if (( brc != 0 )); then
+  grep -E "error|Error" "$run/build.log" | head -20
+fi
+
+# ---- stages ----------------------------------------------------------------------------------
+check_timed_out=0
+if [ -x "$bin" ] && [ -x "$bin_wd" ]; then
+  want() { [[ " ${SM90_STAGES:-check bench sass memcheck racecheck synccheck} " == *" $1 "* ]]; }
+  # check: the full case list, then garbage plans (watchdog build)
+  t0=$(date +%s)
+  if want check; then
+  timeout "$(cap 110)" "$bin_wd" check 1234 >"$run/check.log" 2>&1; rc=$?
+  timeout "$(cap 60)" "$bin_wd" garbage 99 >>"$run/check.log" 2>&1; rc2=$?
+  JPA_SM90_STAGES=3 timeout "$(cap 40)" "$bin_wd" quick 4321 >"$run/check_3stages.log" 2>&1
+  note "check, 3 stages (quick set): rc=$? $(grep -c 'PASS$' "$run/check_3stages.log") PASS, $(grep -c FAIL "$run/check_3stages.log") FAIL lines"
+  (( rc == 124 || rc2 == 124 )) && check_timed_out=1
+  npass=$(grep -c "PASS$" "$run/check.log"); nfail=$(grep -c "FAIL" "$run/check.log")
+  note "check: rc=$rc garbage rc=$rc2 (124 = timeout); $npass PASS, $nfail FAIL lines; watchdog: $(grep -c 'sm90 watchdog' "$run/check.log") ($(( $(date +%s) - t0 )) s)"
+  grep -E "FAIL|error|rror:|watchdog" "$run/check.log" | head -20
+  if (( rc != 0 || rc2 != 0 )); then
+    echo "check: last lines of check.log:"; tail -4 "$run/check.log"
+    # Diagnostic: the same cases without the warpgroup pingpong.
+    JPA_SM90_PINGPONG=0 timeout "$(cap 60)" "$bin_wd" check 1234 >"$run/check_nopingpong.log" 2>&1
+    note "check without pingpong: rc=$? $(grep -c 'PASS$' "$run/check_nopingpong.log") PASS, $(grep -c FAIL "$run/check_nopingpong.log") FAIL lines"
+  fi
+  fi
+
+  # bench: sm80 and sm90 side by side
+  if want bench; then
+  t0=$(date +%s)
+  timeout "$(cap 100)" "$bin" bench 7 >"$run/bench.log" 2>&1; rc=$?
+  note "bench: rc=$rc ($(( $(date +%s) - t0 )) s)"
+  (( rc != 0 )) && { echo "bench: last lines of bench.log:"; tail -4 "$run/bench.log"; }
+  fi
+
+  # ncu: one timed launch of the sm90 kernel on each bench row of $NCU_ROWS (full set,
+  # per-instruction stall samples), the hottest SASS lines printed by scripts/ncu_hot_sass.py
+  if want ncu && command -v ncu >/dev/null; then
+    for r in ${NCU_ROWS:-0 4}; do
+      t0=$(date +%s)
+      JPA_BENCH_ROWS=$r timeout "$(cap 90)" ncu --clock-control none -k regex:PrefillSm90Kernel \
+        --launch-skip 3 --launch-count 1 --set full --import-source yes -f -o "$run/ncu_row$r" \
+        "$bin" bench 7 >"$run/ncu_row$r.log" 2>&1
+      note "ncu row $r: rc=$? ($(( $(date +%s) - t0 )) s)"
+      ncu --import "$run/ncu_row$r.ncu-rep" --page details >"$run/ncu_row$r.txt" 2>&1
+      ncu --import "$run/ncu_row$r.ncu-rep" --page source --csv --print-source sass \
+        >"$run/ncu_row${r}_sass.csv" 2>&1
+      python3 scripts/ncu_hot_sass.py "$run/ncu_row${r}_sass.csv" >"$run/ncu_row${r}_hot.txt" 2>&1
+      cp "$run/ncu_row$r.txt" "$run/ncu_row${r}_hot.txt" "$out"/ 2>/dev/null
+    done
+  fi
+
+  # sass
+  if ! want sass; then
+    :
+  elif [ -n "$CUOBJDUMP" ]; then
+    "$CUOBJDUMP" --dump-sass "$run/prefill_sm90.o" >"$run/prefill_sm90.sass" 2>&1
+    note "sass: HGMMA $(grep -c HGMMA "$run/prefill_sm90.sass"), LDL/STL $(grep -cE 'LDL|STL' "$run/prefill_sm90.sass"), kernels $(grep -c 'Function :' "$run/prefill_sm90.sass")"
+  else
+    note "sass: cuobjdump not found"
+  fi
+
+  # sanitizers on the reduced set; shorter when check hung (they would hang too)
+  if [ -n "$SANITIZER" ]; then
+    for tool in memcheck racecheck synccheck; do
+      want "$tool" || continue
+      l=$(left)
+      if (( l < 15 )); then note "$tool: skipped (budget)"; continue; fi
+      t=$(cap 75); (( check_timed_out )) && t=$(cap 25)
+      t0=$(date +%s)
+      timeout "$t" "$SANITIZER" --tool "$tool" --error-exitcode 9 "$bin" quick 5 \
+        >"$run/sanitizer_$tool.log" 2>&1; rc=$?
+      res=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|case\(s\) failed" "$run/sanitizer_$tool.log" | tr '\n' ' ')
+      note "$tool: rc=$rc (9 = errors, 124 = timeout) ${res} ($(( $(date +%s) - t0 )) s)"
+    done
+  else
+    note "sanitizers: compute-sanitizer not found"
+  fi
+else
+  note "stages: skipped, no binary"
+fi
+
+# ---- summary ---------------------------------------------------------------------------------
+echo
+echo "== bench (TFLOP/s; causal rows count the visible half) =="
+grep -E "^bench" "$run/bench.log" 2>/dev/null | sed -E 's/^bench bf16 +//; s/ +/ /g'
+echo
+echo "== summary (total $(( $(date +%s) - t_start )) s; logs in $out) =="
+printf '%s\n' "${summary[@]}"
