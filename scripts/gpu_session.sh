@@ -7,6 +7,8 @@
 #   STAGES="bench bench2" BENCH="decode --preset design" BENCH2="decode --preset variants \
 #     --systems ours,flashinfer --no-host" bash scripts/gpu_session.sh
 #
+# The sm90 prefill kernel is built when .cutlass/ holds the nvidia-cutlass wheel
+# (shared/tools/cutlass_wheel.sh; carry that one file).
 # Stages: tests (pytest -m gpu, PYTEST_K narrows it), memcheck / racecheck
 # (compute-sanitizer on scripts/sanitizer_cases.py, our kernels only), bench, bench2,
 # bench3 (python -m jax_pagedattn.bench with $BENCH / $BENCH2 / $BENCH3 as arguments;
@@ -28,16 +30,25 @@ summary=()
 pack() { tar czf "$out/run.tgz" -C "$run" . ; cp "$run"/*.png "$out"/ 2>/dev/null; true; }
 trap pack EXIT
 
+# CuTe headers for the sm90 prefill kernel: the nvidia-cutlass wheel carried in .cutlass/.
+if ls .cutlass/nvidia_cutlass-*.whl >/dev/null 2>&1; then
+  python3 -m zipfile -e "$(ls .cutlass/nvidia_cutlass-*.whl | head -1)" /tmp/cutlass >/dev/null 2>&1
+  export JAX_PAGEDATTN_CUTLASS_INCLUDE=/tmp/cutlass/cutlass_library/source/include JAX_PAGEDATTN_SM90=1
+fi
 t0=$(date +%s)
-if ! python3 -m pip install --no-build-isolation --no-deps -v . >"$run/build.log" 2>&1; then
+if [ "${SKIP_BUILD:-0}" = 1 ]; then  # installed already (scripts/prefill_session.sh)
+  cp /tmp/pip_build.log "$run/build.log" 2>/dev/null || echo "SKIP_BUILD=1" >"$run/build.log"
+elif ! python3 -m pip install --no-build-isolation --no-deps -v . >"$run/build.log" 2>&1; then
   tail -40 "$run/build.log"
   exit 1
 fi
-summary+=("build: ok ($(( $(date +%s) - t0 )) s)")
+summary+=("build: ok ($(( $(date +%s) - t0 )) s; $(grep -o 'sm90 prefill [A-Z]*' "$run/build.log" | head -1))")
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
   --format=csv,noheader >"$run/gpu.txt" 2>&1
 
-if ls .fi/*.whl >/dev/null 2>&1; then
+if [ -d /tmp/fi/flashinfer ]; then
+  export PYTHONPATH=/tmp/fi FLASHINFER_CUDA_ARCH_LIST=9.0a MAX_JOBS=16
+elif ls .fi/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/fi .fi/*.whl >"$run/fi_install.log" 2>&1
   export PYTHONPATH=/tmp/fi FLASHINFER_CUDA_ARCH_LIST=9.0a MAX_JOBS=16
 fi

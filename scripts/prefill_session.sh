@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One device call for prefill work, with the slow CPU parts overlapped:
+#   in the background from the start: our extension's pip build (with the sm90 kernel,
+#   CuTe from .cutlass/) and FlashInfer's JIT of its prefill kernels (scripts/fi_warmup.py);
+#   in the foreground: scripts/sm90_prefill_session.sh (harness build, then its GPU
+#   stages: $SM90_STAGES);
+#   then, once the build is in: scripts/gpu_session.sh with SKIP_BUILD=1 and $STAGES
+#   (default "tests bench": the GPU pytest narrowed by $PYTEST_K, and $BENCH).
+# Carry .cutlass and .fi. Each part prints its own summary; every log is packed into
+# $OUT/session.tgz, with the ncu digests and the bench tables beside it.
+#
+#   STAGES="tests bench" PYTEST_K=prefill BENCH="prefill --preset design" \
+#     bash scripts/prefill_session.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+final=${OUT:-/tmp/prefill_out}
+out=/tmp/prefill_session
+rm -rf "$out" && mkdir -p "$out" "$final"
+pack() {
+  cp /tmp/pip_build.log /tmp/fi_warmup.log "$out"/ 2>/dev/null
+  tar czf "$final/session.tgz" -C "$out" . 2>/dev/null
+  cp "$out"/harness/ncu_row*_hot.txt /tmp/jpa_run/*.md "$final"/ 2>/dev/null
+  true
+}
+trap pack EXIT
+trap "exit 143" TERM
+export PYTHONUNBUFFERED=1 JAX_PAGEDATTN_CUDA=1 JAX_PAGEDATTN_CUDA_ARCHS=${JAX_PAGEDATTN_CUDA_ARCHS:-90a-real}
+t_start=$(date +%s)
+
+whl=$(ls .cutlass/nvidia_cutlass-*.whl 2>/dev/null | head -1)
+if [ -n "$whl" ]; then
+  python3 -m zipfile -e "$whl" /tmp/cutlass >/dev/null 2>&1
+  export JAX_PAGEDATTN_CUTLASS_INCLUDE=/tmp/cutlass/cutlass_library/source/include JAX_PAGEDATTN_SM90=1
+fi
+
+(python3 -m pip install --no-build-isolation --no-deps -v . >/tmp/pip_build.log 2>&1
+ echo $? >/tmp/pip_build.rc) &
+build_pid=$!
+
+if ls .fi/*.whl >/dev/null 2>&1 && [ "${FI_WARMUP:-fa3 fa2}" != none ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/fi .fi/*.whl >/tmp/fi_install.log 2>&1
+  (export PYTHONPATH=/tmp/fi FLASHINFER_CUDA_ARCH_LIST=9.0a MAX_JOBS=16
+   python3 scripts/fi_warmup.py ${FI_WARMUP:-fa3 fa2} --head-dims "${FI_HEAD_DIMS:-128}" \
+     --pos-encodings "${FI_POS:-NONE}" >/tmp/fi_warmup.log 2>&1) &
+fi
+
+if [ "${SM90_STAGES:-check bench sass}" != none ]; then
+  SM90_STAGES=${SM90_STAGES:-check bench sass} OUT=$out/harness bash scripts/sm90_prefill_session.sh
+fi
+
+wait "$build_pid"
+echo "== pip build: rc=$(cat /tmp/pip_build.rc) ($(( $(date +%s) - t_start )) s since start;" \
+  "$(grep -o 'sm90 prefill [A-Z]*' /tmp/pip_build.log | head -1)) =="
+[ "$(cat /tmp/pip_build.rc)" = 0 ] || { tail -30 /tmp/pip_build.log; exit 1; }
+wait  # FlashInfer's JIT
+cat /tmp/fi_warmup.log 2>/dev/null | tail -5
+STAGES=${STAGES-tests bench} SKIP_BUILD=1 OUT=$out/lib bash scripts/gpu_session.sh
+echo "== prefill session: $(( $(date +%s) - t_start )) s =="
