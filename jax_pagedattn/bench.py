@@ -75,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog="Length specs: N | A:B (uniform) | zipf:LO:HI[:S] | lognormal:LO:HI[:SIGMA].\n"
              "Presets: decode " + ", ".join(wl.PRESETS["decode"]) + "; prefill "
-             + ", ".join(wl.PREFILL_PRESETS) + ". Groups: all, design (DESIGN.md §6 rows), "
-             "variants (decode: head_dim, page size and head-count variants of 64x4096), "
+             + ", ".join(wl.PRESETS["prefill"]) + ". Groups: all, design (DESIGN.md §6 rows, "
+             "chunked and variable-length prefill), variants (decode: head_dim, page size "
+             "and head-count variants of 64x4096; prefill: head_dim, page size and position "
+             "encodings of 4x2048), "
              "model16 / model32 (decode: the model-shaped step of the headline rows).")
   p.add_argument("kind", choices=("decode", "prefill", "all"))
   g = p.add_argument_group("workloads")
@@ -91,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--prefix", type=int, default=0,
                  help="prefill: cached keys before each request's new tokens")
   g.add_argument("--no-causal", action="store_true", help="prefill without a causal mask")
+  g.add_argument("--pos-encoding", default="NONE", choices=("NONE", "ROPE_LLAMA", "ALIBI"),
+                 help="position encoding applied inside the attention")
   g.add_argument("--heads", default="32/8", help="query heads / kv heads (default 32/8)")
   g.add_argument("--head-dim", type=int, default=128)
   g.add_argument("--page-size", type=int, default=16)
@@ -139,7 +143,7 @@ def _workloads(args, kind: str) -> list[wl.Workload]:
   heads = wl.parse_heads(args.heads)
   common = dict(heads=heads, head_dim=args.head_dim, page_size=args.page_size,
                 kv_layout=args.layout, dtype=args.dtype, causal=not args.no_causal,
-                prefix=args.prefix, seed=args.seed)
+                prefix=args.prefix, seed=args.seed, pos_encoding=args.pos_encoding)
   custom = args.batch is not None or args.kv_len is not None
   preset = args.preset if args.preset is not None else (None if custom else "all")
   layers = {} if args.layers is None or kind != "decode" else {"layers": args.layers}
@@ -197,6 +201,10 @@ def _meta(args, device) -> dict:
     import jax_pagedattn
 
     meta["jax_pagedattn"] = jax_pagedattn.__version__
+    from jax_pagedattn import _ext
+
+    meta["sm90_prefill_built"] = _ext.HAS_SM90_PREFILL
+    meta["sm90_prefill_env"] = os.environ.get("JAX_PAGEDATTN_SM90_PREFILL", "")
   except Exception:  # noqa: BLE001
     pass
   for mod in ("torch", "flashinfer"):
@@ -222,6 +230,8 @@ def _measure_ceilings(args, cfg, platform, say) -> dict:
       if torch.cuda.is_available():
         c = timing.copy_ceiling_torch(int(copy_mb * (1 << 20)), cfg)
         out["copy_torch"], out["copy_gbps_torch"] = c, c["gbps"]
+        r = timing.read_ceiling_torch(int(copy_mb * (1 << 20)), cfg)
+        out["read_torch"], out["read_gbps"] = r, r["gbps"]
         del torch
     except Exception as e:  # noqa: BLE001
       say(f"copy ceiling (torch) skipped: {type(e).__name__}: {e}")

@@ -58,6 +58,16 @@ class Case:
 
   def reference(self) -> np.ndarray:
     """float32 output of the jax.numpy paged reference on page set 0 (computed once)."""
+    if self._ref is None and self.w.pos_encoding != "NONE":
+      # The jnp baseline has no position encodings: the eager oracle does them.
+      from jax_pagedattn import reference
+
+      s = self.sets[0]
+      out, _ = reference.batch_attention(
+          self.q, self.cache, wl.qo_indptr(self.w), s.kv_indptr, s.kv_indices,
+          s.kv_last_page_len, kv_layout=self.w.kv_layout, causal=self.w.causal,
+          pos_encoding_mode=self.w.pos_encoding)
+      self._ref = np.asarray(out, np.float32)
     if self._ref is None:
       import jax
 
@@ -145,7 +155,8 @@ def run_ours(case: Case, *, tensor_cores: bool = False) -> dict:
 
     def plan(s):
       return wrapper.plan(s.kv_indptr, s.kv_indices, s.kv_last_page_len, w.num_qo_heads,
-                          w.num_kv_heads, w.head_dim, w.page_size, q_data_type=w.dtype)
+                          w.num_kv_heads, w.head_dim, w.page_size,
+                          pos_encoding_mode=w.pos_encoding, q_data_type=w.dtype)
   else:
     wrapper = jax_pagedattn.BatchPrefillWithPagedKVCacheWrapper(kv_layout=w.kv_layout)
     qo = wl.qo_indptr(w)
@@ -153,7 +164,7 @@ def run_ours(case: Case, *, tensor_cores: bool = False) -> dict:
     def plan(s):
       return wrapper.plan(qo, s.kv_indptr, s.kv_indices, s.kv_last_page_len, w.num_qo_heads,
                           w.num_kv_heads, w.head_dim, w.page_size, causal=w.causal,
-                          q_data_type=w.dtype)
+                          pos_encoding_mode=w.pos_encoding, q_data_type=w.dtype)
 
   plans = tuple(plan(s) for s in case.sets)
   # The kernel time is timed with each plan already on the device, as FlashInfer's
@@ -197,6 +208,11 @@ def run_ours(case: Case, *, tensor_cores: bool = False) -> dict:
     result["pipelined_overhead_us"] = result["step_pipelined_us"] - result["time_us"]
     result["step_pipelined_whole_loop_us"] = 1e6 * whole_s
   return result
+
+
+def _no_pos_encoding(case: Case, system: str) -> None:
+  if case.w.pos_encoding != "NONE":
+    raise Skip(f"{system} has no {case.w.pos_encoding} inside the attention")
 
 
 def _jnp_args(case: Case):
@@ -258,6 +274,7 @@ def _jnp_step(q, consts, table, *, w: wl.Workload):
 
 
 def run_jnp(case: Case) -> dict:
+  _no_pos_encoding(case, "the jnp baseline")
   consts, rots = _jnp_args(case)
   result = _time_jax_system(case, functools.partial(_jnp_step, w=case.w), case.q, consts, rots)
   # Its rel_err against itself says nothing; on batches small enough for the eager
@@ -306,6 +323,7 @@ def run_pallas(case: Case) -> dict:
   import jax
   import jax.numpy as jnp
 
+  _no_pos_encoding(case, "the Pallas GPU kernel")
   try:
     from jax.experimental.pallas.ops.gpu import paged_attention as pallas_paged
   except Exception as e:  # noqa: BLE001 (any import failure means: absent)
@@ -345,6 +363,7 @@ def run_dense(case: Case, *, implementation: str) -> dict:
   import jax.numpy as jnp
 
   w = case.w
+  _no_pos_encoding(case, "jax.nn.dot_product_attention")
   if not np.array_equal(w.qo_lens, w.kv_lens):
     raise Skip("dense baselines need kv_len == qo_len (no --prefix): jax.nn causal masks "
                "are top-left aligned")
@@ -412,6 +431,8 @@ def to_torch(x):
 
 
 def run_flashinfer(case: Case, *, mode: str) -> dict:
+  if mode == "fa3":
+    _no_pos_encoding(case, "FlashInfer's FA3 prefill")
   torch, flashinfer = _flashinfer(case)
   w = case.w
   tdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -434,7 +455,7 @@ def run_flashinfer(case: Case, *, mode: str) -> dict:
 
     def plan(wrapper, a):
       wrapper.plan(a[0], a[1], a[2], w.num_qo_heads, w.num_kv_heads, w.head_dim, w.page_size,
-                   pos_encoding_mode="NONE", q_data_type=tdtype, kv_data_type=tdtype)
+                   pos_encoding_mode=w.pos_encoding, q_data_type=tdtype, kv_data_type=tdtype)
   else:
     def make():
       return flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, w.kv_layout, backend=mode)
@@ -443,7 +464,8 @@ def run_flashinfer(case: Case, *, mode: str) -> dict:
       wrapper.plan(qo_indptr=qo, paged_kv_indptr=a[0], paged_kv_indices=a[1],
                    paged_kv_last_page_len=a[2], num_qo_heads=w.num_qo_heads,
                    num_kv_heads=w.num_kv_heads, head_dim_qk=w.head_dim, page_size=w.page_size,
-                   causal=w.causal, q_data_type=tdtype, kv_data_type=tdtype)
+                   causal=w.causal, pos_encoding_mode=w.pos_encoding, q_data_type=tdtype,
+                   kv_data_type=tdtype)
 
   # One wrapper per page set: each keeps its own plan, and runs share the workspace
   # (they are sequential on one stream).

@@ -174,7 +174,8 @@ def format_model(records: list[dict], workloads: dict) -> str:
 
 def format_ceilings(ceilings: dict) -> str:
   parts = []
-  for key, label in (("copy_gbps_jax", "copy (jax)"), ("copy_gbps_torch", "copy (torch)")):
+  for key, label in (("copy_gbps_jax", "copy (jax)"), ("copy_gbps_torch", "copy (torch)"),
+                     ("read_gbps", "read-only sum (torch)")):
     if ceilings.get(key):
       parts.append(f"{label} {ceilings[key]:.1f} GB/s")
   if ceilings.get("matmul_tflops"):

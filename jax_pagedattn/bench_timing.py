@@ -204,6 +204,17 @@ def copy_ceiling_torch(nbytes: int, cfg: TimingConfig) -> dict:
   return dict(system="torch", bytes=2 * n * 4, gbps=2 * n * 4 / t.median_s / 1e9, **t.as_dict())
 
 
+def read_ceiling_torch(nbytes: int, cfg: TimingConfig) -> dict:
+  """Read-only streaming rate: a sum over nbytes of float32 (one scalar written). Decode
+  reads its cache and writes little, so this, not the copy, is its floor."""
+  import torch
+
+  n = max(1, nbytes // 4)
+  src = torch.randn(n, device="cuda", dtype=torch.float32)
+  t = time_torch_chain(lambda i, q: src.sum(), None, cfg=cfg)
+  return dict(system="torch", bytes=n * 4, gbps=n * 4 / t.median_s / 1e9, **t.as_dict())
+
+
 def matmul_ceiling_jax(n: int, cfg: TimingConfig) -> dict:
   """bf16 n x n x n matmul rate (jnp.dot under jit), 2 n^3 flops per call."""
   import jax

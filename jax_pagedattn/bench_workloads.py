@@ -45,9 +45,21 @@ PREFILL_PRESETS = {
     "4x2048": (4, "2048"),
     "1x8192": (1, "8192"),
     "16x512": (16, "512"),
+    # Chunked prefill: 1024 new tokens over a 4096-token cached prefix.
+    "8x1024+4096": (8, "1024", dict(prefix=4096)),
+    # Variable lengths: many short prompts and a few long ones.
+    "lognormal16": (16, "lognormal:64:8192"),
+}
+# The rows issue 14 holds prefill to with one setting changed from 4 x 2048.
+PREFILL_VARIANTS = {
+    "d64-4x2048": (4, "2048", dict(head_dim=64)),
+    "d256-4x2048": (4, "2048", dict(head_dim=256)),
+    "page1-4x2048": (4, "2048", dict(page_size=1)),
+    "rope-4x2048": (4, "2048", dict(pos_encoding="ROPE_LLAMA")),
+    "alibi-4x2048": (4, "2048", dict(pos_encoding="ALIBI")),
 }
 PRESETS = {"decode": {**DECODE_PRESETS, **DECODE_VARIANTS, **DECODE_MODEL},
-           "prefill": PREFILL_PRESETS}
+           "prefill": {**PREFILL_PRESETS, **PREFILL_VARIANTS}}
 # Names that --preset accepts for several presets at once ('all' leaves out the model
 # steps, which allocate a cache per layer: ask for them by name or group).
 PRESET_GROUPS = {
@@ -55,7 +67,8 @@ PRESET_GROUPS = {
                "variants": list(DECODE_VARIANTS),
                **{f"model{layers}": [n for n, v in DECODE_MODEL.items()
                                      if v[2]["layers"] == layers] for layers in MODEL_LAYERS}},
-    "prefill": {"all": list(PREFILL_PRESETS), "design": list(PREFILL_PRESETS), "variants": []},
+    "prefill": {"all": [*PREFILL_PRESETS, *PREFILL_VARIANTS], "design": list(PREFILL_PRESETS),
+                "variants": list(PREFILL_VARIANTS)},
 }
 
 
@@ -192,6 +205,8 @@ class Workload:
   # > 1: a model-shaped decode step of this many attention ops, each layer with its own
   # cache, sharing one fresh plan per step (bench_model.py); times are per layer.
   layers: int = 1
+  # "NONE", "ROPE_LLAMA" or "ALIBI" (applied inside the attention, DESIGN.md §3).
+  pos_encoding: str = "NONE"
 
   @property
   def batch(self) -> int:
@@ -254,12 +269,12 @@ class Workload:
                 num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, page_size=self.page_size,
                 kv_layout=self.kv_layout, dtype=self.dtype, causal=self.causal,
                 kv_bytes=self.kv_bytes, bytes_moved=self.bytes_moved, flops=self.flops,
-                layers=self.layers)
+                layers=self.layers, pos_encoding=self.pos_encoding)
 
 
 def make_workload(name, kind, batch, length_spec, *, heads=(32, 8), head_dim=128, page_size=16,
                   kv_layout="NHD", dtype="bfloat16", causal=True, prefix=0, seed=0,
-                  layers=1) -> Workload:
+                  layers=1, pos_encoding="NONE") -> Workload:
   """Draws the lengths (seeded by the workload name too, so each preset keeps its lengths
   when other presets are added or removed from a sweep)."""
   if batch < 1:
@@ -285,7 +300,7 @@ def make_workload(name, kind, batch, length_spec, *, heads=(32, 8), head_dim=128
                   num_kv_heads=heads[1], head_dim=head_dim, page_size=page_size,
                   kv_layout=kv_layout, dtype=canonical_dtype(dtype),
                   causal=bool(causal) if kind == "prefill" else False, length_spec=str(length_spec),
-                  layers=int(layers))
+                  layers=int(layers), pos_encoding=str(pos_encoding))
 
 
 def _stable_hash(text: str) -> int:

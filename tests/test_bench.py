@@ -175,6 +175,21 @@ def test_cli_prefill_json(tmp_path):
   assert "plan_host_us" in res["ours"]
 
 
+@pytest.mark.parametrize("pos", ["ROPE_LLAMA", "ALIBI"])
+def test_cli_prefill_position_encodings(tmp_path, pos):
+  # Ours is checked against the oracle with the same encoding (a run without it would be
+  # far off); the systems without in-kernel encodings are skipped, not timed wrong.
+  out = tmp_path / "prefill.json"
+  bench.main(["prefill", *TINY, "--pos-encoding", pos, "--systems", "ours,jnp,xla",
+              "--json", str(out)])
+  doc = _load(out)
+  assert doc["workloads"]["prefill/2x64"]["pos_encoding"] == pos
+  res = _by_system(doc)
+  assert res["ours"]["status"] == "ok" and res["ours"]["rel_err"] < 2e-2, res["ours"]
+  assert res["jnp"]["status"] == "skipped" and pos in res["jnp"]["message"]
+  assert res["xla-dense"]["status"] == "skipped"
+
+
 def test_cli_rejects_bad_arguments():
   with pytest.raises(SystemExit):
     bench.main(["decode", "--kv-len", "zipf:9", "--quick"])
