@@ -5,7 +5,8 @@
 #   in the foreground: scripts/sm90_prefill_session.sh (harness build, then its GPU
 #   stages: $SM90_STAGES);
 #   then, once the build is in: scripts/gpu_session.sh with SKIP_BUILD=1 and $STAGES
-#   (default "tests bench": the GPU pytest narrowed by $PYTEST_K, and $BENCH).
+#   (default "tests bench": the GPU pytest narrowed by $PYTEST_K, run before FlashInfer's
+#   JIT is waited for, then $BENCH and any other stage).
 # Carry .cutlass and .fi. Each part prints its own summary; every log is packed into
 # $OUT/session.tgz, with the ncu digests and the bench tables beside it.
 #
@@ -52,7 +53,13 @@ wait "$build_pid"
 echo "== pip build: rc=$(cat /tmp/pip_build.rc) ($(( $(date +%s) - t_start )) s since start;" \
   "$(grep -o 'sm90 prefill [A-Z]*' /tmp/pip_build.log | head -1)) =="
 [ "$(cat /tmp/pip_build.rc)" = 0 ] || { tail -30 /tmp/pip_build.log; exit 1; }
+# The GPU tests need no FlashInfer: they run while its JIT may still be going.
+stages=${STAGES-tests bench}
+if [[ " $stages " == *" tests "* ]]; then
+  STAGES=tests SKIP_BUILD=1 OUT=$out/lib_tests bash scripts/gpu_session.sh
+  stages=${stages//tests/}
+fi
 wait  # FlashInfer's JIT
 cat /tmp/fi_warmup.log 2>/dev/null | tail -5
-STAGES=${STAGES-tests bench} SKIP_BUILD=1 OUT=$out/lib bash scripts/gpu_session.sh
+[ -n "${stages// /}" ] && STAGES=$stages SKIP_BUILD=1 OUT=$out/lib bash scripts/gpu_session.sh
 echo "== prefill session: $(( $(date +%s) - t_start )) s =="
