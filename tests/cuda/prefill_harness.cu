@@ -787,6 +787,12 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
                        t.stages = 3;
                        return LaunchPrefillSm90(q, st, t);
                      }});
+  // The consumers' time alone: K/V not copied (its output is not compared).
+  kernels.push_back({"sm90-nokv", [](const AttentionParams& q, cudaStream_t st) {
+                       PrefillSm90Tuning t;
+                       t.copy_kv = false;
+                       return LaunchPrefillSm90(q, st, t);
+                     }});
 #endif
   std::vector<uint16_t> first_out, got_out;
   for (size_t k = 0; k < kernels.size(); ++k) {

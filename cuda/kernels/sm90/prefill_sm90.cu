@@ -50,7 +50,9 @@ struct Sm90Kernel {
     if (err != cudaSuccess) return err;
     const dim3 grid(unsigned(p.layout.bin_cap), unsigned(p.num_kv_heads));
     return LaunchDependent(PrefillSm90Kernel<T, D, Stages>, grid, dim3(Cfg::kThreads),
-                           Cfg::kSmemBytes, stream, p, t.pingpong ? 1 : 0);
+                           Cfg::kSmemBytes, stream, p,
+                           (t.pingpong ? sm90::kFlagPingpong : 0) |
+                               (t.copy_kv ? 0 : sm90::kFlagNoKvCopy));
   }
 
   static cudaError_t Occupancy(int32_t* ctas) {

@@ -24,6 +24,8 @@ struct PrefillSm90Tuning {
   bool pingpong = true;
   // K and V tiles in flight each (2 or 3; 3 takes 224 of the 227 KB of shared memory).
   int stages = 2;
+  // false: a measurement of the consumers alone (K/V tiles are not copied; wrong results).
+  bool copy_kv = true;
 };
 
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream);

@@ -146,7 +146,7 @@ __device__ __forceinline__ TileRange ItemTiles(const AttentionParams& p, const W
 // ---- producer warpgroup ------------------------------------------------------------------------
 template <typename T, int D, int Stages>
 __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* smem,
-                                             int item_begin, int item_end) {
+                                             int item_begin, int item_end, bool copy_kv) {
   using Cfg = PrefillSm90Cfg<T, D, Stages>;
   constexpr int S = Cfg::kStages;
   constexpr int kTileKv = Cfg::kTileKv;
@@ -180,6 +180,7 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
       const uint32_t olo = __shfl_sync(0xffffffffu, lo, src);
       const uint32_t ohi = __shfl_sync(0xffffffffu, hi, src);
       const int64_t o = int64_t((uint64_t(ohi) << 32) | olo);
+      if (!copy_kv) continue;
       const int row = pw * 32 + src;
       const uint32_t dst = stage_addr + uint32_t((chunk >> 3) * (kTileKv * Cfg::kHalfBytes)) +
                            uint32_t(row * Cfg::kHalfBytes) + uint32_t(((chunk & 7) ^ (src & 7)) << 4);
@@ -671,9 +672,13 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
 }
 
 // Grid [bin_cap, num_kv_heads], Cfg::kThreads threads, Cfg::kSmemBytes dynamic shared memory.
+// `flags`: kFlagPingpong; kFlagNoKvCopy (a measurement, never a result: the producer runs
+// its protocol without copying K/V, so the time left is the consumers').
+constexpr int kFlagPingpong = 1;
+constexpr int kFlagNoKvCopy = 2;
 template <typename T, int D, int Stages>
 __global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages>::kThreads, 1)
-    PrefillSm90Kernel(const __grid_constant__ AttentionParams p, const int pingpong) {
+    PrefillSm90Kernel(const __grid_constant__ AttentionParams p, const int flags) {
 #if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
   using Cfg = PrefillSm90Cfg<T, D, Stages>;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -702,10 +707,10 @@ __global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages>::kThreads, 1)
   const int item_end = min(__ldg(p.bin_indptr + bin + 1), p.layout.work_cap);
   if (tid >= 256) {
     RegDealloc<Cfg::kProducerRegs>();
-    ProduceItems<T, D, Stages>(p, smem, item_begin, item_end);
+    ProduceItems<T, D, Stages>(p, smem, item_begin, item_end, (flags & kFlagNoKvCopy) == 0);
   } else {
     RegAlloc<Cfg::kConsumerRegs>();
-    ConsumeItems<T, D, Stages>(p, smem, item_begin, item_end, pingpong != 0);
+    ConsumeItems<T, D, Stages>(p, smem, item_begin, item_end, (flags & kFlagPingpong) != 0);
   }
   WaitForPrimaryGrid();  // never finish before the setup pass (dependent_launch.cuh)
 #else
@@ -713,7 +718,7 @@ __global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages>::kThreads, 1)
   // launches on compute capability 9.0, where such code could only come from a JIT of
   // older PTX; fail loudly rather than return nothing.
   (void)p;
-  (void)pingpong;
+  (void)flags;
   __trap();
 #endif
 }
