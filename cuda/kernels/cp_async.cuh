@@ -20,11 +20,16 @@ __device__ __forceinline__ uint32_t SharedAddress(const void* p) {
 // can never bring a stale NaN/Inf into a p * v product.
 // .cg caches in L2 only: streamed K/V are read once per CTA, L1 would only evict lines
 // that are reused (page table, q).
-__device__ __forceinline__ void Copy16(void* dst, const void* src, bool pred) {
+// `dst` as a shared-memory address (what SharedAddress returns), for kernels that compute
+// swizzled tile offsets in that space.
+__device__ __forceinline__ void Copy16(uint32_t dst, const void* src, bool pred) {
   const int src_size = pred ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SharedAddress(dst)),
-               "l"(src), "r"(src_size)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_size)
                : "memory");
+}
+__device__ __forceinline__ void Copy16(void* dst, const void* src, bool pred) {
+  Copy16(SharedAddress(dst), src, pred);
 }
 
 // An L2 policy that marks lines as first to evict: for data streamed once (the K/V of a

@@ -44,6 +44,7 @@
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cute/tensor.hpp>
 
+#include "../cp_async.cuh"
 #include "../dependent_launch.cuh"
 #include "../prefill_kernel.cuh"  // prefill_detail::RopeSinCos / RopePairs: one RoPE rounding for both paths
 #include "../softmax_state.cuh"
@@ -184,7 +185,7 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
       const int row = pw * 32 + src;
       const uint32_t dst = stage_addr + uint32_t((chunk >> 3) * (kTileKv * Cfg::kHalfBytes)) +
                            uint32_t(row * Cfg::kHalfBytes) + uint32_t(((chunk & 7) ^ (src & 7)) << 4);
-      CpAsync16(dst, base + (o >= 0 ? o : 0) + chunk * 8, o >= 0);
+      cp_async::Copy16(dst, base + (o >= 0 ? o : 0) + chunk * 8, o >= 0);
     }
   };
 
@@ -219,7 +220,7 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
       MbarWait(empty_k(s), ((kc / S) & 1) ^ 1);
       const unsigned bad = __ballot_sync(0xffffffffu, off < 0);
       issue(kbase, k_smem + s * Cfg::kKvBytes, off);
-      CpAsyncCommit();
+      cp_async::Commit();
       if (!rope) MbarArriveOnCpAsync(full_k(s));
       if (lane == 0) {
         s_mask[s * 4 + pw] = bad;
@@ -231,7 +232,7 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
       const uint32_t s = vc % S;
       MbarWait(empty_v(s), ((vc / S) & 1) ^ 1);
       issue(vbase, v_smem + s * Cfg::kKvBytes, off);
-      CpAsyncCommit();
+      cp_async::Commit();
       MbarArriveOnCpAsync(full_v(s));
       ++vc;
     };
@@ -240,9 +241,9 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
     // the elements [4 (c / 8), 4 (c / 8) + 4) of both, so no pair is done twice.
     auto rotate_k = [&](uint32_t c, int i, bool newer_pending) {
       if (newer_pending) {
-        CpAsyncWait<1>();  // all but the newest group (K of step i + 1)
+        cp_async::WaitGroup<1>();  // all but the newest group (K of step i + 1)
       } else {
-        CpAsyncWait<0>();
+        cp_async::WaitGroup<0>();
       }
       __syncwarp();  // the warp's other lanes' copies are visible
       const uint32_t s = c % S;
@@ -302,7 +303,7 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
       kc_cur = kc_next;
     }
   }
-  CpAsyncWait<0>();
+  cp_async::WaitGroup<0>();
 }
 
 // ---- consumer warpgroups -----------------------------------------------------------------------

@@ -105,7 +105,7 @@ __device__ __forceinline__ void NamedArriveImm(uint32_t threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"n"(kId), "r"(threads) : "memory");
 }
 
-// ---- proxies, registers, cp.async ------------------------------------------------------------
+// ---- proxies, registers ------------------------------------------------------------
 // Orders this thread's generic-proxy shared-memory accesses (ordinary stores; data that
 // reached this thread through a barrier) before its later async-proxy ones (wgmma reads).
 __device__ __forceinline__ void FenceProxyAsync() {
@@ -119,19 +119,6 @@ __device__ __forceinline__ void RegAlloc() {
 template <int kRegs>
 __device__ __forceinline__ void RegDealloc() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
-}
-
-// 16-byte global -> shared copy, L2 only; `valid` false writes 16 zero bytes and reads
-// nothing (src-size 0), so `src` may then be any address.
-__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst),
-               "l"(__cvta_generic_to_global(src)), "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 }  // namespace sm90
