@@ -79,19 +79,21 @@ __device__ __forceinline__ void MergeQuad(const AttentionParams& p, int64_t t, i
   if (d == 0) p.lse[t * H + h] = sum > 0.f ? m + log2f(sum) : -INFINITY;
 }
 
-// Called by every thread of the CTA, uniformly, right after the CTA wrote the partial
-// rows of a split item: packed rows [row_begin, row_end) of the request whose first
-// query token is q_base, for kv head `kv_head`. kMaxTokens bounds the tokens of one
-// item (a malformed plan with more only loses merges, never writes out of bounds).
-// `scratch` (kMaxTokens + 1 ints of the kernel's dynamic shared memory) must be a region
-// that the item's epilogue does not read. It is not static shared memory: that would sit
-// in front of the dynamic buffer and shift it off the 128-byte alignment whose bank
-// pattern the CUDA-core kernel's swizzle relies on (seen: that kernel 25% slower).
-// Not inlined: inlined, it pushed the 64-row prefill tile past its register cap.
-template <typename T, int kThreads, int kMaxTokens>
-__device__ __noinline__ void FinishSplitItem(const AttentionParams& p, int64_t q_base,
-                                             int64_t row_begin, int64_t row_end,
-                                             int kv_head, int* scratch) {
+// Called uniformly by a group of kThreads threads (`tid` in [0, kThreads); `sync()` a
+// barrier over exactly them), right after they wrote the partial rows of a split item:
+// packed rows [row_begin, row_end) of the request whose first query token is q_base, for
+// kv head `kv_head`. kMaxTokens bounds the tokens of one item (a malformed plan with more
+// only loses merges, never writes out of bounds). `scratch` (kMaxTokens + 1 ints of the
+// kernel's dynamic shared memory) must be a region that the item's epilogue does not
+// read. It is not static shared memory: that would sit in front of the dynamic buffer
+// and shift it off the 128-byte alignment whose bank pattern the CUDA-core kernel's
+// swizzle relies on (seen: that kernel 25% slower).
+// kGuardReset: one more barrier once everyone has read the count, for a group whose next
+// call can come with no other barrier between (thread 0 resets the count first thing).
+template <typename T, int kThreads, int kMaxTokens, bool kGuardReset, typename Sync>
+__device__ __forceinline__ void FinishSplitItemIn(const AttentionParams& p, int tid, Sync&& sync,
+                                                  int64_t q_base, int64_t row_begin,
+                                                  int64_t row_end, int kv_head, int* scratch) {
   int& s_count = scratch[0];
   int* s_last = scratch + 1;
   const int64_t G = p.group_size;
@@ -101,10 +103,10 @@ __device__ __noinline__ void FinishSplitItem(const AttentionParams& p, int64_t q
   if (ntok > kMaxTokens) ntok = kMaxTokens;
 
   __threadfence();  // this thread's partial stores, before any count below
-  if (threadIdx.x == 0) s_count = 0;
-  __syncthreads();
+  if (tid == 0) s_count = 0;
+  sync();
   WaitForPrimaryGrid();  // the setup kernel's zeroed counters
-  for (int i = threadIdx.x; i < ntok; i += kThreads) {
+  for (int i = tid; i < ntok; i += kThreads) {
     const int64_t tr = first + i;  // token index within the request
     const int64_t t = q_base + tr;
     if (t < 0 || t >= p.q_rows) continue;
@@ -114,14 +116,15 @@ __device__ __noinline__ void FinishSplitItem(const AttentionParams& p, int64_t q
     const int before = atomicAdd(p.merge_counters + t * p.num_kv_heads + kv_head, rows);
     if (before + rows == splits * int(G)) s_last[atomicAdd(&s_count, 1)] = int(t);
   }
-  __syncthreads();
+  sync();
   const int nmerge = s_count;
+  if constexpr (kGuardReset) sync();
   if (nmerge == 0) return;
   __threadfence();  // the other CTAs' partials, counted above, are visible from here on
 
   const int quads = p.head_dim / 4;
   const int per_token = G * quads;
-  for (int i = threadIdx.x; i < nmerge * per_token; i += kThreads) {
+  for (int i = tid; i < nmerge * per_token; i += kThreads) {
     const int k = i / per_token;
     const int rest = i - k * per_token;
     const int hg = rest / quads;
@@ -133,6 +136,19 @@ __device__ __noinline__ void FinishSplitItem(const AttentionParams& p, int64_t q
     if (n > p.partial_rows_cap - begin) n = p.partial_rows_cap - begin;
     MergeQuad<T>(p, t, kv_head * G + hg, d, begin, n);
   }
+  // s_last is rewritten only after the first barrier of the next call, which every
+  // thread reaches after its loop above.
+}
+
+// FinishSplitItemIn for the whole CTA, synchronised by __syncthreads.
+// Not inlined: inlined, it pushed the 64-row prefill tile past its register cap.
+template <typename T, int kThreads, int kMaxTokens>
+__device__ __noinline__ void FinishSplitItem(const AttentionParams& p, int64_t q_base,
+                                             int64_t row_begin, int64_t row_end,
+                                             int kv_head, int* scratch) {
+  FinishSplitItemIn<T, kThreads, kMaxTokens, false>(
+      p, int(threadIdx.x), [] { __syncthreads(); }, q_base, row_begin, row_end, kv_head,
+      scratch);
 }
 
 }  // namespace jax_pagedattn

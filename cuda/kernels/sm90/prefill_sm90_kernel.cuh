@@ -48,11 +48,11 @@
 #include "../dependent_launch.cuh"
 #include "../prefill_kernel.cuh"  // prefill_detail::RopeSinCos / RopePairs: one RoPE rounding for both paths
 #include "../softmax_state.cuh"
+#include "../split_merge.cuh"
 #include "../vec_dtypes.cuh"
 #include "../work_item.cuh"
 #include "jax_pagedattn/params.h"
 #include "sm90_sync.cuh"
-#include "split_finish_sm90.cuh"
 
 namespace jax_pagedattn {
 namespace sm90 {
@@ -388,30 +388,14 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
   static_assert(decltype(size(tOrP))::value == kTileKv / 2, "P: as S");
   static_assert(decltype(size(tOrO))::value == D / 2, "O: 64 floats per thread");
 
-  // Barrier ids as immediates (a branch on the warpgroup), so no register holds them.
   const bool wg1 = wg != 0;
-  auto wg_sync = [&] {
-    if (wg1) {
-      NamedSyncImm<Cfg::kBarWg0 + 1>(128);
-    } else {
-      NamedSyncImm<Cfg::kBarWg0>(128);
-    }
-  };
+  auto wg_sync = [&] { NamedSyncOneOf<Cfg::kBarWg0>(wg1, 128); };
+  // Pingpong: wait for this warpgroup's turn; pass the turn to the other one.
   auto turn_wait = [&] {
-    if (!pingpong) return;
-    if (wg1) {
-      NamedSyncImm<Cfg::kBarTurn0 + 1>(256);
-    } else {
-      NamedSyncImm<Cfg::kBarTurn0>(256);
-    }
+    if (pingpong) NamedSyncOneOf<Cfg::kBarTurn0>(wg1, 256);
   };
   auto turn_pass = [&] {
-    if (!pingpong) return;
-    if (wg1) {
-      NamedArriveImm<Cfg::kBarTurn0>(256);
-    } else {
-      NamedArriveImm<Cfg::kBarTurn0 + 1>(256);
-    }
+    if (pingpong) NamedArriveOneOf<Cfg::kBarTurn0>(!wg1, 256);
   };
   if (pingpong && wg == 1) NamedArrive(Cfg::kBarTurn0, 256);  // warpgroup 0 issues first
 
@@ -664,9 +648,12 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
         }
         if (quad == 0) p.partial_lse[ph] = lse[h];
       }
-      FinishSplitItemPartial<T, 256, Cfg::kTileQ>(p, int(threadIdx.x), Cfg::kBarConsumers,
-                                                 it.q_base, it.row_begin,
-                                                 it.row_begin + nrows, kv_head, s_scratch);
+      // Only the consumer warpgroups take part (the producer goes on copying the next
+      // item's keys), so they synchronise on their own named barrier, and guard the reset
+      // of the count: their next item's call may follow with no barrier between.
+      FinishSplitItemIn<T, 256, Cfg::kTileQ, true>(
+          p, int(threadIdx.x), [] { NamedSyncImm<Cfg::kBarConsumers>(256); }, it.q_base,
+          it.row_begin, it.row_begin + nrows, kv_head, s_scratch);
     }
   }
   if (pingpong && wg == 0) NamedSync(Cfg::kBarTurn0, 256);  // warpgroup 1's last pass

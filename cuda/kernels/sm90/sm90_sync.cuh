@@ -105,6 +105,25 @@ __device__ __forceinline__ void NamedArriveImm(uint32_t threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"n"(kId), "r"(threads) : "memory");
 }
 
+// The barrier kBase or kBase + 1, by a run-time choice, with the id an immediate in both
+// branches (no register holds it): a warpgroup's own barrier of a pair.
+template <uint32_t kBase>
+__device__ __forceinline__ void NamedSyncOneOf(bool second, uint32_t threads) {
+  if (second) {
+    NamedSyncImm<kBase + 1>(threads);
+  } else {
+    NamedSyncImm<kBase>(threads);
+  }
+}
+template <uint32_t kBase>
+__device__ __forceinline__ void NamedArriveOneOf(bool second, uint32_t threads) {
+  if (second) {
+    NamedArriveImm<kBase + 1>(threads);
+  } else {
+    NamedArriveImm<kBase>(threads);
+  }
+}
+
 // ---- proxies, registers ------------------------------------------------------------
 // Orders this thread's generic-proxy shared-memory accesses (ordinary stores; data that
 // reached this thread through a barrier) before its later async-proxy ones (wgmma reads).
