@@ -85,20 +85,18 @@ cudaError_t WithKernel(DType dtype, int head_dim, int tile_rows, Op&& op) {
   });
 }
 
+#ifdef JAX_PAGEDATTN_WITH_SM90
 // The Hopper kernel (sm90/prefill_sm90.cu) where this build has it, it covers the call
 // and JAX_PAGEDATTN_SM90_PREFILL=1 asks for it. Opt-in until the library path has passed
 // the GPU suite and the sanitizers on a Hopper card (docs/PERF_NOTES.md, 2026-12-07).
 bool Sm90PrefillWanted() {
-#ifdef JAX_PAGEDATTN_WITH_SM90
   static const bool wanted = [] {
     const char* v = std::getenv("JAX_PAGEDATTN_SM90_PREFILL");
     return v != nullptr && std::strcmp(v, "1") == 0;
   }();
   return wanted;
-#else
-  return false;
-#endif
 }
+#endif
 
 }  // namespace
 
