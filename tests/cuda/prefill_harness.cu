@@ -467,22 +467,27 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
   return ok;
 }
 
+// Request sets of both case lists ({qo_len, kv_len, split}).
+// Prefill mix: qo < kv (chunked prefill), qo == kv, a decode row, qo > kv (early rows
+// see nothing), an empty request, and a split request.
+static const std::vector<Req> kMix = {{37, 100, false}, {1, 260, false}, {50, 50, false},
+                                      {10, 5, false},   {3, 0, false},   {20, 300, true},
+                                      {70, 333, true}};
+static const std::vector<Req> kDecode = {{1, 17, false}, {1, 300, false}, {1, 1, false},
+                                         {2, 129, false}, {1, 500, true}, {1, 0, false},
+                                         {4, 77, true}};
+// Long key ranges (many tiles through the offset ring and both stages), a page size
+// that divides nothing, and a split request among them.
+static const std::vector<Req> kLonger = {{100, 1500, true}, {64, 1024, false},
+                                         {33, 700, false}, {1, 2000, false}};
+
 [[maybe_unused]] static std::vector<Case> Cases() {
   const auto N = PosEncoding::kNone, R = PosEncoding::kRopeLlama, A = PosEncoding::kAlibi;
   const auto NHD = KvLayout::kNHD, HND = KvLayout::kHND;
   const auto BF = DType::kBF16, F16 = DType::kF16;
-  // Prefill mix: qo < kv (chunked prefill), qo == kv, a decode row, qo > kv (early rows
-  // see nothing), an empty request, and a split request.
-  const std::vector<Req> mix = {{37, 100, false}, {1, 260, false}, {50, 50, false},
-                                {10, 5, false},   {3, 0, false},   {20, 300, true},
-                                {70, 333, true}};
-  const std::vector<Req> decode = {{1, 17, false}, {1, 300, false}, {1, 1, false},
-                                   {2, 129, false}, {1, 500, true}, {1, 0, false},
-                                   {4, 77, true}};
-  // Long key ranges (many tiles through the offset ring and both stages), a page size
-  // that divides nothing, and a split request among them.
-  const std::vector<Req> longer = {{100, 1500, true}, {64, 1024, false}, {33, 700, false},
-                                   {1, 2000, false}};
+  const std::vector<Req>& mix = kMix;
+  const std::vector<Req>& decode = kDecode;
+  const std::vector<Req>& longer = kLonger;
   std::vector<Case> c;
   c.push_back({"bf16 D128 G4 NHD ps16 causal none t64", BF, 128, 2, 4, 16, 64, NHD, false, true, N, mix, false});
   c.push_back({"bf16 D128 G4 HND comb ps1 causal rope t128", BF, 128, 2, 4, 1, 128, HND, true, true, R, mix, false});
@@ -515,14 +520,9 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
   const auto N = PosEncoding::kNone, R = PosEncoding::kRopeLlama, A = PosEncoding::kAlibi;
   const auto NHD = KvLayout::kNHD, HND = KvLayout::kHND;
   const auto BF = DType::kBF16, F16 = DType::kF16;
-  const std::vector<Req> mix = {{37, 100, false}, {1, 260, false}, {50, 50, false},
-                                {10, 5, false},   {3, 0, false},   {20, 300, true},
-                                {70, 333, true}};
-  const std::vector<Req> decode = {{1, 17, false}, {1, 300, false}, {1, 1, false},
-                                   {2, 129, false}, {1, 500, true}, {1, 0, false},
-                                   {4, 77, true}};
-  const std::vector<Req> longer = {{100, 1500, true}, {64, 1024, false}, {33, 700, false},
-                                   {1, 2000, false}};
+  const std::vector<Req>& mix = kMix;
+  const std::vector<Req>& decode = kDecode;
+  const std::vector<Req>& longer = kLonger;
   // Requests of many items (32 tokens an item at G = 4): the causal diagonal in every
   // position of a 128-key tile, qo == kv and a long cached prefix.
   const std::vector<Req> many = {{300, 300, false}, {129, 1200, false}, {161, 161, true},
