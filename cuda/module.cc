@@ -9,6 +9,7 @@
 #include "jax_pagedattn/handlers.h"
 #include "jax_pagedattn/plan_layout.h"
 #include "jax_pagedattn/params.h"
+#include "jax_pagedattn/tile_rows.h"
 #include "planner/planner.h"
 
 #ifdef JAX_PAGEDATTN_WITH_CUDA
@@ -56,50 +57,42 @@ nb::dict Registrations(bool command_buffers) {
 
 // Plans into a new array, which nothing writes again.
 nb::object Plan(nb::object qo_indptr, HostI32 kv_indptr, HostI32 kv_indices,
-                HostI32 kv_last_page_len, int32_t page_size, int32_t group_size,
-                int32_t num_kv_heads, int32_t tile_rows, bool causal, int32_t num_pages,
-                int32_t batch_cap, int32_t token_cap, int32_t page_cap, int32_t work_cap,
-                int32_t partial_rows_cap, int32_t bin_cap, bool decode_names) {
-  PlanRequest req{};
+                HostI32 kv_last_page_len, const PlanSpec& spec) {
+  BatchArrays arrays{};
   HostI32 qo;
   if (!qo_indptr.is_none()) {
     qo = nb::cast<HostI32>(qo_indptr);
-    req.qo_indptr = qo.data();
-    req.qo_indptr_len = int64_t(qo.shape(0));
+    arrays.qo_indptr = qo.data();
+    arrays.qo_indptr_len = int64_t(qo.shape(0));
   }
-  req.kv_indptr = kv_indptr.data();
-  req.kv_indptr_len = int64_t(kv_indptr.shape(0));
-  req.kv_indices = kv_indices.data();
-  req.kv_indices_len = int64_t(kv_indices.shape(0));
-  req.kv_last_page_len = kv_last_page_len.data();
-  req.kv_last_page_len_len = int64_t(kv_last_page_len.shape(0));
-  req.page_size = page_size;
-  req.group_size = group_size;
-  req.num_kv_heads = num_kv_heads;
-  req.tile_rows = tile_rows;
-  req.causal = causal;
-  req.num_pages = num_pages;
-  req.caps = Capacities{batch_cap, token_cap, page_cap, work_cap, partial_rows_cap, bin_cap};
-  if (decode_names) {
-    req.name_kv_indptr = "indptr";
-    req.name_kv_indices = "indices";
-    req.name_kv_last_page_len = "last_page_len";
-  }
-  const PlanLayout layout{batch_cap, token_cap, page_cap, work_cap, bin_cap};
-  const size_t n = size_t(layout.size());
+  arrays.kv_indptr = kv_indptr.data();
+  arrays.kv_indptr_len = int64_t(kv_indptr.shape(0));
+  arrays.kv_indices = kv_indices.data();
+  arrays.kv_indices_len = int64_t(kv_indices.shape(0));
+  arrays.kv_last_page_len = kv_last_page_len.data();
+  arrays.kv_last_page_len_len = int64_t(kv_last_page_len.shape(0));
+  const size_t n = size_t(PlanLayout::Of(spec.caps).size());
   std::unique_ptr<int32_t[]> buf(new int32_t[n]);
   {
     nb::gil_scoped_release release;
-    PlanBatch(req, buf.get());
+    PlanBatch(arrays, spec, buf.get());
   }
   int32_t* data = buf.release();
   nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<int32_t*>(p); });
   return nb::cast(PlanI32(data, {n}, owner));
 }
 
-nb::dict Layout(int32_t batch_cap, int32_t token_cap, int32_t page_cap, int32_t work_cap,
-                int32_t bin_cap) {
-  const PlanLayout L{batch_cap, token_cap, page_cap, work_cap, bin_cap};
+Capacities CapsOf(nb::handle caps) {
+  return Capacities{nb::cast<int32_t>(caps.attr("batch")),  nb::cast<int32_t>(caps.attr("tokens")),
+                    nb::cast<int32_t>(caps.attr("pages")),  nb::cast<int32_t>(caps.attr("work")),
+                    nb::cast<int32_t>(caps.attr("partial_rows")), nb::cast<int32_t>(caps.attr("bins"))};
+}
+
+nb::dict Layout(nb::handle caps) {
+  const Capacities c = CapsOf(caps);
+  const PlanLayout L = PlanLayout::Of(c);
+  const int32_t work_cap = c.work, bin_cap = c.bins, batch_cap = c.batch, token_cap = c.tokens,
+                page_cap = c.pages;
   nb::dict d;
   d["work"] = nb::make_tuple(L.work(), int64_t(work_cap) * kWorkFields);
   d["meta"] = nb::make_tuple(L.meta(), int64_t(kMetaFields));
@@ -127,16 +120,53 @@ NB_MODULE(_C, m) {
   m.def("registrations", &Registrations, nb::arg("command_buffers") = false,
         "{platform: {target name: FFI handler capsule}} for every handler built; "
         "command_buffers picks the CUDA handlers that XLA may record into CUDA graphs.");
+  nb::class_<PlanSpec>(m, "PlanSpec",
+                       "Everything about a plan but the index arrays (planner.h); immutable.")
+      .def(
+          "__init__",
+          [](PlanSpec* self, int32_t page_size, int32_t group_size, int32_t tile_rows, bool causal,
+             nb::handle caps, int32_t deal, bool decode_names, int32_t num_pages) {
+            if (deal < int32_t(Deal::kAuto) || deal > int32_t(Deal::kEqual))
+              throw nb::value_error("PlanSpec: deal must be 0 (auto), 1 (bins) or 2 (equal)");
+            new (self) PlanSpec{page_size, group_size, tile_rows, causal, num_pages,
+                                CapsOf(caps), Deal(deal), decode_names};
+          },
+          nb::kw_only(), nb::arg("page_size"), nb::arg("group_size"), nb::arg("tile_rows"),
+          nb::arg("causal"), nb::arg("caps"), nb::arg("deal") = 0,
+          nb::arg("decode_names") = false, nb::arg("num_pages") = -1,
+          "caps: any object with the fields of planning.Capacities.")
+      .def_ro("page_size", &PlanSpec::page_size)
+      .def_ro("group_size", &PlanSpec::group_size)
+      .def_ro("tile_rows", &PlanSpec::tile_rows)
+      .def_ro("causal", &PlanSpec::causal)
+      .def_ro("num_pages", &PlanSpec::num_pages)
+      .def_ro("decode_names", &PlanSpec::decode_names)
+      .def_prop_ro("deal", [](const PlanSpec& s) { return int32_t(s.deal); });
   m.def("plan", &Plan, nb::arg("qo_indptr").none(), nb::arg("kv_indptr"), nb::arg("kv_indices"),
-        nb::arg("kv_last_page_len"), nb::arg("page_size"), nb::arg("group_size"),
-        nb::arg("num_kv_heads"), nb::arg("tile_rows"), nb::arg("causal"), nb::arg("num_pages"),
-        nb::arg("batch_cap"), nb::arg("token_cap"), nb::arg("page_cap"), nb::arg("work_cap"),
-        nb::arg("partial_rows_cap"), nb::arg("bin_cap"), nb::arg("decode_names"),
+        nb::arg("kv_last_page_len"), nb::arg("spec"),
         "Validates a batch and returns its plan buffer: a new read-only int32 array "
         "(docs/CONTRACT.md).");
-  m.def("plan_layout", &Layout, nb::arg("batch_cap"), nb::arg("token_cap"), nb::arg("page_cap"),
-        nb::arg("work_cap"), nb::arg("bin_cap"),
-        "{section: (offset, length)} of the plan buffer, and its size.");
+  m.def("plan_layout", &Layout, nb::arg("caps"),
+        "{section: (offset, length)} of the plan buffer of these capacities (any object with "
+        "the fields of planning.Capacities), and its size.");
+  m.def(
+      "tile_rows",
+      [](int32_t kernel, int32_t group_size, int32_t head_dim) {
+        if (kernel < 0 || kernel > int32_t(AttentionKernel::kPrefill))
+          throw nb::value_error("tile_rows: kernel must be 0 (decode), 1 (tensor-core decode) or 2 (prefill)");
+        return TileRows(AttentionKernel(kernel), group_size, head_dim);
+      },
+      nb::arg("kernel"), nb::arg("group_size"), nb::arg("head_dim"),
+      "Packed query rows per work item of the kernel (tile_rows.h).");
+  m.def(
+      "workspace_bytes",
+      [](nb::handle caps, int32_t num_qo_heads, int32_t head_dim, int32_t num_kv_heads) {
+        return WorkspaceBytes(CapsOf(caps), num_qo_heads, head_dim, num_kv_heads);
+      },
+      nb::arg("caps"), nb::arg("num_qo_heads"), nb::arg("head_dim"), nb::arg("num_kv_heads"),
+      "Bytes of an attention call's workspace (params.h).");
+  m.def("partial_row_bytes", &PartialRowBytes, nb::arg("num_qo_heads"), nb::arg("head_dim"),
+        "Workspace bytes of one split-KV partial row (params.h).");
   m.def(
       "derive_capacities",
       [](int32_t batch_cap, int32_t token_cap, int32_t page_cap, int32_t group_size,
@@ -150,17 +180,20 @@ NB_MODULE(_C, m) {
 #ifdef JAX_PAGEDATTN_WITH_CUDA
   m.def(
       "ctas_per_sm",
-      [](bool tensor_cores, const std::string& dtype, int32_t head_dim, int32_t tile_rows) {
+      [](bool tensor_cores, const std::string& dtype, int32_t head_dim, int32_t tile_rows,
+         bool sm90_prefill) {
         DType t;
         if (dtype == "float16") t = DType::kF16;
         else if (dtype == "bfloat16") t = DType::kBF16;
         else throw nb::value_error("ctas_per_sm: dtype must be float16 or bfloat16");
         int32_t ctas = 0;
-        if (const char* err = AttentionCtasPerSm(tensor_cores, t, head_dim, tile_rows, &ctas))
+        if (const char* err =
+                AttentionCtasPerSm(tensor_cores, t, head_dim, tile_rows, sm90_prefill, &ctas))
           throw std::runtime_error(std::string("jax_pagedattn: occupancy query failed: ") + err);
         return ctas;
       },
       nb::arg("tensor_cores"), nb::arg("dtype"), nb::arg("head_dim"), nb::arg("tile_rows"),
+      nb::arg("sm90_prefill"),
       "CTAs of the attention kernel for this configuration one SM of the current device "
       "holds at once (the CUDA occupancy calculator).");
 #endif

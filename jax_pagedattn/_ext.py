@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 
-from jax_pagedattn import _C
+from jax_pagedattn import _C, switches
 
 # XLA's platform names for jax.ffi.register_ffi_target and for mlir lowerings.
 _LOWERING_PLATFORM = {"cpu": "cpu", "CUDA": "cuda"}
 
 
-# "1" registers the CUDA handlers that declare XLA's command-buffer trait, so XLA may
-# record them into CUDA graphs. Off by default: a step's plan is a new buffer every step,
-# and re-recording the graph around it cost a decode step more than the graph saved
-# (docs/CONTRACT.md, "Command buffers").
-COMMAND_BUFFERS_ENV = "JAX_PAGEDATTN_COMMAND_BUFFERS"
-
-
-def command_buffers_wanted(environ=os.environ) -> bool:
-  return environ.get(COMMAND_BUFFERS_ENV, "0") not in ("", "0")
-
-
 def _register() -> frozenset[tuple[str, str]]:
+  # switches.command_buffers registers the CUDA handlers that declare XLA's command-buffer
+  # trait, so XLA may record them into CUDA graphs. Off by default: a step's plan is a new
+  # buffer every step, and re-recording the graph around it cost a decode step more than
+  # the graph saved (docs/CONTRACT.md, "Command buffers").
   registered = set()
-  for platform, targets in _C.registrations(command_buffers=command_buffers_wanted()).items():
+  for platform, targets in _C.registrations(
+      command_buffers=switches.current().command_buffers).items():
     for name, capsule in targets.items():
       jax.ffi.register_ffi_target(name, capsule, platform=platform)
       registered.add((_LOWERING_PLATFORM[platform], name))

@@ -10,7 +10,7 @@ import numbers
 import jax
 
 from jax_pagedattn import layout as layout_lib
-from jax_pagedattn import _C, planning
+from jax_pagedattn import planning, switches
 
 
 @dataclasses.dataclass
@@ -85,7 +85,7 @@ class PagedAttentionWrapper:
 
   def _make_plan(self, *, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads,
                  num_kv_heads, head_dim, page_size, causal, pos_encoding_mode, sm_scale, rope_scale,
-                 rope_theta, q_data_type, kv_data_type, target, tile_rows_for):
+                 rope_theta, q_data_type, kv_data_type, kernel):
     names = (("indptr", "indices", "last_page_len") if self._decode else
              ("paged_kv_indptr", "paged_kv_indices", "paged_kv_last_page_len"))
     kv_indptr = planning.as_host_int32(kv_indptr, names[0])
@@ -98,7 +98,7 @@ class PagedAttentionWrapper:
     # Everything but the index arrays is the same step after step: derived once per
     # distinct setting (plan() runs every step; its Python is most of its host time).
     key = (num_qo_heads, num_kv_heads, head_dim, page_size, causal, pos_encoding_mode, sm_scale,
-           rope_scale, rope_theta, q_data_type, kv_data_type, target)
+           rope_scale, rope_theta, q_data_type, kv_data_type, kernel, switches.current())
     try:
       static = self._statics.get(key)
     except TypeError:  # an unhashable argument: derive without the memo
@@ -109,21 +109,21 @@ class PagedAttentionWrapper:
           num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, causal=causal,
           pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale, rope_scale=rope_scale,
           rope_theta=rope_theta, q_data_type=q_data_type, kv_data_type=kv_data_type,
-          target=target, tile_rows_for=tile_rows_for)
+          kernel=kernel)
       if key is not None:
         self._statics[key] = static
-    config, planner_args = static
+    config, spec = static
     # A new read-only host buffer: a jitted step moves it with its other arguments.
-    buffer = _C.plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, *planner_args)
+    buffer = planning.plan_host(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, spec)
     plan = planning.Plan(buffer, config)
     self._last = _LastPlan(plan, tokens, int(kv_indices.shape[0]), names)
     return plan
 
   def _derive_static(self, batch, tokens, pages, *, num_qo_heads, num_kv_heads, head_dim,
                      page_size, causal, pos_encoding_mode, sm_scale, rope_scale, rope_theta,
-                     q_data_type, kv_data_type, target, tile_rows_for):
-    """(PlanConfig, the planner's arguments after the index arrays) for one setting of
-    plan()'s static arguments; raises on bad ones."""
+                     q_data_type, kv_data_type, kernel):
+    """(PlanConfig, the planner's PlanSpec) for one setting of plan()'s static
+    arguments; raises on bad ones. `kernel` names the attention kernel (its tile rows)."""
     planning.check_head_config(num_qo_heads, num_kv_heads, head_dim)
     planning.check_pos_encoding(pos_encoding_mode)
     if page_size < 1:
@@ -135,26 +135,28 @@ class PagedAttentionWrapper:
       raise TypeError(f"kv_data_type ({kv_dtype}) must equal q_data_type ({q_dtype})")
     b, t, p = self._base_capacities(batch, tokens, pages)
     group = num_qo_heads // num_kv_heads
-    tile_rows = tile_rows_for(group, head_dim)
-    num_ctas = planning.concurrent_ctas(target == "jax_pagedattn_prefill", q_dtype, head_dim,
-                                        tile_rows)
+    tile_rows = planning.tile_rows(kernel, group, head_dim)
+    num_ctas = planning.concurrent_ctas(kernel != "decode", q_dtype, head_dim, tile_rows)
     limit = -1
     if self._workspace_size is not None:
       limit = self._workspace_size // planning.partial_row_bytes(num_qo_heads, head_dim)
     caps = planning.derive_capacities(b, t, p, group_size=group, tile_rows=tile_rows,
                                       num_kv_heads=num_kv_heads, num_ctas=num_ctas,
                                       partial_rows_limit=limit)
+    sw = switches.current()
     config = _plan_config(
-        target, caps, tile_rows, int(num_qo_heads), int(num_kv_heads), int(head_dim),
-        int(page_size), self._kv_layout, bool(causal), pos_encoding_mode,
-        planning.default_sm_scale(head_dim, sm_scale),
-        1.0 if rope_scale is None else float(rope_scale),
-        1e4 if rope_theta is None else float(rope_theta), q_dtype, kv_dtype,
-        "decode" if self._decode else "prefill")
-    planner_args = planning.planner_args(
-        page_size=page_size, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
-        tile_rows=tile_rows, causal=causal, caps=caps, decode_names=self._decode)
-    return config, planner_args
+        target="jax_pagedattn_decode" if kernel == "decode" else "jax_pagedattn_prefill",
+        caps=caps, tile_rows=tile_rows, num_qo_heads=int(num_qo_heads),
+        num_kv_heads=int(num_kv_heads), head_dim=int(head_dim), page_size=int(page_size),
+        kv_layout=self._kv_layout, causal=bool(causal), pos_encoding_mode=pos_encoding_mode,
+        sm_scale=planning.default_sm_scale(head_dim, sm_scale),
+        rope_scale=1.0 if rope_scale is None else float(rope_scale),
+        rope_theta=1e4 if rope_theta is None else float(rope_theta), q_dtype=q_dtype,
+        kv_dtype=kv_dtype, wrapper="decode" if self._decode else "prefill",
+        sm90_prefill=sw.sm90_prefill, dependent_launch=sw.dependent_launch)
+    spec = planning.plan_spec(page_size=page_size, group_size=group, tile_rows=tile_rows,
+                              causal=causal, caps=caps, decode_names=self._decode)
+    return config, spec
 
   def _max_page(self, last: _LastPlan) -> int:
     """Largest page id of the wrapper's own plan, read from its buffer's page section
@@ -212,7 +214,7 @@ def _eager_buffer(last: _LastPlan, q):
 
 
 @functools.lru_cache(maxsize=256)
-def _plan_config(*fields) -> planning.PlanConfig:
+def _plan_config(**fields) -> planning.PlanConfig:
   """One PlanConfig per distinct static configuration: plan() runs every step, and the
   same (hashable, frozen) config also makes the jit cache lookup cheap."""
-  return planning.PlanConfig(*fields)
+  return planning.PlanConfig(**fields)

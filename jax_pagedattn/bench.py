@@ -201,10 +201,12 @@ def _meta(args, device) -> dict:
     import jax_pagedattn
 
     meta["jax_pagedattn"] = jax_pagedattn.__version__
-    from jax_pagedattn import _ext
+    import dataclasses
+
+    from jax_pagedattn import _ext, switches
 
     meta["sm90_prefill_built"] = _ext.HAS_SM90_PREFILL
-    meta["sm90_prefill_env"] = os.environ.get("JAX_PAGEDATTN_SM90_PREFILL", "")
+    meta["switches"] = dataclasses.asdict(switches.current())
   except Exception:  # noqa: BLE001
     pass
   for mod in ("torch", "flashinfer"):

@@ -179,11 +179,12 @@ def run_ours(case: Case, *, tensor_cores: bool = False) -> dict:
   result = _time_jax_system(case, step, case.q, case.cache, device_plans)
   if case.opts.host:
     s0, cfg = case.sets[0], plans[0].config
+    spec = planning.plan_spec(page_size=w.page_size, group_size=cfg.group_size,
+                              tile_rows=cfg.tile_rows, causal=cfg.causal, caps=cfg.caps,
+                              decode_names=decode)
     result["plan_host_us"] = 1e6 * timing.time_host(lambda: planning.plan_host(
         None if decode else wl.qo_indptr(w), s0.kv_indptr, s0.kv_indices, s0.kv_last_page_len,
-        page_size=w.page_size, num_qo_heads=w.num_qo_heads, num_kv_heads=w.num_kv_heads,
-        tile_rows=cfg.tile_rows, causal=cfg.causal, caps=cfg.caps, decode_names=decode),
-        case.cfg)
+        spec), case.cfg)
     result["wrapper_plan_us"] = 1e6 * timing.time_host(lambda: plan(s0), case.cfg)
     one = jax.jit(step)
     result["step_us"] = 1e6 * timing.time_host(

@@ -5,12 +5,6 @@ from __future__ import annotations
 from jax_pagedattn import primitives
 from jax_pagedattn._wrapper import PagedAttentionWrapper
 
-# Packed query rows per work item of the tensor-core path: one mma row block, holding a
-# token's GQA group (padded) as FlashInfer's tensor-core decode does.
-TENSOR_CORE_DECODE_TILE_ROWS = 16
-# The CUDA-core decode kernel keeps up to 8 query heads of a group in registers per pass
-# over the keys; larger groups are split into items of 8 heads.
-CUDA_CORE_DECODE_MAX_ROWS = 8
 
 
 class BatchDecodeWithPagedKVCacheWrapper(PagedAttentionWrapper):
@@ -50,16 +44,13 @@ class BatchDecodeWithPagedKVCacheWrapper(PagedAttentionWrapper):
     """
     if kv_data_type is None:
       kv_data_type = data_type
-    if self._use_tensor_cores:
-      target, tile = "jax_pagedattn_prefill", lambda g, d: TENSOR_CORE_DECODE_TILE_ROWS
-    else:
-      target, tile = "jax_pagedattn_decode", lambda g, d: min(g, CUDA_CORE_DECODE_MAX_ROWS)
     return self._make_plan(qo_indptr=None, kv_indptr=indptr, kv_indices=indices,
                            kv_last_page_len=last_page_len, num_qo_heads=num_qo_heads,
                            num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
                            causal=False, pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale,
                            rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_data_type,
-                           kv_data_type=kv_data_type, target=target, tile_rows_for=tile)
+                           kv_data_type=kv_data_type,
+                           kernel="tensor_core_decode" if self._use_tensor_cores else "decode")
 
   def run(self, q, paged_kv_cache, return_lse: bool = False, plan=None):
     """Decode attention: q [batch, num_qo_heads, head_dim] -> out like q.

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_pagedattn import _C
+from jax_pagedattn import _C, switches
+from jax_pagedattn import layout as layout_lib
 
 POS_ENCODING_MODES = {"NONE": 0, "ROPE_LLAMA": 1, "ALIBI": 2}
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -32,7 +33,8 @@ _DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.floa
 @dataclasses.dataclass(frozen=True)
 class Capacities:
   """Static sizes of a plan: requests, query tokens, kv_indices entries, work items,
-  split-KV partial rows and bins (CTAs per kv head of the GPU grid)."""
+  split-KV partial rows and bins (CTAs per kv head of the GPU grid). The C++ struct of
+  the same name and fields (plan_layout.h) is what the native code reads."""
 
   batch: int
   tokens: int
@@ -43,32 +45,60 @@ class Capacities:
 
 
 def partial_row_bytes(num_qo_heads: int, head_dim: int) -> int:
-  """Workspace bytes of one split-KV partial row: float32 outputs and LSE of every head."""
-  return num_qo_heads * (head_dim + 1) * 4
+  """Workspace bytes of one split-KV partial row (params.h, PartialRowBytes)."""
+  return _C.partial_row_bytes(num_qo_heads, head_dim)
+
+
+# The attention kernels, as tile_rows.h numbers them.
+KERNELS = {"decode": 0, "tensor_core_decode": 1, "prefill": 2}
+
+
+def tile_rows(kernel: str, group_size: int, head_dim: int) -> int:
+  """Packed query rows per work item of `kernel` (tile_rows.h, TileRows)."""
+  return _C.tile_rows(KERNELS[kernel], int(group_size), int(head_dim))
+
+
+def _caps_attr(caps: Capacities) -> dict:
+  return {f.name: np.int32(getattr(caps, f.name)) for f in dataclasses.fields(Capacities)}
+
+
+def _kv_layout_attr(kv_layout: str):
+  return np.int32(layout_lib.KV_LAYOUT_CODE[kv_layout])
+
+
+def _attr(encode, name: str | None = None):
+  """A PlanConfig field that is also an FFI attribute of the call (attention_attrs.h):
+  `encode` turns its value into the attribute, `name` renames it there."""
+  return dataclasses.field(metadata={"ffi": (encode, name)})
 
 
 @dataclasses.dataclass(frozen=True)
 class PlanConfig:
-  """Everything static about a plan: part of the compile key of a jitted step."""
+  """Everything static about a plan: part of the compile key of a jitted step. Fields
+  made with `_attr` are the attention call's FFI attributes (ffi_attrs), under the same
+  names as in the C++ AttentionAttrs."""
 
   target: str  # FFI target: "jax_pagedattn_decode" or "jax_pagedattn_prefill"
-  caps: Capacities
-  tile_rows: int
-  num_qo_heads: int
-  num_kv_heads: int
-  head_dim: int
-  page_size: int
-  kv_layout: str
-  causal: bool
-  pos_encoding_mode: str
-  sm_scale: float
-  rope_scale: float
-  rope_theta: float
+  caps: Capacities = _attr(_caps_attr)
+  tile_rows: int = _attr(np.int32)
+  num_qo_heads: int = _attr(np.int32)
+  num_kv_heads: int = _attr(np.int32)
+  head_dim: int = _attr(np.int32)
+  page_size: int = _attr(np.int32)
+  kv_layout: str = _attr(_kv_layout_attr)
+  causal: bool = _attr(np.bool_)
+  pos_encoding_mode: str = _attr(lambda m: np.int32(POS_ENCODING_MODES[m]), "pos_encoding")
+  sm_scale: float = _attr(np.float32)
+  rope_scale: float = _attr(np.float32)
+  rope_theta: float = _attr(np.float32)
   q_dtype: str
   kv_dtype: str
   # "decode" or "prefill": the kind of wrapper that made the plan (a tensor-core decode
   # plan runs the prefill kernel, but only a decode wrapper's run() takes it).
   wrapper: str
+  # Runtime switches (switches.py) the kernels read, fixed when the plan was made.
+  sm90_prefill: bool = _attr(np.bool_)
+  dependent_launch: bool = _attr(np.bool_)
 
   @property
   def group_size(self) -> int:
@@ -78,8 +108,20 @@ class PlanConfig:
   def workspace_bytes(self) -> int:
     """Split-KV partial rows, then one int32 merge counter per (token, kv head)
     (params.h, WorkspaceBytes)."""
-    return (self.caps.partial_rows * partial_row_bytes(self.num_qo_heads, self.head_dim)
-            + self.caps.tokens * self.num_kv_heads * 4)
+    return _C.workspace_bytes(self.caps, self.num_qo_heads, self.head_dim, self.num_kv_heads)
+
+
+@functools.lru_cache(maxsize=256)
+def ffi_attrs(config: PlanConfig) -> dict:
+  """The attention call's attributes from its config (all but `combined`, which the
+  cache operand decides); the C++ side decodes them into AttentionAttrs. Shared: do not
+  modify the returned dictionary."""
+  attrs = {}
+  for f in dataclasses.fields(PlanConfig):
+    if "ffi" in f.metadata:
+      encode, name = f.metadata["ffi"]
+      attrs[name or f.name] = encode(getattr(config, f.name))
+  return attrs
 
 
 @jax.tree_util.register_pytree_node_class
@@ -145,9 +187,6 @@ def next_pow2(n: int, minimum: int = 1) -> int:
   return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
-# Environment override of the CTAs per SM the planner fills (a tuning knob for
-# benchmarks; by default the occupancy calculator's answer for the kernel).
-CTAS_PER_SM_ENV = "JAX_PAGEDATTN_CTAS_PER_SM"
 # On the CPU the bins only feed the handler's dynamic task queue: a few per thread keep
 # the threads balanced when request lengths differ.
 _CPU_BINS_PER_THREAD = 4
@@ -158,8 +197,9 @@ def concurrent_ctas(tensor_cores: bool, dtype: str, head_dim: int, tile_rows: in
   """CTAs of the attention kernel for this configuration that the device runs at once:
   SMs x CTAs per SM on a GPU, a few per thread on the CPU. The planner's bins (one CTA
   per kv head each) fill exactly this, so a launch is one balanced wave."""
+  sw = switches.current()
   return _concurrent_ctas(device or _default_device(), bool(tensor_cores), str(dtype),
-                          int(head_dim), int(tile_rows), os.environ.get(CTAS_PER_SM_ENV, ""))
+                          int(head_dim), int(tile_rows), sw.ctas_per_sm, sw.sm90_prefill)
 
 
 @functools.lru_cache(maxsize=1)
@@ -168,14 +208,15 @@ def _default_device():
 
 
 @functools.lru_cache(maxsize=None)
-def _concurrent_ctas(device, tensor_cores, dtype, head_dim, tile_rows, override) -> int:
+def _concurrent_ctas(device, tensor_cores, dtype, head_dim, tile_rows, ctas_per_sm,
+                     sm90_prefill) -> int:
   if device.platform != "gpu":
     return _CPU_BINS_PER_THREAD * (os.cpu_count() or 1)
   sms = int(getattr(device, "core_count", 0) or 132)
-  if override:
-    return sms * max(1, int(override))
+  if ctas_per_sm:
+    return sms * ctas_per_sm
   if getattr(_C, "HAS_CUDA", False) and dtype in ("float16", "bfloat16"):
-    per_sm = _C.ctas_per_sm(tensor_cores, dtype, head_dim, tile_rows)
+    per_sm = _C.ctas_per_sm(tensor_cores, dtype, head_dim, tile_rows, sm90_prefill)
     if per_sm > 0:
       return sms * per_sm
   return sms
@@ -201,33 +242,30 @@ def derive_capacities(batch, tokens, pages, *, group_size, tile_rows, num_kv_hea
                                           num_kv_heads, num_ctas, partial_rows_limit))
 
 
-def planner_args(*, page_size, num_qo_heads, num_kv_heads, tile_rows, causal,
-                 caps: Capacities, num_pages=-1, decode_names=False) -> tuple:
-  """The C++ planner's (`_C.plan`) arguments after the four index arrays."""
-  return (int(page_size), int(num_qo_heads // num_kv_heads), int(num_kv_heads), int(tile_rows),
-          bool(causal), int(num_pages), caps.batch, caps.tokens, caps.pages, caps.work,
-          caps.partial_rows, caps.bins, bool(decode_names))
+def plan_spec(*, page_size, group_size, tile_rows, causal, caps: Capacities,
+              decode_names=False, num_pages=-1):
+  """The planner's spec (planner.h, PlanSpec): everything about a plan but the index
+  arrays, made once per configuration. The deal comes from switches.py."""
+  return _C.PlanSpec(page_size=int(page_size), group_size=int(group_size),
+                     tile_rows=int(tile_rows), causal=bool(causal), caps=caps,
+                     deal=switches.DEALS[switches.current().deal],
+                     decode_names=bool(decode_names), num_pages=int(num_pages))
 
 
-def plan_host(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, *, page_size, num_qo_heads,
-              num_kv_heads, tile_rows, causal, caps: Capacities, num_pages=-1,
-              decode_names=False) -> np.ndarray:
-  """Runs the C++ planner on host arrays; returns the int32 plan buffer, a new
-  read-only array.
+def plan_host(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, spec) -> np.ndarray:
+  """Runs the C++ planner on host int32 arrays: the one way into it. Returns the plan
+  buffer, a new read-only array.
 
   `qo_indptr=None` plans a decode batch (one query per request). Raises ValueError
   naming the offending argument.
   """
-  args = planner_args(page_size=page_size, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
-                      tile_rows=tile_rows, causal=causal, caps=caps, num_pages=num_pages,
-                      decode_names=decode_names)
-  return _C.plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, *args)
+  return _C.plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, spec)
 
 
 @functools.lru_cache(maxsize=256)
 def plan_sections(caps: Capacities) -> dict:
   """{section: (offset, length)} of a plan buffer with these capacities."""
-  return _C.plan_layout(caps.batch, caps.tokens, caps.pages, caps.work, caps.bins)
+  return _C.plan_layout(caps)
 
 
 def unpack_plan(buffer, caps: Capacities) -> dict:

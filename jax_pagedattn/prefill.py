@@ -6,12 +6,6 @@ from jax_pagedattn import primitives
 from jax_pagedattn._wrapper import PagedAttentionWrapper
 
 
-def prefill_tile_rows(group_size: int, head_dim: int) -> int:
-  """Packed query rows per prefill work item: the tensor-core kernel's query tile."""
-  del group_size
-  return 128 if head_dim <= 128 else 64
-
-
 class BatchPrefillWithPagedKVCacheWrapper(PagedAttentionWrapper):
   """Batched prefill / append attention over a paged KV cache (FlashInfer's API).
 
@@ -52,8 +46,7 @@ class BatchPrefillWithPagedKVCacheWrapper(PagedAttentionWrapper):
                            head_dim=head_dim, page_size=page_size, causal=causal,
                            pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale,
                            rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_data_type,
-                           kv_data_type=kv_data_type, target="jax_pagedattn_prefill",
-                           tile_rows_for=prefill_tile_rows)
+                           kv_data_type=kv_data_type, kernel="prefill")
 
   def run(self, q, paged_kv_cache, return_lse: bool = False, plan=None):
     """Prefill attention: q [tokens, num_qo_heads, head_dim] -> out like q.

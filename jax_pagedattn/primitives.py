@@ -59,23 +59,10 @@ def _attention_abstract_eval(q, k_cache, v_cache, plan, *, config: planning.Plan
           ShapedArray((config.workspace_bytes,), jnp.uint8))
 
 
-def _ffi_attention_attrs(config: planning.PlanConfig, combined: bool) -> dict:
-  i32, f32 = np.int32, np.float32
-  c = config
-  return dict(
-      num_qo_heads=i32(c.num_qo_heads), num_kv_heads=i32(c.num_kv_heads), head_dim=i32(c.head_dim),
-      page_size=i32(c.page_size), kv_layout=i32(layout_lib.KV_LAYOUT_CODE[c.kv_layout]),
-      combined=i32(combined), causal=i32(c.causal),
-      pos_encoding=i32(planning.POS_ENCODING_MODES[c.pos_encoding_mode]),
-      sm_scale=f32(c.sm_scale), rope_scale=f32(c.rope_scale), rope_theta=f32(c.rope_theta),
-      tile_rows=i32(c.tile_rows), batch_cap=i32(c.caps.batch), token_cap=i32(c.caps.tokens),
-      page_cap=i32(c.caps.pages), work_cap=i32(c.caps.work),
-      partial_rows_cap=i32(c.caps.partial_rows), bin_cap=i32(c.caps.bins))
-
-
 def _native_attention_lowering(ctx, q, k_cache, v_cache, plan, *, config, combined):
   rule = jax.ffi.ffi_lowering(config.target)
-  return rule(ctx, q, k_cache, v_cache, plan, **_ffi_attention_attrs(config, combined))
+  return rule(ctx, q, k_cache, v_cache, plan, **planning.ffi_attrs(config),
+              combined=np.bool_(combined))
 
 
 def _reference_attention(q, k_cache, v_cache, plan, *, config, combined):

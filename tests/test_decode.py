@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jax_pagedattn as jpa
-from jax_pagedattn import planning
+from jax_pagedattn import planning, switches
 
 from _helpers import (DTYPES, split_run_result, assert_attention_close, cache_in_form, check_native, oracle,
                       page_table, put, random_cache, round_to, varied_lengths)
@@ -90,19 +90,19 @@ def test_decode_split_kv(platform, device, rng, dtype, tensor_cores):
 
 
 @pytest.mark.parametrize("tensor_cores", [False, True])
-def test_decode_bins_of_many_items(platform, device, rng, monkeypatch, tensor_cores):
+def test_decode_bins_of_many_items(platform, device, rng, tensor_cores):
   """Few bins for many requests: every CTA runs a long run of items back to back, whole
   requests and pieces of cut ones mixed, so the shared memory handed from one item to
   the next must be clean (checked through the plan, so this cannot pass vacuously)."""
   check_native(platform)
   dtype = "bf16" if platform == "gpu" else "f32"
   # One CTA per SM on the GPU: 132 / 4 heads = 33 bins for 300 requests.
-  monkeypatch.setenv(planning.CTAS_PER_SM_ENV, "1")
   kv_lens = rng.integers(0, 300, size=300)
   kv_lens[[3, 150]] = [4000, 2500]  # two long requests that must be cut
-  sections, (out, lse), (ref_out, ref_lse) = _run_random_batch(
-      device, rng, kv_lens, dtype, heads=(16, 4), head_dim=64, page_size=8, kv_layout="HND",
-      form="tuple", tensor_cores=tensor_cores)
+  with switches.overridden(ctas_per_sm=1):
+    sections, (out, lse), (ref_out, ref_lse) = _run_random_batch(
+        device, rng, kv_lens, dtype, heads=(16, 4), head_dim=64, page_size=8, kv_layout="HND",
+        form="tuple", tensor_cores=tensor_cores)
   assert np.diff(sections["bin_indptr"]).max() >= 4, "precondition: bins should hold several items"
   if platform == "gpu":  # the CPU has too few bins for a 4000-key request to overrun one
     assert _cut_requests(sections), "precondition: the long requests should be cut"

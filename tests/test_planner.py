@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jax_pagedattn import planning
+from jax_pagedattn import planning, switches
 from jax_pagedattn.planning import Capacities
 
 # Work item fields (CONTRACT.md / plan_layout.h).
@@ -73,13 +73,12 @@ def batches(draw):
 def run_plan(b, **override):
   args = dict(qo_indptr=b["qo_indptr"], kv_indptr=b["kv_indptr"], kv_indices=b["kv_indices"],
               kv_last_page_len=b["last"])
-  kw = dict(page_size=b["page_size"], num_qo_heads=b["group"] * b["num_kv_heads"],
-            num_kv_heads=b["num_kv_heads"], tile_rows=b["tile_rows"], causal=b["causal"],
-            caps=b["caps"], num_pages=b["num_pages"])
+  kw = dict(page_size=b["page_size"], group_size=b["group"], tile_rows=b["tile_rows"],
+            causal=b["causal"], caps=b["caps"], num_pages=b["num_pages"])
   for k, v in override.items():
     (args if k in args else kw)[k] = v
   return planning.plan_host(args.pop("qo_indptr"), args.pop("kv_indptr"), args.pop("kv_indices"),
-                            args.pop("kv_last_page_len"), **kw)
+                            args.pop("kv_last_page_len"), planning.plan_spec(**kw))
 
 
 def visible_extent(qo_len, kv_len, token, causal):
@@ -209,9 +208,9 @@ def _decode_plan(batch, spec, heads=(32, 8), tile_rows=16, num_ctas=396):
   s = wl.build_page_sets(w, 1, 0)[1][0]
   caps = planning.derive_capacities(batch, batch, len(s.kv_indices), group_size=hq // hk,
                                     tile_rows=tile_rows, num_kv_heads=hk, num_ctas=num_ctas)
-  buf = planning.plan_host(None, s.kv_indptr, s.kv_indices, s.kv_last_page_len, page_size=16,
-                           num_qo_heads=hq, num_kv_heads=hk, tile_rows=tile_rows, causal=False,
-                           caps=caps)
+  buf = planning.plan_host(None, s.kv_indptr, s.kv_indices, s.kv_last_page_len,
+                           planning.plan_spec(page_size=16, group_size=hq // hk,
+                                              tile_rows=tile_rows, causal=False, caps=caps))
   return w, caps, planning.unpack_plan(buf, caps)
 
 
@@ -366,22 +365,21 @@ def test_plan_rejects_capacity_of_work_items():
   qo = np.array([0, 40], np.int32)
   with pytest.raises(ValueError, match="work items"):
     planning.plan_host(qo, np.array([0, 1], np.int32), np.array([0], np.int32),
-                       np.array([1], np.int32), page_size=16, num_qo_heads=4, num_kv_heads=1,
-                       tile_rows=4, causal=False, caps=Capacities(1, 64, 4, 3, 1, 1))
+                       np.array([1], np.int32),
+                       planning.plan_spec(page_size=16, group_size=4, tile_rows=4, causal=False,
+                                          caps=Capacities(1, 64, 4, 3, 1, 1)))
 
 
 def test_plan_names_decode_arguments():
   """With decode naming the messages use the decode wrapper's argument names."""
+  decode_spec = planning.plan_spec(page_size=16, group_size=4, tile_rows=4, causal=False,
+                                   caps=Capacities(1, 1, 4, 8, 8, 1), decode_names=True)
   with pytest.raises(ValueError, match=r"\bindices\b"):
     planning.plan_host(None, np.array([0, 1], np.int32), np.array([-3], np.int32),
-                       np.array([1], np.int32), page_size=16, num_qo_heads=4, num_kv_heads=1,
-                       tile_rows=4, causal=False, caps=Capacities(1, 1, 4, 8, 8, 1),
-                       decode_names=True)
+                       np.array([1], np.int32), decode_spec)
   with pytest.raises(ValueError, match=r"\blast_page_len\b"):
     planning.plan_host(None, np.array([0, 1], np.int32), np.array([0], np.int32),
-                       np.array([17], np.int32), page_size=16, num_qo_heads=4, num_kv_heads=1,
-                       tile_rows=4, causal=False, caps=Capacities(1, 1, 4, 8, 8, 1),
-                       decode_names=True)
+                       np.array([17], np.int32), decode_spec)
 
 
 def test_plan_time_256_requests(capsys):
@@ -395,13 +393,37 @@ def test_plan_time_256_requests(capsys):
   last = (kv_lens - (npages - 1) * ps).astype(np.int32)
   caps = planning.derive_capacities(256, 256, int(npages.sum()), group_size=g, tile_rows=g,
                                     num_kv_heads=hk, num_ctas=396)
-  kw = dict(page_size=ps, num_qo_heads=g * hk, num_kv_heads=hk, tile_rows=g, causal=False,
-            caps=caps)
-  planning.plan_host(None, kv_indptr, kv_indices, last, **kw)  # warm-up
+  spec = planning.plan_spec(page_size=ps, group_size=g, tile_rows=g, causal=False, caps=caps)
+  planning.plan_host(None, kv_indptr, kv_indices, last, spec)  # warm-up
   n = 200
   t0 = time.perf_counter()
   for _ in range(n):
-    planning.plan_host(None, kv_indptr, kv_indices, last, **kw)
+    planning.plan_host(None, kv_indptr, kv_indices, last, spec)
   us = (time.perf_counter() - t0) / n * 1e6
   with capsys.disabled():
     print(f"\nplan_host, 256 decode requests ({int(npages.sum())} pages): {us:.1f} us per call")
+
+
+def test_the_deal_comes_in_the_spec():
+  """The planner reads no environment: switches.deal reaches it through the PlanSpec,
+  and a forced deal changes the plan of a batch where both deals are possible."""
+  kv_lens = np.array([96, 192, 4000, 9008])
+  npages = kv_lens // 16
+  kv_indptr = np.concatenate([[0], np.cumsum(npages)]).astype(np.int32)
+  kv_indices = np.arange(int(npages.sum()), dtype=np.int32)
+  last = np.full(4, 16, np.int32)
+  caps = planning.derive_capacities(4, 4, int(npages.sum()), group_size=4, tile_rows=4,
+                                    num_kv_heads=8, num_ctas=8 * 64)
+  bufs = {}
+  for deal in ("bins", "equal"):
+    with switches.overridden(deal=deal):
+      spec = planning.plan_spec(page_size=16, group_size=4, tile_rows=4, causal=False, caps=caps)
+    assert spec.deal == switches.DEALS[deal]
+    bufs[deal] = planning.unpack_plan(
+        planning.plan_host(None, kv_indptr, kv_indices, last, spec), caps)
+  # Equal pieces: one item per bin; dealt bins hold two where a request ends mid-bin.
+  items = {d: int(b["meta"][2]) for d, b in bufs.items()}
+  bins = {d: int(b["meta"][4]) for d, b in bufs.items()}
+  assert items["equal"] == bins["equal"]
+  assert items["bins"] > bins["bins"]
+  assert (bufs["bins"]["work"] != bufs["equal"]["work"]).any()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes
 
-from jax_pagedattn import _C, _ext
+from jax_pagedattn import _C, switches
 
 
 def _addresses(table):
@@ -29,8 +29,8 @@ def test_both_registrations_name_the_same_targets():
 
 
 def test_the_plain_handlers_are_registered_unless_asked():
-  env = _ext.COMMAND_BUFFERS_ENV
-  assert not _ext.command_buffers_wanted({})
-  assert not _ext.command_buffers_wanted({env: "0"})
-  assert not _ext.command_buffers_wanted({env: ""})
-  assert _ext.command_buffers_wanted({env: "1"})
+  env = "JAX_PAGEDATTN_COMMAND_BUFFERS"
+  assert not switches.from_environment({}).command_buffers
+  assert not switches.from_environment({env: "0"}).command_buffers
+  assert not switches.from_environment({env: ""}).command_buffers
+  assert switches.from_environment({env: "1"}).command_buffers

@@ -38,7 +38,7 @@ const char* CheckParams(const AttentionParams& p) {
   if (p.kv.page_size <= 0) return "jax_pagedattn: page_size must be positive";
   if (p.q_rows < 0 || p.q_rows > p.layout.token_cap)
     return "jax_pagedattn: q has more rows than token_cap";
-  if (p.partial_rows_cap < 0) return "jax_pagedattn: partial_rows_cap must not be negative";
+  if (p.caps.partial_rows < 0) return "jax_pagedattn: partial_rows_cap must not be negative";
   if (p.pos_encoding != PosEncoding::kNone && p.pos_encoding != PosEncoding::kRopeLlama &&
       p.pos_encoding != PosEncoding::kAlibi)
     return "jax_pagedattn: pos_encoding must be 0 (NONE), 1 (ROPE_LLAMA) or 2 (ALIBI)";
@@ -197,26 +197,22 @@ namespace ffi = ::xla::ffi;
 using namespace ::jax_pagedattn;
 
 // Decode and prefill share this: on the CPU there is one code path.
-ffi::Error AttentionImpl(JPA_ATTENTION_HANDLER_ARGS) {
+ffi::Error AttentionImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
+                         ffi::Buffer<ffi::S32> plan, ffi::Result<ffi::AnyBuffer> out,
+                         ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::U8> workspace,
+                         AttentionAttrs attrs) {
   AttentionParams p;
-  ffi::Error err = MakeAttentionParams(JPA_ATTENTION_FORWARD_ARGS, &p);
+  ffi::Error err =
+      MakeAttentionParams({q, k_cache, v_cache, plan, out, lse, workspace}, attrs, &p);
   if (err.failure()) return err;
   return cpu::ToFfiError(cpu::RunAttentionCpu(p));
-}
-
-ffi::Error DecodeImpl(JPA_ATTENTION_HANDLER_ARGS) {
-  return AttentionImpl(JPA_ATTENTION_FORWARD_ARGS);
-}
-
-ffi::Error PrefillImpl(JPA_ATTENTION_HANDLER_ARGS) {
-  return AttentionImpl(JPA_ATTENTION_FORWARD_ARGS);
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxPagedAttnDecodeCpu, DecodeImpl,
+    JaxPagedAttnDecodeCpu, AttentionImpl,
     ::jax_pagedattn::BindAttention(::xla::ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxPagedAttnPrefillCpu, PrefillImpl,
+    JaxPagedAttnPrefillCpu, AttentionImpl,
     ::jax_pagedattn::BindAttention(::xla::ffi::Ffi::Bind()));

@@ -361,7 +361,7 @@ void StoreRows(const CallPlan& c, Scratch<K>& sc, int32_t split) {
       p.lse[row.token * H + row.head] = lse;
     } else {
       const int64_t prow = int64_t(p.merge_indptr[row.token]) + split;
-      if (prow < 0 || prow >= p.partial_rows_cap) continue;
+      if (prow < 0 || prow >= p.caps.partial_rows) continue;
       std::copy(acc, acc + D, p.partial_o + (prow * H + row.head) * D);
       p.partial_lse[prow * H + row.head] = lse;
     }

@@ -37,7 +37,7 @@ void MergeTokens(const AttentionParams& p, std::vector<float>& o, int64_t t0, in
     const int64_t n = int64_t(p.merge_indptr[t + 1]) - base;
     if (n <= 0) continue;
     const int64_t first = std::max<int64_t>(base, 0);
-    const int64_t last = std::min<int64_t>(base + n, p.partial_rows_cap);
+    const int64_t last = std::min<int64_t>(base + n, p.caps.partial_rows);
     for (int h = 0; h < H; ++h) {
       float m = kNegInf;
       for (int64_t row = first; row < last; ++row) m = std::max(m, p.partial_lse[row * H + h]);

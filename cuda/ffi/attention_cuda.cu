@@ -36,7 +36,7 @@ ffi::Error CheckGpuParams(const AttentionParams& p) {
     return ffi::Error::InvalidArgument("jax_pagedattn: num_qo_heads must be at least 1");
   if (p.num_kv_heads > 65535)
     return ffi::Error::InvalidArgument("jax_pagedattn: num_kv_heads must be at most 65535");
-  if (p.layout.work_cap < 0 || p.partial_rows_cap < 0)
+  if (p.layout.work_cap < 0 || p.caps.partial_rows < 0)
     return ffi::Error::InvalidArgument("jax_pagedattn: capacities must not be negative");
   if (p.kv.num_kv_heads != p.num_kv_heads || p.kv.head_dim != p.head_dim)
     return ffi::Error::InvalidArgument("jax_pagedattn: cache heads/head_dim do not match the attributes");
@@ -44,34 +44,31 @@ ffi::Error CheckGpuParams(const AttentionParams& p) {
 }
 
 template <cudaError_t (*kAttention)(const AttentionParams&, cudaStream_t)>
-ffi::Error SetupThenAttention(cudaStream_t stream, JPA_ATTENTION_HANDLER_ARGS, const char* what) {
+ffi::Error SetupThenAttention(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
+                              ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> plan,
+                              ffi::Result<ffi::AnyBuffer> out, ffi::ResultBuffer<ffi::F32> lse,
+                              ffi::ResultBuffer<ffi::U8> workspace, AttentionAttrs attrs) {
   AttentionParams p;
-  ffi::Error err = MakeAttentionParams(JPA_ATTENTION_FORWARD_ARGS, &p);
+  ffi::Error err =
+      MakeAttentionParams({q, k_cache, v_cache, plan, out, lse, workspace}, attrs, &p);
   if (err.failure()) return err;
   err = CheckGpuParams(p);
   if (err.failure()) return err;
   cudaError_t cu = LaunchMergeSetup(p, stream);
   if (cu != cudaSuccess) return LaunchError("merge setup kernel", cu);
   cu = kAttention(p, stream);
-  if (cu != cudaSuccess) return LaunchError(what, cu);
+  if (cu != cudaSuccess) return LaunchError(kAttention == LaunchDecode ? "decode kernel" : "prefill kernel", cu);
   return ffi::Error::Success();
-}
-
-ffi::Error DecodeCuda(cudaStream_t stream, JPA_ATTENTION_HANDLER_ARGS) {
-  return SetupThenAttention<LaunchDecode>(stream, JPA_ATTENTION_FORWARD_ARGS, "decode kernel");
-}
-
-ffi::Error PrefillCuda(cudaStream_t stream, JPA_ATTENTION_HANDLER_ARGS) {
-  return SetupThenAttention<LaunchPrefill>(stream, JPA_ATTENTION_FORWARD_ARGS, "prefill kernel");
 }
 
 }  // namespace
 
 const char* AttentionCtasPerSm(bool tensor_cores, DType dtype, int32_t head_dim,
-                               int32_t tile_rows, int32_t* ctas) {
+                               int32_t tile_rows, bool sm90_prefill, int32_t* ctas) {
   *ctas = 0;
-  const cudaError_t err = tensor_cores ? PrefillCtasPerSm(dtype, head_dim, tile_rows, ctas)
-                                       : DecodeCtasPerSm(dtype, head_dim, tile_rows, ctas);
+  const cudaError_t err = tensor_cores
+                              ? PrefillCtasPerSm(dtype, head_dim, tile_rows, sm90_prefill, ctas)
+                              : DecodeCtasPerSm(dtype, head_dim, tile_rows, ctas);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
@@ -79,11 +76,11 @@ const char* AttentionCtasPerSm(bool tensor_cores, DType dtype, int32_t head_dim,
 
 // The bindings: stream context, then ffi_common.h's operand list.
 JPA_DEFINE_CUDA_HANDLERS(
-    JaxPagedAttnDecodeCuda, jax_pagedattn::DecodeCuda,
+    JaxPagedAttnDecodeCuda, jax_pagedattn::SetupThenAttention<jax_pagedattn::LaunchDecode>,
     jax_pagedattn::BindAttention(
         xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()));
 
 JPA_DEFINE_CUDA_HANDLERS(
-    JaxPagedAttnPrefillCuda, jax_pagedattn::PrefillCuda,
+    JaxPagedAttnPrefillCuda, jax_pagedattn::SetupThenAttention<jax_pagedattn::LaunchPrefill>,
     jax_pagedattn::BindAttention(
         xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()));

@@ -523,7 +523,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
         if (d == 0) p.lse[token * H + head] = lse;
       } else {
         const int64_t prow = int64_t(__ldg(p.merge_indptr + token)) + split;
-        if (prow < 0 || prow >= p.partial_rows_cap) continue;
+        if (prow < 0 || prow >= p.caps.partial_rows) continue;
         *reinterpret_cast<float4*>(p.partial_o + (int64_t(prow) * H + head) * D + d) = res;
         if (d == 0) p.partial_lse[int64_t(prow) * H + head] = lse;
       }
@@ -565,7 +565,8 @@ struct RowsKernel {
     const cudaError_t err = Ready();
     if (err != cudaSuccess) return err;
     const dim3 grid(unsigned(p.layout.bin_cap), unsigned(p.num_kv_heads));
-    return LaunchDependent(DecodeKernel<T, D, R>, grid, dim3(kThreads), kSmem, stream, p);
+    return LaunchDependent(p.dependent_launch, DecodeKernel<T, D, R>, grid, dim3(kThreads), kSmem,
+                           stream, p);
   }
 
   static cudaError_t Occupancy(int32_t* ctas) {

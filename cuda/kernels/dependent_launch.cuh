@@ -11,15 +11,14 @@
 // sees all of it done. The setup then costs no time between two ops.
 //
 // On older GPUs both instructions are compiled out and the kernels launch plainly.
-// JAX_PAGEDATTN_DEPENDENT_LAUNCH=0 turns it off (a switch for measurement and for
-// ruling it out when debugging).
+// JAX_PAGEDATTN_DEPENDENT_LAUNCH=0 turns it off (switches.py reads it; it reaches the
+// launch as the dependent_launch attribute): a switch for measurement and for ruling it
+// out when debugging.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <utility>
 
 namespace jax_pagedattn {
@@ -41,12 +40,9 @@ __device__ __forceinline__ void WaitForPrimaryGrid() {
 }
 
 // Whether launches on the current device may use programmatic stream serialization:
-// compute capability 9.0 or later and not switched off. Cached per device ordinal.
-inline bool DependentLaunchEnabled() {
-  static const bool allowed = [] {
-    const char* v = std::getenv("JAX_PAGEDATTN_DEPENDENT_LAUNCH");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+// `allowed` (the call's dependent_launch attribute, switches.py) and compute capability
+// 9.0 or later. The capability is cached per device ordinal.
+inline bool DependentLaunchEnabled(bool allowed) {
   if (!allowed) return false;
   static std::atomic<uint64_t> known{0}, capable{0};  // one bit per device ordinal
   int dev = 0;
@@ -63,10 +59,10 @@ inline bool DependentLaunchEnabled() {
 }
 
 // Launches `kernel` as the dependent grid of the kernel before it on `stream` where
-// DependentLaunchEnabled(), plainly otherwise.
+// DependentLaunchEnabled(allowed), plainly otherwise.
 template <typename... Params, typename... Args>
-cudaError_t LaunchDependent(void (*kernel)(Params...), dim3 grid, dim3 block, int smem_bytes,
-                            cudaStream_t stream, Args&&... args) {
+cudaError_t LaunchDependent(bool allowed, void (*kernel)(Params...), dim3 grid, dim3 block,
+                            int smem_bytes, cudaStream_t stream, Args&&... args) {
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = 1;
@@ -76,7 +72,7 @@ cudaError_t LaunchDependent(void (*kernel)(Params...), dim3 grid, dim3 block, in
   cfg.dynamicSmemBytes = size_t(smem_bytes);
   cfg.stream = stream;
   cfg.attrs = &attr;
-  cfg.numAttrs = DependentLaunchEnabled() ? 1 : 0;
+  cfg.numAttrs = DependentLaunchEnabled(allowed) ? 1 : 0;
   const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
   return err != cudaSuccess ? err : cudaGetLastError();
 }

@@ -20,9 +20,11 @@ cudaError_t LaunchDecode(const AttentionParams& p, cudaStream_t stream);
 cudaError_t LaunchPrefill(const AttentionParams& p, cudaStream_t stream);
 
 // CTAs per SM of the kernel LaunchDecode / LaunchPrefill would launch for this dtype,
-// head_dim and tile_rows, on the current device (the occupancy calculator).
+// head_dim and tile_rows (and sm90_prefill attribute), on the current device (the
+// occupancy calculator).
 cudaError_t DecodeCtasPerSm(DType dtype, int head_dim, int tile_rows, int32_t* ctas);
-cudaError_t PrefillCtasPerSm(DType dtype, int head_dim, int tile_rows, int32_t* ctas);
+cudaError_t PrefillCtasPerSm(DType dtype, int head_dim, int tile_rows, bool sm90_prefill,
+                             int32_t* ctas);
 
 // Before LaunchDecode/LaunchPrefill, always: zeroes the split-merge counters of the
 // workspace and zero-fills (lse = -inf) rows t >= meta[kMetaNumTokens]. The attention

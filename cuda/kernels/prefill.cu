@@ -8,8 +8,6 @@
 
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "dependent_launch.cuh"
 #include "kernel_setup.cuh"
@@ -39,7 +37,8 @@ struct TileKernel {
     const cudaError_t err = Ready();
     if (err != cudaSuccess) return err;
     const dim3 grid(unsigned(p.layout.bin_cap), unsigned(p.num_kv_heads));
-    return LaunchDependent(PrefillKernel<T, D, TILE_ROWS, STAGES>, grid, dim3(Cfg::kThreads),
+    return LaunchDependent(p.dependent_launch, PrefillKernel<T, D, TILE_ROWS, STAGES>, grid,
+                           dim3(Cfg::kThreads),
                            Cfg::kSmemBytes, stream, p);
   }
 
@@ -85,24 +84,13 @@ cudaError_t WithKernel(DType dtype, int head_dim, int tile_rows, Op&& op) {
   });
 }
 
-#ifdef JAX_PAGEDATTN_WITH_SM90
-// The Hopper kernel (sm90/prefill_sm90.cu) where this build has it, it covers the call
-// and JAX_PAGEDATTN_SM90_PREFILL=1 asks for it. Opt-in until the library path has passed
-// the GPU suite and the sanitizers on a Hopper card (docs/PERF_NOTES.md, 2026-12-07).
-bool Sm90PrefillWanted() {
-  static const bool wanted = [] {
-    const char* v = std::getenv("JAX_PAGEDATTN_SM90_PREFILL");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
-  return wanted;
-}
-#endif
-
 }  // namespace
 
 cudaError_t LaunchPrefill(const AttentionParams& p, cudaStream_t stream) {
 #ifdef JAX_PAGEDATTN_WITH_SM90
-  if (Sm90PrefillWanted()) {
+  // The Hopper kernel (sm90/prefill_sm90.cu) where this build has it, it covers the call
+  // and the call's sm90_prefill attribute allows it (switches.py).
+  if (p.sm90_prefill) {
     const cudaError_t err = LaunchPrefillSm90(p, stream);
     if (err != cudaErrorNotSupported) return err;  // launched, or a real error
   }
@@ -118,9 +106,10 @@ cudaError_t LaunchPrefill(const AttentionParams& p, cudaStream_t stream) {
                     [&](auto kernel) { return decltype(kernel)::Launch(p, stream); });
 }
 
-cudaError_t PrefillCtasPerSm(DType dtype, int head_dim, int tile_rows, int32_t* ctas) {
+cudaError_t PrefillCtasPerSm(DType dtype, int head_dim, int tile_rows, bool sm90_prefill,
+                             int32_t* ctas) {
 #ifdef JAX_PAGEDATTN_WITH_SM90
-  if (Sm90PrefillWanted()) {
+  if (sm90_prefill) {
     const cudaError_t err = PrefillSm90CtasPerSm(dtype, head_dim, tile_rows, ctas);
     if (err != cudaErrorNotSupported) return err;
   }

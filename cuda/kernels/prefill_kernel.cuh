@@ -571,7 +571,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
       if (c == 0) p.lse[hrow] = lse_v;
     } else {
       const int64_t prow = int64_t(p.merge_indptr[tok]) + split;
-      if (prow >= 0 && prow < p.partial_rows_cap) {
+      if (prow >= 0 && prow < p.caps.partial_rows) {
         const int64_t ph = prow * Hqo + kv_head * G + r % G;
         float4* dst = reinterpret_cast<float4*>(p.partial_o + ph * D + c * 8);
         dst[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);

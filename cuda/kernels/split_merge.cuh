@@ -133,7 +133,7 @@ __device__ __forceinline__ void FinishSplitItemIn(const AttentionParams& p, int 
     const int begin = __ldg(p.merge_indptr + t);
     int n = __ldg(p.merge_indptr + t + 1) - begin;
     if (begin < 0) continue;  // malformed offsets: never index before the workspace
-    if (n > p.partial_rows_cap - begin) n = p.partial_rows_cap - begin;
+    if (n > p.caps.partial_rows - begin) n = p.caps.partial_rows - begin;
     MergeQuad<T>(p, t, kv_head * G + hg, d, begin, n);
   }
   // s_last is rewritten only after the first barrier of the next call, which every

@@ -1,6 +1,7 @@
-// Host planner. One pass validates the batch, one cuts the queries into units, one
-// deals the units into bins of equal cost (cutting a unit's keys where a bin boundary
-// falls inside it) and writes the work items, one writes the merge offsets.
+// Host planner, in four steps (PlanBatch at the end): Validate the batch, CutUnits of
+// its queries, DealUnits into bins of equal cost (cutting a unit's keys where a bin
+// boundary falls inside it, writing the work items), WriteSections (merge offsets,
+// counts, padded index arrays). It reads nothing but its arguments.
 //
 // Bins. The GPU runs one CTA per (bin, kv head), all resident at once, each running its
 // bin's items in order (plan_layout.h). A launch lasts as long as its costliest bin, so
@@ -33,7 +34,6 @@
 #include "planner.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -89,19 +89,6 @@ struct Unit {
   int32_t request, first_token, num_tokens, extent;  // extent: keys the unit sees
 };
 
-// JAX_PAGEDATTN_DEAL=bins|equal forces one deal where both are possible (a tuning
-// knob for benchmarks, read once per process); anything else prices both.
-enum class Deal { kAuto, kBins, kEqual };
-Deal ForcedDeal() {
-  static const Deal deal = [] {
-    const char* v = std::getenv("JAX_PAGEDATTN_DEAL");
-    if (v && !std::strcmp(v, "bins")) return Deal::kBins;
-    if (v && !std::strcmp(v, "equal")) return Deal::kEqual;
-    return Deal::kAuto;
-  }();
-  return deal;
-}
-
 // Pieces of a unit of `extent` keys cut at most `chunk` keys long (one even if empty).
 int64_t PiecesOf(int64_t extent, int64_t chunk) {
   return std::max<int64_t>(1, CeilDiv(extent, chunk));
@@ -152,259 +139,364 @@ Capacities DeriveCapacities(int32_t batch_cap, int32_t token_cap, int32_t page_c
   return c;
 }
 
-void PlanBatch(const PlanRequest& r, int32_t* out) {
-  const Capacities& caps = r.caps;
-  const PlanLayout L{caps.batch, caps.tokens, caps.pages, caps.work, caps.bins};
-  if (r.page_size < 1) Fail("page_size must be >= 1");
-  if (r.group_size < 1 || r.tile_rows < 1) Fail("group_size and tile_rows must be >= 1");
-  if (caps.bins < 1) Fail("the bin capacity must be >= 1");
+namespace {
 
-  // ---- validation (DESIGN.md §3) ----
-  // FlashInfer's rule: the batch is len(kv_indptr) - 1; the other arrays must agree.
-  if (r.kv_indptr_len < 1)
-    Fail(std::string(r.name_kv_indptr) + " must have batch_size + 1 >= 1 entries, got 0");
-  const int64_t batch = r.kv_indptr_len - 1;
-  if (r.kv_last_page_len_len != batch)
-    Fail(std::string(r.name_kv_last_page_len) + " must have batch_size = len(" +
-         r.name_kv_indptr + ") - 1 = " + std::to_string(batch) + " entries, got " +
-         std::to_string(r.kv_last_page_len_len));
+// The names of the index arrays in messages (PlanSpec::decode_names).
+struct ArgNames {
+  const char* qo_indptr = "qo_indptr";
+  const char* kv_indptr = "paged_kv_indptr";
+  const char* kv_indices = "paged_kv_indices";
+  const char* kv_last_page_len = "paged_kv_last_page_len";
+};
+
+ArgNames NamesOf(const PlanSpec& s) {
+  ArgNames n;
+  if (s.decode_names) {
+    n.kv_indptr = "indptr";
+    n.kv_indices = "indices";
+    n.kv_last_page_len = "last_page_len";
+  }
+  return n;
+}
+
+// What validation learns about a batch, and its per-request lookups.
+struct BatchFacts {
+  const BatchArrays* a;
+  int32_t page_size;
+  int64_t batch;
+  int64_t num_tokens;
+
+  int32_t QoBegin(int64_t b) const { return a->qo_indptr ? a->qo_indptr[b] : int32_t(b); }
+  int32_t QoLen(int64_t b) const { return QoBegin(b + 1) - QoBegin(b); }
+  int32_t KvLen(int64_t b) const {
+    const int32_t pages = a->kv_indptr[b + 1] - a->kv_indptr[b];
+    return pages == 0 ? 0 : (pages - 1) * page_size + a->kv_last_page_len[b];
+  }
+};
+
+void CheckSpec(const PlanSpec& s) {
+  if (s.page_size < 1) Fail("page_size must be >= 1");
+  if (s.group_size < 1 || s.tile_rows < 1) Fail("group_size and tile_rows must be >= 1");
+  if (s.caps.bins < 1) Fail("the bin capacity must be >= 1");
+}
+
+// Page ids within [0, num_pages) (any non-negative id while num_pages is unknown). One
+// branch-free pass finds whether any is out of range; the loop that names the first
+// one runs only then.
+void CheckPageIds(const BatchArrays& a, const PlanSpec& s, const ArgNames& n) {
+  const uint32_t limit = s.num_pages >= 0 ? uint32_t(s.num_pages) : 0x80000000u;
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < a.kv_indices_len; ++i) bad |= uint32_t(uint32_t(a.kv_indices[i]) >= limit);
+  for (int64_t i = 0; bad && i < a.kv_indices_len; ++i) {
+    const int32_t p = a.kv_indices[i];
+    if (p < 0 || (s.num_pages >= 0 && p >= s.num_pages))
+      Fail(std::string(n.kv_indices) + "[" + std::to_string(i) + "] = " + std::to_string(p) +
+           " is not a page of the cache (0 <= page < " +
+           (s.num_pages >= 0 ? std::to_string(s.num_pages) : std::string("num_pages")) + ")");
+  }
+}
+
+// DESIGN.md §3: FlashInfer's rule is that the batch is len(kv_indptr) - 1 and the other
+// arrays must agree; everything must fit the capacities.
+BatchFacts Validate(const BatchArrays& a, const PlanSpec& s, const ArgNames& n) {
+  const Capacities& caps = s.caps;
+  if (a.kv_indptr_len < 1)
+    Fail(std::string(n.kv_indptr) + " must have batch_size + 1 >= 1 entries, got 0");
+  const int64_t batch = a.kv_indptr_len - 1;
+  if (a.kv_last_page_len_len != batch)
+    Fail(std::string(n.kv_last_page_len) + " must have batch_size = len(" + n.kv_indptr +
+         ") - 1 = " + std::to_string(batch) + " entries, got " +
+         std::to_string(a.kv_last_page_len_len));
   if (batch > caps.batch)
     Fail("batch of " + std::to_string(batch) + " requests exceeds max_batch_size = " +
          std::to_string(caps.batch) + " fixed by the first plan; create the wrapper with a larger max_batch_size");
-  CheckIndptr(r.kv_indptr, r.kv_indptr_len, batch + 1, r.name_kv_indptr);
-  if (r.kv_indptr[batch] != r.kv_indices_len)
-    Fail(std::string(r.name_kv_indptr) + "[-1] = " + std::to_string(r.kv_indptr[batch]) +
-         " must equal len(" + r.name_kv_indices + ") = " + std::to_string(r.kv_indices_len));
-  if (r.kv_indices_len > caps.pages)
-    Fail(std::string(r.name_kv_indices) + " has " + std::to_string(r.kv_indices_len) +
+  CheckIndptr(a.kv_indptr, a.kv_indptr_len, batch + 1, n.kv_indptr);
+  if (a.kv_indptr[batch] != a.kv_indices_len)
+    Fail(std::string(n.kv_indptr) + "[-1] = " + std::to_string(a.kv_indptr[batch]) +
+         " must equal len(" + n.kv_indices + ") = " + std::to_string(a.kv_indices_len));
+  if (a.kv_indices_len > caps.pages)
+    Fail(std::string(n.kv_indices) + " has " + std::to_string(a.kv_indices_len) +
          " pages, more than max_num_pages = " + std::to_string(caps.pages));
-  {
-    // One branch-free pass finds whether any page id is out of range; the slow loop
-    // that names the first one runs only then.
-    const uint32_t limit = r.num_pages >= 0 ? uint32_t(r.num_pages) : 0x80000000u;
-    uint32_t bad = 0;
-    for (int64_t i = 0; i < r.kv_indices_len; ++i) bad |= uint32_t(uint32_t(r.kv_indices[i]) >= limit);
-    for (int64_t i = 0; bad && i < r.kv_indices_len; ++i) {
-      const int32_t p = r.kv_indices[i];
-      if (p < 0 || (r.num_pages >= 0 && p >= r.num_pages))
-        Fail(std::string(r.name_kv_indices) + "[" + std::to_string(i) + "] = " + std::to_string(p) +
-             " is not a page of the cache (0 <= page < " +
-             (r.num_pages >= 0 ? std::to_string(r.num_pages) : std::string("num_pages")) + ")");
-    }
-  }
+  CheckPageIds(a, s, n);
   for (int64_t b = 0; b < batch; ++b) {
-    const bool has_pages = r.kv_indptr[b + 1] > r.kv_indptr[b];
-    const int32_t l = r.kv_last_page_len[b];
-    if (has_pages ? (l < 1 || l > r.page_size) : (l < 0 || l > r.page_size))
-      Fail(std::string(r.name_kv_last_page_len) + "[" + std::to_string(b) + "] = " +
-           std::to_string(l) + " must be in [1, page_size = " + std::to_string(r.page_size) +
+    const bool has_pages = a.kv_indptr[b + 1] > a.kv_indptr[b];
+    const int32_t l = a.kv_last_page_len[b];
+    if (has_pages ? (l < 1 || l > s.page_size) : (l < 0 || l > s.page_size))
+      Fail(std::string(n.kv_last_page_len) + "[" + std::to_string(b) + "] = " +
+           std::to_string(l) + " must be in [1, page_size = " + std::to_string(s.page_size) +
            "] for a request with pages");
   }
   int64_t num_tokens = batch;
-  if (r.qo_indptr) {
-    CheckIndptr(r.qo_indptr, r.qo_indptr_len, batch + 1, r.name_qo_indptr);
-    num_tokens = r.qo_indptr[batch];
+  if (a.qo_indptr) {
+    CheckIndptr(a.qo_indptr, a.qo_indptr_len, batch + 1, n.qo_indptr);
+    num_tokens = a.qo_indptr[batch];
   }
   if (num_tokens > caps.tokens)
-    Fail(std::string(r.name_qo_indptr) + "[-1] = " + std::to_string(num_tokens) +
+    Fail(std::string(n.qo_indptr) + "[-1] = " + std::to_string(num_tokens) +
          " query tokens exceed max_num_tokens = " + std::to_string(caps.tokens));
+  return BatchFacts{&a, s.page_size, batch, num_tokens};
+}
 
-  // ---- units ----
-  auto qo_begin = [&](int64_t b) -> int32_t { return r.qo_indptr ? r.qo_indptr[b] : int32_t(b); };
-  auto kv_len_of = [&](int64_t b) -> int32_t {
-    const int32_t pages = r.kv_indptr[b + 1] - r.kv_indptr[b];
-    return pages == 0 ? 0 : (pages - 1) * r.page_size + r.kv_last_page_len[b];
-  };
-  const int32_t G = r.group_size;
-  const int32_t tt = TileTokens(G, r.tile_rows);
-  const int32_t per_piece = ItemsPerPiece(G, r.tile_rows);
-  std::vector<Unit> units;
-  units.reserve(size_t(std::min<int64_t>(caps.work, num_tokens + batch)));
+struct Units {
+  std::vector<Unit> list;
   int64_t total_keys = 0;
-  for (int64_t b = 0; b < batch; ++b) {
-    const int32_t qo_len = qo_begin(b + 1) - qo_begin(b);
-    const int32_t kv_len = kv_len_of(b);
+};
+
+// Each request's queries in units of up to TileTokens tokens, with the keys each sees.
+Units CutUnits(const BatchFacts& f, const PlanSpec& s) {
+  const int32_t tt = TileTokens(s.group_size, s.tile_rows);
+  Units u;
+  u.list.reserve(size_t(std::min<int64_t>(s.caps.work, f.num_tokens + f.batch)));
+  for (int64_t b = 0; b < f.batch; ++b) {
+    const int32_t qo_len = f.QoLen(b);
+    const int32_t kv_len = f.KvLen(b);
     for (int32_t t0 = 0; t0 < qo_len; t0 += tt) {
       const int32_t n = std::min(qo_len - t0, tt);
       // Keys the unit's last token sees (bottom-right causal alignment).
       int64_t extent = kv_len;
-      if (r.causal) extent = std::clamp<int64_t>(int64_t(kv_len) - qo_len + t0 + n, 0, kv_len);
-      units.push_back({int32_t(b), t0, n, int32_t(extent)});
-      total_keys += extent;
+      if (s.causal) extent = std::clamp<int64_t>(int64_t(kv_len) - qo_len + t0 + n, 0, kv_len);
+      u.list.push_back({int32_t(b), t0, n, int32_t(extent)});
+      u.total_keys += extent;
     }
   }
-  const int64_t num_items = int64_t(units.size()) * per_piece;
-  if (num_items > caps.work)
-    Fail("batch needs " + std::to_string(num_items) + " query tiles, more than the " +
-         std::to_string(caps.work) + " work items the capacities allow (max_num_tokens / max_batch_size)");
+  return u;
+}
 
-  // ---- bins: as many as the capacities allow for cuts, and no more than the work ----
-  const int64_t total_cost = per_piece * (total_keys + int64_t(units.size()) * kItemOverhead);
-  int64_t bins = caps.bins;
-  bins = std::min<int64_t>(bins, (caps.work - num_items) / per_piece + 1);
-  bins = std::min<int64_t>(bins, caps.partial_rows / (2 * int64_t(tt)) + 1);
-  bins = std::max<int64_t>(1, std::min<int64_t>(bins, CeilDiv(total_cost, kMinBinCost)));
-
-  // Sections the passes below do not overwrite start zeroed (also the alignment gaps,
-  // so a plan is a deterministic function of its input).
-  std::memset(out + L.meta(), 0, sizeof(int32_t) * size_t(L.kv_indices() - L.meta()));
-  int32_t* work = out + L.work();
-  int32_t* bin_indptr = out + L.bin_indptr();
-  int32_t* merge = out + L.merge_indptr();
+// Deals units into bins and writes their work items (or, when not writing, only prices
+// the bins). One object per deal tried; see the file comment for the two deals.
+class Dealer {
+ public:
+  Dealer(const BatchFacts& f, const PlanSpec& s, int64_t bins, int64_t total_cost, int32_t* out,
+         bool write)
+      : f_(f), s_(s), write_(write), bins_(bins),
+        per_piece_(ItemsPerPiece(s.group_size, s.tile_rows)),
+        budget_(total_cost + per_piece_ * (bins - 1) * kItemOverhead),
+        slack_(CeilDiv(budget_, bins) / 16) {
+    const PlanLayout L = PlanLayout::Of(s.caps);
+    work_ = out + L.work();
+    bin_indptr_ = out + L.bin_indptr();
+    merge_ = out + L.merge_indptr();
+  }
 
   // Bin i ends where the cost placed so far reaches (i + 1) / bins of the total
-  // (absolute boundaries: rounding a cut never accumulates from bin to bin). The total
-  // counts the item overhead of every cut the bins may add.
-  const int64_t budget = total_cost + per_piece * (bins - 1) * kItemOverhead;
-  const int64_t slack = CeilDiv(budget, bins) / 16;  // overrun allowed rather than a cut
-  // Both deals run through these; with `write` false they only price the bins.
-  bool write = true;
-  int64_t w = 0;       // items written
-  int64_t bin = 0;     // the open bin
-  int64_t placed = 0;  // cost placed so far
-  bool open_empty = true;
-  int64_t bin_cost = 0, worst_bin = 0;  // kItemCost pricing of the open / costliest bin
-  auto reset = [&](bool write_items) {
-    write = write_items;
-    w = bin = placed = bin_cost = worst_bin = 0;
-    open_empty = true;
-  };
-  auto bin_end = [&]() { return budget * (bin + 1) / bins; };
-  auto close_bin = [&]() {
-    ++bin;
-    if (write) bin_indptr[bin] = int32_t(w);
-    open_empty = true;
-    worst_bin = std::max(worst_bin, bin_cost);
-    bin_cost = 0;
-  };
-  // Items of unit u's key piece [kb, ke), the `split`-th piece.
-  auto emit = [&](const Unit& u, int32_t split, int64_t kb, int64_t ke) {
-    placed += per_piece * (ke - kb + kItemOverhead);
-    bin_cost += per_piece * (ke - kb + kItemCost);
-    open_empty = false;
-    if (!write) {
-      w += per_piece;
-      return;
-    }
-    const int32_t qo_len = qo_begin(u.request + 1) - qo_begin(u.request);
-    const int32_t kv_len = kv_len_of(u.request);
-    for (int32_t k = 0; k < per_piece; ++k) {
-      int32_t* it = work + w * kWorkFields;
-      it[kWorkRequest] = u.request;
-      if (per_piece == 1) {
-        it[kWorkRowBegin] = u.first_token * G;
-        it[kWorkRowEnd] = (u.first_token + u.num_tokens) * G;
-      } else {  // one token, heads [k tile_rows, (k + 1) tile_rows)
-        it[kWorkRowBegin] = u.first_token * G + k * r.tile_rows;
-        it[kWorkRowEnd] = u.first_token * G + std::min(G, (k + 1) * r.tile_rows);
-      }
-      it[kWorkKvBegin] = int32_t(kb);
-      it[kWorkKvEnd] = int32_t(ke);
-      it[kWorkSplit] = split;
-      it[kWorkQoLen] = qo_len;
-      it[kWorkKvLen] = kv_len;
-      ++w;
-    }
-  };
-  // After a unit's pieces: an uncut unit's items are marked unsplit, a cut unit's
-  // tokens get their partial-row counts (prefix-summed at the end).
-  auto finish_unit = [&](const Unit& u, int64_t first_item, int32_t pieces) {
-    if (!write) return;
-    if (pieces == 1) {
-      for (int64_t i = first_item; i < w; ++i) work[i * kWorkFields + kWorkSplit] = -1;
-    } else {
-      const int32_t t0 = qo_begin(u.request) + u.first_token;
-      for (int32_t k = 0; k < u.num_tokens; ++k) merge[t0 + k + 1] = pieces;
-    }
-  };
-  auto deal_bins = [&]() {
+  // (absolute boundaries: rounding a cut never accumulates from bin to bin); a unit
+  // that overruns a boundary by more than the slack is cut there.
+  void DealBins(const std::vector<Unit>& units) {
     for (const Unit& u : units) {
-      const int64_t first_item = w;
+      const int64_t first_item = w_;
       int32_t pieces = 0;
       int64_t k0 = 0;
       while (true) {
         const int64_t rest = u.extent - k0;
-        const int64_t end = bin_end();
-        if (bin == bins - 1 || placed + per_piece * (rest + kItemOverhead) <= end + slack) {
-          emit(u, pieces++, k0, u.extent);
+        const int64_t end = BinEnd();
+        if (bin_ == bins_ - 1 || placed_ + per_piece_ * (rest + kItemOverhead) <= end + slack_) {
+          Emit(u, pieces++, k0, u.extent);
           break;
         }
         // Keys up to the boundary, rounded to the nearest multiple of the key tile.
-        int64_t take = ((end - placed) / per_piece - kItemOverhead + kChunkAlign / 2) /
+        int64_t take = ((end - placed_) / per_piece_ - kItemOverhead + kChunkAlign / 2) /
                        kChunkAlign * kChunkAlign;
-        if (open_empty) take = std::max(take, kMinPiece);  // an empty bin always takes a piece
+        if (open_empty_) take = std::max(take, kMinPiece);  // an empty bin always takes a piece
         if (take >= kMinPiece) {
           if (rest - take < kMinPiece) {  // the remainder would be a sliver: keep it here
-            emit(u, pieces++, k0, u.extent);
-            close_bin();
+            Emit(u, pieces++, k0, u.extent);
+            CloseBin();
             break;
           }
-          emit(u, pieces++, k0, k0 + take);
+          Emit(u, pieces++, k0, k0 + take);
           k0 += take;
         }
-        close_bin();
+        CloseBin();
       }
-      finish_unit(u, first_item, pieces);
+      FinishUnit(u, first_item, pieces);
     }
-  };
+  }
+
   // Each unit in PiecesOf(extent, chunk) pieces of about equal length, a bin per piece.
-  auto deal_equal = [&](int64_t chunk) {
+  void DealEqual(const std::vector<Unit>& units, int64_t chunk) {
     for (const Unit& u : units) {
-      const int64_t first_item = w;
+      const int64_t first_item = w_;
       const int64_t n = PiecesOf(u.extent, chunk);
       int64_t kb = 0;
       for (int64_t i = 1; i <= n; ++i) {
         // The i-th boundary of n equal parts, rounded to the nearest multiple of kPieceAlign.
         const int64_t ke =
             i == n ? u.extent : (u.extent * i / n + kPieceAlign / 2) / kPieceAlign * kPieceAlign;
-        emit(u, int32_t(i - 1), kb, ke);
-        close_bin();
+        Emit(u, int32_t(i - 1), kb, ke);
+        CloseBin();
         kb = ke;
       }
-      finish_unit(u, first_item, int32_t(n));
+      FinishUnit(u, first_item, int32_t(n));
     }
-  };
+  }
 
-  const Deal forced = ForcedDeal();
-  const int64_t chunk = forced == Deal::kBins ? 0 : EqualChunk(units, bins, total_keys);
-  bool equal = chunk > 0 && forced == Deal::kEqual;
-  if (chunk > 0 && forced == Deal::kAuto) {  // price both deals, write the cheaper
-    reset(false);
-    deal_bins();
-    const int64_t cost_bins = std::max(worst_bin, bin_cost);
-    reset(false);
-    deal_equal(chunk);
-    equal = worst_bin < cost_bins;
-    reset(true);
+  // The costliest bin, each item counted with kItemCost.
+  int64_t WorstBin() const { return std::max(worst_bin_, bin_cost_); }
+  int64_t ItemsWritten() const { return w_; }
+  // Bins with at least one item.
+  int64_t BinsUsed() const { return open_empty_ ? bin_ : bin_ + 1; }
+  int64_t OpenBin() const { return bin_; }
+
+ private:
+  int64_t BinEnd() const { return budget_ * (bin_ + 1) / bins_; }
+
+  void CloseBin() {
+    ++bin_;
+    if (write_) bin_indptr_[bin_] = int32_t(w_);
+    open_empty_ = true;
+    worst_bin_ = std::max(worst_bin_, bin_cost_);
+    bin_cost_ = 0;
   }
+
+  // Items of unit u's key piece [kb, ke), the `split`-th piece.
+  void Emit(const Unit& u, int32_t split, int64_t kb, int64_t ke) {
+    placed_ += per_piece_ * (ke - kb + kItemOverhead);
+    bin_cost_ += per_piece_ * (ke - kb + kItemCost);
+    open_empty_ = false;
+    if (!write_) {
+      w_ += per_piece_;
+      return;
+    }
+    const int32_t G = s_.group_size;
+    for (int32_t k = 0; k < per_piece_; ++k) {
+      int32_t* it = work_ + w_ * kWorkFields;
+      it[kWorkRequest] = u.request;
+      if (per_piece_ == 1) {
+        it[kWorkRowBegin] = u.first_token * G;
+        it[kWorkRowEnd] = (u.first_token + u.num_tokens) * G;
+      } else {  // one token, heads [k tile_rows, (k + 1) tile_rows)
+        it[kWorkRowBegin] = u.first_token * G + k * s_.tile_rows;
+        it[kWorkRowEnd] = u.first_token * G + std::min(G, (k + 1) * s_.tile_rows);
+      }
+      it[kWorkKvBegin] = int32_t(kb);
+      it[kWorkKvEnd] = int32_t(ke);
+      it[kWorkSplit] = split;
+      it[kWorkQoLen] = f_.QoLen(u.request);
+      it[kWorkKvLen] = f_.KvLen(u.request);
+      ++w_;
+    }
+  }
+
+  // After a unit's pieces: an uncut unit's items are marked unsplit, a cut unit's
+  // tokens get their partial-row counts (prefix-summed by WriteSections).
+  void FinishUnit(const Unit& u, int64_t first_item, int32_t pieces) {
+    if (!write_) return;
+    if (pieces == 1) {
+      for (int64_t i = first_item; i < w_; ++i) work_[i * kWorkFields + kWorkSplit] = -1;
+    } else {
+      const int32_t t0 = f_.QoBegin(u.request) + u.first_token;
+      for (int32_t k = 0; k < u.num_tokens; ++k) merge_[t0 + k + 1] = pieces;
+    }
+  }
+
+  const BatchFacts& f_;
+  const PlanSpec& s_;
+  const bool write_;
+  const int64_t bins_;
+  const int32_t per_piece_;
+  const int64_t budget_;  // the total cost, with the item overhead of every cut the bins may add
+  const int64_t slack_;   // overrun allowed rather than a cut
+  int32_t* work_ = nullptr;
+  int32_t* bin_indptr_ = nullptr;
+  int32_t* merge_ = nullptr;
+  int64_t w_ = 0;       // items dealt
+  int64_t bin_ = 0;     // the open bin
+  int64_t placed_ = 0;  // cost placed so far
+  bool open_empty_ = true;
+  int64_t bin_cost_ = 0, worst_bin_ = 0;  // kItemCost pricing of the open / costliest bin
+};
+
+// Bins to deal into: as many as the capacities allow for cuts, and no more than the work.
+int64_t UsableBins(const PlanSpec& s, int64_t num_items, int64_t total_cost) {
+  const int64_t per_piece = ItemsPerPiece(s.group_size, s.tile_rows);
+  const int64_t tt = TileTokens(s.group_size, s.tile_rows);
+  int64_t bins = s.caps.bins;
+  bins = std::min<int64_t>(bins, (s.caps.work - num_items) / per_piece + 1);
+  bins = std::min<int64_t>(bins, s.caps.partial_rows / (2 * tt) + 1);
+  return std::max<int64_t>(1, std::min<int64_t>(bins, CeilDiv(total_cost, kMinBinCost)));
+}
+
+// Deals the units with the deal the spec forces, or prices both and writes the
+// cheaper. Returns the writing dealer's (items, bins used, open bin).
+struct Dealt {
+  int64_t items, bins_used, open_bin;
+};
+
+Dealt DealUnits(const BatchFacts& f, const PlanSpec& s, const Units& units, int64_t bins,
+                int64_t total_cost, int32_t* out) {
+  const int64_t chunk = s.deal == Deal::kBins ? 0 : EqualChunk(units.list, bins, units.total_keys);
+  bool equal = chunk > 0 && s.deal == Deal::kEqual;
+  if (chunk > 0 && s.deal == Deal::kAuto) {
+    Dealer by_bins(f, s, bins, total_cost, out, /*write=*/false);
+    by_bins.DealBins(units.list);
+    Dealer by_pieces(f, s, bins, total_cost, out, /*write=*/false);
+    by_pieces.DealEqual(units.list, chunk);
+    equal = by_pieces.WorstBin() < by_bins.WorstBin();
+  }
+  Dealer dealer(f, s, bins, total_cost, out, /*write=*/true);
   if (equal) {
-    deal_equal(chunk);
+    dealer.DealEqual(units.list, chunk);
   } else {
-    deal_bins();
+    dealer.DealBins(units.list);
   }
-  for (int64_t b = bin + 1; b <= caps.bins; ++b) bin_indptr[b] = int32_t(w);
-  for (int64_t i = w * kWorkFields; i < int64_t(caps.work) * kWorkFields; ++i) work[i] = -1;
+  return Dealt{dealer.ItemsWritten(), dealer.BinsUsed(), dealer.OpenBin()};
+}
+
+// Everything after the deal: padding of the bins and items, the merge offsets, the
+// counts, and copies of the index arrays padded to the capacities.
+void WriteSections(const BatchFacts& f, const PlanSpec& s, const Dealt& d, int32_t* out) {
+  const Capacities& caps = s.caps;
+  const PlanLayout L = PlanLayout::Of(caps);
+  const BatchArrays& a = *f.a;
+  int32_t* bin_indptr = out + L.bin_indptr();
+  int32_t* work = out + L.work();
+  int32_t* merge = out + L.merge_indptr();
+  for (int64_t b = d.open_bin + 1; b <= caps.bins; ++b) bin_indptr[b] = int32_t(d.items);
+  for (int64_t i = d.items * kWorkFields; i < int64_t(caps.work) * kWorkFields; ++i) work[i] = -1;
   for (int64_t t = 0; t < caps.tokens; ++t) merge[t + 1] += merge[t];
 
   int32_t* meta = out + L.meta();
-  meta[kMetaNumRequests] = int32_t(batch);
-  meta[kMetaNumTokens] = int32_t(num_tokens);
-  meta[kMetaNumWork] = int32_t(w);
+  meta[kMetaNumRequests] = int32_t(f.batch);
+  meta[kMetaNumTokens] = int32_t(f.num_tokens);
+  meta[kMetaNumWork] = int32_t(d.items);
   meta[kMetaNumPartialRows] = merge[caps.tokens];
-  meta[kMetaNumBins] = int32_t(open_empty ? bin : bin + 1);
+  meta[kMetaNumBins] = int32_t(d.bins_used);
 
   int32_t* qo = out + L.qo_indptr();
   int32_t* kvp = out + L.kv_indptr();
   for (int64_t b = 0; b <= caps.batch; ++b) {
-    const int64_t s = std::min(b, batch);
-    qo[b] = qo_begin(s);
-    kvp[b] = r.kv_indptr[s];
+    const int64_t last = std::min(b, f.batch);
+    qo[b] = f.QoBegin(last);
+    kvp[b] = a.kv_indptr[last];
   }
-  std::memcpy(out + L.kv_last_page_len(), r.kv_last_page_len, sizeof(int32_t) * size_t(batch));
+  std::memcpy(out + L.kv_last_page_len(), a.kv_last_page_len, sizeof(int32_t) * size_t(f.batch));
   int32_t* pages = out + L.kv_indices();
-  std::memcpy(pages, r.kv_indices, sizeof(int32_t) * size_t(r.kv_indices_len));
-  std::memset(pages + r.kv_indices_len, 0,
-              sizeof(int32_t) * size_t(L.size() - L.kv_indices() - r.kv_indices_len));
+  std::memcpy(pages, a.kv_indices, sizeof(int32_t) * size_t(a.kv_indices_len));
+  std::memset(pages + a.kv_indices_len, 0,
+              sizeof(int32_t) * size_t(L.size() - L.kv_indices() - a.kv_indices_len));
+}
+
+}  // namespace
+
+void PlanBatch(const BatchArrays& a, const PlanSpec& s, int32_t* out) {
+  CheckSpec(s);
+  const BatchFacts f = Validate(a, s, NamesOf(s));
+  const Units units = CutUnits(f, s);
+  const int64_t per_piece = ItemsPerPiece(s.group_size, s.tile_rows);
+  const int64_t num_units = int64_t(units.list.size());
+  const int64_t num_items = num_units * per_piece;
+  if (num_items > s.caps.work)
+    Fail("batch needs " + std::to_string(num_items) + " query tiles, more than the " +
+         std::to_string(s.caps.work) + " work items the capacities allow (max_num_tokens / max_batch_size)");
+  const int64_t total_cost = per_piece * (units.total_keys + num_units * kItemOverhead);
+  const int64_t bins = UsableBins(s, num_items, total_cost);
+
+  // Sections the deal does not write start zeroed (also the alignment gaps, so a plan
+  // is a deterministic function of its input).
+  const PlanLayout L = PlanLayout::Of(s.caps);
+  std::memset(out + L.meta(), 0, sizeof(int32_t) * size_t(L.kv_indices() - L.meta()));
+  const Dealt d = DealUnits(f, s, units, bins, total_cost, out);
+  WriteSections(f, s, d, out);
 }
 
 }  // namespace jax_pagedattn

@@ -15,17 +15,29 @@ struct PlanError : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
-struct Capacities {
-  int32_t batch;         // requests
-  int32_t tokens;        // query tokens
-  int32_t pages;         // entries of kv_indices
-  int32_t work;          // work items
-  int32_t partial_rows;  // split-KV partial rows in the workspace
-  int32_t bins;          // bins per kv head (CTAs per head of the GPU grid)
+// Which way the planner deals units into bins (planner.cc's file comment): both priced
+// and the cheaper kept, or one forced (a tuning knob for benchmarks: switches.py reads
+// JAX_PAGEDATTN_DEAL and the spec carries it).
+enum class Deal : int32_t { kAuto = 0, kBins = 1, kEqual = 2 };
+
+// Everything about a plan but the batch's index arrays: one per wrapper configuration,
+// built once (Python: _C.PlanSpec, made by planning.plan_spec) and passed to every plan.
+struct PlanSpec {
+  int32_t page_size;
+  int32_t group_size;   // num_qo_heads / num_kv_heads
+  int32_t tile_rows;    // packed query rows per work item at most (tile_rows.h)
+  bool causal;
+  int32_t num_pages;    // pages in the cache, or -1 when not known yet
+  Capacities caps;      // caps.bins is how many bins the planner may fill
+  Deal deal;
+  // Name the arrays in messages as FlashInfer's decode wrapper does (indptr, indices,
+  // last_page_len) rather than as its prefill wrapper does (paged_kv_indptr, ...).
+  bool decode_names;
 };
 
-struct PlanRequest {
-  // Host arrays. qo_indptr == nullptr means decode: request b has exactly one query.
+// A batch's host index arrays. qo_indptr == nullptr means decode: request b has exactly
+// one query token.
+struct BatchArrays {
   const int32_t* qo_indptr;
   const int32_t* kv_indptr;
   const int32_t* kv_indices;
@@ -34,26 +46,11 @@ struct PlanRequest {
   int64_t kv_indptr_len;
   int64_t kv_indices_len;
   int64_t kv_last_page_len_len;
-
-  int32_t page_size;
-  int32_t group_size;    // num_qo_heads / num_kv_heads
-  int32_t num_kv_heads;
-  int32_t tile_rows;     // packed query rows per work item at most
-  bool causal;
-  int32_t num_pages;     // pages in the cache, or -1 when not known yet
-  Capacities caps;       // caps.bins is how many bins the planner may fill
-
-  // Argument names used in messages: FlashInfer's decode and prefill wrappers name
-  // the same arrays differently.
-  const char* name_qo_indptr = "qo_indptr";
-  const char* name_kv_indptr = "paged_kv_indptr";
-  const char* name_kv_indices = "paged_kv_indices";
-  const char* name_kv_last_page_len = "paged_kv_last_page_len";
 };
 
-// Writes the plan into `out`, which holds PlanLayout{caps...}.size() int32 elements.
-// Throws PlanError for invalid input or a batch beyond the capacities.
-void PlanBatch(const PlanRequest& req, int32_t* out);
+// Writes the plan into `out`, which holds PlanLayout::Of(spec.caps).size() int32
+// elements. Throws PlanError for invalid input or a batch beyond the capacities.
+void PlanBatch(const BatchArrays& batch, const PlanSpec& spec, int32_t* out);
 
 // Bins, work items and partial rows that hold any batch within the given request /
 // token / page capacities (see planner.cc for the bounds). `num_ctas` is how many CTAs

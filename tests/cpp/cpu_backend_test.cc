@@ -482,7 +482,8 @@ void Setup(const AttnCase& c, std::mt19937_64& rng, AttnSetup& s) {
   p.kv_indices = base + L.kv_indices();
   p.partial_o = s.workspace.data();
   p.partial_lse = s.workspace.data() + size_t(partial_cap) * c.Hqo * c.D;
-  p.partial_rows_cap = partial_cap;
+  p.caps = Capacities{p.layout.batch_cap, p.layout.token_cap, p.layout.page_cap,
+                      p.layout.work_cap, partial_cap, p.layout.bin_cap};
   p.tile_rows = c.policy.tile_rows;
   p.causal = c.causal;
   p.pos_encoding = c.pos;

@@ -242,7 +242,7 @@ static bool RunCase(const Config& c, std::mt19937& rng, bool verbose_fail) {
   float* d_ws;
   int32_t* d_plan;
   const int partial_cap = hp.num_partial_rows + 1;
-  const size_t ws_bytes = size_t(WorkspaceBytes(partial_cap, Hq, D, Tq, Hk));
+  const size_t ws_bytes = size_t(WorkspaceBytes(Capacities{0, Tq, 0, 0, partial_cap, 0}, Hq, D, Hk));
   CHECK_CUDA(cudaMalloc(&d_q, q.size() * 2));
   CHECK_CUDA(cudaMalloc(&d_out, q.size() * 2));
   CHECK_CUDA(cudaMalloc(&d_lse, size_t(Tq) * Hq * 4));
@@ -256,6 +256,7 @@ static bool RunCase(const Config& c, std::mt19937& rng, bool verbose_fail) {
   CHECK_CUDA(cudaMemset(d_ws, 0xff, ws_bytes));
 
   AttentionParams p{};
+  p.dependent_launch = true;  // as the library launches by default (switches.py)
   p.dtype = c.dtype;
   p.q = d_q;
   p.out = d_out;
@@ -278,7 +279,8 @@ static bool RunCase(const Config& c, std::mt19937& rng, bool verbose_fail) {
   p.partial_o = d_ws;
   p.partial_lse = d_ws + int64_t(partial_cap) * Hq * D;
   p.merge_counters = reinterpret_cast<int32_t*>(p.partial_lse + int64_t(partial_cap) * Hq);
-  p.partial_rows_cap = partial_cap;
+  p.caps = Capacities{p.layout.batch_cap, p.layout.token_cap, p.layout.page_cap,
+                      p.layout.work_cap, partial_cap, p.layout.bin_cap};
   p.tile_rows = c.tile_rows > 0 ? c.tile_rows : G;
   p.causal = c.causal;
   p.pos_encoding = c.pos;
@@ -534,10 +536,11 @@ static void Bench(int batch, int kv_len, int chunk, KvLayout layout, std::mt1993
   CHECK_CUDA(cudaMemset(d_q, 0x3c, size_t(Tq) * Hq * D * 2));
   CHECK_CUDA(cudaMalloc(&d_out, size_t(Tq) * Hq * D * 2));
   CHECK_CUDA(cudaMalloc(&d_lse, size_t(Tq) * Hq * 4));
-  CHECK_CUDA(cudaMalloc(&d_ws, size_t(WorkspaceBytes(partial_cap, Hq, D, Tq, Hk))));
+  CHECK_CUDA(cudaMalloc(&d_ws, size_t(WorkspaceBytes(Capacities{0, Tq, 0, 0, partial_cap, 0}, Hq, D, Hk))));
   CHECK_CUDA(cudaMalloc(&d_plan, hp.buf.size() * 4));
   CHECK_CUDA(cudaMemcpy(d_plan, hp.buf.data(), hp.buf.size() * 4, cudaMemcpyHostToDevice));
   AttentionParams p{};
+  p.dependent_launch = true;  // as the library launches by default (switches.py)
   p.dtype = DType::kBF16;
   p.q = d_q;
   p.out = d_out;
@@ -560,7 +563,8 @@ static void Bench(int batch, int kv_len, int chunk, KvLayout layout, std::mt1993
   p.partial_o = d_ws;
   p.partial_lse = d_ws + int64_t(partial_cap) * Hq * D;
   p.merge_counters = reinterpret_cast<int32_t*>(p.partial_lse + int64_t(partial_cap) * Hq);
-  p.partial_rows_cap = partial_cap;
+  p.caps = Capacities{p.layout.batch_cap, p.layout.token_cap, p.layout.page_cap,
+                      p.layout.work_cap, partial_cap, p.layout.bin_cap};
   p.tile_rows = G;
   p.causal = true;
   p.pos_encoding = pos;

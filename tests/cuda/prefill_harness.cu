@@ -246,7 +246,7 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
   CHECK_CUDA(cudaMalloc(&d_cache, cache.size() * 2));
   CHECK_CUDA(cudaMalloc(&d_out, q.size() * 2));
   CHECK_CUDA(cudaMalloc(&d_lse, size_t(q_rows) * Hqo * 4));
-  const int64_t ws_floats = WorkspaceBytes(partial_rows, Hqo, D, q_rows, Hkv) / 4;
+  const int64_t ws_floats = WorkspaceBytes(Capacities{0, q_rows, 0, 0, partial_rows, 0}, Hqo, D, Hkv) / 4;
   CHECK_CUDA(cudaMalloc(&d_ws, ws_floats * 4));
   CHECK_CUDA(cudaMalloc(&d_plan, plan.size() * 4));
   CHECK_CUDA(cudaMemcpy(d_q, q.data(), q.size() * 2, cudaMemcpyHostToDevice));
@@ -261,6 +261,7 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
   const void* kptr = d_cache;
   const void* vptr = static_cast<const uint16_t*>(d_cache) + int64_t(num_pages) * half_elems;
   AttentionParams p{};
+  p.dependent_launch = true;  // as the library launches by default (switches.py)
   p.dtype = dt;
   p.q = d_q; p.out = d_out; p.lse = d_lse; p.q_rows = q_rows;
   p.num_qo_heads = Hqo; p.num_kv_heads = Hkv; p.head_dim = D; p.group_size = G;
@@ -273,7 +274,8 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
   p.merge_indptr = d_plan + lay.merge_indptr(); p.kv_indices = d_plan + lay.kv_indices();
   p.partial_o = d_ws; p.partial_lse = d_ws + int64_t(partial_rows) * Hqo * D;
   p.merge_counters = reinterpret_cast<int32_t*>(p.partial_lse + int64_t(partial_rows) * Hqo);
-  p.partial_rows_cap = partial_rows;
+  p.caps = Capacities{p.layout.batch_cap, p.layout.token_cap, p.layout.page_cap,
+                      p.layout.work_cap, partial_rows, p.layout.bin_cap};
   p.tile_rows = cs.tile_rows; p.causal = cs.causal; p.pos_encoding = cs.pos;
   p.sm_scale = 1.0f / std::sqrt(float(D));
   p.rope_scale = cs.pos == PosEncoding::kRopeLlama ? 1.5f : 1.0f;
@@ -582,7 +584,7 @@ static bool RunGarbage(std::mt19937& rng, int iters, DType dt) {
     return std::uniform_int_distribution<int>(lo, hi)(rng);
   };
   const size_t out_elems = size_t(q_rows) * Hqo * D, lse_elems = size_t(q_rows) * Hqo;
-  const size_t ws_bytes = size_t(WorkspaceBytes(partial_rows, Hqo, D, q_rows, Hkv));
+  const size_t ws_bytes = size_t(WorkspaceBytes(Capacities{0, q_rows, 0, 0, partial_rows, 0}, Hqo, D, Hkv));
   const size_t guard = 4096;  // bytes on each side
   const size_t cache_elems = size_t(num_pages) * 2 * ps * Hkv * D;
   std::vector<uint16_t> host_cache(cache_elems), host_q(out_elems);
@@ -629,6 +631,7 @@ static bool RunGarbage(std::mt19937& rng, int iters, DType dt) {
     CHECK_CUDA(cudaMemset(g_ws, 0xab, ws_bytes + 2 * guard));
 
     AttentionParams p{};
+    p.dependent_launch = true;  // as the library launches by default (switches.py)
     p.dtype = dt;
     p.q = d_q; p.out = g_out + guard; p.lse = reinterpret_cast<float*>(g_lse + guard);
     p.q_rows = q_rows;
@@ -641,7 +644,8 @@ static bool RunGarbage(std::mt19937& rng, int iters, DType dt) {
     p.partial_o = ws;
     p.partial_lse = ws + int64_t(partial_rows) * Hqo * D;
     p.merge_counters = reinterpret_cast<int32_t*>(p.partial_lse + int64_t(partial_rows) * Hqo);
-    p.partial_rows_cap = partial_rows;
+    p.caps = Capacities{p.layout.batch_cap, p.layout.token_cap, p.layout.page_cap,
+                        p.layout.work_cap, partial_rows, p.layout.bin_cap};
     p.tile_rows = 128;
     p.causal = coin(rng) < 50;
     const int pe = coin(rng) % 3;
@@ -744,6 +748,7 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
   CHECK_CUDA(cudaGetLastError());
   CHECK_CUDA(cudaMemcpy(d_plan, plan.data(), plan.size() * 4, cudaMemcpyHostToDevice));
   AttentionParams p{};
+  p.dependent_launch = true;  // as the library launches by default (switches.py)
   p.dtype = DType::kBF16;
   p.q = d_q; p.out = d_out; p.lse = d_lse; p.q_rows = T;
   p.num_qo_heads = Hqo; p.num_kv_heads = Hkv; p.head_dim = D; p.group_size = G;
@@ -755,7 +760,8 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
   p.kv_last_page_len = d_plan + lay.kv_last_page_len();
   p.merge_indptr = d_plan + lay.merge_indptr(); p.kv_indices = d_plan + lay.kv_indices();
   p.partial_o = static_cast<float*>(d_ws); p.partial_lse = static_cast<float*>(d_ws);
-  p.partial_rows_cap = 0;
+  p.caps = Capacities{p.layout.batch_cap, p.layout.token_cap, p.layout.page_cap,
+                      p.layout.work_cap, 0, p.layout.bin_cap};
   p.tile_rows = tile; p.causal = causal; p.pos_encoding = pos;
   p.sm_scale = 1.0f / std::sqrt(float(D)); p.rope_scale = 1; p.rope_theta = 1e4f;
 

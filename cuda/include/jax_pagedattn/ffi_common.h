@@ -6,7 +6,7 @@
 //   args:  q [T, Hqo, D], k_cache, v_cache (the same 5-D array twice when combined),
 //          plan int32 [PlanLayout::size()]
 //   rets:  out [T, Hqo, D] (q's dtype), lse [T, Hqo] float32, workspace uint8
-//   attrs: see BindAttention
+//   attrs: AttentionAttrs (attention_attrs.h), decoded from one attribute dictionary
 // Append (targets jax_pagedattn_append with one 5-D cache, jax_pagedattn_append_kv with
 // a (k, v) pair): args new_k, new_v, batch_indices, positions, kv_indices, kv_indptr,
 // then the cache operand(s); rets the cache(s), aliased to those operands.
@@ -16,6 +16,7 @@
 #include <string>
 #include <utility>
 
+#include "jax_pagedattn/attention_attrs.h"
 #include "jax_pagedattn/params.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -56,7 +57,8 @@ inline ffi::Error CheckCacheShape(ffi::AnyBuffer cache, bool combined, int32_t k
   return ffi::Error::Success();
 }
 
-// Operands and results of an attention call, after the optional stream context.
+// Operands and results of an attention call, after the optional stream context; the
+// attributes decode into one AttentionAttrs (registered at the end of this file).
 // XLA's Binding chains only as an rvalue, hence std::move on the parameter.
 template <typename Binding>
 auto BindAttention(Binding b) {
@@ -67,107 +69,77 @@ auto BindAttention(Binding b) {
       .template Ret<ffi::AnyBuffer>()               // out
       .template Ret<ffi::Buffer<ffi::F32>>()        // lse
       .template Ret<ffi::Buffer<ffi::U8>>()         // workspace
-      .template Attr<int32_t>("num_qo_heads")
-      .template Attr<int32_t>("num_kv_heads")
-      .template Attr<int32_t>("head_dim")
-      .template Attr<int32_t>("page_size")
-      .template Attr<int32_t>("kv_layout")
-      .template Attr<int32_t>("combined")
-      .template Attr<int32_t>("causal")
-      .template Attr<int32_t>("pos_encoding")
-      .template Attr<float>("sm_scale")
-      .template Attr<float>("rope_scale")
-      .template Attr<float>("rope_theta")
-      .template Attr<int32_t>("tile_rows")
-      .template Attr<int32_t>("batch_cap")
-      .template Attr<int32_t>("token_cap")
-      .template Attr<int32_t>("page_cap")
-      .template Attr<int32_t>("work_cap")
-      .template Attr<int32_t>("partial_rows_cap")
-      .template Attr<int32_t>("bin_cap");
+      .template Attrs<AttentionAttrs>();
 }
 
-// The handler arguments of BindAttention, in order, as one parameter pack macro so the
-// CPU and CUDA handlers cannot drift from the binding.
-#define JPA_ATTENTION_HANDLER_ARGS                                                     \
-  ::xla::ffi::AnyBuffer q, ::xla::ffi::AnyBuffer k_cache, ::xla::ffi::AnyBuffer v_cache, \
-      ::xla::ffi::Buffer<::xla::ffi::S32> plan, ::xla::ffi::Result<::xla::ffi::AnyBuffer> out, \
-      ::xla::ffi::ResultBuffer<::xla::ffi::F32> lse,                                    \
-      ::xla::ffi::ResultBuffer<::xla::ffi::U8> workspace, int32_t num_qo_heads,         \
-      int32_t num_kv_heads, int32_t head_dim, int32_t page_size, int32_t kv_layout,     \
-      int32_t combined, int32_t causal, int32_t pos_encoding, float sm_scale,           \
-      float rope_scale, float rope_theta, int32_t tile_rows, int32_t batch_cap,         \
-      int32_t token_cap, int32_t page_cap, int32_t work_cap, int32_t partial_rows_cap,   \
-      int32_t bin_cap
+// The buffers of an attention call, as BindAttention lists them (handles: cheap to copy).
+struct AttentionBuffers {
+  ffi::AnyBuffer q, k_cache, v_cache;
+  ffi::Buffer<ffi::S32> plan;
+  ffi::Result<ffi::AnyBuffer> out;
+  ffi::ResultBuffer<ffi::F32> lse;
+  ffi::ResultBuffer<ffi::U8> workspace;
+};
 
-#define JPA_ATTENTION_FORWARD_ARGS                                                    \
-  q, k_cache, v_cache, plan, out, lse, workspace, num_qo_heads, num_kv_heads, head_dim, \
-      page_size, kv_layout, combined, causal, pos_encoding, sm_scale, rope_scale,       \
-      rope_theta, tile_rows, batch_cap, token_cap, page_cap, work_cap, partial_rows_cap, \
-      bin_cap
-
-// Fills `p` from the handler arguments; checks what the primitive's abstract evaluation
-// already checked, so a hand-written custom call cannot read out of bounds either.
-inline ffi::Error MakeAttentionParams(JPA_ATTENTION_HANDLER_ARGS, AttentionParams* p) {
+// Fills `p` from the call; checks what the primitive's abstract evaluation already
+// checked, so a hand-written custom call cannot read out of bounds either.
+inline ffi::Error MakeAttentionParams(AttentionBuffers b, const AttentionAttrs& a,
+                                      AttentionParams* p) {
   *p = AttentionParams{};
+  static_cast<AttentionAttrs&>(*p) = a;
+  const ffi::AnyBuffer q = b.q, k_cache = b.k_cache, v_cache = b.v_cache;
   if (!ToDType(q.element_type(), &p->dtype) || k_cache.element_type() != q.element_type() ||
-      v_cache.element_type() != q.element_type() || out->element_type() != q.element_type())
+      v_cache.element_type() != q.element_type() || b.out->element_type() != q.element_type())
     return ffi::Error::InvalidArgument("jax_pagedattn: q, caches and out must share one of f32/f16/bf16");
   auto qd = q.dimensions();
-  if (qd.size() != 3 || qd[1] != num_qo_heads || qd[2] != head_dim)
+  if (qd.size() != 3 || qd[1] != a.num_qo_heads || qd[2] != a.head_dim)
     return ffi::Error::InvalidArgument("jax_pagedattn: q must be [tokens, num_qo_heads, head_dim]");
-  if (num_kv_heads <= 0 || num_qo_heads % num_kv_heads != 0)
+  if (a.num_kv_heads <= 0 || a.num_qo_heads % a.num_kv_heads != 0)
     return ffi::Error::InvalidArgument("jax_pagedattn: num_qo_heads must be a multiple of num_kv_heads");
-  ffi::Error cache_ok = CheckCacheShape(k_cache, combined != 0, kv_layout, page_size, num_kv_heads, head_dim);
+  if (a.pos_encoding != PosEncoding::kNone && a.pos_encoding != PosEncoding::kRopeLlama &&
+      a.pos_encoding != PosEncoding::kAlibi)
+    return ffi::Error::InvalidArgument(
+        "jax_pagedattn: pos_encoding must be 0 (NONE), 1 (ROPE_LLAMA) or 2 (ALIBI)");
+  ffi::Error cache_ok = CheckCacheShape(k_cache, a.combined, int32_t(a.kv_layout), a.page_size,
+                                        a.num_kv_heads, a.head_dim);
   if (cache_ok.failure()) return cache_ok;
   auto kd = k_cache.dimensions();
   if (!(v_cache.dimensions() == kd))
     return ffi::Error::InvalidArgument("jax_pagedattn: k and v caches must have one shape");
-  if (!(out->dimensions() == qd))
+  if (!(b.out->dimensions() == qd))
     return ffi::Error::InvalidArgument("jax_pagedattn: out must have q's shape");
-  auto ld = lse->dimensions();
-  if (ld.size() != 2 || ld[0] != qd[0] || ld[1] != num_qo_heads)
+  auto ld = b.lse->dimensions();
+  if (ld.size() != 2 || ld[0] != qd[0] || ld[1] != a.num_qo_heads)
     return ffi::Error::InvalidArgument("jax_pagedattn: lse must be [tokens, num_qo_heads]");
-  if (bin_cap < 1 || work_cap < 0)
-    return ffi::Error::InvalidArgument("jax_pagedattn: bin_cap must be >= 1 and work_cap >= 0");
-  const PlanLayout layout{batch_cap, token_cap, page_cap, work_cap, bin_cap};
-  if (int64_t(plan.element_count()) != layout.size())
+  const Capacities& caps = a.caps;
+  if (caps.bins < 1 || caps.work < 0 || caps.partial_rows < 0 || caps.batch < 0 ||
+      caps.tokens < 0 || caps.pages < 0)
+    return ffi::Error::InvalidArgument(
+        "jax_pagedattn: capacities must not be negative and bins must be >= 1");
+  const PlanLayout layout = PlanLayout::Of(caps);
+  if (int64_t(b.plan.element_count()) != layout.size())
     return ffi::Error::InvalidArgument("jax_pagedattn: plan buffer size does not match the capacities");
-  if (qd[0] > token_cap)
-    return ffi::Error::InvalidArgument("jax_pagedattn: q has more rows than token_cap");
-  const int64_t ws_bytes =
-      WorkspaceBytes(partial_rows_cap, num_qo_heads, head_dim, token_cap, num_kv_heads);
-  if (int64_t(workspace->element_count()) < ws_bytes)
+  if (qd[0] > caps.tokens)
+    return ffi::Error::InvalidArgument("jax_pagedattn: q has more rows than the token capacity");
+  if (int64_t(b.workspace->element_count()) < WorkspaceBytes(caps, a.num_qo_heads, a.head_dim, a.num_kv_heads))
     return ffi::Error::InvalidArgument("jax_pagedattn: workspace too small");
 
   p->q = q.untyped_data();
-  p->out = out->untyped_data();
-  p->lse = lse->typed_data();
+  p->out = b.out->untyped_data();
+  p->lse = b.lse->typed_data();
   p->q_rows = int32_t(qd[0]);
-  p->num_qo_heads = num_qo_heads;
-  p->num_kv_heads = num_kv_heads;
-  p->head_dim = head_dim;
-  p->group_size = num_qo_heads / num_kv_heads;
-  p->kv = MakePagedKv(k_cache.untyped_data(), v_cache.untyped_data(), combined != 0,
-                      KvLayout(kv_layout), int32_t(kd[0]), page_size, num_kv_heads, head_dim,
-                      ElemBytes(p->dtype));
+  p->group_size = a.num_qo_heads / a.num_kv_heads;
+  p->kv = MakePagedKv(k_cache.untyped_data(), v_cache.untyped_data(), a.combined, a.kv_layout,
+                      int32_t(kd[0]), a.page_size, a.num_kv_heads, a.head_dim, ElemBytes(p->dtype));
 
   p->layout = layout;
-  PointPlanSections(p, plan.typed_data());
+  PointPlanSections(p, b.plan.typed_data());
 
-  float* ws = reinterpret_cast<float*>(workspace->typed_data());
+  float* ws = reinterpret_cast<float*>(b.workspace->typed_data());
   p->partial_o = ws;
-  p->partial_lse = ws + int64_t(partial_rows_cap) * num_qo_heads * head_dim;
+  p->partial_lse = ws + int64_t(caps.partial_rows) * a.num_qo_heads * a.head_dim;
   p->merge_counters =
-      reinterpret_cast<int32_t*>(p->partial_lse + int64_t(partial_rows_cap) * num_qo_heads);
-  p->partial_rows_cap = partial_rows_cap;
-
-  p->tile_rows = tile_rows;
-  p->causal = causal != 0;
-  p->pos_encoding = PosEncoding(pos_encoding);
-  p->sm_scale = sm_scale;
-  p->rope_scale = rope_scale;
-  p->rope_theta = rope_theta;
+      reinterpret_cast<int32_t*>(p->partial_lse + int64_t(caps.partial_rows) * a.num_qo_heads);
   return ffi::Error::Success();
 }
 
@@ -243,3 +215,29 @@ inline ffi::Error MakeAppendParams(ffi::AnyBuffer new_k, ffi::AnyBuffer new_v,
 }
 
 }  // namespace jax_pagedattn
+
+// How XLA decodes the attribute dictionaries into the structs of attention_attrs.h and
+// plan_layout.h: every member, in declaration order, under its own name.
+XLA_FFI_REGISTER_ENUM_ATTR_DECODING(::jax_pagedattn::KvLayout);
+XLA_FFI_REGISTER_ENUM_ATTR_DECODING(::jax_pagedattn::PosEncoding);
+
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::jax_pagedattn::Capacities,
+                                      ::xla::ffi::StructMember<int32_t>("batch"),
+                                      ::xla::ffi::StructMember<int32_t>("tokens"),
+                                      ::xla::ffi::StructMember<int32_t>("pages"),
+                                      ::xla::ffi::StructMember<int32_t>("work"),
+                                      ::xla::ffi::StructMember<int32_t>("partial_rows"),
+                                      ::xla::ffi::StructMember<int32_t>("bins"));
+
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
+    ::jax_pagedattn::AttentionAttrs, ::xla::ffi::StructMember<int32_t>("num_qo_heads"),
+    ::xla::ffi::StructMember<int32_t>("num_kv_heads"), ::xla::ffi::StructMember<int32_t>("head_dim"),
+    ::xla::ffi::StructMember<int32_t>("page_size"),
+    ::xla::ffi::StructMember<::jax_pagedattn::KvLayout>("kv_layout"),
+    ::xla::ffi::StructMember<bool>("combined"), ::xla::ffi::StructMember<bool>("causal"),
+    ::xla::ffi::StructMember<::jax_pagedattn::PosEncoding>("pos_encoding"),
+    ::xla::ffi::StructMember<float>("sm_scale"), ::xla::ffi::StructMember<float>("rope_scale"),
+    ::xla::ffi::StructMember<float>("rope_theta"), ::xla::ffi::StructMember<int32_t>("tile_rows"),
+    ::xla::ffi::StructMember<::jax_pagedattn::Capacities>("caps"),
+    ::xla::ffi::StructMember<bool>("sm90_prefill"),
+    ::xla::ffi::StructMember<bool>("dependent_launch"));

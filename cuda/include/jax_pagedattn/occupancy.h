@@ -10,10 +10,10 @@
 namespace jax_pagedattn {
 
 // CTAs per SM of the decode kernel (tensor_cores = false) or of the tensor-core kernel
-// (tensor_cores = true; prefill and use_tensor_cores decode) for this dtype, head_dim
-// and tile_rows, on the current device. Returns nullptr on success, else the CUDA
-// error's message.
+// (tensor_cores = true; prefill and use_tensor_cores decode) for this dtype, head_dim,
+// tile_rows and sm90_prefill attribute, on the current device. Returns nullptr on
+// success, else the CUDA error's message.
 const char* AttentionCtasPerSm(bool tensor_cores, DType dtype, int32_t head_dim,
-                               int32_t tile_rows, int32_t* ctas);
+                               int32_t tile_rows, bool sm90_prefill, int32_t* ctas);
 
 }  // namespace jax_pagedattn

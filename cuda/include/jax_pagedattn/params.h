@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "jax_pagedattn/attention_attrs.h"
 #include "jax_pagedattn/plan_layout.h"
 
 #if defined(__CUDACC__)
@@ -16,8 +17,6 @@
 namespace jax_pagedattn {
 
 enum class DType : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
-enum class KvLayout : int32_t { kNHD = 0, kHND = 1 };
-enum class PosEncoding : int32_t { kNone = 0, kRopeLlama = 1, kAlibi = 2 };
 
 // A paged K/V cache as two base pointers and element strides. The same struct covers
 // the 5-D combined cache ([P, 2, S, H, D] NHD / [P, 2, H, S, D] HND; v = k + one half
@@ -62,21 +61,21 @@ inline PagedKv MakePagedKv(const void* k, const void* v, bool combined, KvLayout
   return kv;
 }
 
-// Everything a decode or prefill launch reads. q, out: [q_rows, num_qo_heads, head_dim]
-// contiguous; lse: [q_rows, num_qo_heads] float32, base 2. The plan pointers index into
-// the single plan buffer (plan_layout.h). Workspace: partial_o [partial_rows_cap,
-// num_qo_heads, head_dim] float32, partial_lse [partial_rows_cap, num_qo_heads] float32,
-// then merge_counters [token_cap, num_kv_heads] int32 (the GPU's split bookkeeping: how
-// many partial rows of a token's GQA group are written; the CPU backend leaves them).
-struct AttentionParams {
+// Everything a decode or prefill launch reads: the call's static attributes
+// (attention_attrs.h, inherited, so p.causal is the attribute) and its buffers.
+// q, out: [q_rows, num_qo_heads, head_dim] contiguous; lse: [q_rows, num_qo_heads]
+// float32, base 2. The plan pointers index into the single plan buffer (plan_layout.h),
+// whose sections `layout` gives (PlanLayout::Of(caps)). Workspace: partial_o
+// [caps.partial_rows, num_qo_heads, head_dim] float32, partial_lse [caps.partial_rows,
+// num_qo_heads] float32, then merge_counters [caps.tokens, num_kv_heads] int32 (the
+// GPU's split bookkeeping: how many partial rows of a token's GQA group are written;
+// the CPU backend leaves them).
+struct AttentionParams : AttentionAttrs {
   DType dtype;
   const void* q;
   void* out;
   float* lse;
   int32_t q_rows;
-  int32_t num_qo_heads;
-  int32_t num_kv_heads;
-  int32_t head_dim;
   int32_t group_size;  // num_qo_heads / num_kv_heads
   PagedKv kv;
 
@@ -93,14 +92,6 @@ struct AttentionParams {
   float* partial_o;
   float* partial_lse;
   int32_t* merge_counters;  // [token_cap][num_kv_heads], zeroed before the attention pass
-  int32_t partial_rows_cap;
-
-  int32_t tile_rows;  // packed rows per work item at most (the kernel's query tile)
-  bool causal;
-  PosEncoding pos_encoding;
-  float sm_scale;
-  float rope_scale;
-  float rope_theta;
 };
 
 // Points the plan section pointers of `p` into a plan buffer at `base`.
@@ -116,11 +107,17 @@ inline void PointPlanSections(AttentionParams* p, const int32_t* base) {
   p->kv_indices = base + L.kv_indices();
 }
 
-// Workspace bytes of one call: the split-KV partials, then the merge counters.
-inline int64_t WorkspaceBytes(int32_t partial_rows_cap, int32_t num_qo_heads, int32_t head_dim,
-                              int32_t token_cap, int32_t num_kv_heads) {
-  return int64_t(partial_rows_cap) * num_qo_heads * (head_dim + 1) * 4 +
-         int64_t(token_cap) * num_kv_heads * 4;
+// Workspace bytes of one split-KV partial row: float32 outputs and LSE of every head.
+inline int64_t PartialRowBytes(int32_t num_qo_heads, int32_t head_dim) {
+  return int64_t(num_qo_heads) * (head_dim + 1) * 4;
+}
+
+// Workspace bytes of one call: the split-KV partials, then one int32 merge counter per
+// (query token, kv head). Python asks _C.workspace_bytes.
+inline int64_t WorkspaceBytes(const Capacities& caps, int32_t num_qo_heads, int32_t head_dim,
+                              int32_t num_kv_heads) {
+  return int64_t(caps.partial_rows) * PartialRowBytes(num_qo_heads, head_dim) +
+         int64_t(caps.tokens) * num_kv_heads * 4;
 }
 
 // ALiBi slope of query head h among n heads (the standard geometric sequence, with the

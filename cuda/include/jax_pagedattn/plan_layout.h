@@ -47,12 +47,27 @@ enum MetaField : int32_t {
   kMetaFields = 5,
 };
 
+// Static sizes of a plan: they fix the plan buffer's sections (PlanLayout), the
+// workspace and the launch grid. Python's planning.Capacities has the same fields.
+struct Capacities {
+  int32_t batch;         // requests
+  int32_t tokens;        // query tokens
+  int32_t pages;         // entries of kv_indices
+  int32_t work;          // work items
+  int32_t partial_rows;  // split-KV partial rows in the workspace
+  int32_t bins;          // bins per kv head (CTAs per head of the GPU grid)
+};
+
 // A *bin* is what one CTA (per kv head) runs: a contiguous range of work items, in
 // order. The GPU grid is [bin_cap, num_kv_heads] and every bin of a launch is resident
 // at once (bin_cap * num_kv_heads <= CTAs the device holds), so the planner balances
 // the launch by giving bins equal cost; the hardware scheduler has no say.
 struct PlanLayout {
   int32_t batch_cap, token_cap, page_cap, work_cap, bin_cap;
+
+  static constexpr PlanLayout Of(const Capacities& c) {
+    return PlanLayout{c.batch, c.tokens, c.pages, c.work, c.bins};
+  }
 
   static constexpr int64_t Align(int64_t n) { return (n + 7) / 8 * 8; }
   constexpr int64_t work() const { return 0; }

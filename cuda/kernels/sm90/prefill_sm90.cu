@@ -49,7 +49,8 @@ struct Sm90Kernel {
     const cudaError_t err = Ready();
     if (err != cudaSuccess) return err;
     const dim3 grid(unsigned(p.layout.bin_cap), unsigned(p.num_kv_heads));
-    return LaunchDependent(PrefillSm90Kernel<T, D, Stages>, grid, dim3(Cfg::kThreads),
+    return LaunchDependent(p.dependent_launch, PrefillSm90Kernel<T, D, Stages>, grid,
+                           dim3(Cfg::kThreads),
                            Cfg::kSmemBytes, stream, p,
                            (t.pingpong ? sm90::kFlagPingpong : 0) |
                                (t.copy_kv ? 0 : sm90::kFlagNoKvCopy));

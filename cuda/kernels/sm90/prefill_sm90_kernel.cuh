@@ -637,7 +637,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
         const int r = it.row_begin + rr[h];
         const int64_t tok = it.q_base + r / G;
         const int64_t prow = int64_t(__ldg(p.merge_indptr + tok)) + it.split;
-        if (prow < 0 || prow >= p.partial_rows_cap) continue;
+        if (prow < 0 || prow >= p.caps.partial_rows) continue;
         const int64_t ph = prow * Hqo + kv_head * G + r % G;
         float* dst = p.partial_o + ph * D;
 #pragma unroll

@@ -1,0 +1,42 @@
+// The static attributes of an attention call (FFI targets jax_pagedattn_decode and
+// jax_pagedattn_prefill): the schema both sides of the custom call agree on.
+//
+// Python builds the attribute dictionary from the PlanConfig (planning.ffi_attrs: every
+// PlanConfig field marked as an FFI attribute, under the same name), XLA decodes it
+// into this struct (ffi_common.h registers the decoding), and AttentionParams inherits
+// it, so the kernels read an attribute as p.<name>. Adding one is a PlanConfig field, a
+// member here plus its line in ffi_common.h's registration, and the code that uses it.
+// Plain C++: the kernels include it.
+#pragma once
+
+#include <cstdint>
+
+#include "jax_pagedattn/plan_layout.h"
+
+namespace jax_pagedattn {
+
+enum class KvLayout : int32_t { kNHD = 0, kHND = 1 };
+enum class PosEncoding : int32_t { kNone = 0, kRopeLlama = 1, kAlibi = 2 };
+
+// XLA decodes the dictionary into these members in this order (aggregate
+// initialisation): the registration in ffi_common.h lists them in the same order.
+struct AttentionAttrs {
+  int32_t num_qo_heads;
+  int32_t num_kv_heads;
+  int32_t head_dim;
+  int32_t page_size;
+  KvLayout kv_layout;
+  bool combined;  // one 5-D cache [P, 2, ...] passed twice, or a (k, v) pair
+  bool causal;
+  PosEncoding pos_encoding;
+  float sm_scale;
+  float rope_scale;
+  float rope_theta;
+  int32_t tile_rows;  // packed query rows per work item at most (the kernel's query tile)
+  Capacities caps;
+  // Runtime switches (jax_pagedattn/switches.py reads them once, from the environment).
+  bool sm90_prefill;      // the Hopper prefill kernel may run where it covers the call
+  bool dependent_launch;  // launches may overlap the previous kernel's tail (sm90+)
+};
+
+}  // namespace jax_pagedattn

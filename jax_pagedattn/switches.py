@@ -1,0 +1,72 @@
+"""The runtime switches: every environment variable the library reads, read here once.
+
+They are knobs for measurement and debugging, not API. Their values reach the native
+code as data: the planner's deal through the PlanSpec, the kernels' choices as
+attributes of each call (part of the PlanConfig, so part of a jitted step's compile
+key), the command-buffer choice when the handlers are registered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+
+# Planner deals by name, and their codes in PlanSpec (planner.h, Deal).
+DEALS = {"auto": 0, "bins": 1, "equal": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Switches:
+  # JAX_PAGEDATTN_SM90_PREFILL=1: the Hopper prefill kernel runs where it covers a call
+  # (opt-in until it has passed the GPU suite on the library path; docs/CONTRACT.md).
+  sm90_prefill: bool = False
+  # JAX_PAGEDATTN_DEPENDENT_LAUNCH=0: no programmatic dependent launch (sm90+).
+  dependent_launch: bool = True
+  # JAX_PAGEDATTN_DEAL=bins|equal: force one of the planner's two deals.
+  deal: str = "auto"
+  # JAX_PAGEDATTN_CTAS_PER_SM=n: bins fill n CTAs per SM instead of the occupancy
+  # calculator's answer (0).
+  ctas_per_sm: int = 0
+  # JAX_PAGEDATTN_COMMAND_BUFFERS=1: register the CUDA handlers that XLA may record into
+  # CUDA graphs (read when the extension registers its handlers, at import).
+  command_buffers: bool = False
+
+
+def from_environment(environ=os.environ) -> Switches:
+  deal = environ.get("JAX_PAGEDATTN_DEAL", "auto") or "auto"
+  if deal not in DEALS:
+    raise ValueError(f"JAX_PAGEDATTN_DEAL must be one of {tuple(DEALS)}, got {deal!r}")
+  ctas = environ.get("JAX_PAGEDATTN_CTAS_PER_SM", "") or "0"
+  try:
+    ctas_per_sm = int(ctas)
+  except ValueError:
+    raise ValueError(f"JAX_PAGEDATTN_CTAS_PER_SM must be an integer, got {ctas!r}") from None
+  return Switches(
+      sm90_prefill=environ.get("JAX_PAGEDATTN_SM90_PREFILL", "0") == "1",
+      dependent_launch=environ.get("JAX_PAGEDATTN_DEPENDENT_LAUNCH", "1") != "0",
+      deal=deal,
+      ctas_per_sm=max(0, ctas_per_sm),
+      command_buffers=environ.get("JAX_PAGEDATTN_COMMAND_BUFFERS", "0") not in ("", "0"),
+  )
+
+
+_current = from_environment()
+
+
+def current() -> Switches:
+  """The switches in force (read from the environment when the package was imported)."""
+  return _current
+
+
+@contextlib.contextmanager
+def overridden(**changes):
+  """Switches changed for the duration of a `with` block (tests, benchmarks). Plans made
+  inside carry the changed values; wrappers derive their static setup again."""
+  global _current
+  saved = _current
+  _current = dataclasses.replace(saved, **changes)
+  try:
+    yield _current
+  finally:
+    _current = saved
