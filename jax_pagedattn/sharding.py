@@ -18,9 +18,10 @@ custom call on sharded operands is all-gathered by XLA (jax's FFI tutorial says 
 names shard_map first among the ways out); shard_map hands each device its local blocks,
 and the kernels run unchanged on them. `custom_partitioning` was the alternative: it
 infers the split from operand shardings, but the plan must know the head split and the
-request split before tracing anyway (bins per KV head; one plan per request shard),
-and its partitioning callbacks defeat the persistent compilation cache (jax issue 21159,
-open). shard_map is public API from jax 0.7 through 0.12.
+request split before tracing anyway (bins per KV head; one plan per request shard), it
+lives in jax.experimental, and its Python partitioning callbacks defeat the persistent
+compilation cache (jax issue 21159, open). `jax.shard_map` is the public entry point
+(jax.pmap itself has been built on it since jax 0.8).
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ class Shards:
   def local(self) -> bool:
     """Whether the caller is already inside a shard_map over these axes (its arrays are
     then one shard's, and the op runs on them directly)."""
-    manual = set(jax.sharding.get_abstract_mesh().manual_axes)
+    manual = set(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()))
     used = set(_names(self.heads) + _names(self.requests))
     if manual & used and not used <= manual:
       raise ValueError(f"inside a shard_map over {sorted(manual)}: the op splits over "
@@ -177,7 +178,7 @@ class Shards:
     names = [n for entry in spec for n in _names(entry)]
     types = dict(zip(self.mesh.axis_names, getattr(self.mesh, "axis_types", ())))
     if any(types.get(n) == jax.sharding.AxisType.Explicit for n in names):
-      return jax.reshard(x, NamedSharding(self.mesh, spec))
+      return jax.sharding.reshard(x, NamedSharding(self.mesh, spec))
     return x
 
   def map(self, fn: Callable, in_specs, out_specs) -> Callable:

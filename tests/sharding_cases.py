@@ -210,8 +210,13 @@ def test_data_parallel_attention(rng, op, dp, kv_layout, form):
   plan = sharding.shard_plan(plans, shards)
   assert plan.buffer.shape[0] == dp and not plan.buffer.flags.writeable
   q, cache = _global(batches, kv_layout, form)
-  out, lse = _step(w)(_put(q, mesh, shards.rows(None)),
-                      _put(cache, mesh, shards.cache(kv_layout, form == "5d")), plan)
+  q = _put(q, mesh, shards.rows(None))
+  cache = _put(cache, mesh, shards.cache(kv_layout, form == "5d"))
+  out, lse = _step(w)(q, cache, plan)
+  # The plan placed beforehand, each device holding its own row: the same numbers.
+  placed = jax.device_put(plan, plan.buffer_sharding)
+  assert placed.buffer.addressable_shards[0].data.shape == (1, plan.buffer.shape[1])
+  np.testing.assert_array_equal(np.asarray(_step(w)(q, cache, placed)[0]), np.asarray(out))
 
   for s, b in enumerate(batches):
     got = (np.asarray(out)[s * rows:(s + 1) * rows], np.asarray(lse)[s * rows:(s + 1) * rows])

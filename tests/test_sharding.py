@@ -18,7 +18,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 def test_sharded_ops_on_8_host_devices():
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+  flags = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  env["XLA_FLAGS"] = flags.strip()
   env["JAX_PLATFORMS"] = "cpu"
   # -P: import the installed package, not a source tree in the working directory.
   cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider",
