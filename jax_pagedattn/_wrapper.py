@@ -10,7 +10,7 @@ import numbers
 import jax
 
 from jax_pagedattn import layout as layout_lib
-from jax_pagedattn import planning, switches
+from jax_pagedattn import planning, sharding, switches
 
 
 @dataclasses.dataclass
@@ -196,8 +196,7 @@ class PagedAttentionWrapper:
                          f"paged_kv_cache has only {info.num_pages} pages")
       buffer = _eager_buffer(last, q)
     k_op, v_op = layout_lib.cache_operands(paged_kv_cache)
-    out, lse, _ = primitive.bind(q, k_op, v_op, buffer, config=plan.config,
-                                 combined=info.combined)
+    out, lse, _ = sharding.bind_attention(primitive, q, k_op, v_op, buffer, plan, info.combined)
     return (out, lse) if return_lse else out
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_pagedattn import layout as layout_lib
-from jax_pagedattn import primitives
+from jax_pagedattn import primitives, sharding
 
 
 def get_batch_indices_positions(append_indptr, seq_lens, nnz: int):
@@ -60,7 +60,8 @@ def _check_host(num_rows, batch_indices, positions, kv_indices, kv_indptr, kv_la
 
 
 def append_paged_kv_cache(append_key, append_value, batch_indices, positions, paged_kv_cache,
-                          kv_indices, kv_indptr, kv_last_page_len, kv_layout: str = "NHD"):
+                          kv_indices, kv_indptr, kv_last_page_len, kv_layout: str = "NHD", *,
+                          shards: sharding.Shards | None = None):
   """Writes rows of new keys/values into their pages and returns the updated cache.
 
   append_key/append_value: [rows, num_kv_heads, head_dim]; batch_indices/positions:
@@ -68,8 +69,14 @@ def append_paged_kv_cache(append_key, append_value, batch_indices, positions, pa
   lengths after the append. Returns a cache of the same structure as paged_kv_cache
   (a 5-D array or a (k, v) tuple). Under jax.jit with the cache donated, the write
   happens in place (the output aliases the input). Rows with batch index -1, or whose
-  position falls outside the request's pages, are skipped.
+  position falls outside the request's pages, are skipped. With `shards` (a
+  `sharding.Shards`) each device writes its own rows into its block of the cache
+  (docs/CONTRACT.md, "Sharded use", says how the arguments split).
   """
+  if shards is not None:
+    return sharding.append_paged_kv_cache(
+        append_key, append_value, batch_indices, positions, paged_kv_cache, kv_indices,
+        kv_indptr, kv_last_page_len, kv_layout=kv_layout, shards=shards, check_host=_check_host)
   info = layout_lib.inspect_cache(paged_kv_cache, kv_layout)
   ints = [batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len]
   if not any(isinstance(x, jax.core.Tracer) for x in ints):
