@@ -7,13 +7,15 @@ and the jax.numpy reference on any other platform.
 from jax_pagedattn.decode import BatchDecodeWithPagedKVCacheWrapper
 from jax_pagedattn.page import append_paged_kv_cache, get_batch_indices_positions
 from jax_pagedattn.planning import Plan
-from jax_pagedattn.prefill import BatchPrefillWithPagedKVCacheWrapper
+from jax_pagedattn.prefill import (BatchAttentionWithAttentionSinkWrapper,
+                                   BatchPrefillWithPagedKVCacheWrapper)
 from jax_pagedattn import sharding  # Shards, shard_plan, ShardedPlan, heads_per_shard, ...
 from jax_pagedattn import primitives as _primitives  # registers the lowerings
 
 native_platforms = _primitives.native_platforms
 
 __all__ = [
+    "BatchAttentionWithAttentionSinkWrapper",
     "BatchDecodeWithPagedKVCacheWrapper",
     "BatchPrefillWithPagedKVCacheWrapper",
     "Plan",

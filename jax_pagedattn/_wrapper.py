@@ -8,6 +8,8 @@ import math
 import numbers
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from jax_pagedattn import layout as layout_lib
 from jax_pagedattn import planning, sharding, switches
@@ -85,7 +87,8 @@ class PagedAttentionWrapper:
 
   def _make_plan(self, *, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads,
                  num_kv_heads, head_dim, page_size, causal, pos_encoding_mode, sm_scale, rope_scale,
-                 rope_theta, q_data_type, kv_data_type, kernel):
+                 rope_theta, q_data_type, kv_data_type, kernel, logits_soft_cap=None,
+                 window_left=-1):
     names = (("indptr", "indices", "last_page_len") if self._decode else
              ("paged_kv_indptr", "paged_kv_indices", "paged_kv_last_page_len"))
     kv_indptr = planning.as_host_int32(kv_indptr, names[0])
@@ -98,7 +101,8 @@ class PagedAttentionWrapper:
     # Everything but the index arrays is the same step after step: derived once per
     # distinct setting (plan() runs every step; its Python is most of its host time).
     key = (num_qo_heads, num_kv_heads, head_dim, page_size, causal, pos_encoding_mode, sm_scale,
-           rope_scale, rope_theta, q_data_type, kv_data_type, kernel, switches.current())
+           rope_scale, rope_theta, q_data_type, kv_data_type, kernel, logits_soft_cap,
+           window_left, switches.current())
     try:
       static = self._statics.get(key)
     except TypeError:  # an unhashable argument: derive without the memo
@@ -109,7 +113,7 @@ class PagedAttentionWrapper:
           num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, causal=causal,
           pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale, rope_scale=rope_scale,
           rope_theta=rope_theta, q_data_type=q_data_type, kv_data_type=kv_data_type,
-          kernel=kernel)
+          kernel=kernel, logits_soft_cap=logits_soft_cap, window_left=window_left)
       if key is not None:
         self._statics[key] = static
     config, spec = static
@@ -121,11 +125,13 @@ class PagedAttentionWrapper:
 
   def _derive_static(self, batch, tokens, pages, *, num_qo_heads, num_kv_heads, head_dim,
                      page_size, causal, pos_encoding_mode, sm_scale, rope_scale, rope_theta,
-                     q_data_type, kv_data_type, kernel):
+                     q_data_type, kv_data_type, kernel, logits_soft_cap, window_left):
     """(PlanConfig, the planner's PlanSpec) for one setting of plan()'s static
     arguments; raises on bad ones. `kernel` names the attention kernel (its tile rows)."""
     planning.check_head_config(num_qo_heads, num_kv_heads, head_dim)
     planning.check_pos_encoding(pos_encoding_mode)
+    logits_soft_cap = planning.check_logits_soft_cap(logits_soft_cap)
+    window_left = planning.check_window_left(window_left)
     if page_size < 1:
       raise ValueError(f"page_size must be >= 1, got {page_size}")
     q_dtype = planning.canonical_dtype(q_data_type, "q_data_type")
@@ -151,7 +157,8 @@ class PagedAttentionWrapper:
         kv_layout=self._kv_layout, causal=bool(causal), pos_encoding_mode=pos_encoding_mode,
         sm_scale=planning.default_sm_scale(head_dim, sm_scale),
         rope_scale=1.0 if rope_scale is None else float(rope_scale),
-        rope_theta=1e4 if rope_theta is None else float(rope_theta), q_dtype=q_dtype,
+        rope_theta=1e4 if rope_theta is None else float(rope_theta),
+        logits_soft_cap=logits_soft_cap, window_left=window_left, q_dtype=q_dtype,
         kv_dtype=kv_dtype, wrapper="decode" if self._decode else "prefill",
         sm90_prefill=sw.sm90_prefill, dependent_launch=sw.dependent_launch)
     spec = planning.plan_spec(page_size=page_size, group_size=group, tile_rows=tile_rows,
@@ -166,7 +173,7 @@ class PagedAttentionWrapper:
     offset = planning.plan_sections(last.plan.config.caps)["kv_indices"][0]
     return int(last.plan.buffer[offset:offset + last.num_indices].max())
 
-  def _run(self, primitive, q, paged_kv_cache, return_lse, plan):
+  def _run(self, primitive, q, paged_kv_cache, return_lse, plan, sinks=None):
     last = self._last
     if plan is None:
       if last is None:
@@ -196,8 +203,30 @@ class PagedAttentionWrapper:
                          f"paged_kv_cache has only {info.num_pages} pages")
       buffer = _eager_buffer(last, q)
     k_op, v_op = layout_lib.cache_operands(paged_kv_cache)
-    out, lse, _ = sharding.bind_attention(primitive, q, k_op, v_op, buffer, plan, info.combined)
+    sinks = _sink_operand(sinks, plan.config.num_qo_heads * _head_shards(plan))
+    out, lse, _ = sharding.bind_attention(primitive, q, k_op, v_op, buffer, sinks, plan,
+                                          info.combined)
     return (out, lse) if return_lse else out
+
+
+def _head_shards(plan) -> int:
+  """Head shards a (sharded) plan's per-shard head counts are multiplied by."""
+  shards = getattr(plan, "shards", None)
+  return shards.counts()[1] if shards is not None else 1
+
+
+def _sink_operand(sinks, num_qo_heads: int):
+  """The attention call's sinks operand: float32 [num_qo_heads], or [0] for none."""
+  if sinks is None:
+    return jnp.zeros((0,), jnp.float32)
+  if not hasattr(sinks, "shape"):
+    sinks = np.asarray(sinks)
+  if tuple(sinks.shape) != (num_qo_heads,):
+    raise ValueError(f"sinks must hold one logit per query head: shape ({num_qo_heads},), "
+                     f"got {tuple(sinks.shape)}")
+  if not jnp.issubdtype(sinks.dtype, jnp.floating):
+    raise TypeError(f"sinks must be floating point (taken as float32), got {sinks.dtype}")
+  return jnp.asarray(sinks, jnp.float32)
 
 
 def _eager_buffer(last: _LastPlan, q):

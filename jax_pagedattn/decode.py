@@ -35,12 +35,14 @@ class BatchDecodeWithPagedKVCacheWrapper(PagedAttentionWrapper):
   def plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int,
            head_dim: int, page_size: int, pos_encoding_mode: str = "NONE", sm_scale=None,
            rope_scale=None, rope_theta=None, q_data_type="float16", kv_data_type=None,
-           data_type=None):
+           data_type=None, window_left: int = -1, logits_soft_cap=None):
     """Plans a decode batch on the host; returns the `Plan` (also kept for `run`).
 
     indptr: int32 [batch+1] page offsets of each request in `indices`; indices: the
     page ids; last_page_len: [batch] valid slots of each request's last page.
-    `data_type` is FlashInfer's older alias of `kv_data_type`.
+    `data_type` is FlashInfer's older alias of `kv_data_type`. `window_left` w >= 0
+    limits each query to its last w + 1 keys (-1: all); `logits_soft_cap` c > 0 maps
+    each scaled logit x to c * tanh(x / c) (None or 0: none).
     """
     if kv_data_type is None:
       kv_data_type = data_type
@@ -50,9 +52,10 @@ class BatchDecodeWithPagedKVCacheWrapper(PagedAttentionWrapper):
                            causal=False, pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale,
                            rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_data_type,
                            kv_data_type=kv_data_type,
-                           kernel="tensor_core_decode" if self._use_tensor_cores else "decode")
+                           kernel="tensor_core_decode" if self._use_tensor_cores else "decode",
+                           logits_soft_cap=logits_soft_cap, window_left=window_left)
 
-  def run(self, q, paged_kv_cache, return_lse: bool = False, plan=None):
+  def run(self, q, paged_kv_cache, return_lse: bool = False, plan=None, sinks=None):
     """Decode attention: q [batch, num_qo_heads, head_dim] -> out like q.
 
     With return_lse, also returns lse [batch, num_qo_heads] float32 in base 2
@@ -60,7 +63,10 @@ class BatchDecodeWithPagedKVCacheWrapper(PagedAttentionWrapper):
     pass the plan explicitly; q may then have fewer rows than max_batch_size, but no
     fewer than the plan's batch_size: jit cannot see the plan's counts, so requests
     past q's last row are not computed (and q rows past the batch come back 0).
+    `sinks`: float32 [num_qo_heads] attention-sink logits (as FlashInfer's
+    BatchAttentionWithAttentionSinkWrapper): each joins its head's softmax denominator,
+    on the scale of the scaled logits, weighs no value, and counts in the lse.
     """
-    return self._run(primitives.decode_p, q, paged_kv_cache, return_lse, plan)
+    return self._run(primitives.decode_p, q, paged_kv_cache, return_lse, plan, sinks)
 
   forward = run

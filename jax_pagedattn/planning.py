@@ -91,6 +91,8 @@ class PlanConfig:
   sm_scale: float = _attr(np.float32)
   rope_scale: float = _attr(np.float32)
   rope_theta: float = _attr(np.float32)
+  logits_soft_cap: float = _attr(np.float32)  # 0: none
+  window_left: int = _attr(np.int32)  # -1: none
   q_dtype: str
   kv_dtype: str
   # "decode" or "prefill": the kind of wrapper that made the plan (a tensor-core decode
@@ -292,6 +294,27 @@ def check_pos_encoding(mode: str) -> str:
   if mode not in POS_ENCODING_MODES:
     raise ValueError(f"pos_encoding_mode must be one of {tuple(POS_ENCODING_MODES)}, got {mode!r}")
   return mode
+
+
+def check_logits_soft_cap(cap) -> float:
+  """FlashInfer's logits_soft_cap: None or 0 for none, else a positive finite float."""
+  if cap is None:
+    return 0.0
+  value = float(cap)
+  if not math.isfinite(value) or value < 0.0:
+    raise ValueError(f"logits_soft_cap must be None, 0 or a positive finite number, got {cap!r}")
+  return value
+
+
+def check_window_left(window_left) -> int:
+  """FlashInfer's window_left: -1 (or None) for no window, else keys p - window_left..p."""
+  if window_left is None:
+    return -1
+  if isinstance(window_left, bool) or int(window_left) != window_left or window_left < -1:
+    raise ValueError(f"window_left must be -1 (no window) or an integer >= 0, got {window_left!r}")
+  if window_left > np.iinfo(np.int32).max:
+    raise ValueError(f"window_left must fit int32, got {window_left}")
+  return int(window_left)
 
 
 def default_sm_scale(head_dim: int, sm_scale) -> float:

@@ -28,13 +28,17 @@ class BatchPrefillWithPagedKVCacheWrapper(PagedAttentionWrapper):
            num_qo_heads: int, num_kv_heads: int, head_dim: int | None = None,
            page_size: int | None = None, causal: bool = False, pos_encoding_mode: str = "NONE",
            sm_scale=None, rope_scale=None, rope_theta=None, q_data_type="float16",
-           kv_data_type=None, head_dim_qk: int | None = None):
+           kv_data_type=None, head_dim_qk: int | None = None, window_left: int = -1,
+           logits_soft_cap=None):
     """Plans a prefill batch on the host; returns the `Plan` (also kept for `run`).
 
     qo_indptr: int32 [batch+1] query-token offsets of each request; the paged_kv_*
     arrays as in decode. Causal masks are bottom-right aligned (query i of a request
     with qo_len queries and kv_len keys sees keys j <= kv_len - qo_len + i).
-    `head_dim_qk` is FlashInfer's name for head_dim.
+    `head_dim_qk` is FlashInfer's name for head_dim. `window_left` w >= 0 limits the
+    query at position p = kv_len - qo_len + i to keys j >= p - w (-1: no limit);
+    `logits_soft_cap` c > 0 maps each scaled logit x to c * tanh(x / c), before ALiBi
+    and the masks (None or 0: none).
     """
     if head_dim is None:
       head_dim = head_dim_qk
@@ -46,16 +50,45 @@ class BatchPrefillWithPagedKVCacheWrapper(PagedAttentionWrapper):
                            head_dim=head_dim, page_size=page_size, causal=causal,
                            pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale,
                            rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_data_type,
-                           kv_data_type=kv_data_type, kernel="prefill")
+                           kv_data_type=kv_data_type, kernel="prefill",
+                           logits_soft_cap=logits_soft_cap, window_left=window_left)
 
-  def run(self, q, paged_kv_cache, return_lse: bool = False, plan=None):
+  def run(self, q, paged_kv_cache, return_lse: bool = False, plan=None, sinks=None):
     """Prefill attention: q [tokens, num_qo_heads, head_dim] -> out like q.
 
     With return_lse, also lse [tokens, num_qo_heads] float32, base 2. Inside jax.jit
     q may have more rows than qo_indptr[-1] (up to max_num_tokens): those padding rows
     come back as 0 with lse -inf. It must not have fewer: jit cannot see the plan's
-    counts, so tokens past q's last row are not computed.
+    counts, so tokens past q's last row are not computed. `sinks`: float32
+    [num_qo_heads] attention-sink logits, as in BatchAttentionWithAttentionSinkWrapper.
     """
-    return self._run(primitives.prefill_p, q, paged_kv_cache, return_lse, plan)
+    return self._run(primitives.prefill_p, q, paged_kv_cache, return_lse, plan, sinks)
+
+  forward = run
+
+
+class BatchAttentionWithAttentionSinkWrapper(BatchPrefillWithPagedKVCacheWrapper):
+  """FlashInfer's attention-sink wrapper (GPT-OSS): prefill or decode over a paged cache
+  where every query head has one sink logit that joins its softmax denominator and
+  weighs no value. The same plans as BatchPrefillWithPagedKVCacheWrapper; `run` takes
+  the sinks (float32 [num_qo_heads], on the scale of the sm_scale-scaled logits; the
+  lse counts them). `window_left` given here is the default of every plan()."""
+
+  def __init__(self, workspace_size=128 * 1024 * 1024, kv_layout: str = "NHD",
+               max_batch_size: int | None = None, max_num_pages: int | None = None,
+               max_num_tokens: int | None = None, window_left: int = -1):
+    super().__init__(workspace_size, kv_layout, max_batch_size, max_num_pages, max_num_tokens)
+    self._default_window_left = window_left
+
+  def plan(self, *args, window_left: int | None = None, **kwargs):
+    return super().plan(*args, window_left=self._default_window_left if window_left is None
+                        else window_left, **kwargs)
+
+  def run(self, q, paged_kv_cache, sinks, return_lse: bool = False, plan=None):
+    """Attention with sinks: q [tokens, num_qo_heads, head_dim] -> out like q."""
+    if sinks is None:
+      raise TypeError("run() needs sinks: float32 [num_qo_heads] (use "
+                      "BatchPrefillWithPagedKVCacheWrapper for attention without them)")
+    return super().run(q, paged_kv_cache, return_lse=return_lse, plan=plan, sinks=sinks)
 
   forward = run

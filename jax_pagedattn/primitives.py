@@ -32,7 +32,8 @@ for _p in (decode_p, prefill_p, append_p):
 # ---------------------------------------------------------------------------------------
 # attention (decode and prefill share operands; they differ in the kernel behind them)
 
-def _attention_abstract_eval(q, k_cache, v_cache, plan, *, config: planning.PlanConfig, combined: bool):
+def _attention_abstract_eval(q, k_cache, v_cache, plan, sinks, *, config: planning.PlanConfig,
+                             combined: bool):
   if q.ndim != 3 or q.shape[1] != config.num_qo_heads or q.shape[2] != config.head_dim:
     raise ValueError(f"q must have shape [tokens, num_qo_heads={config.num_qo_heads}, "
                      f"head_dim={config.head_dim}] as planned, got {tuple(q.shape)}")
@@ -55,17 +56,20 @@ def _attention_abstract_eval(q, k_cache, v_cache, plan, *, config: planning.Plan
   want = planning.plan_sections(config.caps)["size"]
   if plan.shape != (want,) or plan.dtype != jnp.int32:
     raise ValueError(f"plan buffer must be int32[{want}] for these capacities, got {plan.dtype}{list(plan.shape)}")
+  if sinks.dtype != jnp.float32 or sinks.shape not in ((0,), (config.num_qo_heads,)):
+    raise ValueError(f"sinks must be float32[num_qo_heads={config.num_qo_heads}] (or [0] for "
+                     f"none), got {sinks.dtype}{list(sinks.shape)}")
   return (ShapedArray(q.shape, q.dtype), ShapedArray(q.shape[:2], jnp.float32),
           ShapedArray((config.workspace_bytes,), jnp.uint8))
 
 
-def _native_attention_lowering(ctx, q, k_cache, v_cache, plan, *, config, combined):
+def _native_attention_lowering(ctx, q, k_cache, v_cache, plan, sinks, *, config, combined):
   rule = jax.ffi.ffi_lowering(config.target)
-  return rule(ctx, q, k_cache, v_cache, plan, **planning.ffi_attrs(config),
+  return rule(ctx, q, k_cache, v_cache, plan, sinks, **planning.ffi_attrs(config),
               combined=np.bool_(combined))
 
 
-def _reference_attention(q, k_cache, v_cache, plan, *, config, combined):
+def _reference_attention(q, k_cache, v_cache, plan, sinks, *, config, combined):
   """The jax.numpy lowering for platforms without native handlers: same operands."""
   sections = planning.plan_sections(config.caps)
   take = lambda name: plan[sections[name][0]:sections[name][0] + sections[name][1]]
@@ -75,7 +79,9 @@ def _reference_attention(q, k_cache, v_cache, plan, *, config, combined):
       q, k_pages, v_pages, take("qo_indptr"), take("kv_indptr"), take("kv_indices"),
       take("kv_last_page_len"), meta[1], page_size=config.page_size, causal=config.causal,
       pos_encoding_mode=config.pos_encoding_mode, sm_scale=config.sm_scale,
-      rope_scale=config.rope_scale, rope_theta=config.rope_theta)
+      rope_scale=config.rope_scale, rope_theta=config.rope_theta,
+      logits_soft_cap=config.logits_soft_cap, window_left=config.window_left,
+      sinks=sinks if sinks.shape[0] else None)
   return out.astype(q.dtype), lse, jnp.zeros((config.workspace_bytes,), jnp.uint8)
 
 

@@ -117,20 +117,48 @@ def _defaults(head_dim, pos_encoding_mode, sm_scale, rope_scale, rope_theta):
   return sm_scale, rope_scale, rope_theta
 
 
-def _masked_softmax(logits, valid):
+def _masked_softmax(logits, valid, sink=None):
   """Softmax over the last axis restricted to ``valid`` (broadcast against logits).
 
-  Returns the normalised weights and the base-2 LSE; rows with no valid key get
-  weights 0 and LSE -inf (never NaN).
+  ``sink`` (broadcast against ``logits[..., :1]``; -inf for none) is one more logit per
+  row that joins the denominator and weighs no value (an attention sink).
+  Returns the normalised weights and the base-2 LSE; rows with no valid key (and no
+  sink) get weights 0 and LSE -inf (never NaN).
   """
   neg = jnp.where(valid, logits, -jnp.inf)
   m = jnp.max(neg, axis=-1, keepdims=True)
+  if sink is not None:
+    m = jnp.maximum(m, sink)
   m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
   p = jnp.where(valid, jnp.exp(logits - m_safe), 0.0)
   s = jnp.sum(p, axis=-1, keepdims=True)
+  if sink is not None:
+    s = s + jnp.exp(sink - m_safe)
   w = p / jnp.where(s > 0, s, 1.0)
   lse = jnp.where(s > 0, (m_safe + jnp.log(jnp.where(s > 0, s, 1.0))) * _LOG2E, -jnp.inf)
   return w, lse[..., 0]
+
+
+def _soft_cap(logits, logits_soft_cap):
+  """``cap * tanh(logits / cap)`` (Gemma's logit soft-capping); identity without a cap."""
+  if not logits_soft_cap:
+    return logits
+  return logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
+
+
+def _in_window(k_pos, q_pos, window_left):
+  """Keys inside the sliding window: ``q_pos - window_left <= k_pos`` (all of them for
+  ``window_left < 0``)."""
+  if window_left is None or window_left < 0:
+    return True
+  return k_pos >= q_pos - window_left
+
+
+def _sink_logits(sinks, num_kv_heads, group):
+  """Per-head sink logits as [Hkv, G], or None."""
+  if sinks is None:
+    return None
+  return jnp.asarray(sinks, jnp.float32).reshape(num_kv_heads, group)
 
 
 # ---------------------------------------------------------------- eager oracle
@@ -138,7 +166,8 @@ def _masked_softmax(logits, valid):
 
 def batch_attention(q, paged_kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
                     *, kv_layout="NHD", causal=False, pos_encoding_mode="NONE",
-                    sm_scale=None, rope_scale=1.0, rope_theta=1e4):
+                    sm_scale=None, rope_scale=1.0, rope_theta=1e4, logits_soft_cap=None,
+                    window_left=-1, sinks=None):
   """Paged attention of a ragged batch: the test oracle.
 
   Args:
@@ -151,6 +180,11 @@ def batch_attention(q, paged_kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last
       ``kv_len = (npages - 1) * page_size + kv_last_page_len[b]`` keys (0 if no pages).
     causal: bottom-right aligned: query ``i`` sees keys ``j <= kv_len - qo_len + i``.
     pos_encoding_mode: ``"NONE"``, ``"ROPE_LLAMA"`` or ``"ALIBI"`` (DESIGN.md §3).
+    logits_soft_cap: ``c > 0`` maps each scaled logit ``x`` to ``c * tanh(x / c)``
+      before ALiBi and masking; None or 0: none.
+    window_left: ``w >= 0`` limits query position ``p`` to keys ``j >= p - w``; -1: none.
+    sinks: float32 ``[num_qo_heads]`` sink logits (on the scale of the scaled logits):
+      each joins its head's softmax denominator and weighs no value; None: none.
 
   The index arrays must be concrete: a Python loop over the requests turns the page
   table into each request's list of (page, slot) key addresses and its query rows,
@@ -161,7 +195,8 @@ def batch_attention(q, paged_kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last
   Returns:
     ``(out, lse)``: ``out`` float32 ``[T, Hqo, D]``; ``lse`` float32 ``[T, Hqo]``,
     **base 2** (``log2 sum exp`` of the scaled logits). Rows without any visible key
-    and padding rows give ``out = 0`` and ``lse = -inf``.
+    give ``out = 0`` and ``lse = -inf`` (the sink's logit in base 2 with sinks);
+    padding rows give ``out = 0`` and ``lse = -inf``.
   """
   combined = not isinstance(paged_kv_cache, (tuple, list))
   k_shape = _check_cache_shape(paged_kv_cache, kv_layout)  # [P, S, H, D] (NHD order)
@@ -205,9 +240,11 @@ def batch_attention(q, paged_kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last
   k_op, v_op = (paged_kv_cache, paged_kv_cache) if combined else paged_kv_cache
   return _dense_attention(
       q, jnp.asarray(k_op), jnp.asarray(v_op), q_rows, q_pos, k_addr,
-      kv_lens.astype(np.int32), kv_layout=kv_layout, combined=combined, causal=bool(causal),
+      kv_lens.astype(np.int32), None if sinks is None else jnp.asarray(sinks, jnp.float32),
+      kv_layout=kv_layout, combined=combined, causal=bool(causal),
       pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale, rope_scale=rope_scale,
-      rope_theta=rope_theta)
+      rope_theta=rope_theta, logits_soft_cap=float(logits_soft_cap or 0.0),
+      window_left=int(-1 if window_left is None else window_left))
 
 
 def _bucket(n: int) -> int:
@@ -240,9 +277,10 @@ def _check_cache_shape(paged_kv_cache, kv_layout):
 
 @functools.partial(jax.jit, static_argnames=(
     "kv_layout", "combined", "causal", "pos_encoding_mode", "sm_scale", "rope_scale",
-    "rope_theta"))
-def _dense_attention(q, k_op, v_op, q_rows, q_pos, k_addr, kv_lens, *, kv_layout, combined,
-                     causal, pos_encoding_mode, sm_scale, rope_scale, rope_theta):
+    "rope_theta", "logits_soft_cap", "window_left"))
+def _dense_attention(q, k_op, v_op, q_rows, q_pos, k_addr, kv_lens, sinks, *, kv_layout,
+                     combined, causal, pos_encoding_mode, sm_scale, rope_scale, rope_theta,
+                     logits_soft_cap, window_left):
   """Dense attention over per-request padded keys; see batch_attention."""
   k_pages, v_pages = split_paged_kv_cache(k_op if combined else (k_op, v_op), kv_layout)
   num_pages, page_size, num_kv_heads, head_dim = k_pages.shape
@@ -264,6 +302,7 @@ def _dense_attention(q, k_op, v_op, q_rows, q_pos, k_addr, kv_lens, *, kv_layout
   # GQA without copying keys per query head: q head h = kv head h // group, member h % group.
   qg = qb.reshape(batch, q_pad, num_kv_heads, group, head_dim)
   logits = jnp.einsum("bqngd,bknd->bngqk", qg, k, precision=_PREC) * sm_scale
+  logits = _soft_cap(logits, logits_soft_cap)
   rel = (k_pos[:, None, :] - q_pos[:, :, None]).astype(jnp.float32)  # [B, Qp, Kp]
   if pos_encoding_mode == "ALIBI":
     slopes = jnp.asarray(alibi_slopes(num_qo_heads)).reshape(num_kv_heads, group)
@@ -271,7 +310,10 @@ def _dense_attention(q, k_op, v_op, q_rows, q_pos, k_addr, kv_lens, *, kv_layout
   visible = (k_pos < kv_lens[:, None])[:, None, :] & (q_rows < num_tokens)[:, :, None]
   if causal:
     visible = visible & (rel <= 0)
-  w, lse = _masked_softmax(logits, visible[:, None, None])
+  visible = visible & _in_window(k_pos[:, None, :], q_pos[:, :, None], window_left)
+  sink = _sink_logits(sinks, num_kv_heads, group)
+  w, lse = _masked_softmax(logits, visible[:, None, None],
+                           None if sink is None else sink[None, :, :, None, None])
   o = jnp.einsum("bngqk,bknd->bqngd", w, v, precision=_PREC)
   o = o.reshape(batch, q_pad, num_qo_heads, head_dim)
   lse = jnp.moveaxis(lse, 3, 1).reshape(batch, q_pad, num_qo_heads)  # [B,Hkv,G,Qp] -> rows
@@ -287,7 +329,8 @@ def _dense_attention(q, k_op, v_op, q_rows, q_pos, k_addr, kv_lens, *, kv_layout
 
 def batch_decode(q, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len, *,
                  kv_layout="NHD", pos_encoding_mode="NONE", sm_scale=None,
-                 rope_scale=1.0, rope_theta=1e4):
+                 rope_scale=1.0, rope_theta=1e4, logits_soft_cap=None, window_left=-1,
+                 sinks=None):
   """Decode: one query token per request (``q [B, Hqo, D]``).
 
   Same as :func:`batch_attention` with ``qo_indptr = arange(B + 1)``; the single
@@ -297,7 +340,8 @@ def batch_decode(q, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len, *,
   return batch_attention(
       q, paged_kv_cache, np.arange(batch + 1), kv_indptr, kv_indices, kv_last_page_len,
       kv_layout=kv_layout, causal=False, pos_encoding_mode=pos_encoding_mode,
-      sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta)
+      sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta,
+      logits_soft_cap=logits_soft_cap, window_left=window_left, sinks=sinks)
 
 
 # ------------------------------------------------------------- jit-able masked
@@ -306,7 +350,8 @@ def batch_decode(q, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len, *,
 def batch_attention_masked(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices,
                            kv_last_page_len, num_tokens, *, page_size, causal=False,
                            pos_encoding_mode="NONE", sm_scale=None, rope_scale=1.0,
-                           rope_theta=1e4, num_requests=None):
+                           rope_theta=1e4, num_requests=None, logits_soft_cap=None,
+                           window_left=-1, sinks=None):
   """Static-shape, jit-able paged attention (dense masking over all page slots).
 
   Args:
@@ -321,6 +366,8 @@ def batch_attention_masked(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices
       ``lse = -inf``.
     num_requests: optional (static or traced) count of live requests; requests at or
       past it are ignored. Not needed when the indptrs are padded as described.
+    logits_soft_cap, window_left, sinks: as in :func:`batch_attention` (``sinks`` may
+      be traced).
 
   Cost is ``O(T * Hqo * Pcap * page_size)`` -- a fallback, not a fast path.
 
@@ -385,6 +432,7 @@ def batch_attention_masked(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices
   # [T, Hkv, G, K] logits without materialising the GQA-expanded keys.
   qg = qf.reshape(num_rows, num_kv_heads, group, head_dim)
   logits = jnp.einsum("tngd,knd->tngk", qg, k, precision=_PREC) * sm_scale
+  logits = _soft_cap(logits, logits_soft_cap)
   if pos_encoding_mode == "ALIBI":
     slopes = jnp.asarray(alibi_slopes(num_qo_heads)).reshape(num_kv_heads, group)
     rel = (k_pos[None, :] - q_pos[:, None]).astype(jnp.float32)  # [T, K]
@@ -392,7 +440,11 @@ def batch_attention_masked(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices
   valid = (rk_slot[None, :] == rq_c[:, None]) & key_ok[None, :] & row_ok[:, None]
   if causal:
     valid = valid & (k_pos[None, :] <= q_pos[:, None])
-  w, lse = _masked_softmax(logits, valid[:, None, None, :])
+  valid = valid & _in_window(k_pos[None, :], q_pos[:, None], window_left)
+  sink = _sink_logits(sinks, num_kv_heads, group)
+  if sink is not None:  # padding rows keep lse -inf: no sink there
+    sink = jnp.where(row_ok[:, None, None, None], sink[None, :, :, None], -jnp.inf)
+  w, lse = _masked_softmax(logits, valid[:, None, None, :], sink)
   out = jnp.einsum("tngk,knd->tngd", w, v, precision=_PREC)
   out = out.reshape(num_rows, num_qo_heads, head_dim)
   lse = lse.reshape(num_rows, num_qo_heads)

@@ -276,12 +276,13 @@ def _check_split(name: str, size: int, parts: int, what: str):
     raise ValueError(f"{name} has {size} {what}, which do not split into {parts} equal shards")
 
 
-def bind_attention(primitive, q, k_op, v_op, buffer, plan: planning.Plan, combined: bool):
+def bind_attention(primitive, q, k_op, v_op, buffer, sinks, plan: planning.Plan,
+                   combined: bool):
   """(out, lse, workspace) of an attention call: one primitive call for a Plan, one per
-  device for a ShardedPlan."""
+  device for a ShardedPlan. `sinks` is float32 [global query heads] or [0]."""
   config = plan.config
   if not isinstance(plan, ShardedPlan):
-    return primitive.bind(q, k_op, v_op, buffer, config=config, combined=combined)
+    return primitive.bind(q, k_op, v_op, buffer, sinks, config=config, combined=combined)
   shards = plan.shards
   dp, tp = shards.counts()
   if tp > 1 and config.pos_encoding_mode == "ALIBI":
@@ -309,15 +310,19 @@ def bind_attention(primitive, q, k_op, v_op, buffer, plan: planning.Plan, combin
     raise ValueError(f"the sharded plan's buffer must be int32{list(want)}, got "
                      f"{list(buffer.shape)}")
 
-  def run_shard(q, k, v, plan_rows):
-    return tuple(primitive.bind(q, k, v, plan_rows.reshape(-1), config=config,
+  def run_shard(q, k, v, plan_rows, sinks):
+    return tuple(primitive.bind(q, k, v, plan_rows.reshape(-1), sinks, config=config,
                                 combined=combined))
 
   cache = shards.cache(config.kv_layout, combined)
   plan_spec = shards.per_request_shard(len(want))
-  step = shards.map(run_shard, in_specs=(shards.rows(None), cache, cache, plan_spec),
+  # Sinks follow q's head axis; an empty sinks operand is replicated (each shard's [0]).
+  sinks_spec = P(shards.heads) if sinks.shape[0] else P()
+  step = shards.map(run_shard,
+                    in_specs=(shards.rows(None), cache, cache, plan_spec, sinks_spec),
                     out_specs=(shards.rows(None), shards.rows(), shards.every_axis()))
-  return step(q, k_op, v_op, shards.place_small(buffer, plan_spec))
+  return step(q, k_op, v_op, shards.place_small(buffer, plan_spec),
+              shards.place_small(sinks, sinks_spec))
 
 
 def append_paged_kv_cache(append_key, append_value, batch_indices, positions, paged_kv_cache,

@@ -130,6 +130,8 @@ class AppendCase:
 
 
 def grid_cases(name: str, platform: str) -> list:
+  if name == "features":
+    return feature_cases(platform)
   if name == "append":
     axes = {"dtype": platform_dtypes(platform), "kv_layout": ("NHD", "HND"),
             "form": ("5d", "tuple"), "page_size": (1, 8, 16)}
@@ -153,6 +155,53 @@ def grid_cases(name: str, platform: str) -> list:
     raise KeyError(name)
   seed = zlib.crc32(f"{name}-{platform}".encode())
   return [Case(**row) for row in pairwise(axes, seed)]
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureCase:
+  op: str  # "decode", "decode-tc", "prefill", "prefill-causal"
+  dtype: str
+  kv_layout: str
+  form: str
+  page_size: int
+  head_dim: int
+  heads: tuple
+  pos: str
+  soft_cap: float  # 0: none
+  window_left: int  # -1: none
+  sinks: bool
+
+  @property
+  def id(self):
+    return (f"{self.op}-{self.dtype}-{self.kv_layout}-{self.form}-p{self.page_size}"
+            f"-d{self.head_dim}-h{self.heads[0]}x{self.heads[1]}-{self.pos}"
+            f"-cap{self.soft_cap:g}-w{self.window_left}{'-sinks' if self.sinks else ''}")
+
+
+def feature_cases(platform):
+  axes = {
+      "op": ("decode", "decode-tc", "prefill", "prefill-causal"),
+      "dtype": platform_dtypes(platform),
+      "kv_layout": ("NHD", "HND"),
+      "form": ("5d", "tuple"),
+      "page_size": (1, 16),
+      "head_dim": (64, 128, 256),
+      "heads": ((8, 2), (12, 4), (4, 4)),
+      "pos": ("NONE", "ROPE_LLAMA", "ALIBI"),
+      # A small cap, so that the usual logits (|x| ~ 1-3) are visibly bent.
+      "soft_cap": (0.0, 2.0),
+      "window_left": (-1, 0, 7, 40),
+      "sinks": (False, True),
+  }
+  rows = pairwise(axes, zlib.crc32(f"features-{platform}".encode()))
+  # Every feature alone once, on the plainest setting, so a failure names it.
+  plain = dict(dtype=platform_dtypes(platform)[-1], kv_layout="NHD", form="5d", page_size=16,
+               head_dim=128, heads=(8, 2), pos="NONE", soft_cap=0.0, window_left=-1,
+               sinks=False)
+  for op in axes["op"]:
+    for feature in (dict(soft_cap=2.0), dict(window_left=7), dict(sinks=True)):
+      rows.append(dict(plain, op=op, **feature))
+  return [FeatureCase(**r) for r in rows]
 
 
 # ------------------------------------------------------------------ page tables

@@ -21,12 +21,13 @@ from _helpers import (DTYPES, assert_attention_close, cache_in_form, cpu, oracle
                       random_cache, round_to, varied_lengths)
 
 
-def _fallback_attention(q, cache, plan):
+def _fallback_attention(q, cache, plan, sinks=None):
   info = layout_lib.inspect_cache(cache, plan.config.kv_layout)
   k_op, v_op = layout_lib.cache_operands(cache)
   rule = functools.partial(primitives._reference_attention, config=plan.config,  # noqa: SLF001
                            combined=info.combined)
-  out, lse, _ = jax.jit(rule)(q, k_op, v_op, plan.buffer)
+  sinks = np.zeros((0,), np.float32) if sinks is None else sinks
+  out, lse, _ = jax.jit(rule)(q, k_op, v_op, plan.buffer, sinks)
   return out, lse
 
 
@@ -64,6 +65,29 @@ def test_fallback_prefill_with_padding_rows_matches_oracle(rng):
   ref_out, ref_lse = oracle(q, k, v, qo_indptr, table, causal=True)
   assert np.isneginf(ref_lse[-3:]).all()  # the oracle marks the padding rows empty
   assert_attention_close(out, lse, ref_out, ref_lse, "f32", what="fallback prefill")
+
+
+def test_fallback_prefill_with_soft_cap_window_and_sinks(rng):
+  """The masked lowering applies the features as the oracle does, and keeps padding rows
+  empty (no sink there)."""
+  hq, hk, d, ps = 8, 2, 64, 8
+  kv_lens = np.array([30, 0, 50])
+  qo_lens = np.array([6, 2, 9])
+  qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+  table = page_table(rng, kv_lens, ps)
+  k, v = random_cache(rng, table.num_pages, ps, hk, d, "f32")
+  rows = int(qo_indptr[-1]) + 2
+  q = round_to(rng.standard_normal((rows, hq, d), dtype=np.float32) * 2.0, DTYPES["f32"])
+  sinks = rng.standard_normal(hq).astype(np.float32)
+  features = dict(logits_soft_cap=1.5, window_left=9)
+  with jax.default_device(cpu()):
+    w = jpa.BatchPrefillWithPagedKVCacheWrapper(max_num_tokens=32)
+    plan = w.plan(qo_indptr, table.indptr, table.indices, table.last_page_len, hq, hk, d, ps,
+                  causal=True, q_data_type=np.float32, **features)
+    out, lse = _fallback_attention(q, cache_in_form(k, v, "f32", "NHD", "5d"), plan, sinks)
+  ref_out, ref_lse = oracle(q, k, v, qo_indptr, table, causal=True, sinks=sinks, **features)
+  assert np.isneginf(ref_lse[-2:]).all()
+  assert_attention_close(out, lse, ref_out, ref_lse, "f32", what="fallback features")
 
 
 @pytest.mark.parametrize("form,kv_layout", [("5d", "HND"), ("tuple", "NHD")])

@@ -198,12 +198,13 @@ using namespace ::jax_pagedattn;
 
 // Decode and prefill share this: on the CPU there is one code path.
 ffi::Error AttentionImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
-                         ffi::Buffer<ffi::S32> plan, ffi::Result<ffi::AnyBuffer> out,
+                         ffi::Buffer<ffi::S32> plan, ffi::Buffer<ffi::F32> sinks,
+                         ffi::Result<ffi::AnyBuffer> out,
                          ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::U8> workspace,
                          AttentionAttrs attrs) {
   AttentionParams p;
   ffi::Error err =
-      MakeAttentionParams({q, k_cache, v_cache, plan, out, lse, workspace}, attrs, &p);
+      MakeAttentionParams({q, k_cache, v_cache, plan, sinks, out, lse, workspace}, attrs, &p);
   if (err.failure()) return err;
   return cpu::ToFfiError(cpu::RunAttentionCpu(p));
 }

@@ -65,6 +65,7 @@ struct Row {
   int32_t head;      // global query head
   int64_t qpos;      // position of the query token: kv_len - qo_len + i
   int64_t last_key;  // last visible key position (causal limit within the range)
+  int64_t first_key; // first visible key position (the sliding window's start)
   float alibi;       // slope * log2(e); 0 without ALiBi
 };
 
@@ -153,6 +154,7 @@ int64_t LoadRows(const CallPlan& c, Scratch<K>& sc, const int32_t* it, int32_t h
       row.head = int32_t(hk * G + r % G);
       row.qpos = kv_len - qo_len + i;
       row.last_key = p.causal ? std::min(row.qpos, keys.end - 1) : keys.end - 1;
+      row.first_key = p.window_left >= 0 ? row.qpos - p.window_left : keys.begin;
       row.alibi = p.pos_encoding == PosEncoding::kAlibi
                       ? AlibiSlope(row.head, p.num_qo_heads) * kLog2e
                       : 0.0f;
@@ -295,10 +297,15 @@ void AttendBlock(const CallPlan& c, Scratch<K>& sc, int num_heads, int64_t j0, i
                       krow, nk, dp, scores + size_t(n) * kKeyBlock, kKeyBlock);
   }
 
+  const AttentionParams& p = *c.p;
+  // Soft-capping in base-2 units: the scores are x log2(e) for the scaled logits x.
+  const float cap2 = p.logits_soft_cap * kLog2e;
   for (int n = 0; n < nrows; ++n) {
     const Row& row = sc.rows[n];
     float* s = scores + size_t(n) * kKeyBlock;
     const int nvis = row.last_key < j0 ? 0 : int(std::min<int64_t>(nk, row.last_key - j0 + 1));
+    if (cap2 > 0.0f)
+      for (int jj = 0; jj < nvis; ++jj) s[jj] = cap2 * std::tanh(s[jj] / cap2);
     if (row.alibi != 0.0f) {
       const float base = float(j0 - row.qpos);
       for (int jj = 0; jj < nvis; ++jj) s[jj] += row.alibi * (base + float(jj));
@@ -306,6 +313,10 @@ void AttendBlock(const CallPlan& c, Scratch<K>& sc, int num_heads, int64_t j0, i
     if (any_bad)
       for (int jj = 0; jj < nvis; ++jj)
         if (sc.key_off[jj] < 0) s[jj] = kNegInf;
+    if (row.first_key > j0) {  // keys before the window
+      const int cut = int(std::min<int64_t>(nvis, row.first_key - j0));
+      std::fill(s, s + cut, kNegInf);
+    }
     float block_max = kNegInf;
     for (int jj = 0; jj < nvis; ++jj) block_max = std::max(block_max, s[jj]);
     sc.active[n] = block_max != kNegInf;
@@ -343,6 +354,16 @@ void AttendBlock(const CallPlan& c, Scratch<K>& sc, int num_heads, int64_t j0, i
   }
 }
 
+// Folds a sink logit (base 2) into a row's softmax state: one more term of the
+// denominator that weighs no value.
+inline void AddSink(float sink, float* m, float* l, float* acc, int D) {
+  const float m_new = std::max(*m, sink);
+  const float rescale = std::exp2(*m - m_new);  // 0 while *m is -inf
+  Scale(acc, rescale, D);
+  *l = *l * rescale + std::exp2(sink - m_new);
+  *m = m_new;
+}
+
 // Writes the loaded rows: final out/lse, or the normalised partial and its lse.
 template <typename T, typename K>
 void StoreRows(const CallPlan& c, Scratch<K>& sc, int32_t split) {
@@ -353,6 +374,9 @@ void StoreRows(const CallPlan& c, Scratch<K>& sc, int32_t split) {
     const Row& row = sc.rows[n];
     float* acc = sc.acc.data() + n * c.dp;
     if (Loader<K>::kPermuted) UnpermuteRow(acc, c.dp);
+    // The sink joins the denominator once per row: in the item that writes the row
+    // whole, or in the first piece of a split one.
+    if (p.sinks != nullptr && split <= 0) AddSink(p.sinks[row.head] * kLog2e, &sc.m[n], &sc.l[n], acc, D);
     const float l = sc.l[n];
     const float lse = l > 0.0f ? sc.m[n] + std::log2(l) : kNegInf;
     Scale(acc, l > 0.0f ? 1.0f / l : 0.0f, D);

@@ -46,11 +46,12 @@ ffi::Error CheckGpuParams(const AttentionParams& p) {
 template <cudaError_t (*kAttention)(const AttentionParams&, cudaStream_t)>
 ffi::Error SetupThenAttention(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
                               ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> plan,
-                              ffi::Result<ffi::AnyBuffer> out, ffi::ResultBuffer<ffi::F32> lse,
-                              ffi::ResultBuffer<ffi::U8> workspace, AttentionAttrs attrs) {
+                              ffi::Buffer<ffi::F32> sinks, ffi::Result<ffi::AnyBuffer> out,
+                              ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::U8> workspace,
+                              AttentionAttrs attrs) {
   AttentionParams p;
   ffi::Error err =
-      MakeAttentionParams({q, k_cache, v_cache, plan, out, lse, workspace}, attrs, &p);
+      MakeAttentionParams({q, k_cache, v_cache, plan, sinks, out, lse, workspace}, attrs, &p);
   if (err.failure()) return err;
   err = CheckGpuParams(p);
   if (err.failure()) return err;

@@ -41,6 +41,7 @@
 #include "kernel_setup.cuh"
 #include "jax_pagedattn/params.h"
 #include "launchers.h"
+#include "logit_transforms.cuh"
 #include "rope.cuh"
 #include "softmax_state.cuh"
 #include "split_merge.cuh"
@@ -279,6 +280,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
   const int64_t page_base = it.page_base;
   const bool rope = p.pos_encoding == PosEncoding::kRopeLlama;
   const bool alibi = p.pos_encoding == PosEncoding::kAlibi;
+  const SoftCap soft_cap{p};
   const T* q_ptr = static_cast<const T*>(p.q);
   const T* k_base = static_cast<const T*>(p.kv.k);
   const T* v_base = static_cast<const T*>(p.kv.v);
@@ -309,8 +311,9 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
   for (int row0 = row_begin; row0 < row_end; row0 += R) {
     if (row0 != row_begin) __syncthreads();  // the previous pass's merge has read smem
 
-    // Per-row constants: last visible key (causal), query position, base-2 ALiBi slope.
-    // Rows past row_end see no key and are never written.
+    // Per-row constants: last visible key (causal), query position, base-2 ALiBi slope,
+    // first visible key (sliding window). Rows past row_end see no key and are never
+    // written.
     if (threadIdx.x < R) {
       const int rr = row0 + threadIdx.x;
       int4 info = make_int4(INT_MIN, 0, 0, 0);
@@ -318,7 +321,8 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
         const int tok = rr / G;
         const int qpos = pos_base + tok;
         const float slope = alibi ? AlibiSlope(kv_head * G + (rr - tok * G), H) * kLog2e : 0.f;
-        info = make_int4(p.causal ? qpos : INT_MAX, qpos, __float_as_int(slope), 0);
+        info = make_int4(p.causal ? qpos : INT_MAX, qpos, __float_as_int(slope),
+                         WindowStart(p, qpos));
       }
       row_smem[threadIdx.x] = info;
     }
@@ -422,8 +426,9 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
       for (int r = 0; r < R; ++r) {
         const int4 info = row_smem[r];
         float x = s[r];
+        if (soft_cap.on()) x = soft_cap(x);
         if (alibi) x = fmaf(__int_as_float(info.z), float(j - info.y), x);
-        x = (key_ok && j <= info.x) ? x : -INFINITY;
+        x = (key_ok && j <= info.x && j >= info.w) ? x : -INFINITY;
         float mx = x;
 #pragma unroll
         for (int off = 1; off < S::kKeys; off <<= 1)
@@ -511,12 +516,17 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
         acc.z = acc.z * a + ow.z * c;
         acc.w = acc.w * a + ow.w * c;
       }
-      const float inv = st.InvSum();
-      const float4 res = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
-      const float lse = st.Lse();
       const int tok = rr / G;
       const int64_t token = q_base + tok;  // in [0, q_rows): LoadWorkItem
       const int head = kv_head * G + (rr - tok * G);
+      {  // the sink weighs no value: it only rescales the accumulator
+        float a, c;
+        st.Merge(SinkState(p, head, split), &a, &c);
+        acc = make_float4(acc.x * a, acc.y * a, acc.z * a, acc.w * a);
+      }
+      const float inv = st.InvSum();
+      const float4 res = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
+      const float lse = st.Lse();
       if (split < 0) {
         T* dst = static_cast<T*>(p.out) + (token * H + head) * D + d;
         *reinterpret_cast<uint2*>(dst) = Pack4<T>(res);

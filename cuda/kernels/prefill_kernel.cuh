@@ -43,6 +43,7 @@
 #include <cstdint>
 
 #include "jax_pagedattn/params.h"
+#include "logit_transforms.cuh"
 #include "prefill_ptx.cuh"
 #include "split_merge.cuh"
 #include "work_item.cuh"
@@ -195,6 +196,11 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
   const bool rope = p.pos_encoding == PosEncoding::kRopeLlama;
   const bool alibi = p.pos_encoding == PosEncoding::kAlibi;
   const float scale_log2 = p.sm_scale * kLog2e;
+  const SoftCap soft_cap{p};
+  // Key j is in the window of the query at qpos when j - qpos >= -window_left (always
+  // without a window): one compare per element, and no per-row registers.
+  const bool window = p.window_left >= 0;
+  const int neg_window = window ? -p.window_left : INT_MIN;
   const T* kbase = static_cast<const T*>(p.kv.k);
   const T* vbase = static_cast<const T*>(p.kv.v);
   const int64_t head_off = int64_t(kv_head) * p.kv.head_stride;
@@ -305,7 +311,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
       slope[mt][h] = alibi ? AlibiSlope(kv_head * G + r % G, Hqo) * kLog2e : 0.0f;
     }
   // Rows grow with the token index, so a warp's first and last live rows bound the
-  // causal limits of all of them.
+  // causal limits (and window starts) of all of them.
   const bool warp_live = warp_row0 < nrows;
   const int warp_last = warp_row0 + kMT * 16 - 1 < nrows - 1 ? warp_row0 + kMT * 16 - 1 : nrows - 1;
   const int warp_min_limit = pos_off + (row_begin + warp_row0) / G;
@@ -369,7 +375,9 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
     const int kw0 = kt + wn * kKeysW;  // this warp's first key
     const uint32_t k_stage = k_lane + stage;  // stage is a multiple of 128
     const uint32_t v_stage = v_lane + stage;
-    if (!warp_live || kw0 >= kv_end || (causal && kw0 > warp_max_limit)) continue;
+    if (!warp_live || kw0 >= kv_end || (causal && kw0 > warp_max_limit) ||
+        (window && kw0 + kKeysW - 1 - warp_min_limit < neg_window))  // before every window
+      continue;
 
     // S = Q K^T for 16 kMT rows x kKeysW keys; each K fragment serves every m tile.
     float s[kMT][kKeysW / 8][4];
@@ -397,16 +405,28 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
       }
     }
 
-    // Scale into base-2 logits; per-element masks/bias only where some key of the
-    // warp's slice may be invisible to some row: past kv_end, a bad page, across the
-    // causal diagonal, or ALiBi (which biases every element).
+    // Scale into base-2 logits (soft-capped where asked); per-element masks/bias only
+    // where some key of the warp's slice may be invisible to some row: past kv_end, a
+    // bad page, across the causal diagonal or a window's start, or ALiBi (which biases
+    // every element).
     const int ring = t % kRing;
     bool tile_bad = false;
 #pragma unroll
     for (int w = 0; w < kTileKv / 32; ++w) tile_bad |= s_bad[ring * 4 + w] != 0;
     const bool need_mask = alibi || tile_bad || kw0 + kKeysW > kv_end ||
-                           (causal && kw0 + kKeysW - 1 > warp_min_limit);
+                           (causal && kw0 + kKeysW - 1 > warp_min_limit) ||
+                           (window && kw0 - warp_max_limit < neg_window);
+    if (soft_cap.on()) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int nb = 0; nb < kKeysW / 8; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][nb][e] = soft_cap(s[mt][nb][e] * scale_log2);
+    }
     if (need_mask) {
+      // Soft-capped scores are already in base-2 units.
+      const float mul = soft_cap.on() ? 1.0f : scale_log2;
       const int64_t* offs = s_off + ring * kTileKv + wn * kKeysW;
 #pragma unroll
       for (int nb = 0; nb < kKeysW / 8; ++nb) {
@@ -419,14 +439,15 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
           for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-              const bool vis = ok && (!causal || j <= qpos[mt][h]);
+              const bool vis =
+                  ok && (!causal || j <= qpos[mt][h]) && j - qpos[mt][h] >= neg_window;
               const float v =
-                  s[mt][nb][2 * h + e] * scale_log2 + slope[mt][h] * float(j - qpos[mt][h]);
+                  s[mt][nb][2 * h + e] * mul + slope[mt][h] * float(j - qpos[mt][h]);
               s[mt][nb][2 * h + e] = vis ? v : kNegInf;
             }
         }
       }
-    } else {
+    } else if (!soft_cap.on()) {
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
@@ -552,13 +573,16 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
         acc[4] += wgt * x1.x; acc[5] += wgt * x1.y; acc[6] += wgt * x1.z; acc[7] += wgt * x1.w;
       }
     }
-    const bool any = l_tot > 0.0f;
-    const float inv = any ? 1.0f / l_tot : 0.0f;
-    const float lse_v = any ? m_tot + log2f(l_tot) : kNegInf;
+    const int r = row_begin + rr;
+    // The row's softmax state, with its sink (which weighs no value) folded in.
+    SoftmaxState st{l_tot > 0.0f ? m_tot : kNegInf, l_tot};
+    float keep, unused;
+    st.Merge(SinkState(p, kv_head * G + r % G, split), &keep, &unused);
+    const float inv = st.InvSum() * keep;
+    const float lse_v = st.Lse();
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[e] *= inv;
 
-    const int r = row_begin + rr;
     const int64_t tok = q_base + r / G;
     const int64_t hrow = tok * Hqo + kv_head * G + r % G;  // (token, head) index
     if (split < 0) {

@@ -20,6 +20,8 @@ enum class PosEncoding : int32_t { kNone = 0, kRopeLlama = 1, kAlibi = 2 };
 
 // XLA decodes the dictionary into these members in this order (aggregate
 // initialisation): the registration in ffi_common.h lists them in the same order.
+// Members whose zero would switch a feature on default to its "off" value, so code that
+// builds the struct by hand (the harnesses, the CPU backend test) gets plain attention.
 struct AttentionAttrs {
   int32_t num_qo_heads;
   int32_t num_kv_heads;
@@ -32,6 +34,8 @@ struct AttentionAttrs {
   float sm_scale;
   float rope_scale;
   float rope_theta;
+  float logits_soft_cap = 0.f;  // c > 0: each scaled logit x becomes c tanh(x / c); 0: none
+  int32_t window_left = -1;     // w >= 0: query position p sees keys j >= p - w; -1: none
   int32_t tile_rows;  // packed query rows per work item at most (the kernel's query tile)
   Capacities caps;
   // Runtime switches (jax_pagedattn/switches.py reads them once, from the environment).

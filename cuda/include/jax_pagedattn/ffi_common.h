@@ -4,7 +4,7 @@
 //
 // Attention (targets jax_pagedattn_decode, jax_pagedattn_prefill):
 //   args:  q [T, Hqo, D], k_cache, v_cache (the same 5-D array twice when combined),
-//          plan int32 [PlanLayout::size()]
+//          plan int32 [PlanLayout::size()], sinks float32 [Hqo] or [0]
 //   rets:  out [T, Hqo, D] (q's dtype), lse [T, Hqo] float32, workspace uint8
 //   attrs: AttentionAttrs (attention_attrs.h), decoded from one attribute dictionary
 // Append (targets jax_pagedattn_append with one 5-D cache, jax_pagedattn_append_kv with
@@ -12,6 +12,7 @@
 // then the cache operand(s); rets the cache(s), aliased to those operands.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -66,6 +67,7 @@ auto BindAttention(Binding b) {
       .template Arg<ffi::AnyBuffer>()               // k_cache
       .template Arg<ffi::AnyBuffer>()               // v_cache
       .template Arg<ffi::Buffer<ffi::S32>>()        // plan
+      .template Arg<ffi::Buffer<ffi::F32>>()        // sinks [num_qo_heads], or [0]: none
       .template Ret<ffi::AnyBuffer>()               // out
       .template Ret<ffi::Buffer<ffi::F32>>()        // lse
       .template Ret<ffi::Buffer<ffi::U8>>()         // workspace
@@ -76,6 +78,7 @@ auto BindAttention(Binding b) {
 struct AttentionBuffers {
   ffi::AnyBuffer q, k_cache, v_cache;
   ffi::Buffer<ffi::S32> plan;
+  ffi::Buffer<ffi::F32> sinks;
   ffi::Result<ffi::AnyBuffer> out;
   ffi::ResultBuffer<ffi::F32> lse;
   ffi::ResultBuffer<ffi::U8> workspace;
@@ -100,6 +103,13 @@ inline ffi::Error MakeAttentionParams(AttentionBuffers b, const AttentionAttrs& 
       a.pos_encoding != PosEncoding::kAlibi)
     return ffi::Error::InvalidArgument(
         "jax_pagedattn: pos_encoding must be 0 (NONE), 1 (ROPE_LLAMA) or 2 (ALIBI)");
+  if (!(a.logits_soft_cap >= 0.0f) || !std::isfinite(a.logits_soft_cap))
+    return ffi::Error::InvalidArgument("jax_pagedattn: logits_soft_cap must be 0 or positive and finite");
+  if (a.window_left < -1)
+    return ffi::Error::InvalidArgument("jax_pagedattn: window_left must be -1 or >= 0");
+  const int64_t num_sinks = int64_t(b.sinks.element_count());
+  if (num_sinks != 0 && num_sinks != a.num_qo_heads)
+    return ffi::Error::InvalidArgument("jax_pagedattn: sinks must be [num_qo_heads] or empty");
   ffi::Error cache_ok = CheckCacheShape(k_cache, a.combined, int32_t(a.kv_layout), a.page_size,
                                         a.num_kv_heads, a.head_dim);
   if (cache_ok.failure()) return cache_ok;
@@ -127,6 +137,7 @@ inline ffi::Error MakeAttentionParams(AttentionBuffers b, const AttentionAttrs& 
   p->q = q.untyped_data();
   p->out = b.out->untyped_data();
   p->lse = b.lse->typed_data();
+  p->sinks = num_sinks != 0 ? b.sinks.typed_data() : nullptr;
   p->q_rows = int32_t(qd[0]);
   p->group_size = a.num_qo_heads / a.num_kv_heads;
   p->kv = MakePagedKv(k_cache.untyped_data(), v_cache.untyped_data(), a.combined, a.kv_layout,
@@ -140,6 +151,7 @@ inline ffi::Error MakeAttentionParams(AttentionBuffers b, const AttentionAttrs& 
   p->partial_lse = ws + int64_t(caps.partial_rows) * a.num_qo_heads * a.head_dim;
   p->merge_counters =
       reinterpret_cast<int32_t*>(p->partial_lse + int64_t(caps.partial_rows) * a.num_qo_heads);
+  p->SetDerived();
   return ffi::Error::Success();
 }
 
@@ -237,7 +249,9 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
     ::xla::ffi::StructMember<bool>("combined"), ::xla::ffi::StructMember<bool>("causal"),
     ::xla::ffi::StructMember<::jax_pagedattn::PosEncoding>("pos_encoding"),
     ::xla::ffi::StructMember<float>("sm_scale"), ::xla::ffi::StructMember<float>("rope_scale"),
-    ::xla::ffi::StructMember<float>("rope_theta"), ::xla::ffi::StructMember<int32_t>("tile_rows"),
+    ::xla::ffi::StructMember<float>("rope_theta"),
+    ::xla::ffi::StructMember<float>("logits_soft_cap"),
+    ::xla::ffi::StructMember<int32_t>("window_left"), ::xla::ffi::StructMember<int32_t>("tile_rows"),
     ::xla::ffi::StructMember<::jax_pagedattn::Capacities>("caps"),
     ::xla::ffi::StructMember<bool>("sm90_prefill"),
     ::xla::ffi::StructMember<bool>("dependent_launch"));

@@ -75,6 +75,7 @@ struct AttentionParams : AttentionAttrs {
   const void* q;
   void* out;
   float* lse;
+  const float* sinks;  // [num_qo_heads] sink logits (natural log, unscaled); nullptr: none
   int32_t q_rows;
   int32_t group_size;  // num_qo_heads / num_kv_heads
   PagedKv kv;
@@ -92,6 +93,17 @@ struct AttentionParams : AttentionAttrs {
   float* partial_o;
   float* partial_lse;
   int32_t* merge_counters;  // [token_cap][num_kv_heads], zeroed before the attention pass
+
+  // logits_soft_cap in the base-2 units the GPU kernels hold logits in (c log2 e), and
+  // its inverse; 0 without a cap. Derived here (SetDerived) so the kernels read them
+  // from the parameter bank instead of holding them in registers.
+  float soft_cap_log2;
+  float inv_soft_cap_log2;
+
+  void SetDerived() {
+    soft_cap_log2 = logits_soft_cap > 0.f ? logits_soft_cap * 1.4426950408889634f : 0.f;
+    inv_soft_cap_log2 = soft_cap_log2 > 0.f ? 1.f / soft_cap_log2 : 0.f;
+  }
 };
 
 // Points the plan section pointers of `p` into a plan buffer at `base`.

@@ -45,6 +45,7 @@
 #include <cute/tensor.hpp>
 
 #include "../cp_async.cuh"
+#include "../logit_transforms.cuh"
 #include "../dependent_launch.cuh"
 #include "../prefill_kernel.cuh"  // prefill_detail::RopeSinCos / RopePairs: one RoPE rounding for both paths
 #include "../softmax_state.cuh"
@@ -125,15 +126,17 @@ struct PrefillSm90Cfg {
                                  cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
 };
 
-// The keys an item's CTA visits: [kv_lo, kv_hi), kv_hi cut at the causal limit of the
-// item's last row; n tiles of kTileKv. Producer and consumers derive it alike.
+// The keys an item's CTA visits: [kv_lo, kv_hi), kv_lo raised to the sliding window's
+// start for the item's first row, kv_hi cut at the causal limit of its last row; n tiles
+// of kTileKv. Producer and consumers derive it alike.
 struct TileRange {
   int kv_lo, kv_hi, n;
 };
 template <int kTileKv>
 __device__ __forceinline__ TileRange ItemTiles(const AttentionParams& p, const WorkItem& it) {
   TileRange r;
-  r.kv_lo = it.kv_begin;
+  const int first = WindowStart(p, it.pos_base + it.row_begin / p.group_size);
+  r.kv_lo = it.kv_begin > first ? it.kv_begin : first;
   int hi = it.kv_end;
   if (p.causal) {
     const int lim = it.pos_base + (it.row_begin + it.num_rows - 1) / p.group_size + 1;
@@ -353,6 +356,8 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
   const bool rope = p.pos_encoding == PosEncoding::kRopeLlama;
   const bool alibi = p.pos_encoding == PosEncoding::kAlibi;
   const float scale_log2 = p.sm_scale * kLog2e;
+  const SoftCap soft_cap{p};
+  const bool window = p.window_left >= 0;
   // The unmasked path takes the row max of raw scores, which needs a positive scale.
   const bool always_mask = alibi || !(scale_log2 > 0.f);
   const uint32_t bars = SmemU32(smem + Cfg::kBarOff);
@@ -408,17 +413,21 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
     const int nrows = it.num_rows;
 
     // This thread's two rows (h = 0, 1) of the item tile.
-    int rr[2], qpos[2];
+    int rr[2], qpos[2], first_key[2];
     float slope[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       rr[h] = wg * Cfg::kWgRows + warp_wg * 16 + (lane >> 2) + 8 * h;
       const int r = it.row_begin + rr[h];
       qpos[h] = it.pos_base + r / G;
+      first_key[h] = WindowStart(p, qpos[h]);
       slope[h] = alibi ? AlibiSlope(kv_head * G + r % G, Hqo) * kLog2e : 0.f;
     }
-    // Rows grow with the token: the warpgroup's first row has the smallest causal limit.
+    // Rows grow with the token: the warpgroup's first row has the smallest causal limit,
+    // its last live row the largest window start.
     const int wg_min_limit = it.pos_base + (it.row_begin + wg * Cfg::kWgRows) / G;
+    const int wg_last = min(wg * Cfg::kWgRows + Cfg::kWgRows, nrows) - 1;
+    const int wg_max_start = WindowStart(p, it.pos_base + (it.row_begin + max(wg_last, 0)) / G);
 
     clear(tOrO);
     float m_run[2] = {kNegInf, kNegInf}, l_run[2] = {0.f, 0.f}, corr[2] = {0.f, 0.f};
@@ -426,8 +435,14 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
     // Softmax of tile step i (keys from kf): S -> 2^(logit - running max), in place.
     auto softmax = [&](int i, bool any_bad, uint32_t absent_bits) {
       const int kf = tr.kv_lo + (n - 1 - i) * kTileKv;
-      const bool need_mask = always_mask || any_bad || (causal && kf + kTileKv - 1 > wg_min_limit);
+      const bool need_mask = always_mask || any_bad || (causal && kf + kTileKv - 1 > wg_min_limit) ||
+                             (window && kf < wg_max_start);
       float sc = scale_log2;
+      if (soft_cap.on()) {  // into base-2 units, capped
+#pragma unroll
+        for (int i2 = 0; i2 < kTileKv / 2; ++i2) tSrS(i2) = soft_cap(tSrS(i2) * scale_log2);
+        sc = 1.f;
+      }
       if (need_mask) {
 #pragma unroll
         for (int i2 = 0; i2 < kTileKv / 2; ++i2) {
@@ -435,8 +450,8 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
           const int col = 8 * nb + 2 * quad + e;
           const int j = kf + col;
           const bool absent = (absent_bits >> (8 * (nb & 3) + 2 * (nb >> 2) + e)) & 1u;
-          const bool vis = !absent && (!causal || j <= qpos[h]);
-          const float v = tSrS(i2) * scale_log2 + slope[h] * float(j - qpos[h]);
+          const bool vis = !absent && (!causal || j <= qpos[h]) && j >= first_key[h];
+          const float v = tSrS(i2) * sc + slope[h] * float(j - qpos[h]);
           tSrS(i2) = vis ? v : kNegInf;
         }
         sc = 1.f;
@@ -585,9 +600,12 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
     for (int h = 0; h < 2; ++h) {
       l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
       l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
-      const bool any = l_run[h] > 0.f;
-      inv[h] = any ? 1.f / l_run[h] : 0.f;
-      lse[h] = any ? m_run[h] + log2f(l_run[h]) : kNegInf;
+      // The row's state with its sink (which weighs no value) folded in.
+      SoftmaxState st{l_run[h] > 0.f ? m_run[h] : kNegInf, l_run[h]};
+      float keep, unused;
+      st.Merge(SinkState(p, kv_head * G + (it.row_begin + rr[h]) % G, it.split), &keep, &unused);
+      inv[h] = st.InvSum() * keep;
+      lse[h] = st.Lse();
     }
     int64_t hrow[2];  // (token, head) index of each row
 #pragma unroll
