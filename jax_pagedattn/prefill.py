@@ -28,13 +28,21 @@ class BatchPrefillWithPagedKVCacheWrapper(PagedAttentionWrapper):
            num_qo_heads: int, num_kv_heads: int, head_dim: int | None = None,
            page_size: int | None = None, causal: bool = False, pos_encoding_mode: str = "NONE",
            sm_scale=None, rope_scale=None, rope_theta=None, q_data_type="float16",
-           kv_data_type=None, head_dim_qk: int | None = None):
+           kv_data_type=None, head_dim_qk: int | None = None,
+           fixed_split_size: int | None = None, disable_split_kv: bool = False):
     """Plans a prefill batch on the host; returns the `Plan` (also kept for `run`).
 
     qo_indptr: int32 [batch+1] query-token offsets of each request; the paged_kv_*
     arrays as in decode. Causal masks are bottom-right aligned (query i of a request
     with qo_len queries and kv_len keys sees keys j <= kv_len - qo_len + i).
     `head_dim_qk` is FlashInfer's name for head_dim.
+
+    Batch invariance: `fixed_split_size` (pages, as in FlashInfer) and
+    `disable_split_kv` as in the decode wrapper's plan(): every query tile of a request
+    gets the same key pieces whatever else is in the batch, so its output and lse are
+    bitwise the same. A split tile needs a partial row per token and piece: a long
+    context with a small fixed_split_size may need more than the workspace holds, which
+    plan() reports, naming fixed_split_size.
     """
     if head_dim is None:
       head_dim = head_dim_qk
@@ -46,7 +54,8 @@ class BatchPrefillWithPagedKVCacheWrapper(PagedAttentionWrapper):
                            head_dim=head_dim, page_size=page_size, causal=causal,
                            pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale,
                            rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_data_type,
-                           kv_data_type=kv_data_type, kernel="prefill")
+                           kv_data_type=kv_data_type, kernel="prefill",
+                           fixed_split_size=fixed_split_size, disable_split_kv=disable_split_kv)
 
   def run(self, q, paged_kv_cache, return_lse: bool = False, plan=None):
     """Prefill attention: q [tokens, num_qo_heads, head_dim] -> out like q.
