@@ -1,4 +1,5 @@
-"""Property tests of the host planner (plan_host + unpack_plan) against CONTRACT.md."""
+"""Property tests of the host planner (plan_host + unpack_plan) against CONTRACT.md, and
+one end-to-end check that a windowed decode plan makes today's kernels read its window."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ import dataclasses
 import hashlib
 import time
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import jax_pagedattn as jpa
 from jax_pagedattn import planning, switches
 from jax_pagedattn.planning import Capacities
+
+from _helpers import DTYPES, OUT_TOL, check_native, page_table, put, random_cache, round_to
 
 # Work item fields (CONTRACT.md / plan_layout.h).
 REQ, ROW_B, ROW_E, KV_B, KV_E, SPLIT, QO_LEN, KV_LEN = range(8)
@@ -259,6 +264,52 @@ def test_plan_is_unchanged_without_window_or_fixed_split(case):
                               window_left=-1, fixed_split_size=-1, disable_split_kv=False)
   buf = planning.plan_host(qo, kv_indptr, kv_indices, last, spec)
   assert hashlib.sha256(buf.tobytes()).hexdigest()[:16] == digest
+
+
+@pytest.mark.parametrize("fixed_split_size", [-1, 3])
+def test_windowed_decode_plan_computes_the_window(platform, device, fixed_split_size):
+  """End to end through today's kernels: a windowed decode plan's items start inside
+  pages (kv_begin = kv_len - 1 - window_left), and the output is attention over exactly
+  the last window_left + 1 keys (a decode row's window is its items' range), also when
+  fixed pieces cut it."""
+  check_native(platform)
+  dtype = "f32" if platform == "cpu" else "bf16"
+  dt = np.dtype(DTYPES[dtype])
+  rng = np.random.default_rng(15)
+  ps, hq, hk, d = 16, 8, 2, 128
+  kv_lens = np.array([3001, 77, 0, 900, 40])
+  table = page_table(rng, kv_lens, ps)
+  k, v = random_cache(rng, table.num_pages, ps, hk, d, dtype)
+  cache = np.stack([k, v], axis=1).astype(dt)
+  q = round_to(rng.standard_normal((len(kv_lens), hq, d), dtype=np.float32), DTYPES[dtype])
+  for window in (0, 5, 100, 1000):
+    with jax.default_device(device):
+      w = jpa.BatchDecodeWithPagedKVCacheWrapper()
+      plain = w.plan(table.indptr, table.indices, table.last_page_len, hq, hk, d, ps,
+                     q_data_type=dt, fixed_split_size=fixed_split_size)
+      c = plain.config
+      spec = planning.plan_spec(page_size=ps, group_size=hq // hk, tile_rows=c.tile_rows,
+                                causal=False, caps=c.caps, decode_names=True, window_left=window,
+                                fixed_split_size=fixed_split_size)
+      buf = planning.plan_host(None, table.indptr, table.indices, table.last_page_len, spec)
+      out, lse = w.run(put(q.astype(dt), device), put(cache, device), return_lse=True,
+                       plan=planning.Plan(buf, c))
+    out, lse = np.asarray(out.astype(np.float32)), np.asarray(lse)
+    for b, kv_len in enumerate(kv_lens):
+      pages = table.indices[table.indptr[b]:table.indptr[b + 1]]
+      lo = max(0, kv_len - 1 - window)
+      keys = k[pages].reshape(-1, hk, d)[lo:kv_len].astype(np.float64)
+      vals = v[pages].reshape(-1, hk, d)[lo:kv_len].astype(np.float64)
+      for h in range(hq):
+        if kv_len == 0:
+          assert (out[b, h] == 0).all() and np.isneginf(lse[b, h])
+          continue
+        s = keys[:, h // (hq // hk)] @ q[b, h] / np.sqrt(d)
+        p = np.exp(s - s.max())
+        want = p @ vals[:, h // (hq // hk)] / p.sum()
+        np.testing.assert_allclose(out[b, h], want, atol=OUT_TOL[dtype], rtol=OUT_TOL[dtype])
+        want_lse = (s.max() + np.log(p.sum())) / np.log(2)
+        np.testing.assert_allclose(lse[b, h], want_lse, atol=1e-3 if dtype == "f32" else 2e-2)
 
 
 def _request_items(b, buf, r):
