@@ -125,22 +125,29 @@ NB_MODULE(_C, m) {
       .def(
           "__init__",
           [](PlanSpec* self, int32_t page_size, int32_t group_size, int32_t tile_rows, bool causal,
-             nb::handle caps, int32_t deal, bool decode_names, int32_t num_pages) {
+             nb::handle caps, int32_t deal, bool decode_names, int32_t num_pages,
+             int32_t fixed_split_size, bool disable_split_kv, int32_t window_left) {
             if (deal < int32_t(Deal::kAuto) || deal > int32_t(Deal::kEqual))
               throw nb::value_error("PlanSpec: deal must be 0 (auto), 1 (bins) or 2 (equal)");
             new (self) PlanSpec{page_size, group_size, tile_rows, causal, num_pages,
-                                CapsOf(caps), Deal(deal), decode_names};
+                                CapsOf(caps), Deal(deal), decode_names, fixed_split_size,
+                                disable_split_kv, window_left};
           },
           nb::kw_only(), nb::arg("page_size"), nb::arg("group_size"), nb::arg("tile_rows"),
           nb::arg("causal"), nb::arg("caps"), nb::arg("deal") = 0,
           nb::arg("decode_names") = false, nb::arg("num_pages") = -1,
-          "caps: any object with the fields of planning.Capacities.")
+          nb::arg("fixed_split_size") = -1, nb::arg("disable_split_kv") = false,
+          nb::arg("window_left") = -1,
+          "caps: any object with the fields of planning.Capacities; fixed_split_size in pages.")
       .def_ro("page_size", &PlanSpec::page_size)
       .def_ro("group_size", &PlanSpec::group_size)
       .def_ro("tile_rows", &PlanSpec::tile_rows)
       .def_ro("causal", &PlanSpec::causal)
       .def_ro("num_pages", &PlanSpec::num_pages)
       .def_ro("decode_names", &PlanSpec::decode_names)
+      .def_ro("fixed_split_size", &PlanSpec::fixed_split_size)
+      .def_ro("disable_split_kv", &PlanSpec::disable_split_kv)
+      .def_ro("window_left", &PlanSpec::window_left)
       .def_prop_ro("deal", [](const PlanSpec& s) { return int32_t(s.deal); });
   m.def("plan", &Plan, nb::arg("qo_indptr").none(), nb::arg("kv_indptr"), nb::arg("kv_indices"),
         nb::arg("kv_last_page_len"), nb::arg("spec"),
@@ -170,13 +177,20 @@ NB_MODULE(_C, m) {
   m.def(
       "derive_capacities",
       [](int32_t batch_cap, int32_t token_cap, int32_t page_cap, int32_t group_size,
-         int32_t tile_rows, int32_t num_kv_heads, int32_t num_ctas, int32_t partial_rows_limit) {
+         int32_t tile_rows, int32_t num_kv_heads, int32_t num_ctas, int32_t partial_rows_limit,
+         int32_t fixed_split_size, int32_t max_qo_len) {
         Capacities c = DeriveCapacities(batch_cap, token_cap, page_cap, group_size, tile_rows,
-                                        num_kv_heads, num_ctas, partial_rows_limit);
+                                        num_kv_heads, num_ctas, partial_rows_limit,
+                                        fixed_split_size, max_qo_len);
         return nb::make_tuple(c.batch, c.tokens, c.pages, c.work, c.partial_rows, c.bins);
       },
+      nb::arg("batch_cap"), nb::arg("token_cap"), nb::arg("page_cap"), nb::arg("group_size"),
+      nb::arg("tile_rows"), nb::arg("num_kv_heads"), nb::arg("num_ctas"),
+      nb::arg("partial_rows_limit"), nb::arg("fixed_split_size") = -1,
+      nb::arg("max_qo_len") = -1,
       "(batch, tokens, pages, work, partial_rows, bins) capacities that hold any batch within "
-      "the first three, with bins for num_ctas concurrent CTAs.");
+      "the first three, with bins for num_ctas concurrent CTAs (and, for fixed_split_size > 0 "
+      "pages, its fixed pieces of requests of at most max_qo_len queries; -1: token_cap).");
 #ifdef JAX_PAGEDATTN_WITH_CUDA
   m.def(
       "ctas_per_sm",

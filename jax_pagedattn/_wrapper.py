@@ -88,7 +88,7 @@ class PagedAttentionWrapper:
   def _make_plan(self, *, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads,
                  num_kv_heads, head_dim, page_size, causal, pos_encoding_mode, sm_scale, rope_scale,
                  rope_theta, q_data_type, kv_data_type, kernel, logits_soft_cap=None,
-                 window_left=-1):
+                 window_left=-1, fixed_split_size=None, disable_split_kv=False):
     names = (("indptr", "indices", "last_page_len") if self._decode else
              ("paged_kv_indptr", "paged_kv_indices", "paged_kv_last_page_len"))
     kv_indptr = planning.as_host_int32(kv_indptr, names[0])
@@ -102,7 +102,7 @@ class PagedAttentionWrapper:
     # distinct setting (plan() runs every step; its Python is most of its host time).
     key = (num_qo_heads, num_kv_heads, head_dim, page_size, causal, pos_encoding_mode, sm_scale,
            rope_scale, rope_theta, q_data_type, kv_data_type, kernel, logits_soft_cap,
-           window_left, switches.current())
+           window_left, fixed_split_size, disable_split_kv, switches.current())
     try:
       static = self._statics.get(key)
     except TypeError:  # an unhashable argument: derive without the memo
@@ -113,7 +113,8 @@ class PagedAttentionWrapper:
           num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, causal=causal,
           pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale, rope_scale=rope_scale,
           rope_theta=rope_theta, q_data_type=q_data_type, kv_data_type=kv_data_type,
-          kernel=kernel, logits_soft_cap=logits_soft_cap, window_left=window_left)
+          kernel=kernel, logits_soft_cap=logits_soft_cap, window_left=window_left,
+          fixed_split_size=fixed_split_size, disable_split_kv=disable_split_kv)
       if key is not None:
         self._statics[key] = static
     config, spec = static
@@ -125,10 +126,12 @@ class PagedAttentionWrapper:
 
   def _derive_static(self, batch, tokens, pages, *, num_qo_heads, num_kv_heads, head_dim,
                      page_size, causal, pos_encoding_mode, sm_scale, rope_scale, rope_theta,
-                     q_data_type, kv_data_type, kernel, logits_soft_cap, window_left):
+                     q_data_type, kv_data_type, kernel, logits_soft_cap, window_left,
+                     fixed_split_size, disable_split_kv):
     """(PlanConfig, the planner's PlanSpec) for one setting of plan()'s static
     arguments; raises on bad ones. `kernel` names the attention kernel (its tile rows)."""
     planning.check_head_config(num_qo_heads, num_kv_heads, head_dim)
+    split_pages = _fixed_split_pages(fixed_split_size)
     planning.check_pos_encoding(pos_encoding_mode)
     logits_soft_cap = planning.check_logits_soft_cap(logits_soft_cap)
     window_left = planning.check_window_left(window_left)
@@ -146,9 +149,14 @@ class PagedAttentionWrapper:
     limit = -1
     if self._workspace_size is not None:
       limit = self._workspace_size // planning.partial_row_bytes(num_qo_heads, head_dim)
+    # Fixed pieces are sized for the capacities fixed at the first plan (one query per
+    # request in decode), within the workspace (the planner names what to change when a
+    # batch needs more). disable_split_kv wins over fixed_split_size, as in FlashInfer.
     caps = planning.derive_capacities(b, t, p, group_size=group, tile_rows=tile_rows,
                                       num_kv_heads=num_kv_heads, num_ctas=num_ctas,
-                                      partial_rows_limit=limit)
+                                      partial_rows_limit=limit,
+                                      fixed_split_size=-1 if disable_split_kv else split_pages,
+                                      max_qo_len=1 if self._decode else t)
     sw = switches.current()
     config = _plan_config(
         target="jax_pagedattn_decode" if kernel == "decode" else "jax_pagedattn_prefill",
@@ -162,7 +170,9 @@ class PagedAttentionWrapper:
         kv_dtype=kv_dtype, wrapper="decode" if self._decode else "prefill",
         sm90_prefill=sw.sm90_prefill, dependent_launch=sw.dependent_launch)
     spec = planning.plan_spec(page_size=page_size, group_size=group, tile_rows=tile_rows,
-                              causal=causal, caps=caps, decode_names=self._decode)
+                              causal=causal, caps=caps, decode_names=self._decode,
+                              fixed_split_size=split_pages,
+                              disable_split_kv=bool(disable_split_kv), window_left=window_left)
     return config, spec
 
   def _max_page(self, last: _LastPlan) -> int:
@@ -227,6 +237,24 @@ def _sink_operand(sinks, num_qo_heads: int):
   if not jnp.issubdtype(sinks.dtype, jnp.floating):
     raise TypeError(f"sinks must be floating point (taken as float32), got {sinks.dtype}")
   return jnp.asarray(sinks, jnp.float32)
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _fixed_split_pages(fixed_split_size) -> int:
+  """plan()'s fixed_split_size (FlashInfer's: pages per piece; None or -1: none) as the
+  planner's PlanSpec takes it; raises ValueError for anything else."""
+  if fixed_split_size is None:
+    return -1
+  if isinstance(fixed_split_size, bool) or not isinstance(fixed_split_size, numbers.Integral):
+    raise ValueError(f"fixed_split_size must be a positive int (pages per split), or None / -1 "
+                     f"for none; got {fixed_split_size!r}")
+  n = int(fixed_split_size)
+  if n != -1 and not 1 <= n <= _INT32_MAX:
+    raise ValueError(f"fixed_split_size must be a positive int (pages per split) up to "
+                     f"{_INT32_MAX}, or None / -1 for none; got {n}")
+  return n
 
 
 def _eager_buffer(last: _LastPlan, q):

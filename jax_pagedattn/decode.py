@@ -35,7 +35,8 @@ class BatchDecodeWithPagedKVCacheWrapper(PagedAttentionWrapper):
   def plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int,
            head_dim: int, page_size: int, pos_encoding_mode: str = "NONE", sm_scale=None,
            rope_scale=None, rope_theta=None, q_data_type="float16", kv_data_type=None,
-           data_type=None, window_left: int = -1, logits_soft_cap=None):
+           data_type=None, window_left: int = -1, logits_soft_cap=None,
+           fixed_split_size: int | None = None, disable_split_kv: bool = False):
     """Plans a decode batch on the host; returns the `Plan` (also kept for `run`).
 
     indptr: int32 [batch+1] page offsets of each request in `indices`; indices: the
@@ -43,6 +44,17 @@ class BatchDecodeWithPagedKVCacheWrapper(PagedAttentionWrapper):
     `data_type` is FlashInfer's older alias of `kv_data_type`. `window_left` w >= 0
     limits each query to its last w + 1 keys (-1: all); `logits_soft_cap` c > 0 maps
     each scaled logit x to c * tanh(x / c) (None or 0: none).
+
+    Batch invariance (FlashInfer's options): `fixed_split_size`, in pages as in
+    FlashInfer, splits every request's keys at the key positions that are multiples of
+    `fixed_split_size * page_size` and nowhere else, so a request's output and lse are
+    bitwise the same whatever else is in the batch (pick about the typical request
+    length: shorter splits need more workspace). `disable_split_kv=True` never splits a
+    request (it wins over `fixed_split_size`). None / -1 and False: the planner splits to
+    balance the GPU, which changes the last bits with the batch. Both work with and
+    without tensor cores. The work and partial-row capacities fixed at a wrapper's plan
+    hold the fixed splits of any batch within max_batch_size / max_num_pages unless the
+    workspace is smaller; plan() then raises, naming fixed_split_size.
     """
     if kv_data_type is None:
       kv_data_type = data_type
@@ -53,7 +65,8 @@ class BatchDecodeWithPagedKVCacheWrapper(PagedAttentionWrapper):
                            rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_data_type,
                            kv_data_type=kv_data_type,
                            kernel="tensor_core_decode" if self._use_tensor_cores else "decode",
-                           logits_soft_cap=logits_soft_cap, window_left=window_left)
+                           logits_soft_cap=logits_soft_cap, window_left=window_left,
+                           fixed_split_size=fixed_split_size, disable_split_kv=disable_split_kv)
 
   def run(self, q, paged_kv_cache, return_lse: bool = False, plan=None, sinks=None):
     """Decode attention: q [batch, num_qo_heads, head_dim] -> out like q.

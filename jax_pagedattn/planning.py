@@ -237,21 +237,36 @@ def as_host_int32(x, name: str) -> np.ndarray:
 
 @functools.lru_cache(maxsize=256)
 def derive_capacities(batch, tokens, pages, *, group_size, tile_rows, num_kv_heads, num_ctas,
-                      partial_rows_limit=-1) -> Capacities:
+                      partial_rows_limit=-1, fixed_split_size=-1, max_qo_len=-1) -> Capacities:
   """Capacities holding any batch of up to `batch` requests, `tokens` query tokens and
-  `pages` page ids, with bins for `num_ctas` concurrent CTAs (see concurrent_ctas)."""
+  `pages` page ids, with bins for `num_ctas` concurrent CTAs (see concurrent_ctas).
+
+  With `fixed_split_size` (pages, as plan_spec takes it) the work items and partial rows
+  also hold the fixed pieces of any such batch whose requests have at most `max_qo_len`
+  query tokens (1 for decode; -1 means `tokens`), unless `partial_rows_limit` (the
+  workspace) is smaller: the planner then rejects a batch that needs more.
+  """
   return Capacities(*_C.derive_capacities(batch, tokens, pages, group_size, tile_rows,
-                                          num_kv_heads, num_ctas, partial_rows_limit))
+                                          num_kv_heads, num_ctas, partial_rows_limit,
+                                          fixed_split_size, max_qo_len))
 
 
 def plan_spec(*, page_size, group_size, tile_rows, causal, caps: Capacities,
-              decode_names=False, num_pages=-1):
+              decode_names=False, num_pages=-1, fixed_split_size=-1, disable_split_kv=False,
+              window_left=-1):
   """The planner's spec (planner.h, PlanSpec): everything about a plan but the index
-  arrays, made once per configuration. The deal comes from switches.py."""
+  arrays, made once per configuration. The deal comes from switches.py.
+
+  fixed_split_size (pages, -1 none) and disable_split_kv fix every request's key
+  pieces whatever the rest of the batch (batch invariance); window_left (-1 none) starts
+  each query tile's keys at its window. The planner rejects values outside their range.
+  """
   return _C.PlanSpec(page_size=int(page_size), group_size=int(group_size),
                      tile_rows=int(tile_rows), causal=bool(causal), caps=caps,
                      deal=switches.DEALS[switches.current().deal],
-                     decode_names=bool(decode_names), num_pages=int(num_pages))
+                     decode_names=bool(decode_names), num_pages=int(num_pages),
+                     fixed_split_size=int(fixed_split_size),
+                     disable_split_kv=bool(disable_split_kv), window_left=int(window_left))
 
 
 def plan_host(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, spec) -> np.ndarray:

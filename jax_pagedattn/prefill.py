@@ -29,7 +29,8 @@ class BatchPrefillWithPagedKVCacheWrapper(PagedAttentionWrapper):
            page_size: int | None = None, causal: bool = False, pos_encoding_mode: str = "NONE",
            sm_scale=None, rope_scale=None, rope_theta=None, q_data_type="float16",
            kv_data_type=None, head_dim_qk: int | None = None, window_left: int = -1,
-           logits_soft_cap=None):
+           logits_soft_cap=None, fixed_split_size: int | None = None,
+           disable_split_kv: bool = False):
     """Plans a prefill batch on the host; returns the `Plan` (also kept for `run`).
 
     qo_indptr: int32 [batch+1] query-token offsets of each request; the paged_kv_*
@@ -39,6 +40,13 @@ class BatchPrefillWithPagedKVCacheWrapper(PagedAttentionWrapper):
     query at position p = kv_len - qo_len + i to keys j >= p - w (-1: no limit);
     `logits_soft_cap` c > 0 maps each scaled logit x to c * tanh(x / c), before ALiBi
     and the masks (None or 0: none).
+
+    Batch invariance: `fixed_split_size` (pages, as in FlashInfer) and
+    `disable_split_kv` as in the decode wrapper's plan(): every query tile of a request
+    gets the same key pieces whatever else is in the batch, so its output and lse are
+    bitwise the same. A split tile needs a partial row per token and piece: a long
+    context with a small fixed_split_size may need more than the workspace holds, which
+    plan() reports, naming fixed_split_size.
     """
     if head_dim is None:
       head_dim = head_dim_qk
@@ -51,7 +59,8 @@ class BatchPrefillWithPagedKVCacheWrapper(PagedAttentionWrapper):
                            pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale,
                            rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_data_type,
                            kv_data_type=kv_data_type, kernel="prefill",
-                           logits_soft_cap=logits_soft_cap, window_left=window_left)
+                           logits_soft_cap=logits_soft_cap, window_left=window_left,
+                           fixed_split_size=fixed_split_size, disable_split_kv=disable_split_kv)
 
   def run(self, q, paged_kv_cache, return_lse: bool = False, plan=None, sinks=None):
     """Prefill attention: q [tokens, num_qo_heads, head_dim] -> out like q.

@@ -1,17 +1,23 @@
-"""Property tests of the host planner (plan_host + unpack_plan) against CONTRACT.md."""
+"""Property tests of the host planner (plan_host + unpack_plan) against CONTRACT.md, and
+one end-to-end check that a windowed decode plan makes today's kernels read its window."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import jax_pagedattn as jpa
 from jax_pagedattn import planning, switches
 from jax_pagedattn.planning import Capacities
+
+from _helpers import DTYPES, OUT_TOL, check_native, page_table, put, random_cache, round_to
 
 # Work item fields (CONTRACT.md / plan_layout.h).
 REQ, ROW_B, ROW_E, KV_B, KV_E, SPLIT, QO_LEN, KV_LEN = range(8)
@@ -27,8 +33,10 @@ settings.load_profile("jpa")
 
 
 @st.composite
-def batches(draw):
-  """A valid batch, its planning parameters and capacities that hold it."""
+def batches(draw, windows=False, fixed=False):
+  """A valid batch, its planning parameters and capacities that hold it. `windows`
+  draws a window_left (sometimes -1); `fixed` draws fixed_split_size (pages) or
+  disable_split_kv, with capacities derived for them."""
   page_size = draw(st.sampled_from([1, 2, 3, 8, 16]))
   num_kv_heads = draw(st.sampled_from([1, 2, 4]))
   group = draw(st.sampled_from([1, 2, 3, 4, 8]))
@@ -57,17 +65,28 @@ def batches(draw):
   qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
   tokens = int(qo_indptr[-1])
   extra = draw(st.integers(0, 4))
-  # partial_rows_limit < derived forces the planner to trade splits for room.
-  limit = draw(st.one_of(st.just(-1), st.integers(0, 64)))
+  window_left = draw(st.sampled_from([-1, 0, 1, 5, 63, 200, 1000])) if windows else -1
+  split = dict(fixed_split_size=-1, disable_split_kv=False)
+  if fixed:
+    if draw(st.booleans()):
+      # Pieces of at least 8 keys keep the capacities (and the test) small.
+      pages = draw(st.sampled_from([1, 2, 5, 16, 64]))
+      split["fixed_split_size"] = max(pages, -(-8 // page_size))
+    else:
+      split["disable_split_kv"] = True
+  # partial_rows_limit < derived forces the planner to trade splits for room (fixed
+  # pieces cannot: their capacities are derived for them, and the workspace unbounded).
+  limit = -1 if fixed else draw(st.one_of(st.just(-1), st.integers(0, 64)))
   caps = planning.derive_capacities(
       max(batch + extra, 1), max(tokens + extra, 1), max(len(kv_indices) + extra, 1),
       group_size=group, tile_rows=tile_rows, num_kv_heads=num_kv_heads, num_ctas=num_ctas,
-      partial_rows_limit=limit)
+      partial_rows_limit=limit, fixed_split_size=split["fixed_split_size"],
+      max_qo_len=int(qo_lens.max(initial=0)) + extra)
   return dict(qo_indptr=None if decode else qo_indptr, qo_for_check=qo_indptr,
               kv_indptr=kv_indptr, kv_indices=kv_indices, last=last, kv_lens=kv_lens,
               qo_lens=qo_lens, page_size=page_size, num_kv_heads=num_kv_heads, group=group,
               tile_rows=tile_rows, causal=causal, num_ctas=num_ctas, caps=caps,
-              num_pages=num_pages)
+              num_pages=num_pages, window_left=window_left, **split)
 
 
 def run_plan(b, **override):
@@ -75,6 +94,9 @@ def run_plan(b, **override):
               kv_last_page_len=b["last"])
   kw = dict(page_size=b["page_size"], group_size=b["group"], tile_rows=b["tile_rows"],
             causal=b["causal"], caps=b["caps"], num_pages=b["num_pages"])
+  for k in ("window_left", "fixed_split_size", "disable_split_kv"):
+    if k in b:
+      kw[k] = b[k]
   for k, v in override.items():
     (args if k in args else kw)[k] = v
   return planning.plan_host(args.pop("qo_indptr"), args.pop("kv_indptr"), args.pop("kv_indices"),
@@ -88,8 +110,18 @@ def visible_extent(qo_len, kv_len, token, causal):
   return int(np.clip(kv_len - qo_len + token + 1, 0, kv_len))
 
 
+def window_begin(qo_len, kv_len, token, causal, window_left):
+  """First key query `token` sees (FlashInfer: position p sees j >= p - window_left),
+  never past its visible extent."""
+  if window_left < 0:
+    return 0
+  return int(np.clip(kv_len - qo_len + token - window_left, 0,
+                     visible_extent(qo_len, kv_len, token, causal)))
+
+
 def check_plan(b, buf):
   caps, G = b["caps"], b["group"]
+  window = b.get("window_left", -1)
   assert buf.dtype == np.int32
   assert buf.shape == (planning.plan_sections(caps)["size"],)
   s = planning.unpack_plan(buf, caps)
@@ -136,11 +168,13 @@ def check_plan(b, buf):
         "an item holds whole tokens or part of one token's heads"
     assert 0 <= kb <= ke <= kl
     assert sp >= -1
-    # No wasted key range: the item ends at the furthest key any of its rows sees.
-    last_token = (re_ - 1) // G
+    # No wasted key range: the item ends at the furthest key any of its rows sees, and
+    # starts no earlier than the first key (the window's start) any of them sees.
+    first_token, last_token = rb // G, (re_ - 1) // G
     assert ke <= max(visible_extent(ql, kl, last_token, b["causal"]), 0)
+    assert kb >= window_begin(ql, kl, first_token, b["causal"], window)
     for row in range(rb, re_):
-      covered.setdefault((r, row), []).append((kb, ke, sp, last_token))
+      covered.setdefault((r, row), []).append((kb, ke, sp, last_token, first_token))
 
   # every (request, packed row) exactly once per split, key ranges tiling [0, extent)
   for r in range(batch):
@@ -158,7 +192,10 @@ def check_plan(b, buf):
         assert -1 not in splits, f"row {row} of request {r}: split and unsplit items"
         assert splits == list(range(n)), (splits, n)
       ranges = sorted((i[0], i[1]) for i in items)
-      assert ranges[0][0] == 0
+      # The union starts where the item's first row's window does (0 without one), so
+      # it covers this row's window, which starts no earlier.
+      begin = window_begin(ql, kl, items[0][4], b["causal"], window)
+      assert ranges[0][0] == begin <= window_begin(ql, kl, token, b["causal"], window)
       for (a0, a1), (b0, b1) in zip(ranges, ranges[1:]):
         assert a1 == b0, f"key ranges must be disjoint and contiguous: {ranges}"
       end = ranges[-1][1]
@@ -178,6 +215,171 @@ def test_plan_covers_every_row_once(b):
 @given(batches())
 def test_plan_is_deterministic(b):
   np.testing.assert_array_equal(run_plan(b), run_plan(b))
+
+
+@given(batches(windows=True))
+def test_plan_windows_cover_exactly_the_windows(b):
+  """With a sliding window every item's keys lie within its tokens' windows and the
+  items of a row cover them (check_plan, given window_left)."""
+  check_plan(b, run_plan(b))
+
+
+@given(batches(windows=True))
+def test_plan_without_window_is_the_plain_plan(b):
+  """window_left=-1 is the plan made without a window argument, bit for bit."""
+  plain = planning.plan_host(
+      b["qo_indptr"], b["kv_indptr"], b["kv_indices"], b["last"],
+      planning.plan_spec(page_size=b["page_size"], group_size=b["group"],
+                         tile_rows=b["tile_rows"], causal=b["causal"], caps=b["caps"],
+                         num_pages=b["num_pages"]))
+  np.testing.assert_array_equal(run_plan(b, window_left=-1), plain)
+
+
+# Plans made by the planner before windows and fixed splits existed (2026-12, commit
+# 87ee2a8), as the first 16 hex digits of the buffer's sha256: window_left=-1 and no
+# fixed split must keep every one bit for bit. (kv_lens, qo_lens or None for decode,
+# page_size, group_size, tile_rows, causal, caps, digest.)
+PLANS_BEFORE_WINDOWS = [
+    ([(i * 797) % 4000 for i in range(64)], None, 16, 4, 4, False,
+     Capacities(64, 64, 8952, 112, 96, 49), "a5df123e55b9ef42"),
+    ([4096] * 8, None, 16, 16, 4, False, Capacities(8, 8, 2048, 556, 262, 132), "6b2f9e1f0438840d"),
+    ([(i * 1231) % 3000 for i in range(10)], [(i * 7) % 13 for i in range(10)], 16, 8, 64, True,
+     Capacities(10, 55, 840, 148, 2096, 132), "c1da9bc10ab071b6"),
+    ([(i * 331) % 900 + 1 for i in range(24)], [(i * 5) % 9 + 1 for i in range(24)], 3, 1, 16,
+     False, Capacities(24, 117, 3468, 64, 20, 33), "8e72f49f5073dbb2"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(PLANS_BEFORE_WINDOWS)))
+def test_plan_is_unchanged_without_window_or_fixed_split(case):
+  kv_lens, qo_lens, ps, g, tr, causal, caps, digest = PLANS_BEFORE_WINDOWS[case]
+  kv_lens = np.asarray(kv_lens)
+  npages = -(-kv_lens // ps)
+  kv_indptr = np.concatenate([[0], np.cumsum(npages)]).astype(np.int32)
+  kv_indices = ((np.arange(int(npages.sum())) * 7919) % int(npages.sum())).astype(np.int32)
+  last = np.where(npages > 0, kv_lens - (npages - 1) * ps, 0).astype(np.int32)
+  qo = None if qo_lens is None else np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+  with switches.overridden(deal="auto"):
+    spec = planning.plan_spec(page_size=ps, group_size=g, tile_rows=tr, causal=causal, caps=caps,
+                              window_left=-1, fixed_split_size=-1, disable_split_kv=False)
+  buf = planning.plan_host(qo, kv_indptr, kv_indices, last, spec)
+  assert hashlib.sha256(buf.tobytes()).hexdigest()[:16] == digest
+
+
+@pytest.mark.parametrize("fixed_split_size", [-1, 3])
+def test_windowed_decode_plan_computes_the_window(platform, device, fixed_split_size):
+  """End to end through today's kernels: a windowed decode plan's items start inside
+  pages (kv_begin = kv_len - 1 - window_left), and the output is attention over exactly
+  the last window_left + 1 keys (a decode row's window is its items' range), also when
+  fixed pieces cut it."""
+  check_native(platform)
+  dtype = "f32" if platform == "cpu" else "bf16"
+  dt = np.dtype(DTYPES[dtype])
+  rng = np.random.default_rng(15)
+  ps, hq, hk, d = 16, 8, 2, 128
+  kv_lens = np.array([3001, 77, 0, 900, 40])
+  table = page_table(rng, kv_lens, ps)
+  k, v = random_cache(rng, table.num_pages, ps, hk, d, dtype)
+  cache = np.stack([k, v], axis=1).astype(dt)
+  q = round_to(rng.standard_normal((len(kv_lens), hq, d), dtype=np.float32), DTYPES[dtype])
+  for window in (0, 5, 100, 1000):
+    with jax.default_device(device):
+      w = jpa.BatchDecodeWithPagedKVCacheWrapper()
+      plain = w.plan(table.indptr, table.indices, table.last_page_len, hq, hk, d, ps,
+                     q_data_type=dt, fixed_split_size=fixed_split_size)
+      c = plain.config
+      spec = planning.plan_spec(page_size=ps, group_size=hq // hk, tile_rows=c.tile_rows,
+                                causal=False, caps=c.caps, decode_names=True, window_left=window,
+                                fixed_split_size=fixed_split_size)
+      buf = planning.plan_host(None, table.indptr, table.indices, table.last_page_len, spec)
+      out, lse = w.run(put(q.astype(dt), device), put(cache, device), return_lse=True,
+                       plan=planning.Plan(buf, c))
+    out, lse = np.asarray(out.astype(np.float32)), np.asarray(lse)
+    for b, kv_len in enumerate(kv_lens):
+      pages = table.indices[table.indptr[b]:table.indptr[b + 1]]
+      lo = max(0, kv_len - 1 - window)
+      keys = k[pages].reshape(-1, hk, d)[lo:kv_len].astype(np.float64)
+      vals = v[pages].reshape(-1, hk, d)[lo:kv_len].astype(np.float64)
+      for h in range(hq):
+        if kv_len == 0:
+          assert (out[b, h] == 0).all() and np.isneginf(lse[b, h])
+          continue
+        s = keys[:, h // (hq // hk)] @ q[b, h] / np.sqrt(d)
+        p = np.exp(s - s.max())
+        want = p @ vals[:, h // (hq // hk)] / p.sum()
+        np.testing.assert_allclose(out[b, h], want, atol=OUT_TOL[dtype], rtol=OUT_TOL[dtype])
+        want_lse = (s.max() + np.log(p.sum())) / np.log(2)
+        np.testing.assert_allclose(lse[b, h], want_lse, atol=1e-3 if dtype == "f32" else 2e-2)
+
+
+def _request_items(b, buf, r):
+  """Request r's live items as sorted (row_begin, row_end, kv_begin, kv_end, split)."""
+  sec = planning.unpack_plan(buf, b["caps"])
+  work = sec["work"][:int(sec["meta"][NUM_WORK])]
+  mine = work[work[:, REQ] == r][:, [ROW_B, ROW_E, KV_B, KV_E, SPLIT]]
+  return sorted(map(tuple, mine.tolist()))
+
+
+def _alone(b, r):
+  """Batch b reduced to its request r, with the same spec."""
+  pages = b["kv_indices"][b["kv_indptr"][r]:b["kv_indptr"][r + 1]]
+  qo = np.array([0, b["qo_lens"][r]], np.int32)
+  return dict(b, qo_indptr=None if b["qo_indptr"] is None else qo, qo_for_check=qo,
+              kv_indptr=np.array([0, len(pages)], np.int32), kv_indices=pages,
+              last=b["last"][r:r + 1], kv_lens=b["kv_lens"][r:r + 1],
+              qo_lens=b["qo_lens"][r:r + 1])
+
+
+@given(batches(windows=True, fixed=True), st.data())
+def test_plan_fixed_pieces_depend_on_the_request_alone(b, data):
+  """fixed_split_size: every item lies inside one chunk of fixed_split_size * page_size
+  keys (so cuts fall exactly on chunk multiples, and only there); disable_split_kv:
+  no item is cut. Either way a request's items are those it gets planned alone."""
+  buf = run_plan(b)
+  check_plan(b, buf)
+  sec = planning.unpack_plan(buf, b["caps"])
+  live = sec["work"][:int(sec["meta"][NUM_WORK])]
+  if b["disable_split_kv"]:
+    assert (live[:, SPLIT] == -1).all() and sec["merge_indptr"][-1] == 0
+  else:
+    chunk = b["fixed_split_size"] * b["page_size"]
+    cut = live[live[:, KV_E] > live[:, KV_B]]
+    assert (cut[:, KV_B] // chunk == (cut[:, KV_E] - 1) // chunk).all(), "an item spans a cut"
+  if len(b["last"]):
+    r = data.draw(st.integers(0, len(b["last"]) - 1))
+    alone = _alone(b, r)
+    assert _request_items(alone, run_plan(alone), 0) == _request_items(b, buf, r)
+
+
+def test_plan_fixed_pieces_beyond_the_capacities_name_the_option():
+  """Capacities not derived for the fixed pieces (or a workspace too small for them):
+  the planner says which option needs what, and the way out."""
+  ps, kv_len = 16, 4096
+  args = (np.array([0, 4], np.int32), np.array([0, kv_len // ps], np.int32),
+          np.arange(kv_len // ps, dtype=np.int32), np.array([ps], np.int32))
+  caps = planning.derive_capacities(1, 4, kv_len // ps, group_size=4, tile_rows=16,
+                                    num_kv_heads=2, num_ctas=16)
+  for room, c in (("partial rows.*workspace", caps),
+                  ("work items.*derive_capacities", dataclasses.replace(caps, partial_rows=10**6))):
+    spec = planning.plan_spec(page_size=ps, group_size=4, tile_rows=16, causal=True, caps=c,
+                              fixed_split_size=2)
+    with pytest.raises(ValueError, match=f"fixed_split_size = 2 pages.*{room}"):
+      planning.plan_host(*args, spec)
+  derived = planning.derive_capacities(1, 4, kv_len // ps, group_size=4, tile_rows=16,
+                                       num_kv_heads=2, num_ctas=16, fixed_split_size=2)
+  spec = planning.plan_spec(page_size=ps, group_size=4, tile_rows=16, causal=True, caps=derived,
+                            fixed_split_size=2)
+  assert planning.unpack_plan(planning.plan_host(*args, spec), derived)["meta"][NUM_WORK] == 128
+
+
+@pytest.mark.parametrize("field,value", [("fixed_split_size", 0), ("fixed_split_size", -2),
+                                         ("window_left", -2)])
+def test_plan_rejects_bad_spec_values(field, value):
+  spec = planning.plan_spec(page_size=16, group_size=1, tile_rows=16, causal=False,
+                            caps=Capacities(1, 1, 1, 8, 8, 1), **{field: value})
+  with pytest.raises(ValueError, match=field):
+    planning.plan_host(None, np.array([0, 1], np.int32), np.array([0], np.int32),
+                       np.array([1], np.int32), spec)
 
 
 def test_plan_splits_long_requests():

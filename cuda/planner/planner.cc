@@ -1,7 +1,8 @@
 // Host planner, in four steps (PlanBatch at the end): Validate the batch, CutUnits of
-// its queries, DealUnits into bins of equal cost (cutting a unit's keys where a bin
-// boundary falls inside it, writing the work items), WriteSections (merge offsets,
-// counts, padded index arrays). It reads nothing but its arguments.
+// its queries, deal them into bins of equal cost, writing the work items (DealBalanced:
+// cutting a unit's keys where a bin boundary falls inside it; or DealFixedPieces: cuts
+// fixed by the spec alone), WriteSections (merge offsets, counts, padded index arrays).
+// It reads nothing but its arguments.
 //
 // Bins. The GPU runs one CTA per (bin, kv head), all resident at once, each running its
 // bin's items in order (plan_layout.h). A launch lasts as long as its costliest bin, so
@@ -25,12 +26,31 @@
 // microseconds; on uniform batches the equal pieces give one item per bin. The planner
 // keeps the deal whose costliest bin, counted with kItemCost per item, is cheaper.
 //
+// Fixed pieces (PlanSpec::fixed_split_size, disable_split_kv: batch invariance). Here
+// the cuts are a function of the unit alone: at the key positions that are multiples of
+// fixed_split_size * page_size, or nowhere. The pieces are then dealt whole, in order, a
+// piece going to the bin whose boundary its middle precedes, and no bin cuts anything.
+// A kernel computes each item on its own and merges a token's partials in split order,
+// so a request's output bits do not depend on the rest of the batch, nor on the bins.
+//
+// Windows (PlanSpec::window_left). A unit's keys are the union of its tokens' windows,
+// [first token's position - window_left, extent): its items start there, so a windowed
+// decode reads only its window, and costs, cuts and equal pieces count only those keys.
+// Balancing cuts stay on multiples of the key tile from the unit's first key; fixed
+// cuts stay absolute. Without a window every unit starts at key 0, as before.
+//
 // Bounds behind DeriveCapacities: each of the B - 1 bin boundaries cuts at most one
 // unit once, so pieces <= units + B - 1 and items <= (units + B - 1) * items_per_piece;
 // a cut unit has n >= 2 pieces and n - 1 cuts, so cut units hold <= 2 (B - 1) pieces,
 // each of at most tile_rows / G tokens, which bounds the partial rows. Equal pieces
 // stay inside the same room: at most `bins` pieces in all, and `bins` is first cut down
 // to what the work and partial-row capacities leave (PlanBatch, "bins:" below).
+// Fixed pieces: a unit's keys lie in [0, kv_len), so it has at most
+// ceil(kv_len / chunk) <= 1 + (pages - 1) / fixed_split_size pieces; summed over a
+// request's units and over requests, the pieces beyond one per unit are at most
+// (units per request) * (page_cap / fixed_split_size), and the partial rows at most
+// token_cap + max_qo_len * (page_cap / fixed_split_size). A cut unit of k pieces writes
+// at least k partial rows, so the extra pieces are also fewer than the partial rows.
 #include "planner.h"
 
 #include <algorithm>
@@ -85,13 +105,15 @@ int32_t ItemsPerPiece(int32_t group_size, int32_t tile_rows) {
   return group_size <= tile_rows ? 1 : int32_t(CeilDiv(group_size, tile_rows));
 }
 
+// A unit sees keys [begin, extent): begin is 0 without a window.
 struct Unit {
-  int32_t request, first_token, num_tokens, extent;  // extent: keys the unit sees
+  int32_t request, first_token, num_tokens, begin, extent;
+  int64_t Keys() const { return int64_t(extent) - begin; }
 };
 
-// Pieces of a unit of `extent` keys cut at most `chunk` keys long (one even if empty).
-int64_t PiecesOf(int64_t extent, int64_t chunk) {
-  return std::max<int64_t>(1, CeilDiv(extent, chunk));
+// Pieces of a unit of `keys` keys cut at most `chunk` keys long (one even if empty).
+int64_t PiecesOf(int64_t keys, int64_t chunk) {
+  return std::max<int64_t>(1, CeilDiv(keys, chunk));
 }
 
 // The smallest chunk (a multiple of kPieceAlign, at least kMinPiece) whose pieces fit
@@ -99,10 +121,10 @@ int64_t PiecesOf(int64_t extent, int64_t chunk) {
 int64_t EqualChunk(const std::vector<Unit>& units, int64_t bins, int64_t total_keys) {
   if (int64_t(units.size()) > bins) return 0;
   int64_t longest = 0;
-  for (const Unit& u : units) longest = std::max<int64_t>(longest, u.extent);
+  for (const Unit& u : units) longest = std::max<int64_t>(longest, u.Keys());
   auto fits = [&](int64_t chunk) {
     int64_t n = 0;
-    for (const Unit& u : units) n += PiecesOf(u.extent, chunk);
+    for (const Unit& u : units) n += PiecesOf(u.Keys(), chunk);
     return n <= bins;
   };
   int64_t hi = std::max(kMinPiece, CeilDiv(longest, kPieceAlign) * kPieceAlign);  // fits
@@ -116,11 +138,34 @@ int64_t EqualChunk(const std::vector<Unit>& units, int64_t bins, int64_t total_k
   return hi;
 }
 
+// Fixed pieces (see the file comment): keys per piece, 0 when no unit is cut at all.
+int64_t FixedChunk(const PlanSpec& s) {
+  return s.disable_split_kv ? 0 : int64_t(s.fixed_split_size) * s.page_size;
+}
+
+bool HasFixedPieces(const PlanSpec& s) { return s.disable_split_kv || s.fixed_split_size > 0; }
+
+// End of the fixed piece of unit u that starts at key kb: the next multiple of chunk,
+// or the unit's end.
+int64_t FixedPieceEnd(const Unit& u, int64_t kb, int64_t chunk) {
+  if (chunk <= 0) return u.extent;
+  return std::min<int64_t>(u.extent, kb - kb % chunk + chunk);
+}
+
+// Fixed pieces of unit u: the chunks its keys touch (one even if it has none).
+int64_t FixedPiecesOf(const Unit& u, int64_t chunk) {
+  if (chunk <= 0 || u.extent <= u.begin) return 1;
+  return CeilDiv(u.extent, chunk) - u.begin / chunk;
+}
+
+int32_t ClampToInt32(int64_t n) { return int32_t(std::min<int64_t>(n, INT32_MAX)); }
+
 }  // namespace
 
 Capacities DeriveCapacities(int32_t batch_cap, int32_t token_cap, int32_t page_cap,
                             int32_t group_size, int32_t tile_rows, int32_t num_kv_heads,
-                            int32_t num_ctas, int32_t partial_rows_limit) {
+                            int32_t num_ctas, int32_t partial_rows_limit,
+                            int32_t fixed_split_size, int32_t max_qo_len) {
   const int64_t tt = TileTokens(group_size, tile_rows);
   const int64_t per_piece = ItemsPerPiece(group_size, tile_rows);
   // Requests with queries but no keys still get one unit each; they are counted here.
@@ -132,10 +177,20 @@ Capacities DeriveCapacities(int32_t batch_cap, int32_t token_cap, int32_t page_c
   c.tokens = token_cap;
   c.pages = page_cap;
   c.bins = int32_t(std::max<int64_t>(1, int64_t(num_ctas) / std::max(num_kv_heads, 1)));
-  c.work = int32_t(std::max<int64_t>(1, (units + c.bins - 1) * per_piece));
+  int64_t work = (units + c.bins - 1) * per_piece;
   int64_t rows = 2 * int64_t(c.bins - 1) * tt;
+  // Fixed pieces (the file comment's bounds).
+  const int64_t max_q = max_qo_len >= 0 ? std::min(max_qo_len, token_cap) : int64_t(token_cap);
+  const int64_t chunks = fixed_split_size > 0 ? page_cap / fixed_split_size : 0;
+  if (fixed_split_size > 0) rows = std::max(rows, token_cap + max_q * chunks);
   if (partial_rows_limit >= 0) rows = std::min<int64_t>(rows, partial_rows_limit);
-  c.partial_rows = int32_t(std::max<int64_t>(1, rows));
+  c.partial_rows = ClampToInt32(std::max<int64_t>(1, rows));
+  if (fixed_split_size > 0) {
+    const int64_t units_per_request = group_size <= tile_rows ? CeilDiv(max_q, tt) : max_q;
+    const int64_t extra = std::min<int64_t>(units_per_request * chunks, c.partial_rows);
+    work = std::max(work, (units + extra) * per_piece);
+  }
+  c.work = ClampToInt32(std::max<int64_t>(1, work));
   return c;
 }
 
@@ -178,6 +233,11 @@ void CheckSpec(const PlanSpec& s) {
   if (s.page_size < 1) Fail("page_size must be >= 1");
   if (s.group_size < 1 || s.tile_rows < 1) Fail("group_size and tile_rows must be >= 1");
   if (s.caps.bins < 1) Fail("the bin capacity must be >= 1");
+  if (s.fixed_split_size == 0 || s.fixed_split_size < -1)
+    Fail("fixed_split_size must be a positive number of pages, or -1 for none; got " +
+         std::to_string(s.fixed_split_size));
+  if (s.window_left < -1)
+    Fail("window_left must be >= 0, or -1 for no window; got " + std::to_string(s.window_left));
 }
 
 // Page ids within [0, num_pages) (any non-negative id while num_pages is unknown). One
@@ -243,6 +303,7 @@ struct Units {
 };
 
 // Each request's queries in units of up to TileTokens tokens, with the keys each sees.
+// The unit's keys start at its first token's window (file comment), at 0 without one.
 Units CutUnits(const BatchFacts& f, const PlanSpec& s) {
   const int32_t tt = TileTokens(s.group_size, s.tile_rows);
   Units u;
@@ -255,22 +316,26 @@ Units CutUnits(const BatchFacts& f, const PlanSpec& s) {
       // Keys the unit's last token sees (bottom-right causal alignment).
       int64_t extent = kv_len;
       if (s.causal) extent = std::clamp<int64_t>(int64_t(kv_len) - qo_len + t0 + n, 0, kv_len);
-      u.list.push_back({int32_t(b), t0, n, int32_t(extent)});
-      u.total_keys += extent;
+      int64_t begin = 0;
+      if (s.window_left >= 0)
+        begin = std::clamp<int64_t>(int64_t(kv_len) - qo_len + t0 - s.window_left, 0, extent);
+      u.list.push_back({int32_t(b), t0, n, int32_t(begin), int32_t(extent)});
+      u.total_keys += extent - begin;
     }
   }
   return u;
 }
 
 // Deals units into bins and writes their work items (or, when not writing, only prices
-// the bins). One object per deal tried; see the file comment for the two deals.
+// the bins). One object per deal tried; see the file comment for the deals. `budget` is
+// the cost that the bins' boundaries divide.
 class Dealer {
  public:
-  Dealer(const BatchFacts& f, const PlanSpec& s, int64_t bins, int64_t total_cost, int32_t* out,
+  Dealer(const BatchFacts& f, const PlanSpec& s, int64_t bins, int64_t budget, int32_t* out,
          bool write)
       : f_(f), s_(s), write_(write), bins_(bins),
         per_piece_(ItemsPerPiece(s.group_size, s.tile_rows)),
-        budget_(total_cost + per_piece_ * (bins - 1) * kItemOverhead),
+        budget_(budget),
         slack_(CeilDiv(budget_, bins) / 16) {
     const PlanLayout L = PlanLayout::Of(s.caps);
     work_ = out + L.work();
@@ -285,7 +350,7 @@ class Dealer {
     for (const Unit& u : units) {
       const int64_t first_item = w_;
       int32_t pieces = 0;
-      int64_t k0 = 0;
+      int64_t k0 = u.begin;
       while (true) {
         const int64_t rest = u.extent - k0;
         const int64_t end = BinEnd();
@@ -312,21 +377,41 @@ class Dealer {
     }
   }
 
-  // Each unit in PiecesOf(extent, chunk) pieces of about equal length, a bin per piece.
+  // Each unit in PiecesOf(keys, chunk) pieces of about equal length, a bin per piece.
   void DealEqual(const std::vector<Unit>& units, int64_t chunk) {
     for (const Unit& u : units) {
       const int64_t first_item = w_;
-      const int64_t n = PiecesOf(u.extent, chunk);
-      int64_t kb = 0;
+      const int64_t keys = u.Keys();
+      const int64_t n = PiecesOf(keys, chunk);
+      int64_t kb = u.begin;
       for (int64_t i = 1; i <= n; ++i) {
         // The i-th boundary of n equal parts, rounded to the nearest multiple of kPieceAlign.
-        const int64_t ke =
-            i == n ? u.extent : (u.extent * i / n + kPieceAlign / 2) / kPieceAlign * kPieceAlign;
+        const int64_t ke = i == n ? u.extent
+                                  : u.begin + (keys * i / n + kPieceAlign / 2) / kPieceAlign *
+                                                  kPieceAlign;
         Emit(u, int32_t(i - 1), kb, ke);
         CloseBin();
         kb = ke;
       }
       FinishUnit(u, first_item, int32_t(n));
+    }
+  }
+
+  // Each unit in its fixed pieces (FixedPieceEnd), dealt whole: a piece opens the next
+  // bin when the open one has items and the piece's middle lies past its boundary.
+  void DealFixed(const std::vector<Unit>& units, int64_t chunk) {
+    for (const Unit& u : units) {
+      const int64_t first_item = w_;
+      int32_t pieces = 0;
+      int64_t kb = u.begin;
+      do {  // an empty unit still gets its one (empty) piece
+        const int64_t ke = FixedPieceEnd(u, kb, chunk);
+        const int64_t cost = per_piece_ * (ke - kb + kItemOverhead);
+        if (!open_empty_ && bin_ < bins_ - 1 && placed_ + cost / 2 > BinEnd()) CloseBin();
+        Emit(u, pieces++, kb, ke);
+        kb = ke;
+      } while (kb < u.extent);
+      FinishUnit(u, first_item, pieces);
     }
   }
 
@@ -416,29 +501,80 @@ int64_t UsableBins(const PlanSpec& s, int64_t num_items, int64_t total_cost) {
   return std::max<int64_t>(1, std::min<int64_t>(bins, CeilDiv(total_cost, kMinBinCost)));
 }
 
-// Deals the units with the deal the spec forces, or prices both and writes the
-// cheaper. Returns the writing dealer's (items, bins used, open bin).
+// What the writing dealer wrote: items, bins used, the open bin.
 struct Dealt {
   int64_t items, bins_used, open_bin;
 };
 
-Dealt DealUnits(const BatchFacts& f, const PlanSpec& s, const Units& units, int64_t bins,
-                int64_t total_cost, int32_t* out) {
+// The balancing deals: the one the spec forces, or both priced and the cheaper written.
+Dealt DealBalanced(const BatchFacts& f, const PlanSpec& s, const Units& units, int32_t* out) {
+  const int64_t per_piece = ItemsPerPiece(s.group_size, s.tile_rows);
+  const int64_t num_units = int64_t(units.list.size());
+  const int64_t total_cost = per_piece * (units.total_keys + num_units * kItemOverhead);
+  const int64_t bins = UsableBins(s, num_units * per_piece, total_cost);
+  // The item overhead of every cut the bins may add.
+  const int64_t budget = total_cost + per_piece * (bins - 1) * kItemOverhead;
   const int64_t chunk = s.deal == Deal::kBins ? 0 : EqualChunk(units.list, bins, units.total_keys);
   bool equal = chunk > 0 && s.deal == Deal::kEqual;
   if (chunk > 0 && s.deal == Deal::kAuto) {
-    Dealer by_bins(f, s, bins, total_cost, out, /*write=*/false);
+    Dealer by_bins(f, s, bins, budget, out, /*write=*/false);
     by_bins.DealBins(units.list);
-    Dealer by_pieces(f, s, bins, total_cost, out, /*write=*/false);
+    Dealer by_pieces(f, s, bins, budget, out, /*write=*/false);
     by_pieces.DealEqual(units.list, chunk);
     equal = by_pieces.WorstBin() < by_bins.WorstBin();
   }
-  Dealer dealer(f, s, bins, total_cost, out, /*write=*/true);
+  Dealer dealer(f, s, bins, budget, out, /*write=*/true);
   if (equal) {
     dealer.DealEqual(units.list, chunk);
   } else {
     dealer.DealBins(units.list);
   }
+  return Dealt{dealer.ItemsWritten(), dealer.BinsUsed(), dealer.OpenBin()};
+}
+
+// The fixed pieces' work items and partial rows (a cut unit's every piece writes one
+// per token).
+struct PieceCount {
+  int64_t pieces = 0, partial_rows = 0;
+};
+
+PieceCount CountFixedPieces(const std::vector<Unit>& units, int64_t chunk) {
+  PieceCount c;
+  for (const Unit& u : units) {
+    const int64_t n = FixedPiecesOf(u, chunk);
+    c.pieces += n;
+    if (n > 1) c.partial_rows += n * u.num_tokens;
+  }
+  return c;
+}
+
+// Fixed pieces: they must fit the capacities as they are (no bin may trade a cut for
+// room), then they are dealt whole into as many bins as their cost fills.
+Dealt DealFixedPieces(const BatchFacts& f, const PlanSpec& s, const Units& units, int32_t* out) {
+  const int64_t per_piece = ItemsPerPiece(s.group_size, s.tile_rows);
+  const int64_t chunk = FixedChunk(s);
+  const PieceCount n = CountFixedPieces(units.list, chunk);
+  // (disable_split_kv's pieces are the units, which PlanBatch found room for.)
+  auto option = [&] {
+    return "fixed_split_size = " + std::to_string(s.fixed_split_size) + " pages";
+  };
+  // The workspace bounds the partial rows, and through them the work capacity of a
+  // wrapper's plans (DeriveCapacities), so it is checked first.
+  if (n.partial_rows > s.caps.partial_rows)
+    Fail(option() + " cuts this batch into pieces that need " + std::to_string(n.partial_rows) +
+         " split-KV partial rows, more than the " + std::to_string(s.caps.partial_rows) +
+         " the workspace holds; pass a larger fixed_split_size, or a larger workspace_size "
+         "to the wrapper");
+  if (n.pieces * per_piece > s.caps.work)
+    Fail(option() + " cuts this batch into " + std::to_string(n.pieces * per_piece) +
+         " work items, more than the " + std::to_string(s.caps.work) +
+         " the capacities allow; pass a larger fixed_split_size, or capacities derived for "
+         "it (planning.derive_capacities(fixed_split_size=...), as a wrapper's plan() does)");
+  const int64_t total_cost = per_piece * (units.total_keys + n.pieces * kItemOverhead);
+  const int64_t bins =
+      std::max<int64_t>(1, std::min<int64_t>(s.caps.bins, CeilDiv(total_cost, kMinBinCost)));
+  Dealer dealer(f, s, bins, total_cost, out, /*write=*/true);
+  dealer.DealFixed(units.list, chunk);
   return Dealt{dealer.ItemsWritten(), dealer.BinsUsed(), dealer.OpenBin()};
 }
 
@@ -482,20 +618,17 @@ void PlanBatch(const BatchArrays& a, const PlanSpec& s, int32_t* out) {
   CheckSpec(s);
   const BatchFacts f = Validate(a, s, NamesOf(s));
   const Units units = CutUnits(f, s);
-  const int64_t per_piece = ItemsPerPiece(s.group_size, s.tile_rows);
-  const int64_t num_units = int64_t(units.list.size());
-  const int64_t num_items = num_units * per_piece;
+  const int64_t num_items = int64_t(units.list.size()) * ItemsPerPiece(s.group_size, s.tile_rows);
   if (num_items > s.caps.work)
     Fail("batch needs " + std::to_string(num_items) + " query tiles, more than the " +
          std::to_string(s.caps.work) + " work items the capacities allow (max_num_tokens / max_batch_size)");
-  const int64_t total_cost = per_piece * (units.total_keys + num_units * kItemOverhead);
-  const int64_t bins = UsableBins(s, num_items, total_cost);
 
   // Sections the deal does not write start zeroed (also the alignment gaps, so a plan
   // is a deterministic function of its input).
   const PlanLayout L = PlanLayout::Of(s.caps);
   std::memset(out + L.meta(), 0, sizeof(int32_t) * size_t(L.kv_indices() - L.meta()));
-  const Dealt d = DealUnits(f, s, units, bins, total_cost, out);
+  const Dealt d = HasFixedPieces(s) ? DealFixedPieces(f, s, units, out)
+                                    : DealBalanced(f, s, units, out);
   WriteSections(f, s, d, out);
 }
 

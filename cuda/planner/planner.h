@@ -33,6 +33,16 @@ struct PlanSpec {
   // Name the arrays in messages as FlashInfer's decode wrapper does (indptr, indices,
   // last_page_len) rather than as its prefill wrapper does (paged_kv_indptr, ...).
   bool decode_names;
+  // Batch invariance (FlashInfer's plan() options of the same names). With
+  // fixed_split_size = n > 0 pages every unit's keys are cut at the key positions that
+  // are multiples of n * page_size, and only there, so a request's pieces, and hence its
+  // output bits, do not depend on the rest of the batch. disable_split_kv cuts no unit
+  // (and wins over fixed_split_size). -1 / false: the bins decide the cuts.
+  int32_t fixed_split_size = -1;
+  bool disable_split_kv = false;
+  // Sliding window: the query at position p sees keys j >= p - window_left (and, when
+  // causal, j <= p), so a unit's items start at its first token's window. -1: none.
+  int32_t window_left = -1;
 };
 
 // A batch's host index arrays. qo_indptr == nullptr means decode: request b has exactly
@@ -55,9 +65,13 @@ void PlanBatch(const BatchArrays& batch, const PlanSpec& spec, int32_t* out);
 // Bins, work items and partial rows that hold any batch within the given request /
 // token / page capacities (see planner.cc for the bounds). `num_ctas` is how many CTAs
 // of the kernel the device runs at once (SMs x CTAs per SM), or the CPU's parallelism;
-// the bins of all kv heads together fill it.
+// the bins of all kv heads together fill it. With fixed_split_size > 0 (pages) the work
+// items and partial rows also hold that spec's fixed pieces of any such batch whose
+// requests have at most max_qo_len query tokens each (1 for decode); partial rows never
+// exceed partial_rows_limit (when >= 0), which may leave a batch without room.
 Capacities DeriveCapacities(int32_t batch_cap, int32_t token_cap, int32_t page_cap,
                             int32_t group_size, int32_t tile_rows, int32_t num_kv_heads,
-                            int32_t num_ctas, int32_t partial_rows_limit);
+                            int32_t num_ctas, int32_t partial_rows_limit,
+                            int32_t fixed_split_size = -1, int32_t max_qo_len = -1);
 
 }  // namespace jax_pagedattn
