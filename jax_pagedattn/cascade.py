@@ -13,9 +13,11 @@ A state over no keys (`s = -inf`, as a request without keys returns) has weight 
 `v` is never read, merging it leaves the other state as it was, and merging only such
 states gives `v = 0`, `s = -inf`.
 
-The merges are jax.numpy, not a kernel: elementwise over [rows, heads, head_dim] plus
-a sum over a handful of states, which XLA fuses into one loop on the GPU and the CPU
-and which reads each state once, so a hand-written kernel would have nothing to save.
+The merges are jax.numpy, not a kernel: elementwise work over [rows, heads, head_dim]
+and a sum over a handful of states, which XLA fuses into a few loops (the CPU backend
+keeps the weighted states as one float32 intermediate). A cascade's merge touches
+`levels x tokens x heads x head_dim` values, far fewer than the keys its attention
+reads, so a hand-written kernel would have little to save.
 """
 
 from __future__ import annotations
