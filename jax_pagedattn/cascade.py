@@ -109,7 +109,7 @@ def merge_states(v, s):
 @jax.jit
 def _merge_states(v, s):
   """merge_states on checked arrays (`s` float32), states on axis 1. The one place that
-  says how states combine; jitted so that an eager call is one fused dispatch."""
+  says how states combine; jitted so that an eager call is one dispatch."""
   if v.shape[1] == 0:
     return (jnp.zeros(v.shape[:1] + v.shape[2:], v.dtype),
             jnp.full(s.shape[:1] + s.shape[2:], -jnp.inf, jnp.float32))
