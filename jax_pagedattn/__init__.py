@@ -4,6 +4,8 @@ Ops are XLA FFI custom calls: CUDA kernels on NVIDIA GPUs, C++ handlers on the C
 and the jax.numpy reference on any other platform.
 """
 
+from jax_pagedattn.cascade import (MultiLevelCascadeAttentionWrapper, merge_state,
+                                   merge_state_in_place, merge_states)
 from jax_pagedattn.decode import BatchDecodeWithPagedKVCacheWrapper
 from jax_pagedattn.page import append_paged_kv_cache, get_batch_indices_positions
 from jax_pagedattn.planning import Plan
@@ -18,9 +20,13 @@ __all__ = [
     "BatchAttentionWithAttentionSinkWrapper",
     "BatchDecodeWithPagedKVCacheWrapper",
     "BatchPrefillWithPagedKVCacheWrapper",
+    "MultiLevelCascadeAttentionWrapper",
     "Plan",
     "append_paged_kv_cache",
     "get_batch_indices_positions",
+    "merge_state",
+    "merge_state_in_place",
+    "merge_states",
     "native_platforms",
     "sharding",
 ]

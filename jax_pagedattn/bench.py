@@ -10,10 +10,16 @@ each layer with its own cache, sharing one fresh plan per step, against FlashInf
 plan() plus L run() calls (bench_model.py). The presets `model16` and `model32` are
 the headline rows at 16 and 32 layers.
 
+`--preset cascade` is issue 15's cascade row: 64 requests sharing a 16k-key prefix (the
+same pages) plus 512 keys each, timed as plain decode over every request's pages and
+as `cascade` (MultiLevelCascadeAttentionWrapper: the prefix read once for the batch);
+the cascade's row reports our best plain decode's time over its own. `--shared-prefix N`
+gives a custom decode batch such a prefix.
+
 Systems, each skipped with a printed reason where absent:
-  decode:  ours-tc, ours-cc (use_tensor_cores True / False), jnp (gather + einsum
-           reference), pallas (jax.experimental.pallas.ops.gpu.paged_attention),
-           flashinfer-tc, flashinfer-cc
+  decode:  ours-tc, ours-cc (use_tensor_cores True / False), cascade (shared-prefix
+           batches only), jnp (gather + einsum reference), pallas
+           (jax.experimental.pallas.ops.gpu.paged_attention), flashinfer-tc, flashinfer-cc
   prefill: ours, jnp, xla-dense / cudnn-dense (jax.nn.dot_product_attention on
            contiguous K/V: not paged), flashinfer-fa3, flashinfer-fa2
 
@@ -40,6 +46,7 @@ Examples:
   python -m jax_pagedattn.bench decode --preset model16           # 16-layer steps
   python -m jax_pagedattn.bench decode --preset 64x4096 --layers 32 --systems ours-tc,flashinfer-tc
   python -m jax_pagedattn.bench decode --preset 64x4096,zipf64 --systems ours,flashinfer
+  python -m jax_pagedattn.bench decode --preset cascade --systems ours,cascade
   python -m jax_pagedattn.bench decode --batch 64 --kv-len lognormal:16:32768 --heads 32/8
   python -m jax_pagedattn.bench prefill --batch 8 --kv-len 256:2048 --head-dim 64
   python -m jax_pagedattn.bench decode --batch 2 --kv-len 64 --heads 4/2 --head-dim 64 --quick
@@ -79,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
              "chunked and variable-length prefill), variants (decode: head_dim, page size "
              "and head-count variants of 64x4096; prefill: head_dim, page size and position "
              "encodings of 4x2048), "
-             "model16 / model32 (decode: the model-shaped step of the headline rows).")
+             "model16 / model32 (decode: the model-shaped step of the headline rows), cascade "
+             "(decode: 64 requests sharing a 16k prefix, plain decode beside the cascade).")
   p.add_argument("kind", choices=("decode", "prefill", "all"))
   g = p.add_argument_group("workloads")
   g.add_argument("--preset", default=None,
@@ -92,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "per request (prefill, causal, kv = --prefix + this)")
   g.add_argument("--prefix", type=int, default=0,
                  help="prefill: cached keys before each request's new tokens")
+  g.add_argument("--shared-prefix", type=int, default=0,
+                 help="decode: keys (whole pages) at the start of every request of a custom "
+                      "batch that all requests share, before its --kv-len own keys")
   g.add_argument("--no-causal", action="store_true", help="prefill without a causal mask")
   g.add_argument("--pos-encoding", default="NONE", choices=("NONE", "ROPE_LLAMA", "ALIBI"),
                  help="position encoding applied inside the attention")
@@ -162,8 +173,11 @@ def _workloads(args, kind: str) -> list[wl.Workload]:
     batch = args.batch if args.batch is not None else 16
     spec = args.kv_len if args.kv_len is not None else ("4096" if kind == "decode" else "2048")
     settings = {**common, **layers}
-    out.append(wl.make_workload(_layers_name(f"{batch}x{spec}", settings), kind, batch, spec,
-                                **settings))
+    name = f"{batch}x{spec}"
+    if kind == "decode" and args.shared_prefix:
+      settings["shared_prefix"] = args.shared_prefix
+      name += f"-shared{args.shared_prefix}"
+    out.append(wl.make_workload(_layers_name(name, settings), kind, batch, spec, **settings))
   return out
 
 
@@ -280,6 +294,9 @@ def main(argv=None) -> dict:
     wl.parse_heads(args.heads)
     if args.kv_len is not None:
       wl.parse_lengths(args.kv_len)
+    if args.shared_prefix < 0 or args.shared_prefix % args.page_size:
+      raise ValueError(f"--shared-prefix must be whole pages (a multiple of --page-size "
+                       f"{args.page_size}), got {args.shared_prefix}")
   except ValueError as e:
     raise SystemExit(str(e)) from None
   unknown = [p for p in args.systems.split(",") if p.strip() and args.systems != "all"

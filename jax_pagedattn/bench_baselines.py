@@ -21,7 +21,8 @@ import numpy as np
 from jax_pagedattn import bench_timing as timing
 from jax_pagedattn import bench_workloads as wl
 
-DECODE_SYSTEMS = ("ours-tc", "ours-cc", "jnp", "pallas", "flashinfer-tc", "flashinfer-cc")
+DECODE_SYSTEMS = ("ours-tc", "ours-cc", "cascade", "jnp", "pallas", "flashinfer-tc",
+                  "flashinfer-cc")
 PREFILL_SYSTEMS = ("ours", "jnp", "xla-dense", "cudnn-dense", "flashinfer-fa3", "flashinfer-fa2")
 SYSTEMS = {"decode": DECODE_SYSTEMS, "prefill": PREFILL_SYSTEMS}
 
@@ -208,6 +209,41 @@ def run_ours(case: Case, *, tensor_cores: bool = False) -> dict:
     result["step_pipelined_us"] = 1e6 * steady_s
     result["pipelined_overhead_us"] = result["step_pipelined_us"] - result["time_us"]
     result["step_pipelined_whole_loop_us"] = 1e6 * whole_s
+  return result
+
+
+def run_cascade(case: Case) -> dict:
+  """Ours, MultiLevelCascadeAttentionWrapper on a shared-prefix decode batch: level 0 all
+  queries against the shared pages at once, level 1 each request's own pages, merged.
+  Its time beside our plain decode of the same batch is the report's `vs_plain_decode`."""
+  import jax
+
+  import jax_pagedattn
+
+  w = case.w
+  if w.kind != "decode" or w.shared_prefix == 0:
+    raise Skip("cascade needs a decode batch with a shared prefix (--preset cascade, or "
+               "--shared-prefix)")
+  _no_pos_encoding(case, "the cascade (positions would count within each level)")
+  if _platform_name(case) not in jax_pagedattn.native_platforms():
+    raise Skip(f"jax_pagedattn has no native kernel for {case.platform} in this build")
+  wrapper = jax_pagedattn.MultiLevelCascadeAttentionWrapper(2, kv_layout=w.kv_layout)
+
+  def plan(s):
+    levels = wl.cascade_levels(w, s)
+    return wrapper.plan(*(list(a) for a in zip(*levels)), w.num_qo_heads, w.num_kv_heads,
+                        w.head_dim, w.page_size, q_data_type=w.dtype)
+
+  plans = tuple(plan(s) for s in case.sets)
+  device_plans = tuple(jax.tree.map(jax.device_put, p) for p in plans)  # as in run_ours
+
+  def step(q, cache, p):
+    return wrapper.run(q, cache, plans=p)
+
+  result = _time_jax_system(case, step, case.q, case.cache, device_plans)
+  if case.opts.host:
+    result["wrapper_plan_us"] = 1e6 * timing.time_host(lambda: plan(case.sets[0]), case.cfg)
+  result["note"] = "GB/s counts the shared prefix once per request"
   return result
 
 
@@ -489,6 +525,7 @@ def run_flashinfer(case: Case, *, mode: str) -> dict:
 RUNNERS = {
     ("decode", "ours-tc"): functools.partial(run_ours, tensor_cores=True),
     ("decode", "ours-cc"): functools.partial(run_ours, tensor_cores=False),
+    ("decode", "cascade"): run_cascade,
     ("decode", "jnp"): run_jnp,
     ("decode", "pallas"): run_pallas,
     ("decode", "flashinfer-tc"): functools.partial(run_flashinfer, mode="tc"),

@@ -5,7 +5,8 @@ written) / time; prefill reports TFLOP/s = 4 * D * Hqo * (visible query-key pair
 causal half only) / time. Each is also given as a fraction of the ceiling measured in
 the same run (copy GB/s, read + write, for decode; bf16 matmul TFLOP/s for prefill)
 and as FlashInfer's best time on the workload over the system's time (> 1: faster
-than FlashInfer).
+than FlashInfer). The cascade system also gets `vs_plain_decode`: our best plain decode
+time (ours-tc, ours-cc) on the same batch over the cascade's (> 1: the cascade is faster).
 """
 
 from __future__ import annotations
@@ -30,14 +31,21 @@ def ceiling_for(kind: str, ceilings: dict):
   return ceilings.get(key)
 
 
-def derive(records: list[dict], workloads: dict, ceilings: dict) -> None:
-  """Adds metric, value, fraction_of_ceiling and vs_flashinfer to each ok record."""
-  fi_best = {}
+def _best_times(records: list[dict], systems) -> dict:
+  """{workload key: the fastest ok time among `systems` (a predicate on the name)}."""
+  best = {}
   for r in records:
-    if r["status"] == "ok" and r["system"].startswith("flashinfer"):
+    if r["status"] == "ok" and systems(r["system"]):
       key = wkey(r["kind"], r["workload"])
-      best = fi_best.get(key)
-      fi_best[key] = r["time_us"] if best is None else min(best, r["time_us"])
+      best[key] = min(best.get(key, r["time_us"]), r["time_us"])
+  return best
+
+
+def derive(records: list[dict], workloads: dict, ceilings: dict) -> None:
+  """Adds metric, value, fraction_of_ceiling and vs_flashinfer to each ok record, and
+  vs_plain_decode to the cascade's."""
+  fi_best = _best_times(records, lambda s: s.startswith("flashinfer"))
+  plain_best = _best_times(records, lambda s: s in ("ours-tc", "ours-cc"))
   for r in records:
     if r["status"] != "ok":
       continue
@@ -52,6 +60,9 @@ def derive(records: list[dict], workloads: dict, ceilings: dict) -> None:
     r["fraction_of_ceiling"] = r["value"] / ceil if ceil else None
     best = fi_best.get(wkey(r["kind"], r["workload"]))
     r["vs_flashinfer"] = best / r["time_us"] if best else None
+    if r["system"] == "cascade":
+      plain = plain_best.get(wkey(r["kind"], r["workload"]))
+      r["vs_plain_decode"] = plain / r["time_us"] if plain else None
 
 
 # ---------------------------------------------------------------- text tables
@@ -185,6 +196,8 @@ def format_ceilings(ceilings: dict) -> str:
 
 def _note(r: dict) -> str:
   note = r.get("note", "")
+  if r.get("vs_plain_decode"):
+    note = f"{r['vs_plain_decode']:.2f}x our plain decode; " + note
   if r.get("check_error"):
     note = (note + "; " if note else "") + "check failed: " + _short(r["check_error"], 60)
   return note
@@ -309,6 +322,12 @@ def format_markdown(doc: dict) -> str:
       label = name + _config_suffix(workloads[wkey(kind, name)], first)
       lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
     lines.append("")
+    cascade = [r for r in recs if r["status"] == "ok" and r.get("vs_plain_decode")]
+    if cascade:
+      lines.append("Cascade over our best plain decode of the same batch (time ratio): "
+                   + "; ".join(f"{r['workload']} {r['vs_plain_decode']:.2f}x" for r in cascade)
+                   + ".")
+      lines.append("")
   model = model_rows(records)
   if model:
     lines.append("### model-shaped decode steps (us per step, fresh plan every step)")

@@ -41,6 +41,10 @@ MODEL_ROWS = ("16x4096", "64x4096", "256x1024", "lognormal64")
 MODEL_LAYERS = (16, 32)
 DECODE_MODEL = {f"{name}-L{layers}": (*DECODE_PRESETS[name], dict(layers=layers))
                 for layers in MODEL_LAYERS for name in MODEL_ROWS}
+# Issue 15's cascade row: 64 requests whose first 16k keys are one shared prefix (the
+# same pages), plus 512 keys of their own. Plain decode reads the prefix once per
+# request; MultiLevelCascadeAttentionWrapper reads it once for the batch.
+DECODE_CASCADE = {"cascade64": (64, "512", dict(shared_prefix=16384))}
 PREFILL_PRESETS = {
     "4x2048": (4, "2048"),
     "1x8192": (1, "8192"),
@@ -58,13 +62,14 @@ PREFILL_VARIANTS = {
     "rope-4x2048": (4, "2048", dict(pos_encoding="ROPE_LLAMA")),
     "alibi-4x2048": (4, "2048", dict(pos_encoding="ALIBI")),
 }
-PRESETS = {"decode": {**DECODE_PRESETS, **DECODE_VARIANTS, **DECODE_MODEL},
+PRESETS = {"decode": {**DECODE_PRESETS, **DECODE_VARIANTS, **DECODE_MODEL, **DECODE_CASCADE},
            "prefill": {**PREFILL_PRESETS, **PREFILL_VARIANTS}}
 # Names that --preset accepts for several presets at once ('all' leaves out the model
-# steps, which allocate a cache per layer: ask for them by name or group).
+# steps, which allocate a cache per layer, and the cascade row: ask for them by name or
+# group).
 PRESET_GROUPS = {
     "decode": {"all": [*DECODE_PRESETS, *DECODE_VARIANTS], "design": list(DECODE_PRESETS),
-               "variants": list(DECODE_VARIANTS),
+               "variants": list(DECODE_VARIANTS), "cascade": list(DECODE_CASCADE),
                **{f"model{layers}": [n for n, v in DECODE_MODEL.items()
                                      if v[2]["layers"] == layers] for layers in MODEL_LAYERS}},
     "prefill": {"all": [*PREFILL_PRESETS, *PREFILL_VARIANTS], "design": list(PREFILL_PRESETS),
@@ -207,6 +212,9 @@ class Workload:
   layers: int = 1
   # "NONE", "ROPE_LLAMA" or "ALIBI" (applied inside the attention, DESIGN.md §3).
   pos_encoding: str = "NONE"
+  # Decode: the first `shared_prefix` keys of every request are one prefix on the same
+  # pages (whole pages), included in kv_lens; the rest are the request's own.
+  shared_prefix: int = 0
 
   @property
   def batch(self) -> int:
@@ -229,8 +237,13 @@ class Workload:
     return -(-self.kv_lens // self.page_size)
 
   @property
+  def shared_pages(self) -> int:
+    return self.shared_prefix // self.page_size
+
+  @property
   def kv_bytes(self) -> int:
-    """K and V bytes a kernel must read: every key of every request once."""
+    """K and V bytes a kernel must read: every key of every request once (a shared
+    prefix once per request, as plain decode reads it)."""
     return int(self.kv_lens.sum()) * self.num_kv_heads * self.head_dim * 2 * self.itemsize
 
   @property
@@ -269,12 +282,13 @@ class Workload:
                 num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, page_size=self.page_size,
                 kv_layout=self.kv_layout, dtype=self.dtype, causal=self.causal,
                 kv_bytes=self.kv_bytes, bytes_moved=self.bytes_moved, flops=self.flops,
-                layers=self.layers, pos_encoding=self.pos_encoding)
+                layers=self.layers, pos_encoding=self.pos_encoding,
+                shared_prefix=self.shared_prefix)
 
 
 def make_workload(name, kind, batch, length_spec, *, heads=(32, 8), head_dim=128, page_size=16,
                   kv_layout="NHD", dtype="bfloat16", causal=True, prefix=0, seed=0,
-                  layers=1, pos_encoding="NONE") -> Workload:
+                  layers=1, pos_encoding="NONE", shared_prefix=0) -> Workload:
   """Draws the lengths (seeded by the workload name too, so each preset keeps its lengths
   when other presets are added or removed from a sweep)."""
   if batch < 1:
@@ -285,13 +299,16 @@ def make_workload(name, kind, batch, length_spec, *, heads=(32, 8), head_dim=128
     raise ValueError(f"--layout must be NHD or HND, got {kv_layout!r}")
   if layers < 1 or (layers > 1 and kind != "decode"):
     raise ValueError(f"--layers must be >= 1, and > 1 only for decode, got {layers} ({kind})")
+  if shared_prefix < 0 or shared_prefix % page_size or (shared_prefix and kind != "decode"):
+    raise ValueError(f"--shared-prefix must be whole pages (a multiple of the page size "
+                     f"{page_size}) and is for decode only, got {shared_prefix} ({kind})")
   # A model-shaped row ('64x4096-L16') draws the lengths of its single-op row.
   suffix = f"-L{layers}"
   base = name[:-len(suffix)] if layers > 1 and name.endswith(suffix) else name
   rng = np.random.default_rng([seed, _stable_hash(base)])
   lens = parse_lengths(length_spec)(batch, rng)
   if kind == "decode":
-    qo, kv = np.ones(batch, np.int64), lens
+    qo, kv = np.ones(batch, np.int64), lens + int(shared_prefix)
   elif kind == "prefill":
     qo, kv = lens, lens + int(prefix)
   else:
@@ -300,7 +317,8 @@ def make_workload(name, kind, batch, length_spec, *, heads=(32, 8), head_dim=128
                   num_kv_heads=heads[1], head_dim=head_dim, page_size=page_size,
                   kv_layout=kv_layout, dtype=canonical_dtype(dtype),
                   causal=bool(causal) if kind == "prefill" else False, length_spec=str(length_spec),
-                  layers=int(layers), pos_encoding=str(pos_encoding))
+                  layers=int(layers), pos_encoding=str(pos_encoding),
+                  shared_prefix=int(shared_prefix))
 
 
 def _stable_hash(text: str) -> int:
@@ -338,9 +356,11 @@ def rotations_for(bytes_per_call: int, l2_bytes: int, max_rotations: int) -> int
 
 def build_page_sets(w: Workload, rotations: int, seed: int) -> tuple[int, list[PageSet]]:
   """(pool size, page sets): the pool holds exactly `rotations` batches' pages, shuffled,
-  so every page a request reads sits at a random place in the pool."""
+  so every page a request reads sits at a random place in the pool. A shared prefix is
+  one run of pages per set, listed first in every request's pages."""
   npages = w.pages_per_request
-  per_set = int(npages.sum())
+  shared = w.shared_pages
+  per_set = int(npages.sum()) - shared * (w.batch - 1)  # distinct pages of one set
   pool = per_set * rotations
   rng = np.random.default_rng([seed, _stable_hash(w.name), 1])
   perm = rng.permutation(pool).astype(np.int32)
@@ -350,7 +370,11 @@ def build_page_sets(w: Workload, rotations: int, seed: int) -> tuple[int, list[P
   max_pages = int(npages.max())
   sets = []
   for r in range(rotations):
-    indices = perm[r * per_set:(r + 1) * per_set]
+    distinct = perm[r * per_set:(r + 1) * per_set]
+    prefix, own_pages = distinct[:shared], distinct[shared:]
+    own_indptr = indptr - shared * np.arange(w.batch + 1)
+    indices = np.concatenate([np.concatenate([prefix, own_pages[own_indptr[b]:own_indptr[b + 1]]])
+                              for b in range(w.batch)]).astype(np.int32)
     table = np.empty((w.batch, max_pages), np.int32)
     for b in range(w.batch):
       own = indices[indptr[b]:indptr[b + 1]]
@@ -358,6 +382,24 @@ def build_page_sets(w: Workload, rotations: int, seed: int) -> tuple[int, list[P
       table[b, own.shape[0]:] = own[0]  # padding reads a page of its own request, masked
     sets.append(PageSet(indptr.copy(), np.ascontiguousarray(indices), last.copy(), table))
   return pool, sets
+
+
+def cascade_levels(w: Workload, s: PageSet) -> list[tuple]:
+  """MultiLevelCascadeAttentionWrapper's two levels of a shared-prefix decode batch, as
+  (qo_indptr, kv_indptr, kv_indices, kv_last_page_len) each: level 0 is every request's
+  query against the shared pages (one group), level 1 each request's own pages."""
+  shared = w.shared_pages
+  batch = w.batch
+  own = [s.kv_indices[s.kv_indptr[b] + shared:s.kv_indptr[b + 1]] for b in range(batch)]
+  own_pages = np.array([len(x) for x in own])
+  own_lens = w.kv_lens - w.shared_prefix
+  i32 = lambda x: np.asarray(x, np.int32)
+  prefix = (i32([0, batch]), i32([0, shared]), i32(s.kv_indices[:shared]),
+            i32([w.page_size if shared else 0]))
+  unique = (i32(np.arange(batch + 1)), i32(np.concatenate([[0], np.cumsum(own_pages)])),
+            i32(np.concatenate(own)),
+            i32(np.where(own_pages > 0, own_lens - (own_pages - 1) * w.page_size, 0)))
+  return [prefix, unique]
 
 
 def qo_indptr(w: Workload) -> np.ndarray:

@@ -63,6 +63,43 @@ def test_page_sets_are_disjoint_random_and_cover_each_request():
   assert wl.rotations_for(400 << 20, 50 << 20, 8) == 1
 
 
+def test_shared_prefix_page_sets_and_cascade_levels():
+  """A shared prefix is one run of pages per set, first in every request's pages; the
+  cascade's two levels hold exactly those pages once and each request's own after."""
+  batch, spec, over = wl.preset("decode", "cascade64")
+  big = wl.make_workload("cascade64", "decode", batch, spec, **over)
+  assert batch == 64 and (big.kv_lens == 16384 + 512).all() and big.shared_pages == 1024
+  assert wl.preset_names("decode", "cascade") == ["cascade64"]
+  assert "cascade64" not in wl.preset_names("decode", "all")
+  w = wl.make_workload("s", "decode", 4, "1:40", heads=(4, 2), head_dim=64, page_size=16,
+                       shared_prefix=48)
+  own_pages = -(-(w.kv_lens - 48) // 16)
+  pool, sets = wl.build_page_sets(w, 2, seed=3)
+  assert pool == 2 * (3 + own_pages.sum())
+  used = []
+  for s in sets:
+    prefix = s.kv_indices[:3]
+    lens = (np.diff(s.kv_indptr) - 1) * 16 + s.kv_last_page_len
+    assert np.array_equal(lens, w.kv_lens)
+    for b in range(w.batch):
+      pages = s.kv_indices[s.kv_indptr[b]:s.kv_indptr[b + 1]]
+      assert np.array_equal(pages[:3], prefix) and np.array_equal(s.block_table[b, :pages.size],
+                                                                  pages)
+    (qo0, indptr0, indices0, last0), (qo1, indptr1, indices1, last1) = wl.cascade_levels(w, s)
+    assert qo0.tolist() == [0, 4] and indptr0.tolist() == [0, 3] and last0.tolist() == [16]
+    assert np.array_equal(indices0, prefix)
+    assert qo1.tolist() == list(range(5)) and np.array_equal(np.diff(indptr1), own_pages)
+    assert np.array_equal((own_pages - 1) * 16 + last1, w.kv_lens - 48)
+    used += [prefix, indices1]
+  used = np.concatenate(used)
+  assert np.array_equal(np.sort(used), np.arange(pool))  # sets disjoint, no page unused
+  for bad in (dict(shared_prefix=40), dict(shared_prefix=-16)):
+    with pytest.raises(ValueError):
+      wl.make_workload("x", "decode", 2, "8", page_size=16, **bad)
+  with pytest.raises(ValueError):
+    wl.make_workload("x", "prefill", 2, "8", page_size=16, shared_prefix=16)
+
+
 def test_chain_timing_cancels_a_fixed_cost_per_repetition(monkeypatch):
   """time_jax_chain reports an op's time without what a repetition pays once: here
   each call takes 2 ms on the host clock and every final sync 10 ms, so one repetition
@@ -153,6 +190,7 @@ def test_cli_decode_json(tmp_path, capsys):
     assert res["pallas"]["rel_err"] < 2e-2
   for name in ("flashinfer-tc", "flashinfer-cc"):
     assert res[name]["status"] == "skipped" and res[name]["message"]
+  assert res["cascade"]["status"] == "skipped" and "shared prefix" in res["cascade"]["message"]
   if png.exists():
     assert png.stat().st_size > 1000
 
@@ -190,6 +228,29 @@ def test_cli_prefill_position_encodings(tmp_path, pos):
   assert res["xla-dense"]["status"] == "skipped"
 
 
+def test_cli_cascade_json(tmp_path, capsys):
+  """--shared-prefix: plain decode and the cascade wrapper on one batch sharing a
+  prefix; the cascade is checked against the reference and reports its time ratio to
+  our plain decode (issue 15's cascade row, --preset cascade, in small)."""
+  out = tmp_path / "cascade.json"
+  md = tmp_path / "cascade.md"
+  bench.main(["decode", *TINY, "--shared-prefix", "32", "--systems", "ours-tc,cascade,jnp",
+              "--json", str(out), "--markdown", str(md)])
+  assert "x our plain decode" in capsys.readouterr().out
+  doc = _load(out)
+  (key, w), = doc["workloads"].items()
+  assert key == "decode/2x64-shared32" and w["shared_prefix"] == 32 and w["kv_len_min"] == 96
+  assert w["pool_pages"] == w["rotations"] * (2 + 2 * 4)  # the shared pages once per set
+  res = _by_system(doc)
+  for name in ("ours-tc", "cascade", "jnp"):
+    assert res[name]["status"] == "ok", res[name].get("message")
+    assert res[name]["rel_err"] < 2e-2
+  r = res["cascade"]
+  assert r["vs_plain_decode"] == pytest.approx(res["ours-tc"]["time_us"] / r["time_us"])
+  assert r["wrapper_plan_us"] > 0
+  assert "Cascade over our best plain decode of the same batch" in md.read_text()
+
+
 def test_cli_rejects_bad_arguments():
   with pytest.raises(SystemExit):
     bench.main(["decode", "--kv-len", "zipf:9", "--quick"])
@@ -197,6 +258,8 @@ def test_cli_rejects_bad_arguments():
     bench.main(["decode", "--systems", "nonesuch", "--quick"])
   with pytest.raises(SystemExit):
     bench.main(["prefill", "--preset", "nonesuch", "--quick"])
+  with pytest.raises(SystemExit):
+    bench.main(["decode", "--shared-prefix", "20", "--quick"])  # not whole pages of 16
 
 
 def test_cli_model_step_json(tmp_path, capsys):
