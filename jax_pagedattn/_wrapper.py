@@ -139,9 +139,14 @@ class PagedAttentionWrapper:
       raise ValueError(f"page_size must be >= 1, got {page_size}")
     q_dtype = planning.canonical_dtype(q_data_type, "q_data_type")
     kv_dtype = planning.canonical_dtype(kv_data_type if kv_data_type is not None else q_data_type,
-                                        "kv_data_type")
-    if q_dtype != kv_dtype:
-      raise TypeError(f"kv_data_type ({kv_dtype}) must equal q_data_type ({q_dtype})")
+                                        "kv_data_type", fp8=True)
+    if kv_dtype in planning.FP8_KV_DTYPES:
+      if q_dtype == "float32":
+        raise TypeError(f"kv_data_type={kv_dtype} needs a float16 or bfloat16 query, got "
+                        f"q_data_type=float32")
+    elif q_dtype != kv_dtype:
+      raise TypeError(f"kv_data_type ({kv_dtype}) must equal q_data_type ({q_dtype}) unless "
+                      f"it is an fp8 type (float8_e4m3fn, float8_e5m2)")
     b, t, p = self._base_capacities(batch, tokens, pages)
     group = num_qo_heads // num_kv_heads
     tile_rows = planning.tile_rows(kernel, group, head_dim)
@@ -183,7 +188,8 @@ class PagedAttentionWrapper:
     offset = planning.plan_sections(last.plan.config.caps)["kv_indices"][0]
     return int(last.plan.buffer[offset:offset + last.num_indices].max())
 
-  def _run(self, primitive, q, paged_kv_cache, return_lse, plan, sinks=None):
+  def _run(self, primitive, q, paged_kv_cache, return_lse, plan, sinks=None, k_scale=None,
+           v_scale=None):
     last = self._last
     if plan is None:
       if last is None:
@@ -214,7 +220,8 @@ class PagedAttentionWrapper:
       buffer = _eager_buffer(last, q)
     k_op, v_op = layout_lib.cache_operands(paged_kv_cache)
     sinks = _sink_operand(sinks, plan.config.num_qo_heads * _head_shards(plan))
-    out, lse, _ = sharding.bind_attention(primitive, q, k_op, v_op, buffer, sinks, plan,
+    scales = _scales_operand(k_scale, v_scale)
+    out, lse, _ = sharding.bind_attention(primitive, q, k_op, v_op, buffer, sinks, scales, plan,
                                           info.combined)
     return (out, lse) if return_lse else out
 
@@ -255,6 +262,24 @@ def _fixed_split_pages(fixed_split_size) -> int:
     raise ValueError(f"fixed_split_size must be a positive int (pages per split) up to "
                      f"{_INT32_MAX}, or None / -1 for none; got {n}")
   return n
+
+
+def _scales_operand(k_scale, v_scale):
+  """The attention call's scales operand: float32 [k_scale, v_scale] (a missing one is 1),
+  or [0] when neither is given. Python floats or traced scalars."""
+  if k_scale is None and v_scale is None:
+    return jnp.zeros((0,), jnp.float32)
+  parts = []
+  for name, x in (("k_scale", k_scale), ("v_scale", v_scale)):
+    if x is None:
+      x = 1.0
+    if hasattr(x, "shape") and tuple(x.shape) not in ((), (1,)):
+      raise ValueError(f"{name} must be a scalar (a float or a 0-d array), got shape "
+                       f"{tuple(x.shape)}")
+    if hasattr(x, "dtype") and not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    parts.append(jnp.asarray(x, jnp.float32).reshape(()))
+  return jnp.stack(parts)
 
 
 def _eager_buffer(last: _LastPlan, q):

@@ -68,7 +68,8 @@ class BatchDecodeWithPagedKVCacheWrapper(PagedAttentionWrapper):
                            logits_soft_cap=logits_soft_cap, window_left=window_left,
                            fixed_split_size=fixed_split_size, disable_split_kv=disable_split_kv)
 
-  def run(self, q, paged_kv_cache, return_lse: bool = False, plan=None, sinks=None):
+  def run(self, q, paged_kv_cache, return_lse: bool = False, plan=None, sinks=None,
+          k_scale=None, v_scale=None):
     """Decode attention: q [batch, num_qo_heads, head_dim] -> out like q.
 
     With return_lse, also returns lse [batch, num_qo_heads] float32 in base 2
@@ -79,7 +80,11 @@ class BatchDecodeWithPagedKVCacheWrapper(PagedAttentionWrapper):
     `sinks`: float32 [num_qo_heads] attention-sink logits (as FlashInfer's
     BatchAttentionWithAttentionSinkWrapper): each joins its head's softmax denominator,
     on the scale of the scaled logits, weighs no value, and counts in the lse.
+    `k_scale` / `v_scale` (floats or traced scalars; FlashInfer's): the logits use
+    sm_scale * k_scale and the output is multiplied by v_scale, for quantised (fp8)
+    caches planned with kv_data_type=jnp.float8_e4m3fn or jnp.float8_e5m2.
     """
-    return self._run(primitives.decode_p, q, paged_kv_cache, return_lse, plan, sinks)
+    return self._run(primitives.decode_p, q, paged_kv_cache, return_lse, plan, sinks, k_scale,
+                     v_scale)
 
   forward = run

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_pagedattn import layout as layout_lib
-from jax_pagedattn import primitives, sharding
+from jax_pagedattn import planning, primitives, sharding
 
 
 def get_batch_indices_positions(append_indptr, seq_lens, nnz: int):
@@ -59,6 +59,20 @@ def _check_host(num_rows, batch_indices, positions, kv_indices, kv_indptr, kv_la
                      f"(its length after the append must cover it: kv_last_page_len / kv_indptr)")
 
 
+def quantize_to_cache(x, cache_dtype, name: str):
+  """`x` as an fp8 cache stores it: rounded to nearest, saturating at the type's largest
+  finite value (a plain cast would give NaN for e4m3fn). Other caches: `x` unchanged (the
+  op checks that its dtype is the cache's)."""
+  cache_dtype = jnp.dtype(cache_dtype)
+  if cache_dtype.name not in planning.FP8_KV_DTYPES or jnp.dtype(x.dtype) == cache_dtype:
+    return x
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} must be floating point to be written into a {cache_dtype.name} "
+                    f"cache, got {x.dtype}")
+  top = float(jnp.finfo(cache_dtype).max)
+  return jnp.clip(jnp.asarray(x, jnp.float32), -top, top).astype(cache_dtype)
+
+
 def append_paged_kv_cache(append_key, append_value, batch_indices, positions, paged_kv_cache,
                           kv_indices, kv_indptr, kv_last_page_len, kv_layout: str = "NHD", *,
                           shards: sharding.Shards | None = None):
@@ -71,13 +85,18 @@ def append_paged_kv_cache(append_key, append_value, batch_indices, positions, pa
   happens in place (the output aliases the input). Rows with batch index -1, or whose
   position falls outside the request's pages, are skipped. With `shards` (a
   `sharding.Shards`) each device writes its own rows into its block of the cache
-  (docs/CONTRACT.md, "Sharded use", says how the arguments split).
+  (docs/CONTRACT.md, "Sharded use", says how the arguments split). An fp8 cache
+  (float8_e4m3fn / float8_e5m2) takes rows in its own dtype, or in a wider float type,
+  which is rounded to it (to nearest, saturating at the fp8 range: divide by k_scale /
+  v_scale first, as quantising serving code does).
   """
   if shards is not None:
     return sharding.append_paged_kv_cache(
         append_key, append_value, batch_indices, positions, paged_kv_cache, kv_indices,
         kv_indptr, kv_last_page_len, kv_layout=kv_layout, shards=shards, check_host=_check_host)
   info = layout_lib.inspect_cache(paged_kv_cache, kv_layout)
+  append_key = quantize_to_cache(append_key, info.dtype, "append_key")
+  append_value = quantize_to_cache(append_value, info.dtype, "append_value")
   ints = [batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len]
   if not any(isinstance(x, jax.core.Tracer) for x in ints):
     _check_host(append_key.shape[0], *ints, info)

@@ -28,6 +28,8 @@ from jax_pagedattn import layout as layout_lib
 POS_ENCODING_MODES = {"NONE": 0, "ROPE_LLAMA": 1, "ALIBI": 2}
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 _DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
+# KV-cache-only dtypes: fp8 caches, read beside a float16 / bfloat16 query.
+FP8_KV_DTYPES = {"float8_e4m3fn": jnp.float8_e4m3fn, "float8_e5m2": jnp.float8_e5m2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,40 +150,45 @@ class Plan:
             f"head_dim={c.head_dim}, page_size={c.page_size}, layout={c.kv_layout})")
 
 
-def canonical_dtype(dtype, name: str) -> str:
-  """'float16' / 'bfloat16' / 'float32' for a dtype given as a string, a numpy or JAX
-  dtype, or a torch dtype or its name ('torch.float16', as FlashInfer code passes)."""
+def canonical_dtype(dtype, name: str, fp8: bool = False) -> str:
+  """'float16' / 'bfloat16' / 'float32' (with `fp8`, also 'float8_e4m3fn' /
+  'float8_e5m2') for a dtype given as a string, a numpy or JAX dtype, or a torch dtype
+  or its name ('torch.float16', as FlashInfer code passes)."""
   try:
-    return _canonical_dtype_cached(dtype, name)
+    return _canonical_dtype_cached(dtype, name, fp8)
   except TypeError:  # unhashable or not a dtype: the slow path says which
-    return _canonical_dtype(dtype, name)
+    return _canonical_dtype(dtype, name, fp8)
 
 
 # plan() runs every step: its per-call Python is kept to dictionary lookups.
 @functools.lru_cache(maxsize=64)
-def _canonical_dtype_cached(dtype, name: str) -> str:
-  return _canonical_dtype(dtype, name)
+def _canonical_dtype_cached(dtype, name: str, fp8: bool) -> str:
+  return _canonical_dtype(dtype, name, fp8)
 
 
 # torch dtype names (after 'torch.') and the dtypes they mean; torch is never imported.
 _TORCH_DTYPE_NAMES = {"half": "float16", "bfloat16": "bfloat16", "float16": "float16",
-                      "float": "float32", "float32": "float32"}
+                      "float": "float32", "float32": "float32",
+                      "float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2"}
 
 
-def _canonical_dtype(dtype, name: str) -> str:
+def _canonical_dtype(dtype, name: str, fp8: bool = False) -> str:
+  allowed = dict(_DTYPES, **FP8_KV_DTYPES) if fp8 else _DTYPES
+  names = ", ".join(allowed)
   text = str(dtype)
   if text.startswith("torch."):  # a torch dtype, or its name as a string
-    if text[len("torch."):] not in _TORCH_DTYPE_NAMES:
-      raise TypeError(f"{name} must be float16, bfloat16 or float32 (torch.float16, "
-                      f"torch.bfloat16, torch.float32 or their numpy/JAX names), got {text}")
+    if _TORCH_DTYPE_NAMES.get(text[len("torch."):]) not in allowed:
+      torch_names = ", ".join(f"torch.{n}" for n in allowed)
+      raise TypeError(f"{name} must be one of {torch_names} (or their numpy / JAX dtypes or "
+                      f"names), got {text}")
     dtype = _TORCH_DTYPE_NAMES[text[len("torch."):]]
   try:
     d = jnp.dtype(dtype)
   except TypeError as e:
     raise TypeError(f"{name}: not a dtype: {dtype!r}; pass jnp.float16, jnp.bfloat16, "
                     f"'float16', 'bfloat16' or a torch dtype") from e
-  if d.name not in _DTYPES:
-    raise TypeError(f"{name} must be float16, bfloat16 or float32, got {d.name}")
+  if d.name not in allowed:
+    raise TypeError(f"{name} must be one of {names}, got {d.name}")
   return d.name
 
 

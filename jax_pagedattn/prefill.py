@@ -62,7 +62,8 @@ class BatchPrefillWithPagedKVCacheWrapper(PagedAttentionWrapper):
                            logits_soft_cap=logits_soft_cap, window_left=window_left,
                            fixed_split_size=fixed_split_size, disable_split_kv=disable_split_kv)
 
-  def run(self, q, paged_kv_cache, return_lse: bool = False, plan=None, sinks=None):
+  def run(self, q, paged_kv_cache, return_lse: bool = False, plan=None, sinks=None,
+          k_scale=None, v_scale=None):
     """Prefill attention: q [tokens, num_qo_heads, head_dim] -> out like q.
 
     With return_lse, also lse [tokens, num_qo_heads] float32, base 2. Inside jax.jit
@@ -70,8 +71,10 @@ class BatchPrefillWithPagedKVCacheWrapper(PagedAttentionWrapper):
     come back as 0 with lse -inf. It must not have fewer: jit cannot see the plan's
     counts, so tokens past q's last row are not computed. `sinks`: float32
     [num_qo_heads] attention-sink logits, as in BatchAttentionWithAttentionSinkWrapper.
+    `k_scale` / `v_scale`: dequantisation scales of an fp8 cache, as in decode's run().
     """
-    return self._run(primitives.prefill_p, q, paged_kv_cache, return_lse, plan, sinks)
+    return self._run(primitives.prefill_p, q, paged_kv_cache, return_lse, plan, sinks, k_scale,
+                     v_scale)
 
   forward = run
 
@@ -93,11 +96,13 @@ class BatchAttentionWithAttentionSinkWrapper(BatchPrefillWithPagedKVCacheWrapper
     return super().plan(*args, window_left=self._default_window_left if window_left is None
                         else window_left, **kwargs)
 
-  def run(self, q, paged_kv_cache, sinks, return_lse: bool = False, plan=None):
+  def run(self, q, paged_kv_cache, sinks, return_lse: bool = False, plan=None, k_scale=None,
+          v_scale=None):
     """Attention with sinks: q [tokens, num_qo_heads, head_dim] -> out like q."""
     if sinks is None:
       raise TypeError("run() needs sinks: float32 [num_qo_heads] (use "
                       "BatchPrefillWithPagedKVCacheWrapper for attention without them)")
-    return super().run(q, paged_kv_cache, return_lse=return_lse, plan=plan, sinks=sinks)
+    return super().run(q, paged_kv_cache, return_lse=return_lse, plan=plan, sinks=sinks,
+                       k_scale=k_scale, v_scale=v_scale)
 
   forward = run

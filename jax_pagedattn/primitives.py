@@ -32,8 +32,8 @@ for _p in (decode_p, prefill_p, append_p):
 # ---------------------------------------------------------------------------------------
 # attention (decode and prefill share operands; they differ in the kernel behind them)
 
-def _attention_abstract_eval(q, k_cache, v_cache, plan, sinks, *, config: planning.PlanConfig,
-                             combined: bool):
+def _attention_abstract_eval(q, k_cache, v_cache, plan, sinks, scales, *,
+                             config: planning.PlanConfig, combined: bool):
   if q.ndim != 3 or q.shape[1] != config.num_qo_heads or q.shape[2] != config.head_dim:
     raise ValueError(f"q must have shape [tokens, num_qo_heads={config.num_qo_heads}, "
                      f"head_dim={config.head_dim}] as planned, got {tuple(q.shape)}")
@@ -59,17 +59,32 @@ def _attention_abstract_eval(q, k_cache, v_cache, plan, sinks, *, config: planni
   if sinks.dtype != jnp.float32 or sinks.shape not in ((0,), (config.num_qo_heads,)):
     raise ValueError(f"sinks must be float32[num_qo_heads={config.num_qo_heads}] (or [0] for "
                      f"none), got {sinks.dtype}{list(sinks.shape)}")
+  if scales.dtype != jnp.float32 or scales.shape not in ((0,), (2,)):
+    raise ValueError(f"scales must be float32[2] (k_scale, v_scale) or [0] for none, got "
+                     f"{scales.dtype}{list(scales.shape)}")
   return (ShapedArray(q.shape, q.dtype), ShapedArray(q.shape[:2], jnp.float32),
           ShapedArray((config.workspace_bytes,), jnp.uint8))
 
 
-def _native_attention_lowering(ctx, q, k_cache, v_cache, plan, sinks, *, config, combined):
+def _native_attention_lowering(ctx, q, k_cache, v_cache, plan, sinks, scales, *, config,
+                               combined):
   rule = jax.ffi.ffi_lowering(config.target)
-  return rule(ctx, q, k_cache, v_cache, plan, sinks, **planning.ffi_attrs(config),
+  return rule(ctx, q, k_cache, v_cache, plan, sinks, scales, **planning.ffi_attrs(config),
               combined=np.bool_(combined))
 
 
-def _reference_attention(q, k_cache, v_cache, plan, sinks, *, config, combined):
+def _cuda_attention_lowering(ctx, *args, config, combined):
+  # fp8 caches run on the CUDA-core decode kernel only; the tensor-core kernels (prefill,
+  # use_tensor_cores decode) read 16-bit K/V tiles. Said here, before any kernel.
+  if config.kv_dtype in planning.FP8_KV_DTYPES and config.target != "jax_pagedattn_decode":
+    raise NotImplementedError(
+        f"kv_data_type={config.kv_dtype} runs on the GPU with BatchDecodeWithPagedKVCacheWrapper"
+        f"(use_tensor_cores=False) only; prefill and tensor-core decode need a float16 / "
+        f"bfloat16 cache there (the CPU backend runs every op on fp8 caches)")
+  return _native_attention_lowering(ctx, *args, config=config, combined=combined)
+
+
+def _reference_attention(q, k_cache, v_cache, plan, sinks, scales, *, config, combined):
   """The jax.numpy lowering for platforms without native handlers: same operands."""
   sections = planning.plan_sections(config.caps)
   take = lambda name: plan[sections[name][0]:sections[name][0] + sections[name][1]]
@@ -81,7 +96,9 @@ def _reference_attention(q, k_cache, v_cache, plan, sinks, *, config, combined):
       pos_encoding_mode=config.pos_encoding_mode, sm_scale=config.sm_scale,
       rope_scale=config.rope_scale, rope_theta=config.rope_theta,
       logits_soft_cap=config.logits_soft_cap, window_left=config.window_left,
-      sinks=sinks if sinks.shape[0] else None)
+      sinks=sinks if sinks.shape[0] else None,
+      k_scale=scales[0] if scales.shape[0] else None,
+      v_scale=scales[1] if scales.shape[0] else None)
   return out.astype(q.dtype), lse, jnp.zeros((config.workspace_bytes,), jnp.uint8)
 
 
@@ -175,17 +192,20 @@ def _has_native(prim, platform: str) -> bool:
   return all((platform, t) in NATIVE_TARGETS for t in _TARGETS[prim])
 
 
-for _prim, _abstract, _native, _ref in (
-    (decode_p, _attention_abstract_eval, _native_attention_lowering, _reference_attention),
-    (prefill_p, _attention_abstract_eval, _native_attention_lowering, _reference_attention),
-    (append_p, _append_abstract_eval, _native_append_lowering, _reference_append),
+# (primitive, abstract eval, {platform: native lowering}, jax.numpy lowering)
+_ATTENTION_NATIVE = {"cpu": _native_attention_lowering, "cuda": _cuda_attention_lowering}
+_APPEND_NATIVE = {"cpu": _native_append_lowering, "cuda": _native_append_lowering}
+for _prim, _abstract, _natives, _ref in (
+    (decode_p, _attention_abstract_eval, _ATTENTION_NATIVE, _reference_attention),
+    (prefill_p, _attention_abstract_eval, _ATTENTION_NATIVE, _reference_attention),
+    (append_p, _append_abstract_eval, _APPEND_NATIVE, _reference_append),
 ):
   _prim.def_abstract_eval(_abstract)
   _prim.def_impl(_eager_impl(_prim))
   mlir.register_lowering(_prim, mlir.lower_fun(_ref, multiple_results=True))
   for _platform in ("cpu", "cuda"):
     if _has_native(_prim, _platform):
-      mlir.register_lowering(_prim, _native, platform=_platform)
+      mlir.register_lowering(_prim, _natives[_platform], platform=_platform)
   batching.primitive_batchers[_prim] = _no_vmap(_prim.name)
   ad.primitive_jvps[_prim] = _no_grad(_prim.name)
 

@@ -167,7 +167,7 @@ def _sink_logits(sinks, num_kv_heads, group):
 def batch_attention(q, paged_kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
                     *, kv_layout="NHD", causal=False, pos_encoding_mode="NONE",
                     sm_scale=None, rope_scale=1.0, rope_theta=1e4, logits_soft_cap=None,
-                    window_left=-1, sinks=None):
+                    window_left=-1, sinks=None, k_scale=None, v_scale=None):
   """Paged attention of a ragged batch: the test oracle.
 
   Args:
@@ -185,6 +185,9 @@ def batch_attention(q, paged_kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last
     window_left: ``w >= 0`` limits query position ``p`` to keys ``j >= p - w``; -1: none.
     sinks: float32 ``[num_qo_heads]`` sink logits (on the scale of the scaled logits):
       each joins its head's softmax denominator and weighs no value; None: none.
+    k_scale, v_scale: dequantisation scales of a quantised (fp8) cache, FlashInfer's:
+      logits use ``sm_scale * k_scale``, the output is multiplied by ``v_scale``. The
+      cache itself is read as float32 from its stored values.
 
   The index arrays must be concrete: a Python loop over the requests turns the page
   table into each request's list of (page, slot) key addresses and its query rows,
@@ -242,9 +245,11 @@ def batch_attention(q, paged_kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last
       q, jnp.asarray(k_op), jnp.asarray(v_op), q_rows, q_pos, k_addr,
       kv_lens.astype(np.int32), None if sinks is None else jnp.asarray(sinks, jnp.float32),
       kv_layout=kv_layout, combined=combined, causal=bool(causal),
-      pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale, rope_scale=rope_scale,
+      pos_encoding_mode=pos_encoding_mode,
+      sm_scale=sm_scale * (1.0 if k_scale is None else float(k_scale)), rope_scale=rope_scale,
       rope_theta=rope_theta, logits_soft_cap=float(logits_soft_cap or 0.0),
-      window_left=int(-1 if window_left is None else window_left))
+      window_left=int(-1 if window_left is None else window_left),
+      v_scale=1.0 if v_scale is None else float(v_scale))
 
 
 def _bucket(n: int) -> int:
@@ -277,10 +282,10 @@ def _check_cache_shape(paged_kv_cache, kv_layout):
 
 @functools.partial(jax.jit, static_argnames=(
     "kv_layout", "combined", "causal", "pos_encoding_mode", "sm_scale", "rope_scale",
-    "rope_theta", "logits_soft_cap", "window_left"))
+    "rope_theta", "logits_soft_cap", "window_left", "v_scale"))
 def _dense_attention(q, k_op, v_op, q_rows, q_pos, k_addr, kv_lens, sinks, *, kv_layout,
                      combined, causal, pos_encoding_mode, sm_scale, rope_scale, rope_theta,
-                     logits_soft_cap, window_left):
+                     logits_soft_cap, window_left, v_scale):
   """Dense attention over per-request padded keys; see batch_attention."""
   k_pages, v_pages = split_paged_kv_cache(k_op if combined else (k_op, v_op), kv_layout)
   num_pages, page_size, num_kv_heads, head_dim = k_pages.shape
@@ -314,7 +319,7 @@ def _dense_attention(q, k_op, v_op, q_rows, q_pos, k_addr, kv_lens, sinks, *, kv
   sink = _sink_logits(sinks, num_kv_heads, group)
   w, lse = _masked_softmax(logits, visible[:, None, None],
                            None if sink is None else sink[None, :, :, None, None])
-  o = jnp.einsum("bngqk,bknd->bqngd", w, v, precision=_PREC)
+  o = jnp.einsum("bngqk,bknd->bqngd", w, v, precision=_PREC) * v_scale
   o = o.reshape(batch, q_pad, num_qo_heads, head_dim)
   lse = jnp.moveaxis(lse, 3, 1).reshape(batch, q_pad, num_qo_heads)  # [B,Hkv,G,Qp] -> rows
 
@@ -330,7 +335,7 @@ def _dense_attention(q, k_op, v_op, q_rows, q_pos, k_addr, kv_lens, sinks, *, kv
 def batch_decode(q, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len, *,
                  kv_layout="NHD", pos_encoding_mode="NONE", sm_scale=None,
                  rope_scale=1.0, rope_theta=1e4, logits_soft_cap=None, window_left=-1,
-                 sinks=None):
+                 sinks=None, k_scale=None, v_scale=None):
   """Decode: one query token per request (``q [B, Hqo, D]``).
 
   Same as :func:`batch_attention` with ``qo_indptr = arange(B + 1)``; the single
@@ -341,7 +346,8 @@ def batch_decode(q, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len, *,
       q, paged_kv_cache, np.arange(batch + 1), kv_indptr, kv_indices, kv_last_page_len,
       kv_layout=kv_layout, causal=False, pos_encoding_mode=pos_encoding_mode,
       sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta,
-      logits_soft_cap=logits_soft_cap, window_left=window_left, sinks=sinks)
+      logits_soft_cap=logits_soft_cap, window_left=window_left, sinks=sinks, k_scale=k_scale,
+      v_scale=v_scale)
 
 
 # ------------------------------------------------------------- jit-able masked
@@ -351,7 +357,7 @@ def batch_attention_masked(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices
                            kv_last_page_len, num_tokens, *, page_size, causal=False,
                            pos_encoding_mode="NONE", sm_scale=None, rope_scale=1.0,
                            rope_theta=1e4, num_requests=None, logits_soft_cap=None,
-                           window_left=-1, sinks=None):
+                           window_left=-1, sinks=None, k_scale=None, v_scale=None):
   """Static-shape, jit-able paged attention (dense masking over all page slots).
 
   Args:
@@ -366,8 +372,8 @@ def batch_attention_masked(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices
       ``lse = -inf``.
     num_requests: optional (static or traced) count of live requests; requests at or
       past it are ignored. Not needed when the indptrs are padded as described.
-    logits_soft_cap, window_left, sinks: as in :func:`batch_attention` (``sinks`` may
-      be traced).
+    logits_soft_cap, window_left, sinks, k_scale, v_scale: as in
+      :func:`batch_attention` (``sinks`` and the scales may be traced).
 
   Cost is ``O(T * Hqo * Pcap * page_size)`` -- a fallback, not a fast path.
 
@@ -432,6 +438,8 @@ def batch_attention_masked(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices
   # [T, Hkv, G, K] logits without materialising the GQA-expanded keys.
   qg = qf.reshape(num_rows, num_kv_heads, group, head_dim)
   logits = jnp.einsum("tngd,knd->tngk", qg, k, precision=_PREC) * sm_scale
+  if k_scale is not None:
+    logits = logits * k_scale
   logits = _soft_cap(logits, logits_soft_cap)
   if pos_encoding_mode == "ALIBI":
     slopes = jnp.asarray(alibi_slopes(num_qo_heads)).reshape(num_kv_heads, group)
@@ -446,6 +454,8 @@ def batch_attention_masked(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices
     sink = jnp.where(row_ok[:, None, None, None], sink[None, :, :, None], -jnp.inf)
   w, lse = _masked_softmax(logits, valid[:, None, None, :], sink)
   out = jnp.einsum("tngk,knd->tngd", w, v, precision=_PREC)
+  if v_scale is not None:
+    out = out * v_scale
   out = out.reshape(num_rows, num_qo_heads, head_dim)
   lse = lse.reshape(num_rows, num_qo_heads)
   return out.astype(q.dtype), lse

@@ -276,13 +276,15 @@ def _check_split(name: str, size: int, parts: int, what: str):
     raise ValueError(f"{name} has {size} {what}, which do not split into {parts} equal shards")
 
 
-def bind_attention(primitive, q, k_op, v_op, buffer, sinks, plan: planning.Plan,
+def bind_attention(primitive, q, k_op, v_op, buffer, sinks, scales, plan: planning.Plan,
                    combined: bool):
   """(out, lse, workspace) of an attention call: one primitive call for a Plan, one per
-  device for a ShardedPlan. `sinks` is float32 [global query heads] or [0]."""
+  device for a ShardedPlan. `sinks` is float32 [global query heads] or [0]; `scales`
+  float32 [2] (k_scale, v_scale) or [0], the same on every device."""
   config = plan.config
   if not isinstance(plan, ShardedPlan):
-    return primitive.bind(q, k_op, v_op, buffer, sinks, config=config, combined=combined)
+    return primitive.bind(q, k_op, v_op, buffer, sinks, scales, config=config,
+                          combined=combined)
   shards = plan.shards
   dp, tp = shards.counts()
   if tp > 1 and config.pos_encoding_mode == "ALIBI":
@@ -310,8 +312,8 @@ def bind_attention(primitive, q, k_op, v_op, buffer, sinks, plan: planning.Plan,
     raise ValueError(f"the sharded plan's buffer must be int32{list(want)}, got "
                      f"{list(buffer.shape)}")
 
-  def run_shard(q, k, v, plan_rows, sinks):
-    return tuple(primitive.bind(q, k, v, plan_rows.reshape(-1), sinks, config=config,
+  def run_shard(q, k, v, plan_rows, sinks, scales):
+    return tuple(primitive.bind(q, k, v, plan_rows.reshape(-1), sinks, scales, config=config,
                                 combined=combined))
 
   cache = shards.cache(config.kv_layout, combined)
@@ -319,10 +321,10 @@ def bind_attention(primitive, q, k_op, v_op, buffer, sinks, plan: planning.Plan,
   # Sinks follow q's head axis; an empty sinks operand is replicated (each shard's [0]).
   sinks_spec = P(shards.heads) if sinks.shape[0] else P()
   step = shards.map(run_shard,
-                    in_specs=(shards.rows(None), cache, cache, plan_spec, sinks_spec),
+                    in_specs=(shards.rows(None), cache, cache, plan_spec, sinks_spec, P()),
                     out_specs=(shards.rows(None), shards.rows(), shards.every_axis()))
   return step(q, k_op, v_op, shards.place_small(buffer, plan_spec),
-              shards.place_small(sinks, sinks_spec))
+              shards.place_small(sinks, sinks_spec), shards.place_small(scales, P()))
 
 
 def append_paged_kv_cache(append_key, append_value, batch_indices, positions, paged_kv_cache,

@@ -27,7 +27,7 @@ def _fallback_attention(q, cache, plan, sinks=None):
   rule = functools.partial(primitives._reference_attention, config=plan.config,  # noqa: SLF001
                            combined=info.combined)
   sinks = np.zeros((0,), np.float32) if sinks is None else sinks
-  out, lse, _ = jax.jit(rule)(q, k_op, v_op, plan.buffer, sinks)
+  out, lse, _ = jax.jit(rule)(q, k_op, v_op, plan.buffer, sinks, np.zeros((0,), np.float32))
   return out, lse
 
 

@@ -153,7 +153,7 @@ def test_a_step_of_many_layers_carries_one_plan_transfer(platform, device, rng):
   if not calls:
     pytest.skip("this platform lowers to the jax.numpy fallback (no custom calls)")
   assert len(calls) == 16
-  # Operands: q, k_cache, v_cache, plan, sinks.
+  # Operands: q, k_cache, v_cache, plan, sinks, scales.
   assert {c.split(",")[3].strip() for c in calls} == {"%arg2"}, calls[:2]
 
 

@@ -187,8 +187,8 @@ def test_jnp_fallback_masks_out_of_range_page_ids(rng):
   rule = functools.partial(primitives._reference_attention, config=bad.config,  # noqa: SLF001
                            combined=info.combined)
   with jax.default_device(cpu()):
-    out, lse, _ = jax.jit(rule)(q.astype(np.float16), cache, cache, bad.buffer,
-                                np.zeros((0,), np.float32))
+    none = np.zeros((0,), np.float32)  # no sinks, no scales
+    out, lse, _ = jax.jit(rule)(q.astype(np.float16), cache, cache, bad.buffer, none, none)
     native_out, native_lse = jax.jit(lambda q, c, p: w.run(q, c, return_lse=True, plan=p))(
         q.astype(np.float16), cache, bad)
   # The expected batch: the same keys without the two masked pages (no position

@@ -35,15 +35,16 @@ int64_t TargetPage(const AppendParams& p, int32_t i) {
 }  // namespace
 
 const char* RunAppendCpu(const AppendParams& p) {
-  if (p.dtype != DType::kF32 && p.dtype != DType::kF16 && p.dtype != DType::kBF16)
-    return "jax_pagedattn: unsupported dtype (want f32, f16 or bf16)";
+  if (p.dtype != DType::kF32 && p.dtype != DType::kF16 && p.dtype != DType::kBF16 &&
+      !IsFp8(p.dtype))
+    return "jax_pagedattn: unsupported dtype (want f32, f16, bf16 or fp8)";
   if (p.kv.page_size <= 0 || p.kv.num_kv_heads <= 0 || p.kv.head_dim <= 0)
     return "jax_pagedattn: page_size, num_kv_heads and head_dim must be positive";
   if (p.num_rows < 0 || p.batch < 0 || p.num_indices < 0)
     return "jax_pagedattn: negative row, request or index count";
   if (p.num_rows == 0) return nullptr;
 
-  const int64_t elem = p.dtype == DType::kF32 ? 4 : 2;
+  const int64_t elem = ElemBytes(p.dtype);
   const int64_t H = p.kv.num_kv_heads;
   const int64_t row_bytes = int64_t(p.kv.head_dim) * elem;
   const char* new_k = static_cast<const char*>(p.new_k);

@@ -30,6 +30,8 @@ constexpr int kMergeTokens = 16;
 const char* CheckParams(const AttentionParams& p) {
   if (p.dtype != DType::kF32 && p.dtype != DType::kF16 && p.dtype != DType::kBF16)
     return "jax_pagedattn: unsupported dtype (want f32, f16 or bf16)";
+  if (!(p.kv_dtype == p.dtype || (IsFp8(p.kv_dtype) && p.dtype != DType::kF32)))
+    return "jax_pagedattn: the cache must have q's dtype, or an fp8 type beside an f16/bf16 q";
   if (p.head_dim <= 0 || p.num_qo_heads <= 0 || p.num_kv_heads <= 0 || p.group_size <= 0 ||
       p.group_size * p.num_kv_heads != p.num_qo_heads)
     return "jax_pagedattn: head counts must be positive and num_qo_heads a multiple of num_kv_heads";
@@ -54,7 +56,9 @@ void PrepareCall(const AttentionParams& p, CallPlan& c) {
   c.p = &p;
   c.dp = PaddedDim(p.head_dim);
   c.half = p.head_dim / 2;
-  c.direct = p.pos_encoding != PosEncoding::kRopeLlama && p.head_dim % 8 == 0;
+  // In place only where the kernels read the cache's own type (not fp8: widened).
+  c.direct = p.pos_encoding != PosEncoding::kRopeLlama && p.head_dim % 8 == 0 &&
+             p.kv_dtype == p.dtype;
   std::vector<std::pair<double, int32_t>> cost;
   int64_t max_key = 0;
   for (int32_t bin = 0; bin < p.layout.bin_cap; ++bin) {
@@ -106,9 +110,9 @@ int32_t HeadsPerTask(const CallPlan& c, int threads) {
   return int32_t(hpt);
 }
 
-// The three passes of one call with storage type T; the attention pass's kernels read
-// K (T in place, or float after widening).
-template <typename T, typename K>
+// The three passes of one call with q/out type T and cache type C; the attention pass's
+// kernels read K (C in place, or float after widening).
+template <typename T, typename C, typename K>
 bool RunPasses(CallPlan& c) {
   const AttentionParams& p = *c.p;
   // RoPE table: one row per key position, filled in parallel.
@@ -140,7 +144,7 @@ bool RunPasses(CallPlan& c) {
       return [&c, scratch, hpt, groups](int64_t task) {
         const int32_t h0 = int32_t(task % groups) * hpt;
         const int32_t h1 = std::min(h0 + hpt, c.p->num_kv_heads);
-        RunTask<T>(c, *scratch, c.live[task / groups], h0, h1);
+        RunTask<T, C>(c, *scratch, c.live[task / groups], h0, h1);
       };
     });
     if (!ok) return false;
@@ -164,7 +168,11 @@ bool RunPasses(CallPlan& c) {
 
 template <typename T>
 bool RunTyped(CallPlan& c) {
-  return c.direct ? RunPasses<T, T>(c) : RunPasses<T, float>(c);
+  switch (c.p->kv_dtype) {
+    case DType::kF8E4M3: return RunPasses<T, Fp8E4M3, float>(c);
+    case DType::kF8E5M2: return RunPasses<T, Fp8E5M2, float>(c);
+    default: return c.direct ? RunPasses<T, T, T>(c) : RunPasses<T, T, float>(c);
+  }
 }
 
 }  // namespace
@@ -184,6 +192,7 @@ const char* RunAttentionCpu(const AttentionParams& p) {
     case DType::kF32: ok = RunTyped<float>(c); break;
     case DType::kF16: ok = RunTyped<Half>(c); break;
     case DType::kBF16: ok = RunTyped<BFloat16>(c); break;
+    default: break;  // CheckParams allows no other
   }
   return ok ? nullptr : kOutOfHostMemory;
 }
@@ -199,12 +208,12 @@ using namespace ::jax_pagedattn;
 // Decode and prefill share this: on the CPU there is one code path.
 ffi::Error AttentionImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
                          ffi::Buffer<ffi::S32> plan, ffi::Buffer<ffi::F32> sinks,
-                         ffi::Result<ffi::AnyBuffer> out,
+                         ffi::Buffer<ffi::F32> scales, ffi::Result<ffi::AnyBuffer> out,
                          ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::U8> workspace,
                          AttentionAttrs attrs) {
   AttentionParams p;
   ffi::Error err =
-      MakeAttentionParams({q, k_cache, v_cache, plan, sinks, out, lse, workspace}, attrs, &p);
+      MakeAttentionParams({q, k_cache, v_cache, plan, sinks, scales, out, lse, workspace}, attrs, &p);
   if (err.failure()) return err;
   return cpu::ToFfiError(cpu::RunAttentionCpu(p));
 }

@@ -138,7 +138,7 @@ int64_t LoadRows(const CallPlan& c, Scratch<K>& sc, const int32_t* it, int32_t h
   const int64_t q_base = p.qo_indptr[it[kWorkRequest]];
   const int64_t qo_len = it[kWorkQoLen];
   const int64_t kv_len = it[kWorkKvLen];
-  const float q_scale = p.sm_scale * kLog2e;
+  const float q_scale = p.sm_scale * kLog2e * (p.kv_scales != nullptr ? p.kv_scales[0] : 1.0f);
   const T* q = static_cast<const T*>(p.q);
   int64_t max_last = -1;
   sc.rows.clear();
@@ -216,28 +216,28 @@ inline int64_t KeyOffset(const AttentionParams& p, int64_t page_base, int64_t j)
 // path, else widened (K also rotated) into the scratch block. Keys whose page slot or
 // page id is out of range point at zeros with key_off = -1; returns whether any was.
 // Also prefetches keys [j0 + kKeyBlock, prefetch_end), the next block.
-template <typename T, typename K>
+template <typename C, typename K>
 bool LoadKeys(const CallPlan& c, Scratch<K>& sc, int32_t b, int32_t h0, int32_t h1, int64_t j0,
               int nk, int64_t prefetch_end) {
   const AttentionParams& p = *c.p;
   const int D = p.head_dim;
   const int64_t hs = p.kv.head_stride;
   const int64_t page_base = p.kv_indptr[b];
-  const T* kbase = static_cast<const T*>(p.kv.k);
-  const T* vbase = static_cast<const T*>(p.kv.v);
+  const C* kbase = static_cast<const C*>(p.kv.k);
+  const C* vbase = static_cast<const C*>(p.kv.v);
   // The heads' rows of one key: one span for NHD (adjacent heads), else one per head.
   const bool heads_adjacent = hs == D;
   for (int64_t j = j0 + kKeyBlock; j < prefetch_end; ++j) {
     const int64_t off = KeyOffset(p, page_base, j);
     if (off < 0) continue;
     if (heads_adjacent) {
-      const int64_t bytes = int64_t(h1 - h0) * D * int64_t(sizeof(T));
+      const int64_t bytes = int64_t(h1 - h0) * D * int64_t(sizeof(C));
       PrefetchBytes(kbase + off + h0 * hs, bytes);
       PrefetchBytes(vbase + off + h0 * hs, bytes);
     } else {
       for (int32_t hk = h0; hk < h1; ++hk) {
-        PrefetchBytes(kbase + off + hk * hs, D * int64_t(sizeof(T)));
-        PrefetchBytes(vbase + off + hk * hs, D * int64_t(sizeof(T)));
+        PrefetchBytes(kbase + off + hk * hs, D * int64_t(sizeof(C)));
+        PrefetchBytes(vbase + off + hk * hs, D * int64_t(sizeof(C)));
       }
     }
   }
@@ -256,7 +256,7 @@ bool LoadKeys(const CallPlan& c, Scratch<K>& sc, int32_t b, int32_t h0, int32_t 
         continue;
       }
       const int64_t at = off + hk * hs;
-      if constexpr (std::is_same_v<K, T>) {
+      if constexpr (std::is_same_v<K, C>) {
         if (c.direct) {
           sc.krow[slot0 + jj] = kbase + at;
           sc.vrow[slot0 + jj] = vbase + at;
@@ -368,6 +368,7 @@ inline void AddSink(float sink, float* m, float* l, float* acc, int D) {
 template <typename T, typename K>
 void StoreRows(const CallPlan& c, Scratch<K>& sc, int32_t split) {
   const AttentionParams& p = *c.p;
+  const float v_scale = p.kv_scales != nullptr ? p.kv_scales[1] : 1.0f;
   const int D = p.head_dim;
   const int H = p.num_qo_heads;
   for (size_t n = 0; n < sc.rows.size(); ++n) {
@@ -379,7 +380,7 @@ void StoreRows(const CallPlan& c, Scratch<K>& sc, int32_t split) {
     if (p.sinks != nullptr && split <= 0) AddSink(p.sinks[row.head] * kLog2e, &sc.m[n], &sc.l[n], acc, D);
     const float l = sc.l[n];
     const float lse = l > 0.0f ? sc.m[n] + std::log2(l) : kNegInf;
-    Scale(acc, l > 0.0f ? 1.0f / l : 0.0f, D);
+    Scale(acc, l > 0.0f ? v_scale / l : 0.0f, D);
     if (split < 0) {
       NarrowRow(acc, static_cast<T*>(p.out) + (row.token * H + row.head) * D, D);
       p.lse[row.token * H + row.head] = lse;
@@ -392,8 +393,8 @@ void StoreRows(const CallPlan& c, Scratch<K>& sc, int32_t split) {
   }
 }
 
-// Work item w for kv heads [h0, h1).
-template <typename T, typename K>
+// Work item w for kv heads [h0, h1); T is q's and out's type, C the cache's.
+template <typename T, typename C, typename K>
 void RunTask(const CallPlan& c, Scratch<K>& sc, int32_t w, int32_t h0, int32_t h1) {
   const AttentionParams& p = *c.p;
   const int32_t* it = p.work + int64_t(w) * kWorkFields;
@@ -415,7 +416,7 @@ void RunTask(const CallPlan& c, Scratch<K>& sc, int32_t w, int32_t h0, int32_t h
       const int nk = int(std::min<int64_t>(kKeyBlock, max_last + 1 - j0));
       const int64_t prefetch_end = std::min<int64_t>(j0 + 2 * kKeyBlock, max_last + 1);
       const bool any_bad =
-          LoadKeys<T>(c, sc, it[kWorkRequest], h0, h1, j0, nk, prefetch_end);
+          LoadKeys<C>(c, sc, it[kWorkRequest], h0, h1, j0, nk, prefetch_end);
       AttendBlock(c, sc, num_heads, j0, nk, any_bad);
     }
     StoreRows<T>(c, sc, it[kWorkSplit]);

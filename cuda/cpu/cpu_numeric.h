@@ -18,6 +18,13 @@ struct Half {
 struct BFloat16 {
   uint16_t bits;
 };
+// fp8 KV-cache elements (read only: widened to float32 for the math).
+struct Fp8E4M3 {
+  uint8_t bits;
+};
+struct Fp8E5M2 {
+  uint8_t bits;
+};
 
 inline float BitsToFloat(uint32_t u) {
   float f;
@@ -36,16 +43,33 @@ inline float ToFloat(float x) { return x; }
 // bf16 is the upper half of a float32.
 inline float ToFloat(BFloat16 x) { return BitsToFloat(uint32_t(x.bits) << 16); }
 
-// IEEE half: move exponent and mantissa into float position and rescale by 2^112 (the
-// bias difference). The float multiply handles subnormal halves exactly; infinities
-// and NaNs (exponent all ones) are patched in with a select.
+// IEEE half: exponent and mantissa move into float position and the exponent is rebiased
+// by an integer add (+112); subnormal halves are their mantissa times 2^-24, converted
+// exactly from the integer. No float denormal is formed on the way: XLA's CPU threads
+// run with denormals-are-zero, which would flush them. Infinities and NaNs (exponent
+// all ones) are patched in with a select.
 inline float ToFloat(Half x) {
   const uint32_t h = x.bits;
   const uint32_t sign = (h & 0x8000u) << 16;
   const uint32_t magnitude = h & 0x7fffu;
-  const float scaled = BitsToFloat(magnitude << 13) * 0x1p112f;
+  const uint32_t normal = (magnitude << 13) + (112u << 23);
+  const uint32_t subnormal = FloatToBits(float(magnitude) * 0x1p-24f);
   const uint32_t special = 0x7f800000u | ((magnitude & 0x3ffu) << 13);
-  const uint32_t bits = magnitude >= 0x7c00u ? special : FloatToBits(scaled);
+  const uint32_t bits = magnitude >= 0x7c00u ? special : magnitude < 0x400u ? subnormal : normal;
+  return BitsToFloat(bits | sign);
+}
+
+// e5m2 is the upper byte of an IEEE half.
+inline float ToFloat(Fp8E5M2 x) { return ToFloat(Half{uint16_t(uint16_t(x.bits) << 8)}); }
+
+// e4m3fn (bias 7, no infinities, S.1111.111 is NaN): as for the half, with the exponent
+// rebiased by +120 and subnormals their mantissa times 2^-9.
+inline float ToFloat(Fp8E4M3 x) {
+  const uint32_t magnitude = x.bits & 0x7fu;
+  const uint32_t sign = uint32_t(x.bits & 0x80u) << 24;
+  const uint32_t normal = (magnitude << 20) + (120u << 23);
+  const uint32_t subnormal = FloatToBits(float(magnitude) * 0x1p-9f);
+  const uint32_t bits = magnitude == 0x7fu ? 0x7fc00000u : magnitude < 0x8u ? subnormal : normal;
   return BitsToFloat(bits | sign);
 }
 

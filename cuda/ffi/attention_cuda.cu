@@ -46,15 +46,20 @@ ffi::Error CheckGpuParams(const AttentionParams& p) {
 template <cudaError_t (*kAttention)(const AttentionParams&, cudaStream_t)>
 ffi::Error SetupThenAttention(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
                               ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> plan,
-                              ffi::Buffer<ffi::F32> sinks, ffi::Result<ffi::AnyBuffer> out,
+                              ffi::Buffer<ffi::F32> sinks, ffi::Buffer<ffi::F32> scales,
+                              ffi::Result<ffi::AnyBuffer> out,
                               ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::U8> workspace,
                               AttentionAttrs attrs) {
   AttentionParams p;
   ffi::Error err =
-      MakeAttentionParams({q, k_cache, v_cache, plan, sinks, out, lse, workspace}, attrs, &p);
+      MakeAttentionParams({q, k_cache, v_cache, plan, sinks, scales, out, lse, workspace}, attrs, &p);
   if (err.failure()) return err;
   err = CheckGpuParams(p);
   if (err.failure()) return err;
+  if (kAttention != LaunchDecode && p.kv_dtype != p.dtype)
+    return ffi::Error::InvalidArgument(
+        "jax_pagedattn: fp8 caches run on the CUDA-core decode kernel only (the tensor-core "
+        "kernels read 16-bit K/V tiles)");
   cudaError_t cu = LaunchMergeSetup(p, stream);
   if (cu != cudaSuccess) return LaunchError("merge setup kernel", cu);
   cu = kAttention(p, stream);

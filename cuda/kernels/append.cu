@@ -73,7 +73,7 @@ bool Aligned(const void* ptr, int bytes) {
 }  // namespace
 
 cudaError_t LaunchAppend(const AppendParams& p, cudaStream_t stream) {
-  const int elem_bytes = p.dtype == DType::kF32 ? 4 : 2;
+  const int elem_bytes = ElemBytes(p.dtype);
   if (p.kv.page_size <= 0 || p.kv.num_kv_heads <= 0 || p.kv.head_dim <= 0)
     return cudaErrorInvalidValue;
   if (p.num_rows <= 0 || p.batch <= 0) return cudaSuccess;  // nothing can be written

@@ -49,6 +49,22 @@ __device__ __forceinline__ void Copy16(void* dst, const void* src, bool pred, ui
                : "memory");
 }
 
+// 8 bytes (an fp8 cache's 8-element chunk) with an L2 cache policy; zero-fills the 8
+// bytes when `pred` is false. .ca: the only cp.async flavour with 8-byte copies.
+__device__ __forceinline__ void Copy8(void* dst, const void* src, bool pred, uint64_t policy) {
+  const int src_size = pred ? 8 : 0;
+  asm volatile("cp.async.ca.shared.global.L2::cache_hint [%0], [%1], 8, %2, %3;\n" ::"r"(
+                   SharedAddress(dst)),
+               "l"(src), "r"(src_size), "l"(policy)
+               : "memory");
+}
+__device__ __forceinline__ void Copy8(void* dst, const void* src, bool pred) {
+  const int src_size = pred ? 8 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(SharedAddress(dst)),
+               "l"(src), "r"(src_size)
+               : "memory");
+}
+
 // Closes the current group of this thread's copies.
 __device__ __forceinline__ void Commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 

@@ -151,14 +151,25 @@ __device__ __forceinline__ uint32_t IssueTile(uint4* stage, const T* k_base, con
     const long long row = __shfl_sync(kFullMask, off, key);
     const bool pred = (mask >> key) & 1u;
     const int dst = key * S::kChunks + (chunk ^ (key & 7));
+    if constexpr (sizeof(T) == 1) {  // fp8: a chunk of 8 elements is 8 bytes of its slot
 #if JPA_DECODE_L2_EVICT_FIRST
-    cp_async::Copy16(stage + dst, k_base + row + chunk * 8, pred, policy);
-    cp_async::Copy16(stage + S::kTileChunks + dst, v_base + row + chunk * 8, pred, policy);
+      cp_async::Copy8(stage + dst, k_base + row + chunk * 8, pred, policy);
+      cp_async::Copy8(stage + S::kTileChunks + dst, v_base + row + chunk * 8, pred, policy);
 #else
-    (void)policy;
-    cp_async::Copy16(stage + dst, k_base + row + chunk * 8, pred);
-    cp_async::Copy16(stage + S::kTileChunks + dst, v_base + row + chunk * 8, pred);
+      (void)policy;
+      cp_async::Copy8(stage + dst, k_base + row + chunk * 8, pred);
+      cp_async::Copy8(stage + S::kTileChunks + dst, v_base + row + chunk * 8, pred);
 #endif
+    } else {
+#if JPA_DECODE_L2_EVICT_FIRST
+      cp_async::Copy16(stage + dst, k_base + row + chunk * 8, pred, policy);
+      cp_async::Copy16(stage + S::kTileChunks + dst, v_base + row + chunk * 8, pred, policy);
+#else
+      (void)policy;
+      cp_async::Copy16(stage + dst, k_base + row + chunk * 8, pred);
+      cp_async::Copy16(stage + S::kTileChunks + dst, v_base + row + chunk * 8, pred);
+#endif
+    }
   }
   return mask;
 }
@@ -253,7 +264,7 @@ constexpr int kMinBlocks = R >= 8 ? 2 : 3;
 
 // One work item (`item_index` into p.work) for the CTA's kv head, clamped by LoadWorkItem
 // to its request and to q's rows. Every early return is uniform over the CTA.
-template <typename T, int D, int R>
+template <typename T, typename TKV, int D, int R>
 __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_index,
                                            uint4* smem_u4) {
   using S = Shape<D>;
@@ -282,8 +293,8 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
   const bool alibi = p.pos_encoding == PosEncoding::kAlibi;
   const SoftCap soft_cap{p};
   const T* q_ptr = static_cast<const T*>(p.q);
-  const T* k_base = static_cast<const T*>(p.kv.k);
-  const T* v_base = static_cast<const T*>(p.kv.v);
+  const TKV* k_base = static_cast<const TKV*>(p.kv.k);
+  const TKV* v_base = static_cast<const TKV*>(p.kv.v);
 #if JPA_DECODE_L2_EVICT_FIRST
   const uint64_t l2_policy = cp_async::EvictFirstPolicy();
 #else
@@ -336,7 +347,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
       if (s < count) {
-        masks[s] = IssueTile<T, D>(my_kv + s * S::kStageU4, k_base, v_base, p.kv, kv_head,
+        masks[s] = IssueTile<TKV, D>(my_kv + s * S::kStageU4, k_base, v_base, p.kv, kv_head,
                                    pending, lane, l2_policy);
         pending = KeySlot{-1, 0};
         if (s + 1 < count)
@@ -348,7 +359,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
 
     // q rows -> fp32 in shared memory, scaled by sm_scale * log2(e) so that q.k is the
     // base-2 logit, and rotated for RoPE at the row's query position.
-    const float q_scale = p.sm_scale * kLog2e;
+    const float q_scale = p.sm_scale * kLog2e * KScale(p);
     for (int idx = threadIdx.x; idx < R * S::kChunks; idx += kThreads) {
       const int r = idx / S::kChunks, c = idx % S::kChunks;
       const int rr = row0 + r;
@@ -393,7 +404,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
       const int ahead = n + kStages - 1;
       masks[kStages - 1] = 0u;
       if (ahead < count) {
-        masks[kStages - 1] = IssueTile<T, D>(my_kv + (ahead % kStages) * S::kStageU4, k_base,
+        masks[kStages - 1] = IssueTile<TKV, D>(my_kv + (ahead % kStages) * S::kStageU4, k_base,
                                              v_base, p.kv, kv_head, pending, lane, l2_policy);
         pending = KeySlot{-1, 0};
         if (ahead + 1 < count)
@@ -410,9 +421,9 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
 
       float s[R];
       if (rope) {
-        QkPartial<T, D, R, true>(s, ks, q_smem, freq_smem, kk, pp, j);
+        QkPartial<TKV, D, R, true>(s, ks, q_smem, freq_smem, kk, pp, j);
       } else {
-        QkPartial<T, D, R, false>(s, ks, q_smem, freq_smem, kk, pp, j);
+        QkPartial<TKV, D, R, false>(s, ks, q_smem, freq_smem, kk, pp, j);
       }
 #pragma unroll
       for (int off = S::kKeys; off < 32; off <<= 1) {
@@ -449,7 +460,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
       for (int u = 0; u < S::kPvKeys; ++u) {
         const int key = pv_group + u * S::kPvGroups;
         float vf[8];
-        Unpack8<T>(vs[key * S::kChunks + (pv_chunk ^ (key & 7))], vf);
+        Unpack8<TKV>(vs[key * S::kChunks + (pv_chunk ^ (key & 7))], vf);
         float pr[R];
         LoadRowValues<R>(my_p + key * R, pr);
 #pragma unroll
@@ -524,7 +535,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
         st.Merge(SinkState(p, head, split), &a, &c);
         acc = make_float4(acc.x * a, acc.y * a, acc.z * a, acc.w * a);
       }
-      const float inv = st.InvSum();
+      const float inv = st.InvSum() * VScale(p);
       const float4 res = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
       const float lse = st.Lse();
       if (split < 0) {
@@ -547,7 +558,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
 }
 
 // The grid is [bin_cap, num_kv_heads]: CTA (bin, head) runs the bin's items in order.
-template <typename T, int D, int R>
+template <typename T, typename TKV, int D, int R>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<R>)
     DecodeKernel(const __grid_constant__ AttentionParams p) {
   extern __shared__ uint4 smem_u4[];
@@ -555,62 +566,71 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<R>)
   const int begin = max(p.bin_indptr[bin], 0);
   const int end = min(p.bin_indptr[bin + 1], p.layout.work_cap);
   for (int item = begin; item < end; ++item) {
-    AttendItem<T, D, R>(p, item, smem_u4);
+    AttendItem<T, TKV, D, R>(p, item, smem_u4);
     __syncthreads();  // the next item's copies overwrite what this merge read
   }
   WaitForPrimaryGrid();  // never finish before the setup pass (dependent_launch.cuh)
 }
 
 // One instantiation: its shared-memory opt-in, launch and occupancy.
-template <typename T, int D, int R>
+template <typename T, typename TKV, int D, int R>
 struct RowsKernel {
   static constexpr int kSmem = int(Smem<D, R>::kBytes);
 
   static cudaError_t Ready() {
     static std::atomic<uint64_t> smem_set{0};
-    return AllowSmem(DecodeKernel<T, D, R>, kSmem, &smem_set);
+    return AllowSmem(DecodeKernel<T, TKV, D, R>, kSmem, &smem_set);
   }
 
   static cudaError_t Launch(const AttentionParams& p, cudaStream_t stream) {
     const cudaError_t err = Ready();
     if (err != cudaSuccess) return err;
     const dim3 grid(unsigned(p.layout.bin_cap), unsigned(p.num_kv_heads));
-    return LaunchDependent(p.dependent_launch, DecodeKernel<T, D, R>, grid, dim3(kThreads), kSmem,
+    return LaunchDependent(p.dependent_launch, DecodeKernel<T, TKV, D, R>, grid, dim3(kThreads), kSmem,
                            stream, p);
   }
 
   static cudaError_t Occupancy(int32_t* ctas) {
     const cudaError_t err = Ready();
     if (err != cudaSuccess) return err;
-    return CtasPerSm(DecodeKernel<T, D, R>, kThreads, kSmem, ctas);
+    return CtasPerSm(DecodeKernel<T, TKV, D, R>, kThreads, kSmem, ctas);
   }
 };
 
-// Calls op(RowsKernel<T, D, R>{}) for the instantiation serving (dtype, head_dim,
-// tile_rows). One pass holds up to 8 rows (o costs 8 registers per row); the planner
-// keeps decode items at <= tile_rows rows, so R follows tile_rows and bigger items loop.
-template <typename T, int D, typename Op>
+// Calls op(RowsKernel<T, TKV, D, R>{}) for the instantiation serving (dtype, kv_dtype,
+// head_dim, tile_rows). One pass holds up to 8 rows (o costs 8 registers per row); the
+// planner keeps decode items at <= tile_rows rows, so R follows tile_rows and bigger
+// items loop.
+template <typename T, typename TKV, int D, typename Op>
 cudaError_t WithRows(int tile_rows, Op&& op) {
-  if (tile_rows <= 1) return op(RowsKernel<T, D, 1>{});
-  if (tile_rows <= 2) return op(RowsKernel<T, D, 2>{});
-  if (tile_rows <= 4) return op(RowsKernel<T, D, 4>{});
-  return op(RowsKernel<T, D, 8>{});
+  if (tile_rows <= 1) return op(RowsKernel<T, TKV, D, 1>{});
+  if (tile_rows <= 2) return op(RowsKernel<T, TKV, D, 2>{});
+  if (tile_rows <= 4) return op(RowsKernel<T, TKV, D, 4>{});
+  return op(RowsKernel<T, TKV, D, 8>{});
 }
 
-template <typename T, typename Op>
+template <typename T, typename TKV, typename Op>
 cudaError_t WithHeadDim(int head_dim, int tile_rows, Op&& op) {
   switch (head_dim) {
-    case 64: return WithRows<T, 64>(tile_rows, op);
-    case 128: return WithRows<T, 128>(tile_rows, op);
-    case 256: return WithRows<T, 256>(tile_rows, op);
+    case 64: return WithRows<T, TKV, 64>(tile_rows, op);
+    case 128: return WithRows<T, TKV, 128>(tile_rows, op);
+    case 256: return WithRows<T, TKV, 256>(tile_rows, op);
     default: return cudaErrorInvalidValue;
   }
 }
 
+// The cache is q's type or an fp8 type beside it (MakeAttentionParams checked which).
 template <typename Op>
-cudaError_t WithKernel(DType dtype, int head_dim, int tile_rows, Op&& op) {
+cudaError_t WithKernel(DType dtype, DType kv_dtype, int head_dim, int tile_rows, Op&& op) {
   return WithElementType(dtype, [&](auto t) {
-    return WithHeadDim<decltype(t)>(head_dim, tile_rows, op);
+    using T = decltype(t);
+    switch (kv_dtype) {
+      case DType::kF8E4M3: return WithHeadDim<T, __nv_fp8_e4m3>(head_dim, tile_rows, op);
+      case DType::kF8E5M2: return WithHeadDim<T, __nv_fp8_e5m2>(head_dim, tile_rows, op);
+      default:
+        return kv_dtype == dtype ? WithHeadDim<T, T>(head_dim, tile_rows, op)
+                                 : cudaErrorInvalidValue;
+    }
   });
 }
 
@@ -622,12 +642,13 @@ cudaError_t LaunchDecode(const AttentionParams& p, cudaStream_t stream) {
       p.num_kv_heads > 65535 || p.layout.bin_cap < 1)
     return cudaErrorInvalidValue;
   if (p.layout.work_cap <= 0) return cudaSuccess;  // nothing to launch
-  return WithKernel(p.dtype, p.head_dim, p.tile_rows,
+  return WithKernel(p.dtype, p.kv_dtype, p.head_dim, p.tile_rows,
                     [&](auto kernel) { return decltype(kernel)::Launch(p, stream); });
 }
 
 cudaError_t DecodeCtasPerSm(DType dtype, int head_dim, int tile_rows, int32_t* ctas) {
-  return WithKernel(dtype, head_dim, tile_rows,
+  // An fp8 cache uses the same shared memory and registers as q's type.
+  return WithKernel(dtype, dtype, head_dim, tile_rows,
                     [&](auto kernel) { return decltype(kernel)::Occupancy(ctas); });
 }
 

@@ -47,4 +47,13 @@ __device__ __forceinline__ SoftmaxState SinkState(const AttentionParams& p, int 
   return SoftmaxState{__ldg(p.sinks + head) * kLog2e, 1.f};
 }
 
+// FlashInfer's dequantisation scales of a quantised (fp8) cache: k_scale multiplies the
+// logits (with sm_scale), v_scale the output; 1 without the scales operand.
+__device__ __forceinline__ float KScale(const AttentionParams& p) {
+  return p.kv_scales != nullptr ? __ldg(p.kv_scales) : 1.f;
+}
+__device__ __forceinline__ float VScale(const AttentionParams& p) {
+  return p.kv_scales != nullptr ? __ldg(p.kv_scales + 1) : 1.f;
+}
+
 }  // namespace jax_pagedattn

@@ -195,7 +195,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
   const bool causal = p.causal;
   const bool rope = p.pos_encoding == PosEncoding::kRopeLlama;
   const bool alibi = p.pos_encoding == PosEncoding::kAlibi;
-  const float scale_log2 = p.sm_scale * kLog2e;
+  const float scale_log2 = p.sm_scale * kLog2e * KScale(p);
   const SoftCap soft_cap{p};
   // Key j is in the window of the query at qpos when j - qpos >= -window_left (always
   // without a window): one compare per element, and no per-row registers.
@@ -578,7 +578,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
     SoftmaxState st{l_tot > 0.0f ? m_tot : kNegInf, l_tot};
     float keep, unused;
     st.Merge(SinkState(p, kv_head * G + r % G, split), &keep, &unused);
-    const float inv = st.InvSum() * keep;
+    const float inv = st.InvSum() * keep * VScale(p);
     const float lse_v = st.Lse();
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[e] *= inv;

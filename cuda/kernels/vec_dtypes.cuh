@@ -2,14 +2,17 @@
 //
 // A uint4 holds 8 consecutive elements (element 0 in the low half of .x): the unit the
 // kernels load and store so that each thread moves 16 bytes per instruction. T is
-// __half or __nv_bfloat16. Self-contained: include it from any kernel.
+// __half or __nv_bfloat16; Unpack8 also reads fp8 caches (__nv_fp8_e4m3 / _e5m2), whose
+// 8 elements fill .x and .y only. Self-contained: include it from any kernel.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace jax_pagedattn {
 
@@ -52,10 +55,28 @@ __device__ __forceinline__ uint32_t PackPair<__half>(float a, float b) {
 
 template <typename T>
 __device__ __forceinline__ void Unpack8(const uint4& v, float (&f)[8]) {
-  const float2 a = UnpackPair<T>(v.x), b = UnpackPair<T>(v.y);
-  const float2 c = UnpackPair<T>(v.z), d = UnpackPair<T>(v.w);
-  f[0] = a.x; f[1] = a.y; f[2] = b.x; f[3] = b.y;
-  f[4] = c.x; f[5] = c.y; f[6] = d.x; f[7] = d.y;
+  if constexpr (sizeof(T) == 1) {
+    // fp8 (an fp8 cache's chunk is 8 bytes: .x and .y): pairs to half2 (one cvt on
+    // sm_89+, emulated before), then to float; exact.
+    constexpr __nv_fp8_interpretation_t kind =
+        std::is_same_v<T, __nv_fp8_e4m3> ? __NV_E4M3 : __NV_E5M2;
+    const uint32_t w[2] = {v.x, v.y};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const __nv_fp8x2_storage_t pair = __nv_fp8x2_storage_t(w[i / 2] >> (16 * (i % 2)));
+      const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(pair, kind);
+      __half2 hh;
+      memcpy(&hh, &h, sizeof(hh));
+      const float2 x = __half22float2(hh);
+      f[2 * i] = x.x;
+      f[2 * i + 1] = x.y;
+    }
+  } else {
+    const float2 a = UnpackPair<T>(v.x), b = UnpackPair<T>(v.y);
+    const float2 c = UnpackPair<T>(v.z), d = UnpackPair<T>(v.w);
+    f[0] = a.x; f[1] = a.y; f[2] = b.x; f[3] = b.y;
+    f[4] = c.x; f[5] = c.y; f[6] = d.x; f[7] = d.y;
+  }
 }
 
 template <typename T>

@@ -460,6 +460,7 @@ void Setup(const AttnCase& c, std::mt19937_64& rng, AttnSetup& s) {
   AttentionParams& p = s.params;
   p = AttentionParams{};
   p.dtype = c.dtype;
+  p.kv_dtype = p.dtype;
   p.q = s.q.data();
   p.out = s.out.data();
   p.lse = s.lse.data();

@@ -258,6 +258,7 @@ static bool RunCase(const Config& c, std::mt19937& rng, bool verbose_fail) {
   AttentionParams p{};
   p.dependent_launch = true;  // as the library launches by default (switches.py)
   p.dtype = c.dtype;
+  p.kv_dtype = p.dtype;
   p.q = d_q;
   p.out = d_out;
   p.lse = d_lse;
@@ -542,6 +543,7 @@ static void Bench(int batch, int kv_len, int chunk, KvLayout layout, std::mt1993
   AttentionParams p{};
   p.dependent_launch = true;  // as the library launches by default (switches.py)
   p.dtype = DType::kBF16;
+  p.kv_dtype = p.dtype;
   p.q = d_q;
   p.out = d_out;
   p.lse = d_lse;

@@ -263,6 +263,7 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
   AttentionParams p{};
   p.dependent_launch = true;  // as the library launches by default (switches.py)
   p.dtype = dt;
+  p.kv_dtype = p.dtype;
   p.q = d_q; p.out = d_out; p.lse = d_lse; p.q_rows = q_rows;
   p.num_qo_heads = Hqo; p.num_kv_heads = Hkv; p.head_dim = D; p.group_size = G;
   p.kv = MakePagedKv(kptr, cs.combined ? kptr : vptr, cs.combined, cs.layout, num_pages, ps, Hkv, D, 2);
@@ -633,6 +634,7 @@ static bool RunGarbage(std::mt19937& rng, int iters, DType dt) {
     AttentionParams p{};
     p.dependent_launch = true;  // as the library launches by default (switches.py)
     p.dtype = dt;
+    p.kv_dtype = p.dtype;
     p.q = d_q; p.out = g_out + guard; p.lse = reinterpret_cast<float*>(g_lse + guard);
     p.q_rows = q_rows;
     p.num_qo_heads = Hqo; p.num_kv_heads = Hkv; p.head_dim = D; p.group_size = G;
@@ -750,6 +752,7 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
   AttentionParams p{};
   p.dependent_launch = true;  // as the library launches by default (switches.py)
   p.dtype = DType::kBF16;
+  p.kv_dtype = p.dtype;
   p.q = d_q; p.out = d_out; p.lse = d_lse; p.q_rows = T;
   p.num_qo_heads = Hqo; p.num_kv_heads = Hkv; p.head_dim = D; p.group_size = G;
   p.kv = MakePagedKv(d_cache, d_cache, true, KvLayout::kNHD, pages, ps, Hkv, D, 2);

@@ -4,7 +4,8 @@
 //
 // Attention (targets jax_pagedattn_decode, jax_pagedattn_prefill):
 //   args:  q [T, Hqo, D], k_cache, v_cache (the same 5-D array twice when combined),
-//          plan int32 [PlanLayout::size()], sinks float32 [Hqo] or [0]
+//          plan int32 [PlanLayout::size()], sinks float32 [Hqo] or [0], scales float32
+//          [2] (k_scale, v_scale) or [0]
 //   rets:  out [T, Hqo, D] (q's dtype), lse [T, Hqo] float32, workspace uint8
 //   attrs: AttentionAttrs (attention_attrs.h), decoded from one attribute dictionary
 // Append (targets jax_pagedattn_append with one 5-D cache, jax_pagedattn_append_kv with
@@ -30,11 +31,12 @@ inline bool ToDType(ffi::DataType t, DType* out) {
     case ffi::DataType::F32: *out = DType::kF32; return true;
     case ffi::DataType::F16: *out = DType::kF16; return true;
     case ffi::DataType::BF16: *out = DType::kBF16; return true;
+    case ffi::DataType::F8E4M3FN: *out = DType::kF8E4M3; return true;
+    case ffi::DataType::F8E5M2: *out = DType::kF8E5M2; return true;
     default: return false;
   }
 }
 
-inline int ElemBytes(DType t) { return t == DType::kF32 ? 4 : 2; }
 
 // A cache buffer's shape for the attributes: combined [P, 2, S, H, D] (NHD) or
 // [P, 2, H, S, D] (HND); one array of a pair is the same without the axis of 2. Both
@@ -68,6 +70,7 @@ auto BindAttention(Binding b) {
       .template Arg<ffi::AnyBuffer>()               // v_cache
       .template Arg<ffi::Buffer<ffi::S32>>()        // plan
       .template Arg<ffi::Buffer<ffi::F32>>()        // sinks [num_qo_heads], or [0]: none
+      .template Arg<ffi::Buffer<ffi::F32>>()        // scales [2] (k_scale, v_scale), or [0]
       .template Ret<ffi::AnyBuffer>()               // out
       .template Ret<ffi::Buffer<ffi::F32>>()        // lse
       .template Ret<ffi::Buffer<ffi::U8>>()         // workspace
@@ -79,6 +82,7 @@ struct AttentionBuffers {
   ffi::AnyBuffer q, k_cache, v_cache;
   ffi::Buffer<ffi::S32> plan;
   ffi::Buffer<ffi::F32> sinks;
+  ffi::Buffer<ffi::F32> scales;
   ffi::Result<ffi::AnyBuffer> out;
   ffi::ResultBuffer<ffi::F32> lse;
   ffi::ResultBuffer<ffi::U8> workspace;
@@ -91,9 +95,14 @@ inline ffi::Error MakeAttentionParams(AttentionBuffers b, const AttentionAttrs& 
   *p = AttentionParams{};
   static_cast<AttentionAttrs&>(*p) = a;
   const ffi::AnyBuffer q = b.q, k_cache = b.k_cache, v_cache = b.v_cache;
-  if (!ToDType(q.element_type(), &p->dtype) || k_cache.element_type() != q.element_type() ||
-      v_cache.element_type() != q.element_type() || b.out->element_type() != q.element_type())
-    return ffi::Error::InvalidArgument("jax_pagedattn: q, caches and out must share one of f32/f16/bf16");
+  if (!ToDType(q.element_type(), &p->dtype) || IsFp8(p->dtype) ||
+      b.out->element_type() != q.element_type())
+    return ffi::Error::InvalidArgument("jax_pagedattn: q and out must share one of f32/f16/bf16");
+  if (!ToDType(k_cache.element_type(), &p->kv_dtype) ||
+      v_cache.element_type() != k_cache.element_type() ||
+      !(p->kv_dtype == p->dtype || (IsFp8(p->kv_dtype) && p->dtype != DType::kF32)))
+    return ffi::Error::InvalidArgument(
+        "jax_pagedattn: the caches must have q's dtype, or an fp8 type beside an f16/bf16 q");
   auto qd = q.dimensions();
   if (qd.size() != 3 || qd[1] != a.num_qo_heads || qd[2] != a.head_dim)
     return ffi::Error::InvalidArgument("jax_pagedattn: q must be [tokens, num_qo_heads, head_dim]");
@@ -110,6 +119,9 @@ inline ffi::Error MakeAttentionParams(AttentionBuffers b, const AttentionAttrs& 
   const int64_t num_sinks = int64_t(b.sinks.element_count());
   if (num_sinks != 0 && num_sinks != a.num_qo_heads)
     return ffi::Error::InvalidArgument("jax_pagedattn: sinks must be [num_qo_heads] or empty");
+  const int64_t num_scales = int64_t(b.scales.element_count());
+  if (num_scales != 0 && num_scales != 2)
+    return ffi::Error::InvalidArgument("jax_pagedattn: scales must be [2] (k_scale, v_scale) or empty");
   ffi::Error cache_ok = CheckCacheShape(k_cache, a.combined, int32_t(a.kv_layout), a.page_size,
                                         a.num_kv_heads, a.head_dim);
   if (cache_ok.failure()) return cache_ok;
@@ -138,10 +150,12 @@ inline ffi::Error MakeAttentionParams(AttentionBuffers b, const AttentionAttrs& 
   p->out = b.out->untyped_data();
   p->lse = b.lse->typed_data();
   p->sinks = num_sinks != 0 ? b.sinks.typed_data() : nullptr;
+  p->kv_scales = num_scales != 0 ? b.scales.typed_data() : nullptr;
   p->q_rows = int32_t(qd[0]);
   p->group_size = a.num_qo_heads / a.num_kv_heads;
   p->kv = MakePagedKv(k_cache.untyped_data(), v_cache.untyped_data(), a.combined, a.kv_layout,
-                      int32_t(kd[0]), a.page_size, a.num_kv_heads, a.head_dim, ElemBytes(p->dtype));
+                      int32_t(kd[0]), a.page_size, a.num_kv_heads, a.head_dim,
+                      ElemBytes(p->kv_dtype));
 
   p->layout = layout;
   PointPlanSections(p, b.plan.typed_data());

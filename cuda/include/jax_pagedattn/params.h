@@ -16,7 +16,12 @@
 
 namespace jax_pagedattn {
 
-enum class DType : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
+// Element types: q, out and caches in f32 (CPU only), f16 or bf16; caches also in fp8
+// (e4m3fn, e5m2) beside an f16 / bf16 query.
+enum class DType : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2, kF8E4M3 = 3, kF8E5M2 = 4 };
+
+JPA_HOST_DEVICE bool IsFp8(DType t) { return t == DType::kF8E4M3 || t == DType::kF8E5M2; }
+JPA_HOST_DEVICE int ElemBytes(DType t) { return t == DType::kF32 ? 4 : IsFp8(t) ? 1 : 2; }
 
 // A paged K/V cache as two base pointers and element strides. The same struct covers
 // the 5-D combined cache ([P, 2, S, H, D] NHD / [P, 2, H, S, D] HND; v = k + one half
@@ -71,11 +76,15 @@ inline PagedKv MakePagedKv(const void* k, const void* v, bool combined, KvLayout
 // GPU's split bookkeeping: how many partial rows of a token's GQA group are written;
 // the CPU backend leaves them).
 struct AttentionParams : AttentionAttrs {
-  DType dtype;
+  DType dtype;     // q and out
+  DType kv_dtype;  // the cache: dtype, or an fp8 type beside an f16 / bf16 q
   const void* q;
   void* out;
   float* lse;
   const float* sinks;  // [num_qo_heads] sink logits (natural log, unscaled); nullptr: none
+  // [2]: k_scale (multiplies the logits, with sm_scale) and v_scale (multiplies the
+  // output), FlashInfer's dequantisation scales; nullptr: both 1.
+  const float* kv_scales;
   int32_t q_rows;
   int32_t group_size;  // num_qo_heads / num_kv_heads
   PagedKv kv;

@@ -355,7 +355,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
   const bool causal = p.causal;
   const bool rope = p.pos_encoding == PosEncoding::kRopeLlama;
   const bool alibi = p.pos_encoding == PosEncoding::kAlibi;
-  const float scale_log2 = p.sm_scale * kLog2e;
+  const float scale_log2 = p.sm_scale * kLog2e * KScale(p);
   const SoftCap soft_cap{p};
   const bool window = p.window_left >= 0;
   // The unmasked path takes the row max of raw scores, which needs a positive scale.
@@ -604,7 +604,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       SoftmaxState st{l_run[h] > 0.f ? m_run[h] : kNegInf, l_run[h]};
       float keep, unused;
       st.Merge(SinkState(p, kv_head * G + (it.row_begin + rr[h]) % G, it.split), &keep, &unused);
-      inv[h] = st.InvSum() * keep;
+      inv[h] = st.InvSum() * keep * VScale(p);
       lse[h] = st.Lse();
     }
     int64_t hrow[2];  // (token, head) index of each row
