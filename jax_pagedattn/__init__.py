@@ -11,6 +11,7 @@ from jax_pagedattn.page import append_paged_kv_cache, get_batch_indices_position
 from jax_pagedattn.planning import Plan
 from jax_pagedattn.prefill import (BatchAttentionWithAttentionSinkWrapper,
                                    BatchPrefillWithPagedKVCacheWrapper)
+from jax_pagedattn.ragged import BatchPrefillWithRaggedKVCacheWrapper
 from jax_pagedattn import sharding  # Shards, shard_plan, ShardedPlan, heads_per_shard, ...
 from jax_pagedattn import primitives as _primitives  # registers the lowerings
 
@@ -20,6 +21,7 @@ __all__ = [
     "BatchAttentionWithAttentionSinkWrapper",
     "BatchDecodeWithPagedKVCacheWrapper",
     "BatchPrefillWithPagedKVCacheWrapper",
+    "BatchPrefillWithRaggedKVCacheWrapper",
     "MultiLevelCascadeAttentionWrapper",
     "Plan",
     "append_paged_kv_cache",

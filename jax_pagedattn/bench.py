@@ -10,6 +10,12 @@ each layer with its own cache, sharing one fresh plan per step, against FlashInf
 plan() plus L run() calls (bench_model.py). The presets `model16` and `model32` are
 the headline rows at 16 and 32 layers.
 
+`prefill --ragged` is issue 15's ragged row: the same workloads (names get '-ragged'), with
+ours as BatchPrefillWithRaggedKVCacheWrapper and flashinfer-fa2 / flashinfer-fa3 as
+FlashInfer's BatchPrefillWithRaggedKVCacheWrapper, both reading every request's keys
+contiguous (ragged K/V gathered from the paged cache once, untimed; the other systems
+still read the cache as without --ragged).
+
 `--preset cascade` is issue 15's cascade row: 64 requests sharing a 16k-key prefix (the
 same pages) plus 512 keys each, timed as plain decode over every request's pages and
 as `cascade` (MultiLevelCascadeAttentionWrapper: the prefix read once for the batch);
@@ -49,6 +55,7 @@ Examples:
   python -m jax_pagedattn.bench decode --preset cascade --systems ours,cascade
   python -m jax_pagedattn.bench decode --batch 64 --kv-len lognormal:16:32768 --heads 32/8
   python -m jax_pagedattn.bench prefill --batch 8 --kv-len 256:2048 --head-dim 64
+  python -m jax_pagedattn.bench prefill --ragged --preset design --systems ours,flashinfer-fa2,flashinfer-fa3
   python -m jax_pagedattn.bench decode --batch 2 --kv-len 64 --heads 4/2 --head-dim 64 --quick
 """
 
@@ -103,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--shared-prefix", type=int, default=0,
                  help="decode: keys (whole pages) at the start of every request of a custom "
                       "batch that all requests share, before its --kv-len own keys")
+  g.add_argument("--ragged", action="store_true",
+                 help="prefill: ours and FlashInfer on ragged (contiguous) K/V, "
+                      "BatchPrefillWithRaggedKVCacheWrapper, instead of the paged cache")
   g.add_argument("--no-causal", action="store_true", help="prefill without a causal mask")
   g.add_argument("--pos-encoding", default="NONE", choices=("NONE", "ROPE_LLAMA", "ALIBI"),
                  help="position encoding applied inside the attention")
@@ -158,6 +168,8 @@ def _workloads(args, kind: str) -> list[wl.Workload]:
   custom = args.batch is not None or args.kv_len is not None
   preset = args.preset if args.preset is not None else (None if custom else "all")
   layers = {} if args.layers is None or kind != "decode" else {"layers": args.layers}
+  if args.ragged:
+    common["ragged"] = True
   out = []
   if preset:
     table = wl.PRESETS[kind]
@@ -168,7 +180,8 @@ def _workloads(args, kind: str) -> list[wl.Workload]:
         raise SystemExit(f"unknown preset {name!r}; {kind} presets: {', '.join(table)}")
       batch, spec, overrides = wl.preset(kind, name)
       settings = {**common, **overrides, **layers}
-      out.append(wl.make_workload(_layers_name(name, settings), kind, batch, spec, **settings))
+      out.append(wl.make_workload(_ragged_name(_layers_name(name, settings), settings), kind,
+                                  batch, spec, **settings))
   if custom:
     batch = args.batch if args.batch is not None else 16
     spec = args.kv_len if args.kv_len is not None else ("4096" if kind == "decode" else "2048")
@@ -177,8 +190,14 @@ def _workloads(args, kind: str) -> list[wl.Workload]:
     if kind == "decode" and args.shared_prefix:
       settings["shared_prefix"] = args.shared_prefix
       name += f"-shared{args.shared_prefix}"
-    out.append(wl.make_workload(_layers_name(name, settings), kind, batch, spec, **settings))
+    out.append(wl.make_workload(_ragged_name(_layers_name(name, settings), settings), kind,
+                                batch, spec, **settings))
   return out
+
+
+def _ragged_name(name: str, settings: dict) -> str:
+  """A workload's name, marked when it is timed on ragged K/V (--ragged)."""
+  return name + wl.RAGGED_SUFFIX if settings.get("ragged") else name
 
 
 def _layers_name(name: str, settings: dict) -> str:
@@ -294,6 +313,8 @@ def main(argv=None) -> dict:
     wl.parse_heads(args.heads)
     if args.kv_len is not None:
       wl.parse_lengths(args.kv_len)
+    if args.ragged and args.kind != "prefill":
+      raise ValueError(f"--ragged is for prefill (ragged K/V), not {args.kind}")
     if args.shared_prefix < 0 or args.shared_prefix % args.page_size:
       raise ValueError(f"--shared-prefix must be whole pages (a multiple of --page-size "
                        f"{args.page_size}), got {args.shared_prefix}")

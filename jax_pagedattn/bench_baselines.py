@@ -52,10 +52,17 @@ class Case:
   opts: Options
   platform: str  # jax device platform: "cpu" or "gpu"
   _ref: object = None
+  _ragged: object = None
 
   @property
   def rotations(self) -> int:
     return len(self.sets)
+
+  def ragged_kv(self) -> tuple:
+    """(k, v) of each page set as ragged K/V (bench_workloads.ragged_kv), made once."""
+    if self._ragged is None:
+      self._ragged = tuple(wl.ragged_kv(self.w, self.cache, s) for s in self.sets)
+    return self._ragged
 
   def reference(self) -> np.ndarray:
     """float32 output of the jax.numpy paged reference on page set 0 (computed once)."""
@@ -142,13 +149,14 @@ def run_ours(case: Case, *, tensor_cores: bool = False) -> dict:
   import jax
 
   import jax_pagedattn
-  from jax_pagedattn import planning
 
   native = jax_pagedattn.native_platforms()
   if _platform_name(case) not in native:
     raise Skip(f"jax_pagedattn has no native kernel for {case.platform} in this build "
                f"(native: {native or 'none'}); it would time its jax.numpy fallback")
   w = case.w
+  if w.ragged:
+    return _run_ours_ragged(case)
   decode = w.kind == "decode"
   if decode:
     wrapper = jax_pagedattn.BatchDecodeWithPagedKVCacheWrapper(
@@ -179,37 +187,89 @@ def run_ours(case: Case, *, tensor_cores: bool = False) -> dict:
 
   result = _time_jax_system(case, step, case.q, case.cache, device_plans)
   if case.opts.host:
-    s0, cfg = case.sets[0], plans[0].config
-    spec = planning.plan_spec(page_size=w.page_size, group_size=cfg.group_size,
-                              tile_rows=cfg.tile_rows, causal=cfg.causal, caps=cfg.caps,
-                              decode_names=decode)
-    result["plan_host_us"] = 1e6 * timing.time_host(lambda: planning.plan_host(
-        None if decode else wl.qo_indptr(w), s0.kv_indptr, s0.kv_indices, s0.kv_last_page_len,
-        spec), case.cfg)
-    result["wrapper_plan_us"] = 1e6 * timing.time_host(lambda: plan(s0), case.cfg)
+    s0 = case.sets[0]
     one = jax.jit(step)
-    result["step_us"] = 1e6 * timing.time_host(
-        lambda: jax.block_until_ready(one(case.q, case.cache, plans[0])), case.cfg)
-    result["step_with_plan_us"] = 1e6 * timing.time_host(
-        lambda: jax.block_until_ready(one(case.q, case.cache, plan(s0))), case.cfg)
-    result["step_overhead_us"] = result["step_with_plan_us"] - result["time_us"]
-    # A serving loop plans step n + 1 while the device runs step n: steps with a fresh
-    # plan each, dispatched back to back, each one's output the next one's query. Per
-    # step in the steady state (the loop's fill and final sync cancel, as in the chain
-    # timing of time_us); the whole loop's average, from the same loops, beside it.
-    steps = 32
-
-    def pipelined(n):
-      q = case.q
-      for _ in range(n):
-        q = one(q, case.cache, plan(s0))
-      jax.block_until_ready(q)
-
-    steady_s, whole_s = timing.time_host_steady(pipelined, steps, case.cfg)
-    result["step_pipelined_us"] = 1e6 * steady_s
-    result["pipelined_overhead_us"] = result["step_pipelined_us"] - result["time_us"]
-    result["step_pipelined_whole_loop_us"] = 1e6 * whole_s
+    result.update(_host_costs(
+        case, result, plans[0].config,
+        (None if decode else wl.qo_indptr(w), s0.kv_indptr, s0.kv_indices, s0.kv_last_page_len),
+        make_plan=lambda: plan(s0), call=lambda q, p: one(q, case.cache, p),
+        decode_names=decode))
   return result
+
+
+def _run_ours_ragged(case: Case) -> dict:
+  """Ours on ragged K/V: BatchPrefillWithRaggedKVCacheWrapper, one plan (every page set
+  has the same lengths), the calls cycling over the sets' K/V."""
+  import jax
+
+  import jax_pagedattn
+
+  w = case.w
+  wrapper = jax_pagedattn.BatchPrefillWithRaggedKVCacheWrapper(kv_layout=w.kv_layout)
+  qo, kv = wl.qo_indptr(w), wl.kv_indptr(w)
+
+  def plan():
+    return wrapper.plan(qo, kv, w.num_qo_heads, w.num_kv_heads, w.head_dim, causal=w.causal,
+                        pos_encoding_mode=w.pos_encoding, q_data_type=w.dtype)
+
+  host_plan = plan()
+  device_plan = jax.tree.map(jax.device_put, host_plan)  # on the device, as in run_ours
+
+  def step(q, p, kv):
+    return wrapper.run(q, kv[0], kv[1], plan=p)
+
+  kvs = case.ragged_kv()
+  result = _time_jax_system(case, step, case.q, device_plan, kvs)
+  if case.opts.host:
+    one = jax.jit(step)
+    nnz = int(kv[-1])
+    # The planner's input: the identity page table of one-key pages (ragged.py).
+    tables = (qo, kv, np.arange(nnz, dtype=np.int32),
+              np.minimum(np.diff(kv), 1).astype(np.int32))
+    result.update(_host_costs(case, result, host_plan.config, tables, make_plan=plan,
+                              call=lambda q, p: one(q, p, kvs[0]), decode_names=False))
+  result["note"] = "ragged K/V"
+  return result
+
+
+def _host_costs(case: Case, result: dict, config, tables, *, make_plan, call,
+                decode_names: bool) -> dict:
+  """Host costs of one of our systems: the planner alone on `tables` (its index arrays),
+  the wrapper's plan() (`make_plan`), and jitted single-op steps (`call(q, plan)`) with
+  a kept and with a fresh plan, alone and pipelined; `result` holds the op's time_us."""
+  import jax
+
+  from jax_pagedattn import planning
+
+  cfg = case.cfg
+  spec = planning.plan_spec(page_size=config.page_size, group_size=config.group_size,
+                            tile_rows=config.tile_rows, causal=config.causal, caps=config.caps,
+                            decode_names=decode_names)
+  out = {"plan_host_us": 1e6 * timing.time_host(lambda: planning.plan_host(*tables, spec), cfg),
+         "wrapper_plan_us": 1e6 * timing.time_host(make_plan, cfg)}
+  kept = make_plan()
+  out["step_us"] = 1e6 * timing.time_host(
+      lambda: jax.block_until_ready(call(case.q, kept)), cfg)
+  out["step_with_plan_us"] = 1e6 * timing.time_host(
+      lambda: jax.block_until_ready(call(case.q, make_plan())), cfg)
+  out["step_overhead_us"] = out["step_with_plan_us"] - result["time_us"]
+  # A serving loop plans step n + 1 while the device runs step n: steps with a fresh
+  # plan each, dispatched back to back, each one's output the next one's query. Per
+  # step in the steady state (the loop's fill and final sync cancel, as in the chain
+  # timing of time_us); the whole loop's average, from the same loops, beside it.
+  steps = 32
+
+  def pipelined(n):
+    q = case.q
+    for _ in range(n):
+      q = call(q, make_plan())
+    jax.block_until_ready(q)
+
+  steady_s, whole_s = timing.time_host_steady(pipelined, steps, cfg)
+  out["step_pipelined_us"] = 1e6 * steady_s
+  out["pipelined_overhead_us"] = out["step_pipelined_us"] - result["time_us"]
+  out["step_pipelined_whole_loop_us"] = 1e6 * whole_s
+  return out
 
 
 def run_cascade(case: Case) -> dict:
@@ -478,6 +538,8 @@ def run_flashinfer(case: Case, *, mode: str) -> dict:
   q0 = to_torch(case.q)
   workspace = torch.empty(case.opts.fi_workspace_mb << 20, dtype=torch.uint8, device="cuda")
   qo = torch.from_numpy(wl.qo_indptr(w))
+  if w.ragged:
+    return _run_flashinfer_ragged(case, torch, flashinfer, mode, workspace, qo, q0, tdtype)
 
   def host_args(s):
     # Index pointers on the host (FlashInfer's plan() reads them there), pages on the GPU.
@@ -519,6 +581,33 @@ def run_flashinfer(case: Case, *, mode: str) -> dict:
     result["wrapper_plan_us"] = 1e6 * timing.time_host(lambda: plan(wrappers[0], args[0]),
                                                        case.cfg)
   result["flashinfer_version"] = getattr(flashinfer, "__version__", "?")
+  return result
+
+
+def _run_flashinfer_ragged(case: Case, torch, flashinfer, mode, workspace, qo, q0,
+                           tdtype) -> dict:
+  """FlashInfer's BatchPrefillWithRaggedKVCacheWrapper on the same ragged K/V as ours:
+  one plan (every page set has the same lengths), the calls cycling over the sets' K/V."""
+  w = case.w
+  kv = torch.from_numpy(wl.kv_indptr(w))
+  wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, w.kv_layout,
+                                                            backend=mode)
+
+  def plan():
+    wrapper.plan(qo_indptr=qo, kv_indptr=kv, num_qo_heads=w.num_qo_heads,
+                 num_kv_heads=w.num_kv_heads, head_dim_qk=w.head_dim, causal=w.causal,
+                 pos_encoding_mode=w.pos_encoding, q_data_type=tdtype, kv_data_type=tdtype)
+
+  plan()
+  kvs = [(to_torch(k), to_torch(v)) for k, v in case.ragged_kv()]
+  result = check_output(case, lambda: wrapper.run(q0, *kvs[0]).float().cpu().numpy())
+  n = len(kvs)
+  t = timing.time_torch_chain(lambda i, q: wrapper.run(q, *kvs[i % n]), q0, cfg=case.cfg)
+  result.update(t.as_dict())
+  if case.opts.host:
+    result["wrapper_plan_us"] = 1e6 * timing.time_host(plan, case.cfg)
+  result["flashinfer_version"] = getattr(flashinfer, "__version__", "?")
+  result["note"] = "ragged K/V"
   return result
 
 

@@ -215,6 +215,9 @@ class Workload:
   # Decode: the first `shared_prefix` keys of every request are one prefix on the same
   # pages (whole pages), included in kv_lens; the rest are the request's own.
   shared_prefix: int = 0
+  # Prefill: the systems that can (ours, FlashInfer) read ragged K/V, every request's
+  # keys contiguous (`ragged_kv`), instead of the paged cache.
+  ragged: bool = False
 
   @property
   def batch(self) -> int:
@@ -283,14 +286,15 @@ class Workload:
                 kv_layout=self.kv_layout, dtype=self.dtype, causal=self.causal,
                 kv_bytes=self.kv_bytes, bytes_moved=self.bytes_moved, flops=self.flops,
                 layers=self.layers, pos_encoding=self.pos_encoding,
-                shared_prefix=self.shared_prefix)
+                shared_prefix=self.shared_prefix, ragged=self.ragged)
 
 
 def make_workload(name, kind, batch, length_spec, *, heads=(32, 8), head_dim=128, page_size=16,
                   kv_layout="NHD", dtype="bfloat16", causal=True, prefix=0, seed=0,
-                  layers=1, pos_encoding="NONE", shared_prefix=0) -> Workload:
+                  layers=1, pos_encoding="NONE", shared_prefix=0, ragged=False) -> Workload:
   """Draws the lengths (seeded by the workload name too, so each preset keeps its lengths
-  when other presets are added or removed from a sweep)."""
+  when other presets are added or removed from a sweep; a model-shaped row '...-L16' and
+  a ragged row '...-ragged' draw those of the plain row)."""
   if batch < 1:
     raise ValueError(f"batch must be >= 1, got {batch}")
   if page_size < 1:
@@ -302,9 +306,10 @@ def make_workload(name, kind, batch, length_spec, *, heads=(32, 8), head_dim=128
   if shared_prefix < 0 or shared_prefix % page_size or (shared_prefix and kind != "decode"):
     raise ValueError(f"--shared-prefix must be whole pages (a multiple of the page size "
                      f"{page_size}) and is for decode only, got {shared_prefix} ({kind})")
-  # A model-shaped row ('64x4096-L16') draws the lengths of its single-op row.
-  suffix = f"-L{layers}"
-  base = name[:-len(suffix)] if layers > 1 and name.endswith(suffix) else name
+  if ragged and kind != "prefill":
+    raise ValueError(f"--ragged is for prefill only, got {kind}")
+  suffix = RAGGED_SUFFIX if ragged else f"-L{layers}" if layers > 1 else None
+  base = name[:-len(suffix)] if suffix and name.endswith(suffix) else name
   rng = np.random.default_rng([seed, _stable_hash(base)])
   lens = parse_lengths(length_spec)(batch, rng)
   if kind == "decode":
@@ -318,7 +323,11 @@ def make_workload(name, kind, batch, length_spec, *, heads=(32, 8), head_dim=128
                   kv_layout=kv_layout, dtype=canonical_dtype(dtype),
                   causal=bool(causal) if kind == "prefill" else False, length_spec=str(length_spec),
                   layers=int(layers), pos_encoding=str(pos_encoding),
-                  shared_prefix=int(shared_prefix))
+                  shared_prefix=int(shared_prefix), ragged=bool(ragged))
+
+
+# Appended to the name of a prefill workload timed on ragged K/V (`--ragged`).
+RAGGED_SUFFIX = "-ragged"
 
 
 def _stable_hash(text: str) -> int:
@@ -406,6 +415,40 @@ def qo_indptr(w: Workload) -> np.ndarray:
   out = np.zeros(w.batch + 1, np.int32)
   out[1:] = np.cumsum(w.qo_lens)
   return out
+
+
+def kv_indptr(w: Workload) -> np.ndarray:
+  """Row offsets of each request's keys in ragged K/V."""
+  out = np.zeros(w.batch + 1, np.int32)
+  out[1:] = np.cumsum(w.kv_lens)
+  return out
+
+
+def ragged_kv(w: Workload, cache, s: PageSet):
+  """The keys and values of page set `s`, every request's contiguous (FlashInfer's ragged
+  tensors): `[kv_tokens, Hkv, D]` for NHD, `[Hkv, kv_tokens, D]` for HND, on the cache's
+  device. The same numbers as the paged cache holds, so the paged reference checks a
+  ragged system too; made once per set, outside the timing."""
+  import jax
+  import jax.numpy as jnp
+
+  # Flat key slot (page position in the set's page list * page_size + slot) of each
+  # request's keys, in order: request b's start at kv_indptr[b] * page_size.
+  rows = np.concatenate([s.kv_indptr[b] * w.page_size + np.arange(n)
+                         for b, n in enumerate(w.kv_lens.tolist())]).astype(np.int32)
+
+  @jax.jit
+  def gather(cache, pages, rows):
+    kv = cache[pages]  # [P, 2, page, Hkv, D] (NHD) or [P, 2, Hkv, page, D] (HND)
+    if w.kv_layout == "HND":
+      kv = jnp.swapaxes(kv, 2, 3)
+    k = kv[:, 0].reshape(-1, w.num_kv_heads, w.head_dim)[rows]
+    v = kv[:, 1].reshape(-1, w.num_kv_heads, w.head_dim)[rows]
+    if w.kv_layout == "HND":
+      k, v = jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)
+    return k, v
+
+  return jax.block_until_ready(gather(cache, jnp.asarray(s.kv_indices), jnp.asarray(rows)))
 
 
 def ragged_maps(w: Workload):

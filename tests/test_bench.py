@@ -251,6 +251,63 @@ def test_cli_cascade_json(tmp_path, capsys):
   assert "Cascade over our best plain decode of the same batch" in md.read_text()
 
 
+@pytest.mark.parametrize("layout, prefix", [("NHD", "0"), ("HND", "24")])
+def test_cli_prefill_ragged_json(tmp_path, layout, prefix):
+  """--ragged: ours on ragged K/V (BatchPrefillWithRaggedKVCacheWrapper) checked against
+  the paged reference of the same keys, with and without cached keys before the new
+  tokens, in both layouts; FlashInfer's ragged systems skip where it is absent."""
+  out = tmp_path / "ragged.json"
+  bench.main(["prefill", *TINY, "--ragged", "--layout", layout, "--prefix", prefix,
+              "--systems", "ours,flashinfer-fa2,flashinfer-fa3", "--json", str(out)])
+  doc = _load(out)
+  (key, w), = doc["workloads"].items()
+  assert key == "prefill/2x64-ragged" and w["ragged"] and w["kv_len_min"] == 64 + int(prefix)
+  res = _by_system(doc)
+  r = res["ours"]
+  assert r["status"] == "ok", r.get("message")
+  assert r["rel_err"] < 2e-2 and r["note"] == "ragged K/V" and r["value"] > 0
+  for field in ("plan_host_us", "wrapper_plan_us", "step_us", "step_with_plan_us",
+                "step_pipelined_us"):
+    assert r[field] > 0, field
+  for name in ("flashinfer-fa2", "flashinfer-fa3"):
+    assert res[name]["status"] == "skipped" and res[name]["message"]
+
+
+def test_ragged_workload_keeps_the_paged_rows_lengths_and_keys():
+  """A '-ragged' row draws its paged row's lengths; its ragged K/V are exactly the keys
+  and values the paged cache holds for each request, in order."""
+  import jax
+
+  for name in ("lognormal16", "8x1024+4096"):
+    batch, spec, over = wl.preset("prefill", name)
+    paged = wl.make_workload(name, "prefill", batch, spec, **over)
+    ragged = wl.make_workload(name + wl.RAGGED_SUFFIX, "prefill", batch, spec, ragged=True,
+                              **over)
+    assert ragged.ragged and np.array_equal(paged.kv_lens, ragged.kv_lens)
+    assert np.array_equal(paged.qo_lens, ragged.qo_lens)
+  with pytest.raises(ValueError, match="ragged"):
+    wl.make_workload("x", "decode", 2, "8", ragged=True)
+  for layout in ("NHD", "HND"):
+    w = wl.make_workload("r", "prefill", 3, "1:40", heads=(4, 2), head_dim=64, page_size=16,
+                         prefix=5, kv_layout=layout, ragged=True)
+    pool, sets = wl.build_page_sets(w, 2, seed=0)
+    cache = np.asarray(wl.random_cache(w, pool, jax.random.key(0)))
+    kv = wl.kv_indptr(w)
+    for s in sets:
+      k, v = (np.asarray(x) for x in wl.ragged_kv(w, cache, s))
+      if layout == "HND":
+        k, v = k.swapaxes(0, 1), v.swapaxes(0, 1)
+      assert k.shape == (int(w.kv_lens.sum()), 2, 64)
+      for b in range(w.batch):
+        pages = cache[s.kv_indices[s.kv_indptr[b]:s.kv_indptr[b + 1]]]
+        if layout == "HND":
+          pages = pages.swapaxes(2, 3)
+        want_k = pages[:, 0].reshape(-1, 2, 64)[:w.kv_lens[b]]
+        want_v = pages[:, 1].reshape(-1, 2, 64)[:w.kv_lens[b]]
+        np.testing.assert_array_equal(k[kv[b]:kv[b + 1]], want_k)
+        np.testing.assert_array_equal(v[kv[b]:kv[b + 1]], want_v)
+
+
 def test_cli_rejects_bad_arguments():
   with pytest.raises(SystemExit):
     bench.main(["decode", "--kv-len", "zipf:9", "--quick"])
@@ -260,6 +317,8 @@ def test_cli_rejects_bad_arguments():
     bench.main(["prefill", "--preset", "nonesuch", "--quick"])
   with pytest.raises(SystemExit):
     bench.main(["decode", "--shared-prefix", "20", "--quick"])  # not whole pages of 16
+  with pytest.raises(SystemExit):
+    bench.main(["decode", "--ragged", "--quick"])  # ragged K/V is a prefill input
 
 
 def test_cli_model_step_json(tmp_path, capsys):
