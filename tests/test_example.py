@@ -5,12 +5,21 @@ must equal those of the dense float32 model token for token. The page pool is ma
 tight so that requests are preempted and recomputed, and prompts are chunked, so the
 check covers those paths too. The jnp reference attention must then give the very same
 tokens.
+
+`--tp 2` and `--tp 4` serve the same run tensor parallel on host CPU devices: 4 is more
+than the tiny model's 2 KV heads, so its KV heads are replicated. The example asks jax
+for the devices itself (that is under test too); JAX_PLATFORMS=cpu keeps a machine with
+fewer GPUs on its host devices. Its --check then also serves the run on one device and
+requires the same tokens; the compiled step may hold only the all-reduces of the
+row-parallel projections, nothing that gathers q or the caches.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -28,11 +37,11 @@ ARGS = ["--config", "tiny", "--batch", "6", "--context", "160", "--num-requests"
         "--bench-steps", "1", "--bench-reps", "2"]
 
 
-def _serve(tmp_path, *extra):
+def _serve(tmp_path, *extra, env=None):
   out = tmp_path / "numbers.json"
   proc = subprocess.run([sys.executable, str(ROOT / "examples" / "serve_llama.py"), *ARGS,
                          "--json", str(out), *extra],
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=300, env=env)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   return json.loads(out.read_text()), proc.stdout
 
@@ -63,3 +72,36 @@ def test_reference_attention_gives_the_same_tokens(paged_run, tmp_path):
   numbers, _ = _serve(tmp_path, "--attention", "reference", "--bench-steps", "0")
   assert numbers["attention_backend"] == "jnp reference"
   assert numbers["output_digest"] == paged_run[0]["output_digest"]
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda tp: f"tp{tp}")
+def tp_run(request, tmp_path_factory):
+  tp = request.param
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  numbers, stdout = _serve(tmp_path_factory.mktemp(f"tp{tp}"), "--tp", str(tp), "--check",
+                           "--bench-steps", "0", env=env)
+  return tp, numbers, stdout
+
+
+def test_tensor_parallel_gives_the_tokens_of_one_device(tp_run, paged_run):
+  tp, numbers, stdout = tp_run
+  assert numbers["tp"] == tp
+  assert stdout.count("check PASSED") == 2, stdout
+  assert numbers["check"]["passed"] and numbers["check"]["mismatches"] == 0
+  assert numbers["same_as_tp1"] == {"passed": True, "tokens": numbers["output_tokens"],
+                                    "differing": 0, "near_ties": 0}
+  assert numbers["preemptions"] > 0
+  single = paged_run[0]
+  if (single["device"], single["dtype"]) == (numbers["device"], numbers["dtype"]):
+    assert numbers["output_digest"] == single["output_digest"]
+  if tp > 2:  # the tiny model has 2 KV heads
+    assert "each KV head replicated 2x" in stdout, stdout
+
+
+def test_tensor_parallel_step_only_all_reduces(tp_run):
+  _, numbers, _ = tp_run
+  comms = numbers["collectives"]
+  # Only [rows, hidden] partial sums: q is [rows, heads, head_dim], a cache 5-D.
+  assert comms and all(re.fullmatch(r"all-reduce f32\[\d+,256\]", op) for op in comms), comms
+  layers = 2  # the tiny config: one all-reduce after o_proj, one after down_proj
+  assert sum(comms.values()) == 2 * layers, comms

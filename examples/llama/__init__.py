@@ -6,6 +6,7 @@ attention  those attention callables: library wrappers, jnp over pages, dense
 allocator  host page pool
 scheduler  request queue, admission, chunked prefill, preemption
 engine     the jitted step, shape buckets, plans and compile log
+tensor_parallel  --tp N: the mesh, the weights' Megatron split, KV-head replication
 packing    a step's small index arrays sent as one host-to-device copy
 check      greedy tokens of the paged model vs a dense float32 run
 checkpoint model state to and from .npz / orbax

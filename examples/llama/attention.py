@@ -31,7 +31,10 @@ class LibraryAttention:
   name = "jax_pagedattn"
 
   def __init__(self, *, num_qo_heads, num_kv_heads, head_dim, page_size, num_pages,
-               max_batch, max_prefill_requests, max_prefill_tokens, dtype):
+               max_batch, max_prefill_requests, max_prefill_tokens, dtype, shards=None):
+    """With `shards` (heads split over devices) the head counts are one device's
+    (`sharding.heads_per_shard`): a plan is made once for them and replicated."""
+    self.shards = shards
     # Capacities are fixed up front, so every plan has the same static config and a
     # jitted step compiles once per shape bucket, never per plan.
     self.decode_wrapper = jpa.BatchDecodeWithPagedKVCacheWrapper(
@@ -44,11 +47,16 @@ class LibraryAttention:
 
   def plan_prefill(self, qo_indptr, kv_indptr, kv_indices, kv_last_page_len):
     """Host arrays of the live requests only (no padding); returns the Plan."""
-    return self.prefill_wrapper.plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
-                                     causal=True, **self._heads)
+    return self._placed(self.prefill_wrapper.plan(qo_indptr, kv_indptr, kv_indices,
+                                                  kv_last_page_len, causal=True, **self._heads))
 
   def plan_decode(self, kv_indptr, kv_indices, kv_last_page_len):
-    return self.decode_wrapper.plan(kv_indptr, kv_indices, kv_last_page_len, **self._heads)
+    return self._placed(self.decode_wrapper.plan(kv_indptr, kv_indices, kv_last_page_len,
+                                                 **self._heads))
+
+  def _placed(self, plan):
+    # A ShardedPlan makes run() call the kernels per device on its heads (shard_map).
+    return plan if self.shards is None else jpa.sharding.shard_plan(plan, self.shards)
 
   def prefill(self, q, cache, part):
     return self.prefill_wrapper.run(q, cache, plan=part["plan"])

@@ -54,16 +54,23 @@ class Compile:
 class Engine:
 
   def __init__(self, graphdef, state, cfg, backend, *, num_pages: int, page_size: int,
-               max_batch: int, max_prefill_requests: int, prefill_budget: int, dtype):
+               max_batch: int, max_prefill_requests: int, prefill_budget: int, dtype,
+               parallel=None):
+    """`parallel`: a tensor_parallel.TensorParallel when the model is split over
+    devices (then `state` is already placed by it and `cfg` is its served config)."""
     self.graphdef, self.state, self.cfg, self.backend = graphdef, state, cfg, backend
+    self.parallel = parallel
+    self.shards = parallel.shards if parallel is not None else None
     self.num_pages, self.page_size = num_pages, page_size
     self.max_prefill_requests = max_prefill_requests
     self.dtype = jnp.dtype(dtype)
     self.decode_buckets = buckets(max_batch, smallest=min(4, max_batch))
     self.prefill_buckets = buckets(prefill_budget, smallest=min(16, prefill_budget))
     # One 5-D NHD cache per layer: [pages, 2 (k, v), page_size, kv_heads, head_dim].
+    # Split over the mesh, each device allocates only its KV heads' share.
     shape = (num_pages, 2, page_size, cfg.num_kv_heads, cfg.head_dim)
-    self.caches = [jnp.zeros(shape, self.dtype) for _ in range(cfg.num_layers)]
+    where = parallel.cache_sharding() if parallel is not None else None
+    self.caches = [jnp.zeros(shape, self.dtype, device=where) for _ in range(cfg.num_layers)]
     self.compiles: list[Compile] = []
     self._step = jax.jit(self._forward, donate_argnums=1)
     # The same step with attention replaced by the identity (out = q; k/v still
@@ -72,6 +79,7 @@ class Engine:
     self._step_without_attention = jax.jit(
         functools.partial(self._forward, attention=False), donate_argnums=1)
     self.plan_seconds = 0.0  # host time in plan() during the last prepare()
+    self.last_inputs = None  # of the last step run
 
   @property
   def max_compiles(self) -> int:
@@ -136,6 +144,7 @@ class Engine:
     """Runs one step; returns the sampled tokens of (prefill requests, decode rows)."""
     step = self._step if attention else self._step_without_attention
     tokens, self.caches = step(self.state, self.caches, inputs)
+    self.last_inputs = inputs
     tokens = np.asarray(tokens)  # waits for the step: the scheduler needs the tokens
     num_prefill = self.max_prefill_requests if "prefill" in inputs else 0
     return tokens[:num_prefill], tokens[num_prefill:]
@@ -175,13 +184,18 @@ class Engine:
       rows = slice(offset, offset + size)
       cache = jpa.append_paged_kv_cache(k[rows], v[rows], batch_indices, positions, cache,
                                         part["kv_indices"], part["kv_indptr"],
-                                        part["kv_last_page_len"], kv_layout="NHD")
+                                        part["kv_last_page_len"], kv_layout="NHD",
+                                        shards=self.shards)
       run = self.backend.prefill if name == "prefill" else self.backend.decode
       outs.append(run(q[rows], cache, part) if attention else q[rows])
       offset += size
     return jnp.concatenate(outs), cache
 
   # ------------------------------------------------------------------ measurement
+
+  def compiled_text(self, inputs) -> str:
+    """The compiled HLO of the step for `inputs` (jit's cache has it once that step ran)."""
+    return self._step.lower(self.state, self.caches, inputs).compile().as_text()
 
   def attention_only(self):
     """A jitted function running only a decode part's attention, every layer, over the
