@@ -126,14 +126,16 @@ class BatchPrefillWithRaggedKVCacheWrapper:
     self._last = _RaggedPlan(plan, num_keys)
     return plan
 
-  def run(self, q, k, v, return_lse: bool = False, plan=None, sinks=None):
+  def run(self, q, k, v, return_lse: bool = False, plan=None, sinks=None, k_scale=None,
+          v_scale=None):
     """Prefill attention over ragged K/V: q [tokens, num_qo_heads, head_dim] -> out like q.
 
     k, v: `[nnz_kv, num_kv_heads, head_dim]` (NHD) or `[num_kv_heads, nnz_kv, head_dim]`
     (HND), one dtype, the plan's kv_data_type. With return_lse, also lse [tokens,
     num_qo_heads] float32, base 2 (a request without keys gives 0 and -inf, or the
     sink's logit in base 2 with sinks). `sinks`: float32 [num_qo_heads] attention-sink
-    logits, as in BatchAttentionWithAttentionSinkWrapper.
+    logits, as in BatchAttentionWithAttentionSinkWrapper. `k_scale` / `v_scale`: the
+    dequantisation scales, as in the paged wrappers' run().
 
     Outside jit k and v have exactly kv_indptr[-1] rows, as in FlashInfer. Inside
     jax.jit, with `plan=` passed in, they may have more (padding rows, never read; pad
@@ -162,7 +164,7 @@ class BatchPrefillWithRaggedKVCacheWrapper:
       k, v = jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)
     # [rows, Hkv, D] -> [rows, 1, Hkv, D]: NHD pages of one key, the same bytes.
     return self._paged.run(q, (k[:, None], v[:, None]), return_lse=return_lse, plan=plan,
-                           sinks=sinks)
+                           sinks=sinks, k_scale=k_scale, v_scale=v_scale)
 
   forward = run
 
