@@ -131,6 +131,26 @@ __device__ __forceinline__ KeySlot LookupKey(const AttentionParams& p, int64_t p
   return ks;
 }
 
+// One 8-element chunk of a K or V row into its 16-byte shared slot: all 16 bytes for a
+// 16-bit cache, the low 8 for an fp8 one (Unpack8 reads those).
+template <typename T>
+__device__ __forceinline__ void CopyChunk(uint4* dst, const T* src, bool pred, uint64_t policy) {
+#if JPA_DECODE_L2_EVICT_FIRST
+  if constexpr (sizeof(T) == 1) {
+    cp_async::Copy8(dst, src, pred, policy);
+  } else {
+    cp_async::Copy16(dst, src, pred, policy);
+  }
+#else
+  (void)policy;
+  if constexpr (sizeof(T) == 1) {
+    cp_async::Copy8(dst, src, pred);
+  } else {
+    cp_async::Copy16(dst, src, pred);
+  }
+#endif
+}
+
 // Starts the copies of one warp tile into `stage`. Lane `key` of the warp resolved key
 // `key` of the tile (`ks`); returns the bitmask of keys that were really loaded.
 template <typename T, int D>
@@ -151,25 +171,8 @@ __device__ __forceinline__ uint32_t IssueTile(uint4* stage, const T* k_base, con
     const long long row = __shfl_sync(kFullMask, off, key);
     const bool pred = (mask >> key) & 1u;
     const int dst = key * S::kChunks + (chunk ^ (key & 7));
-    if constexpr (sizeof(T) == 1) {  // fp8: a chunk of 8 elements is 8 bytes of its slot
-#if JPA_DECODE_L2_EVICT_FIRST
-      cp_async::Copy8(stage + dst, k_base + row + chunk * 8, pred, policy);
-      cp_async::Copy8(stage + S::kTileChunks + dst, v_base + row + chunk * 8, pred, policy);
-#else
-      (void)policy;
-      cp_async::Copy8(stage + dst, k_base + row + chunk * 8, pred);
-      cp_async::Copy8(stage + S::kTileChunks + dst, v_base + row + chunk * 8, pred);
-#endif
-    } else {
-#if JPA_DECODE_L2_EVICT_FIRST
-      cp_async::Copy16(stage + dst, k_base + row + chunk * 8, pred, policy);
-      cp_async::Copy16(stage + S::kTileChunks + dst, v_base + row + chunk * 8, pred, policy);
-#else
-      (void)policy;
-      cp_async::Copy16(stage + dst, k_base + row + chunk * 8, pred);
-      cp_async::Copy16(stage + S::kTileChunks + dst, v_base + row + chunk * 8, pred);
-#endif
-    }
+    CopyChunk(stage + dst, k_base + row + chunk * 8, pred, policy);
+    CopyChunk(stage + S::kTileChunks + dst, v_base + row + chunk * 8, pred, policy);
   }
   return mask;
 }
