@@ -12,6 +12,7 @@ from jax_pagedattn.planning import Plan
 from jax_pagedattn.prefill import (BatchAttentionWithAttentionSinkWrapper,
                                    BatchPrefillWithPagedKVCacheWrapper)
 from jax_pagedattn.ragged import BatchPrefillWithRaggedKVCacheWrapper
+from jax_pagedattn.rpa import ragged_paged_attention
 from jax_pagedattn import sharding  # Shards, shard_plan, ShardedPlan, heads_per_shard, ...
 from jax_pagedattn import primitives as _primitives  # registers the lowerings
 
@@ -30,6 +31,7 @@ __all__ = [
     "merge_state_in_place",
     "merge_states",
     "native_platforms",
+    "ragged_paged_attention",
     "sharding",
 ]
 __version__ = "0.1.0"

@@ -220,7 +220,7 @@ class PagedAttentionWrapper:
       buffer = _eager_buffer(last, q)
     k_op, v_op = layout_lib.cache_operands(paged_kv_cache)
     sinks = _sink_operand(sinks, plan.config.num_qo_heads * _head_shards(plan))
-    scales = _scales_operand(k_scale, v_scale)
+    scales = scales_operand(k_scale, v_scale)
     out, lse, _ = sharding.bind_attention(primitive, q, k_op, v_op, buffer, sinks, scales, plan,
                                           info.combined)
     return (out, lse) if return_lse else out
@@ -264,7 +264,7 @@ def _fixed_split_pages(fixed_split_size) -> int:
   return n
 
 
-def _scales_operand(k_scale, v_scale):
+def scales_operand(k_scale, v_scale):
   """The attention call's scales operand: float32 [k_scale, v_scale] (a missing one is 1),
   or [0] when neither is given. Python floats or traced scalars."""
   if k_scale is None and v_scale is None:

@@ -1,9 +1,12 @@
 """Smoke tests of `python -m jax_pagedattn.bench` on the CPU: tiny decode and prefill
-sweeps through the CLI with --json, plus the workload arithmetic the numbers rest on."""
+sweeps through the CLI with --json, plus the workload arithmetic the numbers rest on;
+and of scripts/bench_rpa.py (the in-graph ragged decode loop against plan/run)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -357,3 +360,28 @@ def test_model_presets_keep_their_single_op_rows_lengths():
       b = wl.make_workload(row, "decode", *wl.preset("decode", row)[:2])
       assert a.layers == layers and np.array_equal(a.kv_lens, b.kv_lens)
   assert not any("-L" in n for n in wl.preset_names("decode", "all"))
+
+
+def _script(name: str):
+  """A module of scripts/ (not part of the installed package), loaded from its file."""
+  path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"scripts_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_bench_rpa_smoke(tmp_path, capsys):
+  """scripts/bench_rpa.py on a tiny batch: both decode loops and the planner alone are
+  timed, the two loops agree (--check), and the JSON holds the per-step numbers."""
+  out = tmp_path / "rpa.json"
+  _script("bench_rpa").main(["--batch", "3", "--kv-len", "20", "--heads", "4/2", "--head-dim",
+                             "64", "--steps", "2", "--reps", "1", "--layers", "2", "--check",
+                             "--json", str(out)])
+  assert "in-graph" in capsys.readouterr().out
+  doc = _load(out)
+  (r,) = doc["records"]
+  assert r["layers"] == 2 and r["batch"] == 3 and r["max_abs_diff"] < 1e-4
+  for loop in ("ingraph", "planrun", "planner"):
+    assert set(r[loop]) == {"us_per_step", "min_us", "max_us"}
+  assert r["ratio"] == pytest.approx(r["ingraph"]["us_per_step"] / r["planrun"]["us_per_step"])
