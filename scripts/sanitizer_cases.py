@@ -130,8 +130,52 @@ def main():
   want = on_cpu(reference.append_paged_kv_cache, kn, vn, bi, pos, cache, indices, indptr, last)
   check("append", got, want, tol=0)
 
+  features(rng, key, dt, hq, hk, d, small)
   garbage(rng, key, dt, hq, hk, d, rounds=1 if small else 2)
   print("sanitizer cases done")
+
+
+def features(rng, key, dt, hq, hk, d, small):
+  """Soft-cap, window and sinks on every kernel (on a batch with a split request, so the
+  sink's piece-0 rule and the merge run), fp8 caches with scales on the CUDA-core decode
+  kernel, and a garbage plan for the fp8 decode."""
+  ps, num_pages = 16, 128
+  cache = jax.random.normal(key, (num_pages, 2, ps, hk, d), dt)
+  pages = np.array([40 if small else 64, 1, 0, 5])
+  indptr = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
+  indices = rng.permutation(num_pages)[: indptr[-1]].astype(np.int32)
+  last = np.array([7, 1, 0, 16], np.int32)
+  sinks = jnp.asarray(rng.standard_normal(hq).astype(np.float32))
+  feats = dict(logits_soft_cap=20.0, window_left=300)
+  f32 = cache.astype(jnp.float32)
+  q = jax.random.normal(jax.random.key(10), (len(last), hq, d), dt)
+  for tc in (False, True):
+    w = jpa.BatchDecodeWithPagedKVCacheWrapper(use_tensor_cores=tc)
+    w.plan(indptr, indices, last, hq, hk, d, ps, q_data_type=dt, **feats)
+    out = w.run(q, cache, sinks=sinks)
+    want, _ = on_cpu(reference.batch_decode, q.astype(jnp.float32), f32, indptr, indices, last,
+                     sinks=np.asarray(sinks), **feats)
+    check(f"decode tc={tc} soft-cap, window, sinks", out, want)
+  qo_indptr = np.array([0, 30, 31, 31, 40], np.int32)
+  qp = jax.random.normal(jax.random.key(11), (40, hq, d), dt)
+  w = jpa.BatchPrefillWithPagedKVCacheWrapper()
+  w.plan(qo_indptr, indptr, indices, last, hq, hk, d, ps, causal=True, q_data_type=dt, **feats)
+  out = w.run(qp, cache, sinks=sinks)
+  want, _ = on_cpu(reference.batch_attention, qp.astype(jnp.float32), f32, qo_indptr, indptr,
+                   indices, last, causal=True, sinks=np.asarray(sinks), **feats)
+  check("prefill causal soft-cap, window, sinks", out, want)
+  for fp8 in (jnp.float8_e4m3fn, jnp.float8_e5m2):
+    cache8 = cache.astype(fp8)
+    w = jpa.BatchDecodeWithPagedKVCacheWrapper()
+    plan = w.plan(indptr, indices, last, hq, hk, d, ps, q_data_type=dt, kv_data_type=fp8)
+    out = w.run(q, cache8, k_scale=0.5, v_scale=2.0)
+    want, _ = on_cpu(reference.batch_decode, q.astype(jnp.float32), cache8.astype(jnp.float32),
+                     indptr, indices, last, k_scale=0.5, v_scale=2.0)
+    check(f"decode {jnp.dtype(fp8).name}", out, want, tol=6e-2)
+  step = jax.jit(lambda q, c, p: w.run(q, c, return_lse=True, plan=p, k_scale=0.5))
+  for kind in garbage_plans.KINDS:
+    jax.block_until_ready(step(q, cache8, garbage_plans.garbage_plan(plan, rng, kind)))
+  print("features: soft-cap / window / sinks on every kernel, fp8 decode, fp8 garbage plans")
 
 
 def garbage(rng, key, dt, hq, hk, d, rounds):
