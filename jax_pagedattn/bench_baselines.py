@@ -74,15 +74,7 @@ class Case:
     if self._ref is None and (self.w.pos_encoding != "NONE" or self.w.features.changes_math):
       # The jnp baseline has no position encodings and none of the features: the eager
       # oracle does them (it reads an fp8 cache as float32).
-      from jax_pagedattn import reference
-
-      s, f = self.sets[0], self.w.features
-      out, _ = reference.batch_attention(
-          self.q, self.cache, wl.qo_indptr(self.w), s.kv_indptr, s.kv_indices,
-          s.kv_last_page_len, kv_layout=self.w.kv_layout, causal=self.w.causal,
-          pos_encoding_mode=self.w.pos_encoding, logits_soft_cap=f.logits_soft_cap,
-          window_left=f.window_left, sinks=self.sinks, **fp8_scales(self.w))
-      self._ref = np.asarray(out, np.float32)
+      self._ref = self._oracle()
     if self._ref is None:
       import jax
 
@@ -90,6 +82,51 @@ class Case:
       out = jax.jit(functools.partial(_jnp_step, w=self.w))(self.q, consts, rots[0])
       self._ref = np.asarray(out, np.float32)
     return self._ref
+
+  def _oracle(self) -> np.ndarray:
+    """reference.batch_attention with the row's position encoding and features on page
+    set 0, a few consecutive requests per call (reference_groups)."""
+    from jax_pagedattn import reference
+
+    w, s, f = self.w, self.sets[0], self.w.features
+    qo = wl.qo_indptr(w)
+    outs = []
+    for b0, b1 in reference_groups(w):
+      p0, p1 = s.kv_indptr[b0], s.kv_indptr[b1]
+      out, _ = reference.batch_attention(
+          self.q[qo[b0]:qo[b1]], self.cache, qo[b0:b1 + 1] - qo[b0],
+          s.kv_indptr[b0:b1 + 1] - p0, s.kv_indices[p0:p1], s.kv_last_page_len[b0:b1],
+          kv_layout=w.kv_layout, causal=w.causal, pos_encoding_mode=w.pos_encoding,
+          logits_soft_cap=f.logits_soft_cap, window_left=f.window_left, sinks=self.sinks,
+          **fp8_scales(w))
+      outs.append(np.asarray(out, np.float32))
+    return np.concatenate(outs)
+
+
+# float32 elements of the eager oracle's largest padded tensor per call (4 GiB).
+REFERENCE_ELEMENTS = 1 << 30
+
+
+def reference_groups(w: wl.Workload) -> list[tuple[int, int]]:
+  """Consecutive request ranges [b0, b1) for the eager oracle, each small enough that its
+  padded tensors stay under REFERENCE_ELEMENTS: the logits (requests x queries x query
+  heads x keys) and the gathered K and V (requests x keys x kv heads x head_dim, twice),
+  with queries and keys padded to powers of two as reference.batch_attention pads them.
+  In one call, a batch like lognormal16's 8k-token prompts would not fit the device."""
+  def pow2(n):
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+  groups, start, q_max, k_max = [], 0, 0, 0
+  for b in range(w.batch):
+    q, k = max(q_max, int(w.qo_lens[b])), max(k_max, int(w.kv_lens[b]))
+    per_key = max(pow2(q) * w.num_qo_heads, 2 * w.num_kv_heads * w.head_dim)
+    size = (b - start + 1) * pow2(k) * per_key
+    if b > start and size > REFERENCE_ELEMENTS:
+      groups.append((start, b))
+      start, q, k = b, int(w.qo_lens[b]), int(w.kv_lens[b])
+    q_max, k_max = q, k
+  groups.append((start, w.batch))
+  return groups
 
 
 def fp8_scales(w: wl.Workload) -> dict:

@@ -435,6 +435,33 @@ def test_the_oracle_sees_every_feature():
   assert bench_baselines.rel_err(split, plain) == 0.0  # where a plan cuts is not math
 
 
+def test_the_oracle_splits_a_batch_it_cannot_hold_at_once(monkeypatch):
+  """The eager oracle runs a few requests per call where the padded batch would be too
+  big (lognormal16's prompts), with the same answer as one call."""
+  import jax
+
+  from jax_pagedattn import bench_timing
+
+  w = wl.make_workload("g-win9-sinks", "prefill", 5, "3:40", heads=(4, 2), head_dim=64,
+                       prefix=6, features=wl.Features(window_left=9, sinks=True))
+  pool, sets = wl.build_page_sets(w, 1, seed=0)
+  cache, q = wl.make_device_inputs(w, pool, 0)
+
+  def oracle():
+    return bench_baselines.Case(w=w, pool=pool, sets=sets, cache=cache, q=q,
+                                cfg=bench_timing.TimingConfig(), opts=bench_baselines.Options(),
+                                platform=jax.devices()[0].platform,
+                                sinks=wl.make_sinks(w, 0)).reference()
+
+  assert bench_baselines.reference_groups(w) == [(0, 5)]
+  whole = oracle()
+  monkeypatch.setattr(bench_baselines, "REFERENCE_ELEMENTS", 64 * 4 * 64)
+  groups = bench_baselines.reference_groups(w)
+  assert len(groups) > 1 and groups[0][0] == 0 and groups[-1][1] == 5
+  assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+  np.testing.assert_allclose(oracle(), whole, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["decode", "prefill"])
 @pytest.mark.parametrize("flag", list(FEATURE_FLAGS), ids=lambda f: "".join(f))
 def test_cli_feature_flags(tmp_path, capsys, kind, flag):
