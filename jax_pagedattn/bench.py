@@ -143,13 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
   f.add_argument("--kv-dtype", default=None, choices=tuple(wl.FP8_KV_DTYPES),
                  help="fp8 KV cache (q stays --dtype), dequantisation scales "
                       f"k {wl.FP8_K_SCALE} / v {wl.FP8_V_SCALE}")
-  f.add_argument("--soft-cap", type=float, default=0.0,
+  f.add_argument("--soft-cap", type=float, default=0.0, metavar="C",
                  help="logits_soft_cap C > 0: C tanh(x / C) of each scaled logit")
-  f.add_argument("--window-left", type=int, default=-1,
+  f.add_argument("--window-left", type=int, default=-1, metavar="W",
                  help="sliding window: the query at position p sees keys p - W .. p")
   f.add_argument("--sinks", action="store_true",
                  help="one random float32 attention-sink logit per query head")
-  f.add_argument("--fixed-split-size", type=int, default=-1,
+  f.add_argument("--fixed-split-size", type=int, default=-1, metavar="N",
                  help="plan(fixed_split_size=N): keys split at multiples of N pages only")
   f.add_argument("--disable-split-kv", action="store_true",
                  help="plan(disable_split_kv=True): no request's keys are split")

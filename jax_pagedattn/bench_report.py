@@ -10,8 +10,8 @@ time (ours-tc, ours-cc) on the same batch over the cascade's (> 1: the cascade i
 
 Rows with features (issue 15; their names end with the labels, their workload entries
 and records list them under `features`) that `--feature-ratio` timed beside the same
-row without them (`base_workload`) get `vs_base`: the system's time with the features
-over its own time without them (< 1: faster with them), and, for ours,
+row without them (`base_workload`) get `base_time_us`, the system's time without them,
+and `vs_base`: its time with the features over that (< 1: faster with them), and, for ours,
 `vs_base_best_ours`: over the best time of any of ours without them (the fp8 row's
 "time of our bf16 decode").
 """
@@ -77,6 +77,7 @@ def derive(records: list[dict], workloads: dict, ceilings: dict) -> None:
     base = w.get("base_workload")
     if base:
       same = own.get((base, r["system"]))
+      r["base_time_us"] = same
       r["vs_base"] = r["time_us"] / same if same else None
       if r["system"] in OURS:
         best = ours_best.get(base)
@@ -180,20 +181,11 @@ def feature_rows(records: list[dict], workloads: dict) -> list[tuple[dict, dict]
   return out
 
 
-def _base_time(records: list[dict], base_key: str, system: str):
-  for r in records:
-    if (r["status"] == "ok" and r["system"] == system
-        and wkey(r["kind"], r["workload"]) == base_key):
-      return r["time_us"]
-  return None
-
-
 def format_features(records: list[dict], workloads: dict) -> str:
   rows = []
   for r, w in feature_rows(records, workloads):
-    base = w["base_workload"]
     rows.append([f"{r['kind']} {r['workload']}", r["system"], ", ".join(w["features"]),
-                 _fmt(_base_time(records, base, r["system"]), ".1f"), _fmt(r["time_us"], ".1f"),
+                 _fmt(r.get("base_time_us"), ".1f"), _fmt(r["time_us"], ".1f"),
                  _ratio(r.get("vs_base")), _ratio(r.get("vs_base_best_ours")),
                  _ratio(r.get("vs_flashinfer"))])
   if not rows:
@@ -396,9 +388,8 @@ def format_markdown(doc: dict) -> str:
                  "vs our best without | FlashInfer best / ours |")
     lines.append("|---|---|---|---|---|---|---|---|")
     for r, w in costs:
-      without = _base_time(records, w["base_workload"], r["system"])
       lines.append(f"| {r['kind']} {r['workload']} | {r['system']} | {', '.join(w['features'])} | "
-                   f"{_fmt(without, '.1f')} | {_fmt(r['time_us'], '.1f')} | "
+                   f"{_fmt(r.get('base_time_us'), '.1f')} | {_fmt(r['time_us'], '.1f')} | "
                    f"{_ratio(r.get('vs_base'))} | {_ratio(r.get('vs_base_best_ours'))} | "
                    f"{_ratio(r.get('vs_flashinfer'))} |")
     lines.append("")

@@ -309,7 +309,8 @@ class Workload:
   @property
   def seed_name(self) -> str:
     """The name that seeds page placement and data: a row with features draws the
-    pages and numbers of the same row without them, so the two compare like for like."""
+    numbers of the same row without them (fp8: rounded) and, when both cycle over as
+    many page sets (`rotations_for`), its pages too, so the two compare like for like."""
     suffix = self.features.suffix
     return self.name[:-len(suffix)] if suffix and self.name.endswith(suffix) else self.name
 

@@ -513,6 +513,7 @@ def test_feature_ratios_are_against_the_plain_row():
   recs.append(dict(workload="a-fp8e4m3", kind="decode", system="ours-tc", status="skipped"))
   bench_report.derive(recs, workloads, {})
   fp8 = {r["system"]: r for r in recs if r["workload"] == "a-fp8e4m3" and r["status"] == "ok"}
+  assert fp8["ours-cc"]["base_time_us"] == 120.0
   assert fp8["ours-cc"]["vs_base"] == pytest.approx(54 / 120)
   assert fp8["ours-cc"]["vs_base_best_ours"] == pytest.approx(54 / 100)
   assert fp8["ours-cc"]["vs_flashinfer"] == pytest.approx(90 / 54)
