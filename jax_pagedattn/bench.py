@@ -22,6 +22,18 @@ as `cascade` (MultiLevelCascadeAttentionWrapper: the prefix read once for the ba
 the cascade's row reports our best plain decode's time over its own. `--shared-prefix N`
 gives a custom decode batch such a prefix.
 
+Features (issue 15), on any single-op row: `--kv-dtype float8_e4m3fn|float8_e5m2` (an fp8
+cache beside a --dtype query, with fixed k/v dequantisation scales), `--soft-cap C`,
+`--window-left W`, `--sinks` (random float32 sink logits per query head),
+`--fixed-split-size N` (pages) and `--disable-split-kv`. Each reaches ours and FlashInfer
+through their own plan()/run() arguments and the rel-err oracle through reference.py's;
+a system without a feature skips the row, saying which (on the GPU our fp8 cache runs
+on the CUDA-core decode kernel only; FlashInfer takes sinks through its
+BatchAttentionWithAttentionSinkWrapper). A row's name ends with its features
+('64x4096-fp8e4m3', '16x32768-win4096'). `--feature-ratio` also times every row without
+its features, first, in the same process, and reports each system's time with them
+over its time without them (and, for ours, over our best system without them).
+
 Systems, each skipped with a printed reason where absent:
   decode:  ours-tc, ours-cc (use_tensor_cores True / False), cascade (shared-prefix
            batches only), jnp (gather + einsum reference), pallas
@@ -57,6 +69,8 @@ Examples:
   python -m jax_pagedattn.bench prefill --batch 8 --kv-len 256:2048 --head-dim 64
   python -m jax_pagedattn.bench prefill --ragged --preset design --systems ours,flashinfer-fa2,flashinfer-fa3
   python -m jax_pagedattn.bench decode --batch 2 --kv-len 64 --heads 4/2 --head-dim 64 --quick
+  python -m jax_pagedattn.bench decode --preset 64x4096 --kv-dtype float8_e4m3fn --feature-ratio
+  python -m jax_pagedattn.bench decode --batch 16 --kv-len 32768 --window-left 4096 --feature-ratio
 """
 
 from __future__ import annotations
@@ -125,6 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--layers", type=int, default=None,
                  help="decode: time the model-shaped step of this many layers (one cache "
                       "each, one fresh plan per step) instead of one op")
+  f = p.add_argument_group("features (issue 15; a system without one skips the row)")
+  f.add_argument("--kv-dtype", default=None, choices=tuple(wl.FP8_KV_DTYPES),
+                 help="fp8 KV cache (q stays --dtype), dequantisation scales "
+                      f"k {wl.FP8_K_SCALE} / v {wl.FP8_V_SCALE}")
+  f.add_argument("--soft-cap", type=float, default=0.0, metavar="C",
+                 help="logits_soft_cap C > 0: C tanh(x / C) of each scaled logit")
+  f.add_argument("--window-left", type=int, default=-1, metavar="W",
+                 help="sliding window: the query at position p sees keys p - W .. p")
+  f.add_argument("--sinks", action="store_true",
+                 help="one random float32 attention-sink logit per query head")
+  f.add_argument("--fixed-split-size", type=int, default=-1, metavar="N",
+                 help="plan(fixed_split_size=N): keys split at multiples of N pages only")
+  f.add_argument("--disable-split-kv", action="store_true",
+                 help="plan(disable_split_kv=True): no request's keys are split")
+  f.add_argument("--feature-ratio", action="store_true",
+                 help="also time every row without its features (same process, first) and "
+                      "report time with / time without")
   s = p.add_argument_group("systems")
   s.add_argument("--systems", default="all",
                  help="comma list, prefixes match (e.g. ours,flashinfer); decode: "
@@ -170,6 +201,7 @@ def _workloads(args, kind: str) -> list[wl.Workload]:
   layers = {} if args.layers is None or kind != "decode" else {"layers": args.layers}
   if args.ragged:
     common["ragged"] = True
+  features = _features(args)
   out = []
   if preset:
     table = wl.PRESETS[kind]
@@ -180,8 +212,8 @@ def _workloads(args, kind: str) -> list[wl.Workload]:
         raise SystemExit(f"unknown preset {name!r}; {kind} presets: {', '.join(table)}")
       batch, spec, overrides = wl.preset(kind, name)
       settings = {**common, **overrides, **layers}
-      out.append(wl.make_workload(_ragged_name(_layers_name(name, settings), settings), kind,
-                                  batch, spec, **settings))
+      out += _with_features(_ragged_name(_layers_name(name, settings), settings), kind, batch,
+                            spec, settings, features, args.feature_ratio)
   if custom:
     batch = args.batch if args.batch is not None else 16
     spec = args.kv_len if args.kv_len is not None else ("4096" if kind == "decode" else "2048")
@@ -190,9 +222,26 @@ def _workloads(args, kind: str) -> list[wl.Workload]:
     if kind == "decode" and args.shared_prefix:
       settings["shared_prefix"] = args.shared_prefix
       name += f"-shared{args.shared_prefix}"
-    out.append(wl.make_workload(_ragged_name(_layers_name(name, settings), settings), kind,
-                                batch, spec, **settings))
+    out += _with_features(_ragged_name(_layers_name(name, settings), settings), kind, batch,
+                          spec, settings, features, args.feature_ratio)
   return out
+
+
+def _features(args) -> wl.Features:
+  return wl.Features(kv_dtype=args.kv_dtype, logits_soft_cap=args.soft_cap,
+                     window_left=args.window_left, sinks=args.sinks,
+                     fixed_split_size=args.fixed_split_size,
+                     disable_split_kv=args.disable_split_kv)
+
+
+def _with_features(name, kind, batch, spec, settings, features, ratio) -> list[wl.Workload]:
+  """The row with `features` (its name ends with their labels); with `ratio`, the same
+  row without them first, which it is compared with (report.derive's vs_base)."""
+  row = wl.make_workload(name + features.suffix, kind, batch, spec, features=features,
+                         **settings)
+  if not ratio:
+    return [row]
+  return [wl.make_workload(name, kind, batch, spec, **settings), row]
 
 
 def _ragged_name(name: str, settings: dict) -> str:
@@ -318,6 +367,14 @@ def main(argv=None) -> dict:
     if args.shared_prefix < 0 or args.shared_prefix % args.page_size:
       raise ValueError(f"--shared-prefix must be whole pages (a multiple of --page-size "
                        f"{args.page_size}), got {args.shared_prefix}")
+    features = _features(args)
+    if features.labels() and args.layers is not None:
+      raise ValueError("feature flags are timed on single ops: drop --layers (the "
+                       "model-shaped step plans without features)")
+    if args.feature_ratio and not features.labels():
+      raise ValueError("--feature-ratio compares a row with its features to the row without "
+                       "them: give a feature (--kv-dtype, --soft-cap, --window-left, --sinks, "
+                       "--fixed-split-size, --disable-split-kv)")
   except ValueError as e:
     raise SystemExit(str(e)) from None
   unknown = [p for p in args.systems.split(",") if p.strip() and args.systems != "all"
@@ -357,19 +414,25 @@ def main(argv=None) -> dict:
       pool, sets = wl.build_page_sets(w, rotations, args.seed)
       cache, q = wl.make_device_inputs(w, pool, args.seed)
       case = systems_lib.Case(w=w, pool=pool, sets=sets, cache=cache, q=q, cfg=cfg, opts=opts,
-                              platform=platform)
+                              platform=platform, sinks=wl.make_sinks(w, args.seed))
       workloads[key] = dict(w.summary(), rotations=rotations, pool_pages=pool)
+      base = report.wkey(w.kind, w.seed_name)
+      if base != key and base in workloads:  # --feature-ratio: its plain twin ran first
+        workloads[key]["base_workload"] = base
     if hasattr(bar, "set_postfix_str"):
       bar.set_postfix_str(f"{w.kind} {w.name} {system}")
-    rec = dict(workload=w.name, kind=w.kind, system=system)
+    rec = dict(workload=w.name, kind=w.kind, system=system, features=w.features.labels())
     try:
       run = (bench_model.runner(system) if w.layers > 1
              else systems_lib.RUNNERS[(w.kind, system)])
       rec.update(run(case))
       rec["status"] = "ok"
-    except systems_lib.Skip as e:
-      rec.update(status="skipped", message=str(e))
-      say(f"skip {w.kind} {w.name} {system}: {e}")
+    except (systems_lib.Skip, NotImplementedError) as e:
+      # NotImplementedError: the library says it has no kernel for the row's features
+      # here (e.g. an fp8 cache on a tensor-core path); the row is not this system's.
+      message = str(e) if isinstance(e, systems_lib.Skip) else f"not implemented: {_first_line(e)}"
+      rec.update(status="skipped", message=message)
+      say(f"skip {w.kind} {w.name} {system}: {message}")
     except Exception as e:  # noqa: BLE001 (one system failing must not end the sweep)
       rec.update(status="failed", message=f"{type(e).__name__}: {e}",
                  traceback=traceback.format_exc(limit=6))
@@ -394,6 +457,10 @@ def main(argv=None) -> dict:
     if text:
       print()
       print(text)
+  feature_costs = report.format_features(records, workloads)
+  if feature_costs:
+    print()
+    print(feature_costs)
   model = report.format_model(records, workloads)
   if model:
     print()
@@ -419,7 +486,8 @@ def main(argv=None) -> dict:
 
 
 def _document(args, device, cfg, ceilings, workloads, records, *, complete) -> dict:
-  return dict(meta=dict(_meta(args, device), complete=complete),
+  return dict(meta=dict(_meta(args, device), complete=complete,
+                        features=_features(args).summary()),
               method=timing.__doc__.strip(), timing=dict(vars(cfg)), args=vars(args),
               ceilings=dict(ceilings), workloads=workloads, results=records)
 

@@ -8,6 +8,10 @@ Each `run_*` returns a dict: the timing (see bench_timing), `rel_err` of its out
 against the jax.numpy paged reference on the first page set (||out - ref|| / ||ref||
 in float64; bf16 kernels land near 1e-3..1e-2), and, for ours and FlashInfer, host
 costs of planning.
+
+A row's features (bench_workloads.Features: fp8 cache, soft-cap, window, sinks, fixed
+splits) reach ours and FlashInfer through their own plan()/run() arguments, and the
+reference through reference.py's; the baselines without them skip such rows.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class Case:
   cfg: timing.TimingConfig
   opts: Options
   platform: str  # jax device platform: "cpu" or "gpu"
+  sinks: object = None  # jax.Array float32 [Hqo] where the row has sinks (make_sinks)
   _ref: object = None
   _ragged: object = None
 
@@ -66,16 +71,10 @@ class Case:
 
   def reference(self) -> np.ndarray:
     """float32 output of the jax.numpy paged reference on page set 0 (computed once)."""
-    if self._ref is None and self.w.pos_encoding != "NONE":
-      # The jnp baseline has no position encodings: the eager oracle does them.
-      from jax_pagedattn import reference
-
-      s = self.sets[0]
-      out, _ = reference.batch_attention(
-          self.q, self.cache, wl.qo_indptr(self.w), s.kv_indptr, s.kv_indices,
-          s.kv_last_page_len, kv_layout=self.w.kv_layout, causal=self.w.causal,
-          pos_encoding_mode=self.w.pos_encoding)
-      self._ref = np.asarray(out, np.float32)
+    if self._ref is None and (self.w.pos_encoding != "NONE" or self.w.features.changes_math):
+      # The jnp baseline has no position encodings and none of the features: the eager
+      # oracle does them (it reads an fp8 cache as float32).
+      self._ref = self._oracle()
     if self._ref is None:
       import jax
 
@@ -83,6 +82,83 @@ class Case:
       out = jax.jit(functools.partial(_jnp_step, w=self.w))(self.q, consts, rots[0])
       self._ref = np.asarray(out, np.float32)
     return self._ref
+
+  def _oracle(self) -> np.ndarray:
+    """reference.batch_attention with the row's position encoding and features on page
+    set 0, a few consecutive requests per call (reference_groups)."""
+    from jax_pagedattn import reference
+
+    w, s, f = self.w, self.sets[0], self.w.features
+    qo = wl.qo_indptr(w)
+    outs = []
+    for b0, b1 in reference_groups(w):
+      p0, p1 = s.kv_indptr[b0], s.kv_indptr[b1]
+      out, _ = reference.batch_attention(
+          self.q[qo[b0]:qo[b1]], self.cache, qo[b0:b1 + 1] - qo[b0],
+          s.kv_indptr[b0:b1 + 1] - p0, s.kv_indices[p0:p1], s.kv_last_page_len[b0:b1],
+          kv_layout=w.kv_layout, causal=w.causal, pos_encoding_mode=w.pos_encoding,
+          logits_soft_cap=f.logits_soft_cap, window_left=f.window_left, sinks=self.sinks,
+          **fp8_scales(w))
+      outs.append(np.asarray(out, np.float32))
+    return np.concatenate(outs)
+
+
+# float32 elements of the eager oracle's largest padded tensor per call (4 GiB).
+REFERENCE_ELEMENTS = 1 << 30
+
+
+def reference_groups(w: wl.Workload) -> list[tuple[int, int]]:
+  """Consecutive request ranges [b0, b1) for the eager oracle, each small enough that its
+  padded tensors stay under REFERENCE_ELEMENTS: the logits (requests x queries x query
+  heads x keys) and the gathered K and V (requests x keys x kv heads x head_dim, twice),
+  with queries and keys padded to powers of two as reference.batch_attention pads them.
+  In one call, a batch like lognormal16's 8k-token prompts would not fit the device."""
+  def pow2(n):
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+  groups, start, q_max, k_max = [], 0, 0, 0
+  for b in range(w.batch):
+    q, k = max(q_max, int(w.qo_lens[b])), max(k_max, int(w.kv_lens[b]))
+    per_key = max(pow2(q) * w.num_qo_heads, 2 * w.num_kv_heads * w.head_dim)
+    size = (b - start + 1) * pow2(k) * per_key
+    if b > start and size > REFERENCE_ELEMENTS:
+      groups.append((start, b))
+      start, q, k = b, int(w.qo_lens[b]), int(w.kv_lens[b])
+    q_max, k_max = q, k
+  groups.append((start, w.batch))
+  return groups
+
+
+def fp8_scales(w: wl.Workload) -> dict:
+  """k_scale / v_scale of a run() (ours, FlashInfer's, the reference's): the fixed
+  dequantisation scales for an fp8 cache, none otherwise."""
+  if not w.features.kv_dtype:
+    return {}
+  return dict(k_scale=wl.FP8_K_SCALE, v_scale=wl.FP8_V_SCALE)
+
+
+def _our_plan_options(w: wl.Workload) -> dict:
+  """The row's features as our plan()'s arguments (the same for every wrapper)."""
+  f = w.features
+  return dict(kv_data_type=w.kv_dtype, logits_soft_cap=f.logits_soft_cap or None,
+              window_left=f.window_left,
+              fixed_split_size=f.fixed_split_size if f.fixed_split_size > 0 else None,
+              disable_split_kv=f.disable_split_kv)
+
+
+def _our_run_options(case: Case) -> dict:
+  """The row's features as our run()'s arguments."""
+  return dict(sinks=case.sinks, **fp8_scales(case.w))
+
+
+def _no_features(case: Case, system: str, *, splits: bool = False) -> None:
+  """Skips a system that has none of the row's features; `splits`: nor a planner whose
+  splits could be fixed (a system without one computes a fixed-split row unchanged)."""
+  f = case.w.features
+  if not splits:
+    f = dataclasses.replace(f, fixed_split_size=-1, disable_split_kv=False)
+  if f.labels():
+    raise Skip(f"{system} has no {', '.join(f.labels())}")
 
 
 def check_output(case: Case, out_fn) -> dict:
@@ -165,7 +241,8 @@ def run_ours(case: Case, *, tensor_cores: bool = False) -> dict:
     def plan(s):
       return wrapper.plan(s.kv_indptr, s.kv_indices, s.kv_last_page_len, w.num_qo_heads,
                           w.num_kv_heads, w.head_dim, w.page_size,
-                          pos_encoding_mode=w.pos_encoding, q_data_type=w.dtype)
+                          pos_encoding_mode=w.pos_encoding, q_data_type=w.dtype,
+                          **_our_plan_options(w))
   else:
     wrapper = jax_pagedattn.BatchPrefillWithPagedKVCacheWrapper(kv_layout=w.kv_layout)
     qo = wl.qo_indptr(w)
@@ -173,7 +250,8 @@ def run_ours(case: Case, *, tensor_cores: bool = False) -> dict:
     def plan(s):
       return wrapper.plan(qo, s.kv_indptr, s.kv_indices, s.kv_last_page_len, w.num_qo_heads,
                           w.num_kv_heads, w.head_dim, w.page_size, causal=w.causal,
-                          pos_encoding_mode=w.pos_encoding, q_data_type=w.dtype)
+                          pos_encoding_mode=w.pos_encoding, q_data_type=w.dtype,
+                          **_our_plan_options(w))
 
   plans = tuple(plan(s) for s in case.sets)
   # The kernel time is timed with each plan already on the device, as FlashInfer's
@@ -181,9 +259,10 @@ def run_ours(case: Case, *, tensor_cores: bool = False) -> dict:
   # would be copied on every call of the chain and that copy counted as op time. What
   # moving a fresh plan costs is measured separately below (step_with_plan, loop step).
   device_plans = tuple(jax.tree.map(jax.device_put, p) for p in plans)
+  options = _our_run_options(case)
 
   def step(q, cache, p):
-    return wrapper.run(q, cache, plan=p)
+    return wrapper.run(q, cache, plan=p, **options)
 
   result = _time_jax_system(case, step, case.q, case.cache, device_plans)
   if case.opts.host:
@@ -210,13 +289,15 @@ def _run_ours_ragged(case: Case) -> dict:
 
   def plan():
     return wrapper.plan(qo, kv, w.num_qo_heads, w.num_kv_heads, w.head_dim, causal=w.causal,
-                        pos_encoding_mode=w.pos_encoding, q_data_type=w.dtype)
+                        pos_encoding_mode=w.pos_encoding, q_data_type=w.dtype,
+                        **_our_plan_options(w))
 
   host_plan = plan()
   device_plan = jax.tree.map(jax.device_put, host_plan)  # on the device, as in run_ours
+  options = _our_run_options(case)
 
   def step(q, p, kv):
-    return wrapper.run(q, kv[0], kv[1], plan=p)
+    return wrapper.run(q, kv[0], kv[1], plan=p, **options)
 
   kvs = case.ragged_kv()
   result = _time_jax_system(case, step, case.q, device_plan, kvs)
@@ -242,9 +323,11 @@ def _host_costs(case: Case, result: dict, config, tables, *, make_plan, call,
   from jax_pagedattn import planning
 
   cfg = case.cfg
+  f = case.w.features
   spec = planning.plan_spec(page_size=config.page_size, group_size=config.group_size,
                             tile_rows=config.tile_rows, causal=config.causal, caps=config.caps,
-                            decode_names=decode_names)
+                            decode_names=decode_names, fixed_split_size=f.fixed_split_size,
+                            disable_split_kv=f.disable_split_kv, window_left=f.window_left)
   out = {"plan_host_us": 1e6 * timing.time_host(lambda: planning.plan_host(*tables, spec), cfg),
          "wrapper_plan_us": 1e6 * timing.time_host(make_plan, cfg)}
   kept = make_plan()
@@ -285,6 +368,7 @@ def run_cascade(case: Case) -> dict:
     raise Skip("cascade needs a decode batch with a shared prefix (--preset cascade, or "
                "--shared-prefix)")
   _no_pos_encoding(case, "the cascade (positions would count within each level)")
+  _no_features(case, "the cascade row", splits=True)
   if _platform_name(case) not in jax_pagedattn.native_platforms():
     raise Skip(f"jax_pagedattn has no native kernel for {case.platform} in this build")
   wrapper = jax_pagedattn.MultiLevelCascadeAttentionWrapper(2, kv_layout=w.kv_layout)
@@ -372,6 +456,7 @@ def _jnp_step(q, consts, table, *, w: wl.Workload):
 
 def run_jnp(case: Case) -> dict:
   _no_pos_encoding(case, "the jnp baseline")
+  _no_features(case, "the jnp baseline")
   consts, rots = _jnp_args(case)
   result = _time_jax_system(case, functools.partial(_jnp_step, w=case.w), case.q, consts, rots)
   # Its rel_err against itself says nothing; on batches small enough for the eager
@@ -421,6 +506,7 @@ def run_pallas(case: Case) -> dict:
   import jax.numpy as jnp
 
   _no_pos_encoding(case, "the Pallas GPU kernel")
+  _no_features(case, "the Pallas GPU kernel")
   try:
     from jax.experimental.pallas.ops.gpu import paged_attention as pallas_paged
   except Exception as e:  # noqa: BLE001 (any import failure means: absent)
@@ -461,6 +547,7 @@ def run_dense(case: Case, *, implementation: str) -> dict:
 
   w = case.w
   _no_pos_encoding(case, "jax.nn.dot_product_attention")
+  _no_features(case, "jax.nn.dot_product_attention (as timed here)")
   if not np.array_equal(w.qo_lens, w.kv_lens):
     raise Skip("dense baselines need kv_len == qo_len (no --prefix): jax.nn causal masks "
                "are top-left aligned")
@@ -515,16 +602,65 @@ def _flashinfer(case: Case):
 
 def to_torch(x):
   """A JAX device array as a torch CUDA tensor: shared through DLPack when possible,
-  else copied through host memory (bf16 travels as its uint16 bits)."""
+  else copied through host memory (bf16 travels as its uint16 bits). An fp8 array
+  crosses as its bytes (DLPack may not know fp8), bitcast on the device, and is viewed
+  as torch's fp8 type of the same name."""
   import torch
 
+  name = x.dtype.name
+  if name in wl.FP8_KV_DTYPES:
+    import jax
+
+    raw = jax.block_until_ready(jax.lax.bitcast_convert_type(x, np.uint8))
+    return to_torch(raw).view(getattr(torch, name))
   try:
     return torch.from_dlpack(x)
   except Exception:  # noqa: BLE001
     a = np.asarray(x)
-    if a.dtype.name == "bfloat16":
+    if name == "bfloat16":
       return torch.from_numpy(a.view(np.uint16).copy()).view(torch.bfloat16).cuda()
     return torch.from_numpy(a.copy()).cuda()
+
+
+def _torch_dtype(torch, name: str):
+  return getattr(torch, name)  # bfloat16, float16, float32, float8_e4m3fn, float8_e5m2
+
+
+def _flashinfer_gaps(w: wl.Workload, mode: str) -> list[str]:
+  """What FlashInfer 0.7.2 cannot do of a row's features in `mode` (tc / cc decode,
+  fa2 / fa3 prefill), read from its source: sinks come only through
+  BatchAttentionWithAttentionSinkWrapper, a paged prefill-kernel wrapper (so also
+  tensor-core decode) whose AttentionSink variant applies no soft-cap; the fixed-split
+  options reach only the FA2 planners, and the CUDA-core decode planner rejects
+  fixed_split_size."""
+  f = w.features
+  gaps = []
+  if f.sinks:
+    if mode == "cc":
+      gaps.append("sinks on CUDA-core decode (its sink wrapper runs the prefill kernel: "
+                  "flashinfer-tc)")
+    if w.ragged:
+      gaps.append("sinks on ragged K/V")
+    if f.logits_soft_cap > 0:
+      gaps.append("soft-cap beside sinks (BatchAttentionWithAttentionSinkWrapper)")
+  if mode == "fa3" and (f.fixed_split_size > 0 or f.disable_split_kv):
+    gaps.append("fixed_split_size / disable_split_kv on FA3 (FA2's planner only)")
+  if mode == "cc" and f.fixed_split_size > 0:
+    gaps.append("fixed_split_size on CUDA-core decode (tensor-core decode only)")
+  return gaps
+
+
+def _flashinfer_plan_options(w: wl.Workload, torch) -> dict:
+  """The row's features as FlashInfer's plan() arguments (decode, prefill, ragged)."""
+  f = w.features
+  options = dict(q_data_type=_torch_dtype(torch, w.dtype),
+                 kv_data_type=_torch_dtype(torch, w.kv_dtype), window_left=f.window_left,
+                 logits_soft_cap=f.logits_soft_cap or None)
+  if f.fixed_split_size > 0:
+    options["fixed_split_size"] = f.fixed_split_size
+  if f.disable_split_kv:
+    options["disable_split_kv"] = True
+  return options
 
 
 def run_flashinfer(case: Case, *, mode: str) -> dict:
@@ -532,14 +668,16 @@ def run_flashinfer(case: Case, *, mode: str) -> dict:
     _no_pos_encoding(case, "FlashInfer's FA3 prefill")
   torch, flashinfer = _flashinfer(case)
   w = case.w
-  tdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
-            "float32": torch.float32}[w.dtype]
+  gaps = _flashinfer_gaps(w, mode)
+  if gaps:
+    raise Skip("FlashInfer 0.7.2 has no " + "; no ".join(gaps))
   cache = to_torch(case.cache)
   q0 = to_torch(case.q)
   workspace = torch.empty(case.opts.fi_workspace_mb << 20, dtype=torch.uint8, device="cuda")
   qo = torch.from_numpy(wl.qo_indptr(w))
+  options = _flashinfer_plan_options(w, torch)
   if w.ragged:
-    return _run_flashinfer_ragged(case, torch, flashinfer, mode, workspace, qo, q0, tdtype)
+    return _run_flashinfer_ragged(case, flashinfer, mode, workspace, qo, q0, options)
 
   def host_args(s):
     # Index pointers on the host (FlashInfer's plan() reads them there), pages on the GPU.
@@ -547,14 +685,29 @@ def run_flashinfer(case: Case, *, mode: str) -> dict:
             torch.from_numpy(s.kv_last_page_len))
 
   args = [host_args(s) for s in case.sets]
-  if w.kind == "decode":
+  if w.features.sinks:
+    # Decode through the sink wrapper: one query per request, the prefill kernel.
+    qo_sinks = torch.from_numpy(np.arange(w.batch + 1, dtype=np.int32)) if (
+        w.kind == "decode") else qo
+    backend = "fa2" if w.kind == "decode" else mode
+
+    def make():
+      return flashinfer.BatchAttentionWithAttentionSinkWrapper(
+          workspace, w.kv_layout, backend=backend, q_data_type=options["q_data_type"],
+          kv_data_type=options["kv_data_type"], head_dim_qk=w.head_dim,
+          head_dim_vo=w.head_dim, window_left=w.features.window_left)
+
+    def plan(wrapper, a):
+      wrapper.plan(qo_sinks, a[0], a[1], a[2], w.num_qo_heads, w.num_kv_heads, w.head_dim,
+                   w.page_size, causal=w.causal, pos_encoding_mode=w.pos_encoding, **options)
+  elif w.kind == "decode":
     def make():
       return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
           workspace, w.kv_layout, use_tensor_cores=(mode == "tc"))
 
     def plan(wrapper, a):
       wrapper.plan(a[0], a[1], a[2], w.num_qo_heads, w.num_kv_heads, w.head_dim, w.page_size,
-                   pos_encoding_mode=w.pos_encoding, q_data_type=tdtype, kv_data_type=tdtype)
+                   pos_encoding_mode=w.pos_encoding, **options)
   else:
     def make():
       return flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, w.kv_layout, backend=mode)
@@ -563,8 +716,7 @@ def run_flashinfer(case: Case, *, mode: str) -> dict:
       wrapper.plan(qo_indptr=qo, paged_kv_indptr=a[0], paged_kv_indices=a[1],
                    paged_kv_last_page_len=a[2], num_qo_heads=w.num_qo_heads,
                    num_kv_heads=w.num_kv_heads, head_dim_qk=w.head_dim, page_size=w.page_size,
-                   causal=w.causal, pos_encoding_mode=w.pos_encoding, q_data_type=tdtype,
-                   kv_data_type=tdtype)
+                   causal=w.causal, pos_encoding_mode=w.pos_encoding, **options)
 
   # One wrapper per page set: each keeps its own plan, and runs share the workspace
   # (they are sequential on one stream).
@@ -573,9 +725,10 @@ def run_flashinfer(case: Case, *, mode: str) -> dict:
     wr = make()
     plan(wr, a)
     wrappers.append(wr)
-  result = check_output(case, lambda: wrappers[0].run(q0, cache).float().cpu().numpy())
+  run = _flashinfer_run(case)
+  result = check_output(case, lambda: run(wrappers[0], q0, cache).float().cpu().numpy())
   n = len(wrappers)
-  t = timing.time_torch_chain(lambda i, q: wrappers[i % n].run(q, cache), q0, cfg=case.cfg)
+  t = timing.time_torch_chain(lambda i, q: run(wrappers[i % n], q, cache), q0, cfg=case.cfg)
   result.update(t.as_dict())
   if case.opts.host:
     result["wrapper_plan_us"] = 1e6 * timing.time_host(lambda: plan(wrappers[0], args[0]),
@@ -584,10 +737,24 @@ def run_flashinfer(case: Case, *, mode: str) -> dict:
   return result
 
 
-def _run_flashinfer_ragged(case: Case, torch, flashinfer, mode, workspace, qo, q0,
-                           tdtype) -> dict:
+def _flashinfer_run(case: Case):
+  """run(wrapper, q, *kv) with the row's run()-time features: the sinks (the sink
+  wrapper's first extra argument; it derives sm_scale, k_scale included, itself) and
+  the fp8 scales."""
+  scales = fp8_scales(case.w)
+  extra = () if case.sinks is None else (to_torch(case.sinks),)
+
+  def run(wrapper, q, *kv):
+    return wrapper.run(q, *kv, *extra, **scales)
+
+  return run
+
+
+def _run_flashinfer_ragged(case: Case, flashinfer, mode, workspace, qo, q0, options) -> dict:
   """FlashInfer's BatchPrefillWithRaggedKVCacheWrapper on the same ragged K/V as ours:
   one plan (every page set has the same lengths), the calls cycling over the sets' K/V."""
+  import torch
+
   w = case.w
   kv = torch.from_numpy(wl.kv_indptr(w))
   wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, w.kv_layout,
@@ -596,13 +763,14 @@ def _run_flashinfer_ragged(case: Case, torch, flashinfer, mode, workspace, qo, q
   def plan():
     wrapper.plan(qo_indptr=qo, kv_indptr=kv, num_qo_heads=w.num_qo_heads,
                  num_kv_heads=w.num_kv_heads, head_dim_qk=w.head_dim, causal=w.causal,
-                 pos_encoding_mode=w.pos_encoding, q_data_type=tdtype, kv_data_type=tdtype)
+                 pos_encoding_mode=w.pos_encoding, **options)
 
   plan()
   kvs = [(to_torch(k), to_torch(v)) for k, v in case.ragged_kv()]
-  result = check_output(case, lambda: wrapper.run(q0, *kvs[0]).float().cpu().numpy())
+  run = _flashinfer_run(case)
+  result = check_output(case, lambda: run(wrapper, q0, *kvs[0]).float().cpu().numpy())
   n = len(kvs)
-  t = timing.time_torch_chain(lambda i, q: wrapper.run(q, *kvs[i % n]), q0, cfg=case.cfg)
+  t = timing.time_torch_chain(lambda i, q: run(wrapper, q, *kvs[i % n]), q0, cfg=case.cfg)
   result.update(t.as_dict())
   if case.opts.host:
     result["wrapper_plan_us"] = 1e6 * timing.time_host(plan, case.cfg)

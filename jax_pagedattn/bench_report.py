@@ -7,6 +7,13 @@ the same run (copy GB/s, read + write, for decode; bf16 matmul TFLOP/s for prefi
 and as FlashInfer's best time on the workload over the system's time (> 1: faster
 than FlashInfer). The cascade system also gets `vs_plain_decode`: our best plain decode
 time (ours-tc, ours-cc) on the same batch over the cascade's (> 1: the cascade is faster).
+
+Rows with features (issue 15; their names end with the labels, their workload entries
+and records list them under `features`) that `--feature-ratio` timed beside the same
+row without them (`base_workload`) get `base_time_us`, the system's time without them,
+and `vs_base`: its time with the features over that (< 1: faster with them), and, for ours,
+`vs_base_best_ours`: over the best time of any of ours without them (the fp8 row's
+"time of our bf16 decode").
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import json
 import math
 
 METRIC = {"decode": "GB/s", "prefill": "TFLOP/s"}
+OURS = ("ours", "ours-tc", "ours-cc")  # our plain systems (not the cascade)
 _HOST_FIELDS = (("plan_host_us", "planner"), ("wrapper_plan_us", "plan()"),
                 ("step_us", "step"), ("step_with_plan_us", "plan+step"),
                 ("time_us", "kernel"), ("step_overhead_us", "overhead"),
@@ -46,6 +54,9 @@ def derive(records: list[dict], workloads: dict, ceilings: dict) -> None:
   vs_plain_decode to the cascade's."""
   fi_best = _best_times(records, lambda s: s.startswith("flashinfer"))
   plain_best = _best_times(records, lambda s: s in ("ours-tc", "ours-cc"))
+  ours_best = _best_times(records, lambda s: s in OURS)
+  own = {(wkey(r["kind"], r["workload"]), r["system"]): r["time_us"] for r in records
+         if r["status"] == "ok"}
   for r in records:
     if r["status"] != "ok":
       continue
@@ -63,6 +74,14 @@ def derive(records: list[dict], workloads: dict, ceilings: dict) -> None:
     if r["system"] == "cascade":
       plain = plain_best.get(wkey(r["kind"], r["workload"]))
       r["vs_plain_decode"] = plain / r["time_us"] if plain else None
+    base = w.get("base_workload")
+    if base:
+      same = own.get((base, r["system"]))
+      r["base_time_us"] = same
+      r["vs_base"] = r["time_us"] / same if same else None
+      if r["system"] in OURS:
+        best = ours_best.get(base)
+        r["vs_base_best_ours"] = r["time_us"] / best if best else None
 
 
 # ---------------------------------------------------------------- text tables
@@ -150,6 +169,38 @@ def format_host(records: list[dict]) -> str:
            "one block at the end), in the steady state: a 2n-step loop minus an n-step one; "
            "loop overhead = loop step - kernel")
   return title + "\n" + _table(header, rows, "ll" + "r" * len(_HOST_FIELDS))
+
+
+def feature_rows(records: list[dict], workloads: dict) -> list[tuple[dict, dict]]:
+  """(record, its workload) of the ok rows timed beside their plain twin."""
+  out = []
+  for r in records:
+    w = workloads.get(wkey(r["kind"], r["workload"]), {})
+    if r["status"] == "ok" and w.get("base_workload"):
+      out.append((r, w))
+  return out
+
+
+def format_features(records: list[dict], workloads: dict) -> str:
+  rows = []
+  for r, w in feature_rows(records, workloads):
+    rows.append([f"{r['kind']} {r['workload']}", r["system"], ", ".join(w["features"]),
+                 _fmt(r.get("base_time_us"), ".1f"), _fmt(r["time_us"], ".1f"),
+                 _ratio(r.get("vs_base")), _ratio(r.get("vs_base_best_ours")),
+                 _ratio(r.get("vs_flashinfer"))])
+  if not rows:
+    return ""
+  title = ("feature costs (same process): 'without' = the system's time on the row without "
+           "the features; with / without = the system's own ratio (< 1: faster with them); "
+           "vs our best without = ours with the features over the best of ours without them; "
+           "vs FI = FlashInfer's best time with the same features over this one")
+  header = ["row", "system", "features", "without us", "with us", "with / without",
+            "vs our best without", "vs FI"]
+  return title + "\n" + _table(header, rows, "lllrrrrr")
+
+
+def _ratio(x) -> str:
+  return _fmt(x, ".3f") + ("x" if x else "")
 
 
 _MODEL_FIELDS = (("step_us", "step, fresh plan"), ("time_us", "per layer"),
@@ -328,6 +379,20 @@ def format_markdown(doc: dict) -> str:
                    + "; ".join(f"{r['workload']} {r['vs_plain_decode']:.2f}x" for r in cascade)
                    + ".")
       lines.append("")
+  costs = feature_rows(records, workloads)
+  if costs:
+    lines.append("### feature costs (time with the features / time of the same row without "
+                 "them, same process)")
+    lines.append("")
+    lines.append("| row | system | features | without (us) | with (us) | with / without | "
+                 "vs our best without | FlashInfer best / ours |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for r, w in costs:
+      lines.append(f"| {r['kind']} {r['workload']} | {r['system']} | {', '.join(w['features'])} | "
+                   f"{_fmt(r.get('base_time_us'), '.1f')} | {_fmt(r['time_us'], '.1f')} | "
+                   f"{_ratio(r.get('vs_base'))} | {_ratio(r.get('vs_base_best_ours'))} | "
+                   f"{_ratio(r.get('vs_flashinfer'))} |")
+    lines.append("")
   model = model_rows(records)
   if model:
     lines.append("### model-shaped decode steps (us per step, fresh plan every step)")

@@ -96,6 +96,12 @@ def preset(kind: str, name: str) -> tuple[int, str, dict]:
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "f16": "float16", "half": "float16",
                   "fp32": "float32", "f32": "float32"}
+# The fp8 KV-cache types (issue 15), one byte a value; the query stays in --dtype.
+FP8_KV_DTYPES = {"float8_e4m3fn": "fp8e4m3", "float8_e5m2": "fp8e5m2"}
+# FlashInfer's dequantisation scales of an fp8 cache, fixed for every fp8 row. Not 1, so
+# that a scale which never reaches a kernel shows in the rel err.
+FP8_K_SCALE = 0.75
+FP8_V_SCALE = 1.25
 
 
 def canonical_dtype(name: str) -> str:
@@ -103,6 +109,68 @@ def canonical_dtype(name: str) -> str:
   if name not in _DTYPE_BYTES:
     raise ValueError(f"--dtype must be one of bfloat16, float16, float32, got {name!r}")
   return name
+
+
+# ------------------------------------------------------------------ features
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+  """What a row asks of the attention beyond plain paged attention (issue 15): an fp8
+  cache, soft-capping, a sliding window, sinks, fixed splits. The default is none."""
+
+  kv_dtype: str | None = None  # a key of FP8_KV_DTYPES; None: the cache has q's dtype
+  logits_soft_cap: float = 0.0  # > 0: c tanh(x / c) of each scaled logit
+  window_left: int = -1  # >= 0: query position p sees keys p - window_left .. p
+  sinks: bool = False  # one random float32 sink logit per query head (make_sinks)
+  fixed_split_size: int = -1  # > 0: keys split at multiples of this many pages only
+  disable_split_kv: bool = False  # no request's keys are split
+
+  def __post_init__(self):
+    if self.kv_dtype is not None and self.kv_dtype not in FP8_KV_DTYPES:
+      raise ValueError(f"--kv-dtype must be one of {', '.join(FP8_KV_DTYPES)}, "
+                       f"got {self.kv_dtype!r}")
+    if self.logits_soft_cap < 0:
+      raise ValueError(f"--soft-cap must be > 0, got {self.logits_soft_cap}")
+    if self.window_left < -1:
+      raise ValueError(f"--window-left must be >= 0 (or -1: none), got {self.window_left}")
+    if self.fixed_split_size == 0 or self.fixed_split_size < -1:
+      raise ValueError(f"--fixed-split-size must be >= 1 pages, got {self.fixed_split_size}")
+
+  def labels(self) -> list[str]:
+    """Short names of the features, in a fixed order: they make a row's name."""
+    out = []
+    if self.kv_dtype:
+      out.append(FP8_KV_DTYPES[self.kv_dtype])
+    if self.logits_soft_cap > 0:
+      out.append(f"cap{self.logits_soft_cap:g}")
+    if self.window_left >= 0:
+      out.append(f"win{self.window_left}")
+    if self.sinks:
+      out.append("sinks")
+    if self.fixed_split_size > 0:
+      out.append(f"split{self.fixed_split_size}")
+    if self.disable_split_kv:
+      out.append("nosplit")
+    return out
+
+  @property
+  def suffix(self) -> str:
+    """Appended to a row's name ('-fp8e4m3-win4096'); empty without features."""
+    return "".join("-" + label for label in self.labels())
+
+  @property
+  def changes_math(self) -> bool:
+    """Whether the output differs from plain attention: the systems that lack these
+    features cannot run the row. Fixed splits only change where a plan cuts."""
+    return bool(self.kv_dtype or self.logits_soft_cap > 0 or self.window_left >= 0
+                or self.sinks)
+
+  def summary(self) -> dict:
+    return dict(dataclasses.asdict(self), features=self.labels())
+
+
+NO_FEATURES = Features()
 
 
 # ------------------------------------------------------------------ lengths
@@ -218,6 +286,8 @@ class Workload:
   # Prefill: the systems that can (ours, FlashInfer) read ragged K/V, every request's
   # keys contiguous (`ragged_kv`), instead of the paged cache.
   ragged: bool = False
+  # fp8 cache, soft-cap, window, sinks, fixed splits; their labels end the name.
+  features: Features = NO_FEATURES
 
   @property
   def batch(self) -> int:
@@ -226,6 +296,23 @@ class Workload:
   @property
   def itemsize(self) -> int:
     return _DTYPE_BYTES[self.dtype]
+
+  @property
+  def kv_dtype(self) -> str:
+    """The cache's dtype: fp8 where the row asks for it, else q's."""
+    return self.features.kv_dtype or self.dtype
+
+  @property
+  def kv_itemsize(self) -> int:
+    return 1 if self.features.kv_dtype else self.itemsize
+
+  @property
+  def seed_name(self) -> str:
+    """The name that seeds page placement and data: a row with features draws the
+    numbers of the same row without them (fp8: rounded) and, when both cycle over as
+    many page sets (`rotations_for`), its pages too, so the two compare like for like."""
+    suffix = self.features.suffix
+    return self.name[:-len(suffix)] if suffix and self.name.endswith(suffix) else self.name
 
   @property
   def group(self) -> int:
@@ -245,9 +332,11 @@ class Workload:
 
   @property
   def kv_bytes(self) -> int:
-    """K and V bytes a kernel must read: every key of every request once (a shared
-    prefix once per request, as plain decode reads it)."""
-    return int(self.kv_lens.sum()) * self.num_kv_heads * self.head_dim * 2 * self.itemsize
+    """K and V bytes a kernel must read: every key of every request that some query of
+    it sees, once (a shared prefix once per request, as plain decode reads it; with a
+    sliding window only the keys from the first query's window start on)."""
+    keys = self.kv_lens - self._first_visible_key(self.kv_lens - self.qo_lens)
+    return int(keys.sum()) * self.num_kv_heads * self.head_dim * 2 * self.kv_itemsize
 
   @property
   def step_kv_bytes(self) -> int:
@@ -266,35 +355,43 @@ class Workload:
   @property
   def flops(self) -> int:
     """4 * D * Hqo per (query, visible key) pair: QK^T and PV, 2 flops a multiply-add.
-    Causal rows see kv_len - qo_len + i + 1 keys (bottom-right aligned), so only the
-    visible half of the square is counted."""
+    Query i of a request sits at position p = kv_len - qo_len + i (bottom-right
+    aligned); causal rows see keys up to p, so only the visible half of the square is
+    counted, and a sliding window drops the keys before p - window_left."""
     pairs = 0
     for qo, kv in zip(self.qo_lens.tolist(), self.kv_lens.tolist()):
-      if self.causal:
-        first = kv - qo + 1  # keys seen by query 0
-        pairs += qo * first + qo * (qo - 1) // 2
-      else:
-        pairs += qo * kv
+      pos = np.arange(kv - qo, kv, dtype=np.int64)
+      end = pos + 1 if self.causal else np.full_like(pos, kv)
+      pairs += int((end - self._first_visible_key(pos)).sum())
     return 4 * self.head_dim * self.num_qo_heads * pairs
+
+  def _first_visible_key(self, pos):
+    """The first key the query at position `pos` sees (the sliding window's start)."""
+    w = self.features.window_left
+    return np.maximum(pos - w, 0) if w >= 0 else np.zeros_like(pos)
 
   def summary(self) -> dict:
     kv = self.kv_lens
-    return dict(name=self.name, kind=self.kind, batch=self.batch, length_spec=self.length_spec,
-                kv_len_min=int(kv.min()), kv_len_max=int(kv.max()), kv_len_mean=float(kv.mean()),
-                kv_tokens=int(kv.sum()), qo_tokens=self.tokens, num_qo_heads=self.num_qo_heads,
-                num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, page_size=self.page_size,
-                kv_layout=self.kv_layout, dtype=self.dtype, causal=self.causal,
-                kv_bytes=self.kv_bytes, bytes_moved=self.bytes_moved, flops=self.flops,
-                layers=self.layers, pos_encoding=self.pos_encoding,
-                shared_prefix=self.shared_prefix, ragged=self.ragged)
+    out = dict(name=self.name, kind=self.kind, batch=self.batch, length_spec=self.length_spec,
+               kv_len_min=int(kv.min()), kv_len_max=int(kv.max()), kv_len_mean=float(kv.mean()),
+               kv_tokens=int(kv.sum()), qo_tokens=self.tokens, num_qo_heads=self.num_qo_heads,
+               num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, page_size=self.page_size,
+               kv_layout=self.kv_layout, dtype=self.dtype, causal=self.causal,
+               kv_bytes=self.kv_bytes, bytes_moved=self.bytes_moved, flops=self.flops,
+               layers=self.layers, pos_encoding=self.pos_encoding,
+               shared_prefix=self.shared_prefix, ragged=self.ragged)
+    out.update(self.features.summary(), kv_dtype=self.kv_dtype)  # the cache's, fp8 or not
+    return out
 
 
 def make_workload(name, kind, batch, length_spec, *, heads=(32, 8), head_dim=128, page_size=16,
                   kv_layout="NHD", dtype="bfloat16", causal=True, prefix=0, seed=0,
-                  layers=1, pos_encoding="NONE", shared_prefix=0, ragged=False) -> Workload:
+                  layers=1, pos_encoding="NONE", shared_prefix=0, ragged=False,
+                  features=NO_FEATURES) -> Workload:
   """Draws the lengths (seeded by the workload name too, so each preset keeps its lengths
-  when other presets are added or removed from a sweep; a model-shaped row '...-L16' and
-  a ragged row '...-ragged' draw those of the plain row)."""
+  when other presets are added or removed from a sweep; a model-shaped row '...-L16', a
+  ragged row '...-ragged' and a row with features '...-cap30' draw those of the plain
+  row)."""
   if batch < 1:
     raise ValueError(f"batch must be >= 1, got {batch}")
   if page_size < 1:
@@ -308,8 +405,13 @@ def make_workload(name, kind, batch, length_spec, *, heads=(32, 8), head_dim=128
                      f"{page_size}) and is for decode only, got {shared_prefix} ({kind})")
   if ragged and kind != "prefill":
     raise ValueError(f"--ragged is for prefill only, got {kind}")
+  if features.suffix and name.endswith(features.suffix):
+    name_wo_features = name[:-len(features.suffix)]
+  else:
+    name_wo_features = name
   suffix = RAGGED_SUFFIX if ragged else f"-L{layers}" if layers > 1 else None
-  base = name[:-len(suffix)] if suffix and name.endswith(suffix) else name
+  base = (name_wo_features[:-len(suffix)] if suffix and name_wo_features.endswith(suffix)
+          else name_wo_features)
   rng = np.random.default_rng([seed, _stable_hash(base)])
   lens = parse_lengths(length_spec)(batch, rng)
   if kind == "decode":
@@ -323,7 +425,7 @@ def make_workload(name, kind, batch, length_spec, *, heads=(32, 8), head_dim=128
                   kv_layout=kv_layout, dtype=canonical_dtype(dtype),
                   causal=bool(causal) if kind == "prefill" else False, length_spec=str(length_spec),
                   layers=int(layers), pos_encoding=str(pos_encoding),
-                  shared_prefix=int(shared_prefix), ragged=bool(ragged))
+                  shared_prefix=int(shared_prefix), ragged=bool(ragged), features=features)
 
 
 # Appended to the name of a prefill workload timed on ragged K/V (`--ragged`).
@@ -371,7 +473,7 @@ def build_page_sets(w: Workload, rotations: int, seed: int) -> tuple[int, list[P
   shared = w.shared_pages
   per_set = int(npages.sum()) - shared * (w.batch - 1)  # distinct pages of one set
   pool = per_set * rotations
-  rng = np.random.default_rng([seed, _stable_hash(w.name), 1])
+  rng = np.random.default_rng([seed, _stable_hash(w.seed_name), 1])
   perm = rng.permutation(pool).astype(np.int32)
   indptr = np.zeros(w.batch + 1, np.int32)
   indptr[1:] = np.cumsum(npages)
@@ -489,12 +591,31 @@ def make_device_inputs(w: Workload, pool: int, seed: int):
 
 
 def random_cache(w: Workload, pool: int, key):
-  """One random normal combined cache of `pool` pages, on the default device."""
+  """One random normal combined cache of `pool` pages, on the default device: drawn in
+  q's dtype and, for an fp8 row, rounded to the fp8 type (so it holds the plain row's
+  numbers, rounded)."""
   import jax
   import jax.numpy as jnp
 
-  shape, dtype = cache_shape(w, pool), jnp.dtype(w.dtype)
-  return jax.block_until_ready(jax.jit(lambda k: jax.random.normal(k, shape, dtype))(key))
+  shape, dtype, kv_dtype = cache_shape(w, pool), jnp.dtype(w.dtype), jnp.dtype(w.kv_dtype)
+  draw = jax.jit(lambda k: jax.random.normal(k, shape, dtype).astype(kv_dtype))
+  return jax.block_until_ready(draw(key))
+
+
+def make_sinks(w: Workload, seed: int):
+  """The row's sink logits, float32 [Hqo] on the default device, or None without sinks.
+
+  Around the log of the mean key count: with unit-variance logits each sink then weighs
+  about as much as all of its row's keys together, so a sink a kernel drops (or counts
+  twice) moves the output far past the rel-err tolerance."""
+  if not w.features.sinks:
+    return None
+  import jax
+  import jax.numpy as jnp
+
+  key = jax.random.fold_in(_workload_key(w, seed), 2)
+  centre = math.log(max(float(w.kv_lens.mean()), 1.0))
+  return centre + jax.random.normal(key, (w.num_qo_heads,), jnp.float32)
 
 
 def layer_cache_key(w: Workload, seed: int, layer: int):
@@ -509,4 +630,4 @@ def _workload_key(w: Workload, seed: int):
   import jax
 
   # rbg: XLA's RngBitGenerator compiles in a fraction of threefry's time on the CPU.
-  return jax.random.fold_in(jax.random.key(seed, impl="rbg"), _stable_hash(w.name))
+  return jax.random.fold_in(jax.random.key(seed, impl="rbg"), _stable_hash(w.seed_name))

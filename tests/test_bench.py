@@ -385,3 +385,176 @@ def test_bench_rpa_smoke(tmp_path, capsys):
   for loop in ("ingraph", "planrun", "planner"):
     assert set(r[loop]) == {"us_per_step", "min_us", "max_us"}
   assert r["ratio"] == pytest.approx(r["ingraph"]["us_per_step"] / r["planrun"]["us_per_step"])
+
+
+# ------------------------------------------------------------------ features (issue 15)
+
+FEATURE_FLAGS = {  # flag -> the row name's suffix
+    ("--kv-dtype", "float8_e4m3fn"): "-fp8e4m3",
+    ("--kv-dtype", "float8_e5m2"): "-fp8e5m2",
+    ("--soft-cap", "1"): "-cap1",  # small: the capped logits differ from plain ones
+    ("--window-left", "16"): "-win16",
+    ("--sinks",): "-sinks",
+    ("--fixed-split-size", "1"): "-split1",
+    ("--disable-split-kv",): "-nosplit",
+}
+
+
+def test_feature_rows_keep_the_plain_rows_lengths_and_count_what_is_read():
+  """A row with features draws the lengths, pages and numbers of the row without them;
+  its bytes count fp8 keys at one byte and only the keys inside a sliding window, its
+  flops only the (query, key) pairs inside it."""
+  plain = wl.make_workload("lognormal64", "decode", 64, "lognormal:16:32768")
+  f = wl.Features(kv_dtype="float8_e4m3fn", window_left=100, sinks=True)
+  assert f.labels() == ["fp8e4m3", "win100", "sinks"] and f.changes_math
+  w = wl.make_workload("lognormal64" + f.suffix, "decode", 64, "lognormal:16:32768", features=f)
+  assert w.seed_name == "lognormal64" and np.array_equal(w.kv_lens, plain.kv_lens)
+  _, plain_sets = wl.build_page_sets(plain, 2, seed=0)
+  _, sets = wl.build_page_sets(w, 2, seed=0)
+  assert all(np.array_equal(a.kv_indices, b.kv_indices) for a, b in zip(plain_sets, sets))
+  assert w.kv_bytes == int(np.minimum(plain.kv_lens, 101).sum()) * 8 * 128 * 2 * 1
+  assert w.qo_bytes == plain.qo_bytes and w.kv_dtype == "float8_e4m3fn"
+  splits = wl.Features(fixed_split_size=4, disable_split_kv=True)
+  assert splits.suffix == "-split4-nosplit" and not splits.changes_math
+  for causal in (True, False):
+    p = wl.make_workload("p", "prefill", 3, "5:40", heads=(4, 2), head_dim=64, prefix=7,
+                         causal=causal, features=wl.Features(window_left=6))
+    pairs, keys = 0, 0
+    for qo, kv in zip(p.qo_lens.tolist(), p.kv_lens.tolist()):
+      seen = set()
+      for i in range(qo):
+        pos = kv - qo + i
+        visible = [j for j in range(kv) if j >= pos - 6 and (j <= pos or not causal)]
+        pairs += len(visible)
+        seen.update(visible)
+      keys += len(seen)
+    assert p.flops == 4 * 64 * 4 * pairs and p.kv_bytes == keys * 2 * 64 * 2 * 2
+  for bad in (dict(kv_dtype="int8"), dict(logits_soft_cap=-1.0), dict(window_left=-2),
+              dict(fixed_split_size=0)):
+    with pytest.raises(ValueError):
+      wl.Features(**bad)
+
+
+def test_the_oracle_sees_every_feature():
+  """The rel-err reference of a row takes its features: with each one the reference
+  moves far from the plain row's, so a kernel that dropped a feature would fail the
+  check (the fp8 row by its scales, the soft-cap row with a small cap)."""
+  import jax
+
+  from jax_pagedattn import bench_timing
+
+  def reference(features):
+    w = wl.make_workload("f" + features.suffix, "decode", 3, "20:70", heads=(4, 2), head_dim=64,
+                         features=features)
+    pool, sets = wl.build_page_sets(w, 1, seed=0)
+    cache, q = wl.make_device_inputs(w, pool, 0)
+    assert cache.dtype == np.dtype(w.kv_dtype)
+    case = bench_baselines.Case(w=w, pool=pool, sets=sets, cache=cache, q=q,
+                                cfg=bench_timing.TimingConfig(), opts=bench_baselines.Options(),
+                                platform=jax.devices()[0].platform, sinks=wl.make_sinks(w, 0))
+    return case.reference()
+
+  plain = reference(wl.NO_FEATURES)
+  for f in (wl.Features(kv_dtype="float8_e4m3fn"), wl.Features(kv_dtype="float8_e5m2"),
+            wl.Features(logits_soft_cap=0.5), wl.Features(window_left=8),
+            wl.Features(sinks=True)):
+    assert bench_baselines.rel_err(reference(f), plain) > 0.1, f.labels()
+  split = reference(wl.Features(fixed_split_size=1))
+  assert bench_baselines.rel_err(split, plain) == 0.0  # where a plan cuts is not math
+
+
+def test_the_oracle_splits_a_batch_it_cannot_hold_at_once(monkeypatch):
+  """The eager oracle runs a few requests per call where the padded batch would be too
+  big (lognormal16's prompts), with the same answer as one call."""
+  import jax
+
+  from jax_pagedattn import bench_timing
+
+  w = wl.make_workload("g-win9-sinks", "prefill", 5, "3:40", heads=(4, 2), head_dim=64,
+                       prefix=6, features=wl.Features(window_left=9, sinks=True))
+  pool, sets = wl.build_page_sets(w, 1, seed=0)
+  cache, q = wl.make_device_inputs(w, pool, 0)
+
+  def oracle():
+    return bench_baselines.Case(w=w, pool=pool, sets=sets, cache=cache, q=q,
+                                cfg=bench_timing.TimingConfig(), opts=bench_baselines.Options(),
+                                platform=jax.devices()[0].platform,
+                                sinks=wl.make_sinks(w, 0)).reference()
+
+  assert bench_baselines.reference_groups(w) == [(0, 5)]
+  whole = oracle()
+  monkeypatch.setattr(bench_baselines, "REFERENCE_ELEMENTS", 64 * 4 * 64)
+  groups = bench_baselines.reference_groups(w)
+  assert len(groups) > 1 and groups[0][0] == 0 and groups[-1][1] == 5
+  assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+  np.testing.assert_allclose(oracle(), whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+@pytest.mark.parametrize("flag", list(FEATURE_FLAGS), ids=lambda f: "".join(f))
+def test_cli_feature_flags(tmp_path, capsys, kind, flag):
+  """Each feature flag on the CPU, with --feature-ratio: ours runs the row with the
+  feature (checked against the oracle given the same feature) beside the row without
+  it; the jnp baseline skips a feature that changes the math and FlashInfer skips off
+  the GPU; the JSON and Markdown say which features a row had."""
+  out, md = tmp_path / "f.json", tmp_path / "f.md"
+  prefix = ["--prefix", "24"] if kind == "prefill" else []
+  bench.main([kind, *TINY, *prefix, *flag, "--feature-ratio", "--no-host",
+              "--systems", "ours,jnp,flashinfer", "--json", str(out), "--markdown", str(md)])
+  assert "feature costs" in capsys.readouterr().out
+  doc = _load(out)
+  name = "2x64" + FEATURE_FLAGS[flag]
+  assert list(doc["workloads"]) == [f"{kind}/2x64", f"{kind}/{name}"]
+  w = doc["workloads"][f"{kind}/{name}"]
+  assert w["features"] == [FEATURE_FLAGS[flag][1:]] and w["base_workload"] == f"{kind}/2x64"
+  assert doc["meta"]["features"]["features"] == w["features"]
+  if flag[0] == "--kv-dtype":
+    assert w["kv_dtype"] == flag[1] and w["kv_bytes"] * 2 == doc["workloads"][f"{kind}/2x64"][
+        "kv_bytes"]
+  rows = [r for r in doc["results"] if r["workload"] == name]
+  res = {r["system"]: r for r in rows}
+  ours = [s for s in res if s.startswith("ours")]
+  assert ours
+  for system in ours:
+    r = res[system]
+    assert r["status"] == "ok", r.get("message")
+    assert r["rel_err"] < 2e-2 and r["features"] == w["features"]
+    assert r["vs_base"] > 0 and r["vs_base_best_ours"] > 0
+  changes_math = flag[0] not in ("--fixed-split-size", "--disable-split-kv")
+  assert res["jnp"]["status"] == ("skipped" if changes_math else "ok")
+  for system in res:
+    if system.startswith("flashinfer"):
+      assert res[system]["status"] == "skipped"
+  assert f"| {kind} {name} | {ours[0]} |" in md.read_text()
+
+
+def test_feature_ratios_are_against_the_plain_row():
+  from jax_pagedattn import bench_report
+
+  workloads = {"decode/a": dict(bytes_moved=1, flops=1),
+               "decode/a-fp8e4m3": dict(bytes_moved=1, flops=1, base_workload="decode/a",
+                                        features=["fp8e4m3"])}
+  recs = [dict(workload=w, kind="decode", system=s, status="ok", time_us=t)
+          for w, s, t in (("a", "ours-tc", 100.0), ("a", "ours-cc", 120.0),
+                          ("a", "flashinfer-cc", 110.0), ("a-fp8e4m3", "ours-cc", 54.0),
+                          ("a-fp8e4m3", "flashinfer-cc", 90.0))]
+  recs.append(dict(workload="a-fp8e4m3", kind="decode", system="ours-tc", status="skipped"))
+  bench_report.derive(recs, workloads, {})
+  fp8 = {r["system"]: r for r in recs if r["workload"] == "a-fp8e4m3" and r["status"] == "ok"}
+  assert fp8["ours-cc"]["base_time_us"] == 120.0
+  assert fp8["ours-cc"]["vs_base"] == pytest.approx(54 / 120)
+  assert fp8["ours-cc"]["vs_base_best_ours"] == pytest.approx(54 / 100)
+  assert fp8["ours-cc"]["vs_flashinfer"] == pytest.approx(90 / 54)
+  assert fp8["flashinfer-cc"]["vs_base"] == pytest.approx(90 / 110)
+  assert "vs_base_best_ours" not in fp8["flashinfer-cc"]
+  text = bench_report.format_features(recs, workloads)
+  assert "0.540x" in text and "0.450x" in text
+
+
+def test_cli_rejects_bad_feature_arguments():
+  for argv in (["--feature-ratio"],  # nothing to compare
+               ["--soft-cap", "30", "--layers", "2"],  # the model step plans without them
+               ["--kv-dtype", "int8"], ["--fixed-split-size", "0"], ["--soft-cap", "-1"],
+               ["--window-left", "-2"]):
+    with pytest.raises(SystemExit):
+      bench.main(["decode", *TINY, *argv])
