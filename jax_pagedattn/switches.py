@@ -18,9 +18,9 @@ DEALS = {"auto": 0, "bins": 1, "equal": 2}
 
 @dataclasses.dataclass(frozen=True)
 class Switches:
-  # JAX_PAGEDATTN_SM90_PREFILL=1: the Hopper prefill kernel runs where it covers a call
-  # (opt-in until it has passed the GPU suite on the library path; docs/CONTRACT.md).
-  sm90_prefill: bool = False
+  # JAX_PAGEDATTN_SM90_PREFILL=0: the sm80 prefill kernel even where the Hopper one covers
+  # a call (default on since it passed the GPU suite on an H100; docs/CONTRACT.md).
+  sm90_prefill: bool = True
   # JAX_PAGEDATTN_DEPENDENT_LAUNCH=0: no programmatic dependent launch (sm90+).
   dependent_launch: bool = True
   # JAX_PAGEDATTN_DEAL=bins|equal: force one of the planner's two deals.
@@ -43,7 +43,7 @@ def from_environment(environ=os.environ) -> Switches:
   except ValueError:
     raise ValueError(f"JAX_PAGEDATTN_CTAS_PER_SM must be an integer, got {ctas!r}") from None
   return Switches(
-      sm90_prefill=environ.get("JAX_PAGEDATTN_SM90_PREFILL", "0") == "1",
+      sm90_prefill=environ.get("JAX_PAGEDATTN_SM90_PREFILL", "1") != "0",
       dependent_launch=environ.get("JAX_PAGEDATTN_DEPENDENT_LAUNCH", "1") != "0",
       deal=deal,
       ctas_per_sm=max(0, ctas_per_sm),

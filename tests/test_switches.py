@@ -11,11 +11,11 @@ from jax_pagedattn import planning, switches
 
 def test_switches_are_read_from_the_environment():
   sw = switches.from_environment({})
-  assert (sw.sm90_prefill, sw.dependent_launch, sw.deal, sw.ctas_per_sm) == (False, True, "auto", 0)
-  sw = switches.from_environment({"JAX_PAGEDATTN_SM90_PREFILL": "1", "JAX_PAGEDATTN_DEAL": "equal",
+  assert (sw.sm90_prefill, sw.dependent_launch, sw.deal, sw.ctas_per_sm) == (True, True, "auto", 0)
+  sw = switches.from_environment({"JAX_PAGEDATTN_SM90_PREFILL": "0", "JAX_PAGEDATTN_DEAL": "equal",
                                   "JAX_PAGEDATTN_DEPENDENT_LAUNCH": "0",
                                   "JAX_PAGEDATTN_CTAS_PER_SM": "2"})
-  assert (sw.sm90_prefill, sw.dependent_launch, sw.deal, sw.ctas_per_sm) == (True, False, "equal", 2)
+  assert (sw.sm90_prefill, sw.dependent_launch, sw.deal, sw.ctas_per_sm) == (False, False, "equal", 2)
   with pytest.raises(ValueError, match="JAX_PAGEDATTN_DEAL"):
     switches.from_environment({"JAX_PAGEDATTN_DEAL": "random"})
   with pytest.raises(ValueError, match="JAX_PAGEDATTN_CTAS_PER_SM"):
