@@ -362,7 +362,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
 
     // q rows -> fp32 in shared memory, scaled by sm_scale * log2(e) so that q.k is the
     // base-2 logit, and rotated for RoPE at the row's query position.
-    const float q_scale = p.sm_scale * kLog2e * KScale(p);
+    const float q_scale = LogitScaleLog2(p);
     for (int idx = threadIdx.x; idx < R * S::kChunks; idx += kThreads) {
       const int r = idx / S::kChunks, c = idx % S::kChunks;
       const int rr = row0 + r;

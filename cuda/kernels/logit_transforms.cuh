@@ -52,6 +52,11 @@ __device__ __forceinline__ SoftmaxState SinkState(const AttentionParams& p, int 
 __device__ __forceinline__ float KScale(const AttentionParams& p) {
   return p.kv_scales != nullptr ? __ldg(p.kv_scales) : 1.f;
 }
+
+// What q.k is multiplied by to give the base-2 logit: sm_scale * k_scale * log2(e).
+__device__ __forceinline__ float LogitScaleLog2(const AttentionParams& p) {
+  return p.sm_scale * kLog2e * KScale(p);
+}
 __device__ __forceinline__ float VScale(const AttentionParams& p) {
   return p.kv_scales != nullptr ? __ldg(p.kv_scales + 1) : 1.f;
 }

@@ -195,7 +195,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
   const bool causal = p.causal;
   const bool rope = p.pos_encoding == PosEncoding::kRopeLlama;
   const bool alibi = p.pos_encoding == PosEncoding::kAlibi;
-  const float scale_log2 = p.sm_scale * kLog2e * KScale(p);
+  const float scale_log2 = LogitScaleLog2(p);
   const SoftCap soft_cap{p};
   // Key j is in the window of the query at qpos when j - qpos >= -window_left (always
   // without a window): one compare per element, and no per-row registers.

@@ -355,7 +355,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
   const bool causal = p.causal;
   const bool rope = p.pos_encoding == PosEncoding::kRopeLlama;
   const bool alibi = p.pos_encoding == PosEncoding::kAlibi;
-  const float scale_log2 = p.sm_scale * kLog2e * KScale(p);
+  const float scale_log2 = LogitScaleLog2(p);
   const SoftCap soft_cap{p};
   const bool window = p.window_left >= 0;
   // The unmasked path takes the row max of raw scores, which needs a positive scale.
@@ -498,6 +498,18 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       __syncwarp();
       if (lane == 0) MbarArrive(bar);
     };
+    // Waits for K stage s (the kc-th K tile) and reads its mask words: whether any key of
+    // the tile is absent, and this thread's bits of the absent keys.
+    struct StageMask {
+      bool any_bad;
+      uint32_t absent_bits;
+    };
+    auto wait_k = [&](uint32_t s) {
+      MbarWait(full_k(s), (kc / S) & 1);
+      FenceProxyAsync();
+      const uint4 words = s_mask[s];
+      return StageMask{(words.x | words.y | words.z | words.w) != 0u, ThreadMask(words, quad)};
+    };
 
     if (n > 0) {
       // ---- Q tile of this warpgroup (rows past the item are zeros) ----------------------------
@@ -532,11 +544,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       // ---- step 0: S_0 ----------------------------------------------------------------------
       {
         const uint32_t s = kc % S;
-        MbarWait(full_k(s), (kc / S) & 1);
-        FenceProxyAsync();
-        const uint4 words = s_mask[s];
-        const bool any_bad = (words.x | words.y | words.z | words.w) != 0u;
-        const uint32_t absent_bits = ThreadMask(words, quad);
+        const StageMask mask = wait_k(s);
         turn_wait();
         WgGemm<true>(mma_qk, tSrQ, tSrK(_, _, _, s), tSrS);
         turn_pass();
@@ -544,17 +552,13 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
         warpgroup_fence_operand(tSrS);
         release(empty_k(s));
         ++kc;
-        softmax(0, any_bad, absent_bits);
+        softmax(0, mask.any_bad, mask.absent_bits);
         convert_p();
       }
       // ---- steps 1 .. n-1: S_i = Q K_i^T and O += P_{i-1} V_{i-1}, softmax of S_i between ----
       for (int i = 1; i < n; ++i) {
         const uint32_t s = kc % S;
-        MbarWait(full_k(s), (kc / S) & 1);
-        FenceProxyAsync();
-        const uint4 words = s_mask[s];
-        const bool any_bad = (words.x | words.y | words.z | words.w) != 0u;
-        const uint32_t absent_bits = ThreadMask(words, quad);
+        const StageMask mask = wait_k(s);
         turn_wait();
         WgGemm<true>(mma_qk, tSrQ, tSrK(_, _, _, s), tSrS);
         rescale_o();  // by the correction of step i - 1, before P_{i-1} V_{i-1} adds in
@@ -568,7 +572,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
         warpgroup_fence_operand(tSrS);
         release(empty_k(s));
         ++kc;
-        softmax(i, any_bad, absent_bits);
+        softmax(i, mask.any_bad, mask.absent_bits);
         warpgroup_wait<0>();
         warpgroup_fence_operand(tOrO);
         warpgroup_fence_operand(tOrP);
