@@ -131,7 +131,7 @@ class PagedAttentionWrapper:
     """(PlanConfig, the planner's PlanSpec) for one setting of plan()'s static
     arguments; raises on bad ones. `kernel` names the attention kernel (its tile rows)."""
     planning.check_head_config(num_qo_heads, num_kv_heads, head_dim)
-    split_pages = _fixed_split_pages(fixed_split_size)
+    split_pages = planning.check_fixed_split_size(fixed_split_size)
     planning.check_pos_encoding(pos_encoding_mode)
     logits_soft_cap = planning.check_logits_soft_cap(logits_soft_cap)
     window_left = planning.check_window_left(window_left)
@@ -245,23 +245,6 @@ def _sink_operand(sinks, num_qo_heads: int):
     raise TypeError(f"sinks must be floating point (taken as float32), got {sinks.dtype}")
   return jnp.asarray(sinks, jnp.float32)
 
-
-_INT32_MAX = 2**31 - 1
-
-
-def _fixed_split_pages(fixed_split_size) -> int:
-  """plan()'s fixed_split_size (FlashInfer's: pages per piece; None or -1: none) as the
-  planner's PlanSpec takes it; raises ValueError for anything else."""
-  if fixed_split_size is None:
-    return -1
-  if isinstance(fixed_split_size, bool) or not isinstance(fixed_split_size, numbers.Integral):
-    raise ValueError(f"fixed_split_size must be a positive int (pages per split), or None / -1 "
-                     f"for none; got {fixed_split_size!r}")
-  n = int(fixed_split_size)
-  if n != -1 and not 1 <= n <= _INT32_MAX:
-    raise ValueError(f"fixed_split_size must be a positive int (pages per split) up to "
-                     f"{_INT32_MAX}, or None / -1 for none; got {n}")
-  return n
 
 
 def scales_operand(k_scale, v_scale):

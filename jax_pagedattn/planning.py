@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import os
 
 import jax
@@ -337,6 +338,21 @@ def check_window_left(window_left) -> int:
   if window_left > np.iinfo(np.int32).max:
     raise ValueError(f"window_left must fit int32, got {window_left}")
   return int(window_left)
+
+
+def check_fixed_split_size(fixed_split_size) -> int:
+  """plan()'s fixed_split_size (FlashInfer's: pages per piece; None or -1: none) as the
+  planner's PlanSpec takes it; raises ValueError for anything else."""
+  if fixed_split_size is None:
+    return -1
+  if isinstance(fixed_split_size, bool) or not isinstance(fixed_split_size, numbers.Integral):
+    raise ValueError(f"fixed_split_size must be a positive int (pages per split), or None / -1 "
+                     f"for none; got {fixed_split_size!r}")
+  n, top = int(fixed_split_size), int(np.iinfo(np.int32).max)
+  if n != -1 and not 1 <= n <= top:
+    raise ValueError(f"fixed_split_size must be a positive int (pages per split) up to "
+                     f"{top}, or None / -1 for none; got {n}")
+  return n
 
 
 def default_sm_scale(head_dim: int, sm_scale) -> float:
