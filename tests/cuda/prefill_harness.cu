@@ -548,6 +548,15 @@ static const std::vector<Req> kLonger = {{100, 1500, true}, {64, 1024, false},
   c.push_back({"sm90 bf16 G4 NHD ps16 causal rope many", BF, 128, 2, 4, 16, 128, NHD, false, true, R, many, false});
   c.push_back({"sm90 bf16 G32 NHD ps16 causal none decode", BF, 128, 2, 32, 16, 128, NHD, false, true, N, decode, false});
   c.push_back({"sm90 f16 G4 NHD comb ps16 causal none decode bins2", F16, 128, 2, 4, 16, 128, NHD, true, true, N, decode, true, 2});
+  // head_dim 64 (4 lanes a key row, one 128-byte panel) and 256 (64-key tiles, two mask
+  // words per stage and two copying producer warps; 128 rows only on this kernel).
+  c.push_back({"sm90 bf16 D64 G4 NHD ps16 causal none mix", BF, 64, 2, 4, 16, 128, NHD, false, true, N, mix, false});
+  c.push_back({"sm90 f16 D64 G8 HND comb ps1 nocausal rope long badpg bins3", F16, 64, 1, 8, 1, 128, HND, true, false, R, longer, true, 3});
+  c.push_back({"sm90 bf16 D64 G4 NHD ps7 causal alibi many", BF, 64, 2, 4, 7, 128, NHD, false, true, A, many, false});
+  c.push_back({"sm90 bf16 D256 G4 NHD ps16 causal none mix", BF, 256, 2, 4, 16, 128, NHD, false, true, N, mix, false});
+  c.push_back({"sm90 f16 D256 G4 HND ps3 causal rope long bins2", F16, 256, 2, 4, 3, 128, HND, false, true, R, longer, false, 2});
+  c.push_back({"sm90 bf16 D256 G8 NHD comb ps64 nocausal alibi mix badpg", BF, 256, 1, 8, 64, 128, NHD, true, false, A, mix, true});
+  c.push_back({"sm90 bf16 D256 G1 HND ps16 causal rope many bins4", BF, 256, 2, 1, 16, 128, HND, false, true, R, many, false, 4});
   return c;
 }
 
@@ -556,7 +565,7 @@ static const std::vector<Req> kLonger = {{100, 1500, true}, {64, 1024, false},
 static std::vector<Case> QuickCases() {
 #ifdef JPA_HARNESS_SM90
   const std::vector<Case> all = Sm90Cases();
-  const int pick[] = {0, 8, 11, 5};
+  const int pick[] = {0, 8, 11, 5, 18, 22};
 #else
   const std::vector<Case> all = Cases();
   const int pick[] = {0, 1, 2};

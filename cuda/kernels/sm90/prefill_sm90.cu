@@ -102,11 +102,16 @@ cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream,
   if (!Aligned16(p.q) || !Aligned16(p.out) || !Aligned16(p.kv.k) || !Aligned16(p.kv.v) ||
       p.kv.page_stride % 8 != 0 || p.kv.slot_stride % 8 != 0 || p.kv.head_stride % 8 != 0)
     return cudaErrorNotSupported;
-  if (p.kv_dtype != p.dtype) return cudaErrorNotSupported;  // fp8 caches: the sm80 kernel
+  if (!PrefillSm90Covers(p.dtype, p.kv_dtype, p.head_dim)) return cudaErrorNotSupported;
   return WithSm90Kernel(p.dtype, p.head_dim, p.tile_rows, tuning.stages, [&](auto kernel) {
     if (p.layout.work_cap == 0) return cudaSuccess;  // no items, nothing to launch
     return decltype(kernel)::Launch(p, stream, tuning);
   });
+}
+
+bool PrefillSm90Covers(DType dtype, DType kv_dtype, int head_dim) {
+  return (dtype == DType::kBF16 || dtype == DType::kF16) && kv_dtype == dtype &&
+         (head_dim == 64 || head_dim == 128 || head_dim == 256) && DeviceIsSm90();
 }
 
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream) {

@@ -87,8 +87,8 @@ struct PrefillSm90Cfg {
   static constexpr int kCopyWarps = kTileKv / 32;   // producer warps with keys (32 each)
   static constexpr int kMaskWords = kTileKv / 32;
   static constexpr int kThreads = 384;
-  static constexpr int kProducerRegs = 32;
-  static constexpr int kConsumerRegs = 240;  // 2 x 128 x 240 + 128 x 32 = 64 K registers
+  static constexpr int kProducerRegs = D == 256 ? 32 : 56;
+  static constexpr int kConsumerRegs = D == 256 ? 240 : 224;
   static constexpr int kHalfBytes = 128;     // one 64-element panel of a row
   static constexpr int kQWgBytes = kWgRows * D * 2;
   static constexpr int kKvBytes = kTileKv * D * 2;
