@@ -87,8 +87,15 @@ struct PrefillSm90Cfg {
   static constexpr int kCopyWarps = kTileKv / 32;   // producer warps with keys (32 each)
   static constexpr int kMaskWords = kTileKv / 32;
   static constexpr int kThreads = 384;
-  static constexpr int kProducerRegs = D == 256 ? 32 : 56;
+  // setmaxnreg moves registers between warpgroups within what the CTA was launched with
+  // (kThreads x kLaunchRegs): a consumer's increase waits until the producer's decrease
+  // has freed enough, forever if the split asks for more. Head_dim 256 keeps 240 for the
+  // consumers (their 64 x 256 accumulators spill in the main loop at 232).
+  static constexpr int kLaunchRegs = (65536 / kThreads) & ~7;  // __launch_bounds__(kThreads, 1)
+  static constexpr int kProducerRegs = D == 256 ? 24 : 56;
   static constexpr int kConsumerRegs = D == 256 ? 240 : 224;
+  static_assert(256 * kConsumerRegs + 128 * kProducerRegs <= kThreads * kLaunchRegs,
+                "setmaxnreg split beyond the CTA's registers: the consumers' increase would hang");
   static constexpr int kHalfBytes = 128;     // one 64-element panel of a row
   static constexpr int kQWgBytes = kWgRows * D * 2;
   static constexpr int kKvBytes = kTileKv * D * 2;
@@ -281,10 +288,17 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
       uint8_t* st = smem + Cfg::kKOff + s * Cfg::kKvBytes;
       const int pc = chunk % Cfg::kPairChunks, sel = chunk / Cfg::kPairChunks;
       const int pc_hi = pc + Cfg::kPairChunks;  // the partner chunk, D / 2 further
-      float f[4];
+      // The lane's rows are R keys apart: one sin/cos of its first row's angles and of
+      // the step's, then each row's by angle addition (a few FMAs instead of two MUFU
+      // ops per element, which made RoPE the producer's bottleneck).
+      const int first = tr.kv_lo + (n - 1 - i) * kTileKv + pw * 32 + sub;
+      float cs[4], sn[4], c_step[4], s_step[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) f[e] = s_freq[pc * 8 + sel * 4 + e];
-      const int first = tr.kv_lo + (n - 1 - i) * kTileKv + pw * 32;
+      for (int e = 0; e < 4; ++e) {
+        const float f = s_freq[pc * 8 + sel * 4 + e];
+        prefill_detail::RopeSinCos(float(first) * f, &sn[e], &cs[e]);
+        prefill_detail::RopeSinCos(float(R) * f, &s_step[e], &c_step[e]);
+      }
 #pragma unroll 4
       for (int k = 0; k < 32 / R; ++k) {
         const int src = R * k + sub;
@@ -297,7 +311,6 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
         uint2* plo = reinterpret_cast<uint2*>(st + off_lo);
         uint2* phi = reinterpret_cast<uint2*>(st + off_hi);
         const uint2 lo = *plo, hi = *phi;
-        const float pos = float(first + src);
         const float2 a0 = UnpackPair<T>(lo.x), a1 = UnpackPair<T>(lo.y);
         const float2 b0 = UnpackPair<T>(hi.x), b1 = UnpackPair<T>(hi.y);
         const float xa[4] = {a0.x, a0.y, a1.x, a1.y};
@@ -305,10 +318,11 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
         float ra[4], rb[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          float sn, cs;
-          prefill_detail::RopeSinCos(pos * f[e], &sn, &cs);
-          ra[e] = xa[e] * cs - xb[e] * sn;
-          rb[e] = xb[e] * cs + xa[e] * sn;
+          ra[e] = xa[e] * cs[e] - xb[e] * sn[e];
+          rb[e] = xb[e] * cs[e] + xa[e] * sn[e];
+          const float c_next = cs[e] * c_step[e] - sn[e] * s_step[e];
+          sn[e] = sn[e] * c_step[e] + cs[e] * s_step[e];
+          cs[e] = c_next;
         }
         *plo = make_uint2(PackPair<T>(ra[0], ra[1]), PackPair<T>(ra[2], ra[3]));
         *phi = make_uint2(PackPair<T>(rb[0], rb[1]), PackPair<T>(rb[2], rb[3]));
@@ -391,7 +405,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
   const SoftCap soft_cap{p};
   const bool window = p.window_left >= 0;
   // The unmasked path takes the row max of raw scores, which needs a positive scale.
-  const bool always_mask = alibi || !(scale_log2 > 0.f);
+  const bool always_mask = !(scale_log2 > 0.f);
   const uint32_t bars = SmemU32(smem + Cfg::kBarOff);
   const uint4* s_mask = reinterpret_cast<const uint4*>(smem + Cfg::kMaskOff);
   const float* s_freq = reinterpret_cast<const float*>(smem + Cfg::kFreqOff);
@@ -549,6 +563,14 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
           const bool vis = !absent && (!causal || j <= qpos[h]) && j >= first_key[h];
           const float v = tSrS(i2) * sc + slope[h] * float(j - qpos[h]);
           tSrS(i2) = vis ? v : kNegInf;
+        }
+        sc = 1.f;
+      } else if (alibi) {  // a tile wholly visible: the same bias, no visibility tests
+#pragma unroll
+        for (int i2 = 0; i2 < kTileKv / 2; ++i2) {
+          const int nb = i2 >> 2, h = (i2 >> 1) & 1, e = i2 & 1;
+          const int j = kf + 8 * nb + 2 * quad + e;
+          tSrS(i2) = tSrS(i2) * sc + slope[h] * float(j - qpos[h]);
         }
         sc = 1.f;
       }
