@@ -42,7 +42,7 @@ using namespace jax_pagedattn;
 
 // The launcher the checks exercise. JPA_SM90_PINGPONG=0 runs the sm90 checks without
 // the warpgroup pingpong (a diagnostic when the default fails); JPA_SM90_STAGES=3 with
-// three K/V stages.
+// three K/V stages at head_dim 128.
 static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream) {
 #ifdef JPA_HARNESS_SM90
   static const bool pingpong = [] {
@@ -55,7 +55,8 @@ static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream
   }();
   PrefillSm90Tuning t;
   t.pingpong = pingpong;
-  t.stages = stages;
+  // Three stages exist at head_dim 128 only (prefill_sm90.cu); other cases keep two.
+  t.stages = p.head_dim == 128 ? stages : PrefillSm90Tuning{}.stages;
   return LaunchPrefillSm90(p, stream, t);
 #else
   return LaunchPrefill(p, stream);
