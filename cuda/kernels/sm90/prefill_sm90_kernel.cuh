@@ -9,13 +9,14 @@
 //                    softmax in registers (base 2), O += P V (wgmma, P from registers).
 //   warpgroup 2      producer: gathers K/V tiles page by page with cp.async (16-byte
 //                    copies, 64-bit element offsets) into a ring of `Stages` (2 or 3)
-//                    tiles each; rotates K in place when RoPE is on.
-// setmaxnreg moves registers from the producer (32) to the consumers (240).
+//                    tiles each; rotates K in place when RoPE is on. Each copying warp
+//                    owns 32 keys of a tile (kTileKv / 32 warps copy; the rest leave).
+// setmaxnreg moves registers from the producer to the consumers (PrefillSm90Cfg).
 //
 // Ring: K and V have their own stages and mbarriers (full: data landed; empty: both
 // consumer warpgroups are done with it). The producer fills K(i+1) before V(i), the order
 // in which the consumers need them. A full barrier completes on the cp.async arrivals of
-// the 128 producer threads (cp.async.mbarrier.arrive.noinc), plus, for K, one ordinary
+// the copying producer threads (cp.async.mbarrier.arrive.noinc), plus, for K, one ordinary
 // arrival per producer warp that publishes the tile's key-validity mask (32 keys a
 // word: past the item's keys or a page id outside [0, num_pages)). The consumers fence
 // the async proxy after each wait, before wgmma reads what cp.async wrote.
@@ -30,10 +31,12 @@
 // Shared memory (base rounded up to 1024 bytes, the 128-byte swizzle's period):
 //   Q     [kQBufs][2 warpgroups][64 rows][D]  GMMA K-major SW128 (also each warpgroup's O
 //         staging); with 2 buffers the next item's Q is copied while this one runs
-//   K, V  [Stages][128 keys][D]          GMMA K-major SW128; V is read as MN-major V^T
-//   mbarriers, key masks [2][4] u32, RoPE frequencies [D/2], split-merge scratch.
-// An SW128 tile of R rows keeps d in [0, 64) of every row first, then d in [64, 128):
-// row r's 16-byte chunk c (c < 8) of a half sits at half * R * 128 + r * 128 + ((c ^ r % 8) * 16).
+//   K, V  [Stages][kTileKv keys][D]      GMMA K-major SW128; V is read as MN-major V^T
+//         (kTileKv: 128 keys, 64 at D = 256)
+//   mbarriers, key masks [Stages][4] u32, RoPE frequencies [D/2], split-merge scratch.
+// An SW128 tile of R rows keeps d in [0, 64) of every row first (one 128-byte panel),
+// then d in [64, 128), and so on (D / 64 panels): row r's 16-byte chunk c (c < 8) of
+// panel h sits at h * R * 128 + r * 128 + ((c ^ r % 8) * 16).
 #pragma once
 
 #include <cuda_bf16.h>
