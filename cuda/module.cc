@@ -158,13 +158,15 @@ NB_MODULE(_C, m) {
         "the fields of planning.Capacities), and its size.");
   m.def(
       "tile_rows",
-      [](int32_t kernel, int32_t group_size, int32_t head_dim) {
+      [](int32_t kernel, int32_t group_size, int32_t head_dim, bool hopper_prefill) {
         if (kernel < 0 || kernel > int32_t(AttentionKernel::kPrefill))
           throw nb::value_error("tile_rows: kernel must be 0 (decode), 1 (tensor-core decode) or 2 (prefill)");
-        return TileRows(AttentionKernel(kernel), group_size, head_dim);
+        return TileRows(AttentionKernel(kernel), group_size, head_dim, hopper_prefill);
       },
       nb::arg("kernel"), nb::arg("group_size"), nb::arg("head_dim"),
-      "Packed query rows per work item of the kernel (tile_rows.h).");
+      nb::arg("hopper_prefill") = false,
+      "Packed query rows per work item of the kernel (tile_rows.h); hopper_prefill: the "
+      "Hopper prefill kernel runs the call (hopper_prefill_covers).");
   m.def(
       "workspace_bytes",
       [](nb::handle caps, int32_t num_qo_heads, int32_t head_dim, int32_t num_kv_heads) {
@@ -210,6 +212,21 @@ NB_MODULE(_C, m) {
       nb::arg("sm90_prefill"),
       "CTAs of the attention kernel for this configuration one SM of the current device "
       "holds at once (the CUDA occupancy calculator).");
+  m.def(
+      "hopper_prefill_covers",
+      [](const std::string& dtype, const std::string& kv_dtype, int32_t head_dim) {
+        auto code = [](const std::string& name) {
+          if (name == "float16") return DType::kF16;
+          if (name == "bfloat16") return DType::kBF16;
+          if (name == "float8_e4m3fn") return DType::kF8E4M3;
+          if (name == "float8_e5m2") return DType::kF8E5M2;
+          return DType::kF32;
+        };
+        return HopperPrefillCovers(code(dtype), code(kv_dtype), head_dim);
+      },
+      nb::arg("dtype"), nb::arg("kv_dtype"), nb::arg("head_dim"),
+      "Whether this build's Hopper prefill kernel runs calls of these dtype names and "
+      "head_dim on the current device (prefill_sm90.h).");
 #endif
   m.attr("WORK_FIELDS") = int(kWorkFields);
   m.attr("HAS_CUDA") =

@@ -149,7 +149,7 @@ class PagedAttentionWrapper:
                       f"it is an fp8 type (float8_e4m3fn, float8_e5m2)")
     b, t, p = self._base_capacities(batch, tokens, pages)
     group = num_qo_heads // num_kv_heads
-    tile_rows = planning.tile_rows(kernel, group, head_dim)
+    tile_rows = planning.tile_rows(kernel, group, head_dim, q_dtype, kv_dtype)
     num_ctas = planning.concurrent_ctas(kernel != "decode", q_dtype, head_dim, tile_rows)
     limit = -1
     if self._workspace_size is not None:

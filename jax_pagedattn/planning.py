@@ -56,9 +56,24 @@ def partial_row_bytes(num_qo_heads: int, head_dim: int) -> int:
 KERNELS = {"decode": 0, "tensor_core_decode": 1, "prefill": 2}
 
 
-def tile_rows(kernel: str, group_size: int, head_dim: int) -> int:
-  """Packed query rows per work item of `kernel` (tile_rows.h, TileRows)."""
-  return _C.tile_rows(KERNELS[kernel], int(group_size), int(head_dim))
+def tile_rows(kernel: str, group_size: int, head_dim: int, q_dtype: str, kv_dtype: str,
+              device=None) -> int:
+  """Packed query rows per work item of `kernel` (tile_rows.h, TileRows): prefill items
+  have the Hopper kernel's 128 rows at every head_dim where that kernel runs the call."""
+  hopper = kernel == "prefill" and _hopper_prefill(device or _default_device(), str(q_dtype),
+                                                   str(kv_dtype), int(head_dim),
+                                                   switches.current().sm90_prefill)
+  return _C.tile_rows(KERNELS[kernel], int(group_size), int(head_dim), hopper)
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_prefill(device, q_dtype, kv_dtype, head_dim, sm90_prefill) -> bool:
+  """The sm90 prefill kernel runs prefill calls of these settings on `device`: the switch
+  allows it, this build has it, and it covers the types and head_dim there."""
+  if not sm90_prefill or device.platform != "gpu" or not getattr(_C, "HAS_SM90_PREFILL", False):
+    return False
+  # Asked of the current CUDA device, as _C.ctas_per_sm is (concurrent_ctas).
+  return bool(_C.hopper_prefill_covers(q_dtype, kv_dtype, head_dim))
 
 
 def _caps_attr(caps: Capacities) -> dict:

@@ -4,7 +4,8 @@
 # against the CUTLASS/CuTe headers carried in .cutlass/, then run, each stage bounded by
 # a timeout and none stopping the others:
 #   check      all correctness cases + garbage plans (harness `all` minus bench)
-#   bench      TFLOP/s of the sm80 kernel and the sm90 kernel (pingpong on / off), same process
+#   bench      TFLOP/s of the sm80 kernel and the sm90 kernel, same process: pingpong off,
+#              3 stages, no K/V copies, and the items dealt to the library's persistent bins
 #   sass       HGMMA count and local-memory traffic in the sm90 kernel's SASS
 #   ncu        hardware counters and the hottest SASS lines of one timed launch per row
 #              of $NCU_ROWS (bench rows, 0-based), not run unless named

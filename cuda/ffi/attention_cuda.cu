@@ -13,6 +13,9 @@
 #include "jax_pagedattn/handlers.h"
 #include "jax_pagedattn/occupancy.h"
 #include "launchers.h"
+#ifdef JAX_PAGEDATTN_WITH_SM90
+#include "sm90/prefill_sm90.h"
+#endif
 
 namespace jax_pagedattn {
 namespace {
@@ -76,6 +79,15 @@ const char* AttentionCtasPerSm(bool tensor_cores, DType dtype, int32_t head_dim,
                               ? PrefillCtasPerSm(dtype, head_dim, tile_rows, sm90_prefill, ctas)
                               : DecodeCtasPerSm(dtype, head_dim, tile_rows, ctas);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+bool HopperPrefillCovers(DType dtype, DType kv_dtype, int32_t head_dim) {
+#ifdef JAX_PAGEDATTN_WITH_SM90
+  return PrefillSm90Covers(dtype, kv_dtype, head_dim);
+#else
+  (void)dtype, (void)kv_dtype, (void)head_dim;
+  return false;
+#endif
 }
 
 }  // namespace jax_pagedattn

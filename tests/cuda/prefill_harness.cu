@@ -42,7 +42,7 @@ using namespace jax_pagedattn;
 
 // The launcher the checks exercise. JPA_SM90_PINGPONG=0 runs the sm90 checks without
 // the warpgroup pingpong (a diagnostic when the default fails); JPA_SM90_STAGES=3 with
-// three K/V stages.
+// three K/V stages at head_dim 128.
 static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream) {
 #ifdef JPA_HARNESS_SM90
   static const bool pingpong = [] {
@@ -55,7 +55,8 @@ static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream
   }();
   PrefillSm90Tuning t;
   t.pingpong = pingpong;
-  t.stages = stages;
+  // Three stages exist at head_dim 128 only (prefill_sm90.cu); other cases keep two.
+  t.stages = p.head_dim == 128 ? stages : PrefillSm90Tuning{}.stages;
   return LaunchPrefillSm90(p, stream, t);
 #else
   return LaunchPrefill(p, stream);
@@ -548,6 +549,15 @@ static const std::vector<Req> kLonger = {{100, 1500, true}, {64, 1024, false},
   c.push_back({"sm90 bf16 G4 NHD ps16 causal rope many", BF, 128, 2, 4, 16, 128, NHD, false, true, R, many, false});
   c.push_back({"sm90 bf16 G32 NHD ps16 causal none decode", BF, 128, 2, 32, 16, 128, NHD, false, true, N, decode, false});
   c.push_back({"sm90 f16 G4 NHD comb ps16 causal none decode bins2", F16, 128, 2, 4, 16, 128, NHD, true, true, N, decode, true, 2});
+  // head_dim 64 (4 lanes a key row, one 128-byte panel) and 256 (64-key tiles, two mask
+  // words per stage and two copying producer warps; 128 rows only on this kernel).
+  c.push_back({"sm90 bf16 D64 G4 NHD ps16 causal none mix", BF, 64, 2, 4, 16, 128, NHD, false, true, N, mix, false});
+  c.push_back({"sm90 f16 D64 G8 HND comb ps1 nocausal rope long badpg bins3", F16, 64, 1, 8, 1, 128, HND, true, false, R, longer, true, 3});
+  c.push_back({"sm90 bf16 D64 G4 NHD ps7 causal alibi many", BF, 64, 2, 4, 7, 128, NHD, false, true, A, many, false});
+  c.push_back({"sm90 bf16 D256 G4 NHD ps16 causal none mix", BF, 256, 2, 4, 16, 128, NHD, false, true, N, mix, false});
+  c.push_back({"sm90 f16 D256 G4 HND ps3 causal rope long bins2", F16, 256, 2, 4, 3, 128, HND, false, true, R, longer, false, 2});
+  c.push_back({"sm90 bf16 D256 G8 NHD comb ps64 nocausal alibi mix badpg", BF, 256, 1, 8, 64, 128, NHD, true, false, A, mix, true});
+  c.push_back({"sm90 bf16 D256 G1 HND ps16 causal rope many bins4", BF, 256, 2, 1, 16, 128, HND, false, true, R, many, false, 4});
   return c;
 }
 
@@ -556,7 +566,7 @@ static const std::vector<Req> kLonger = {{100, 1500, true}, {64, 1024, false},
 static std::vector<Case> QuickCases() {
 #ifdef JPA_HARNESS_SM90
   const std::vector<Case> all = Sm90Cases();
-  const int pick[] = {0, 8, 11, 5};
+  const int pick[] = {0, 8, 11, 5, 18, 22};
 #else
   const std::vector<Case> all = Cases();
   const int pick[] = {0, 1, 2};
@@ -717,23 +727,42 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
       items.push_back({b, rb, re, ke});
     }
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.ke > b.ke; });
-  PlanLayout lay{batch, T, pages, int(items.size()), int(items.size())};  // one bin per item
-  std::vector<int32_t> plan(lay.size(), 0);
-  for (int i = 0; i <= lay.bin_cap; ++i) plan[lay.bin_indptr() + i] = i;
-  for (size_t w = 0; w < items.size(); ++w) {
-    int32_t* it = plan.data() + lay.work() + w * kWorkFields;
-    it[0] = items[w].b; it[1] = items[w].rb; it[2] = items[w].re; it[3] = 0; it[4] = items[w].ke;
-    it[5] = -1; it[6] = qo_len; it[7] = kv_len;
-  }
-  for (int b = 0; b <= batch; ++b) {
-    plan[lay.qo_indptr() + b] = b * qo_len;
-    plan[lay.kv_indptr() + b] = b * np;
-  }
+  // `bins` == 0: one bin per item (the hardware schedules the CTAs, longest first); else
+  // the items dealt longest first to the least loaded of `bins` bins (cost: key tiles),
+  // as the library's persistent launch runs them, so the two launches can be compared.
   std::vector<int> perm(pages);
   for (int i = 0; i < pages; ++i) perm[i] = i;
   std::shuffle(perm.begin(), perm.end(), rng);
-  for (int i = 0; i < pages; ++i) plan[lay.kv_indices() + i] = perm[i];
-  plan[lay.meta() + kMetaNumTokens] = T;
+  auto make_plan = [&](int bins) {
+    const int nb = bins > 0 ? bins : int(items.size());
+    std::vector<std::vector<int>> of_bin(nb);
+    std::vector<long> load(nb, 0);
+    for (int w = 0; w < int(items.size()); ++w) {
+      const int b = bins > 0 ? int(std::min_element(load.begin(), load.end()) - load.begin()) : w;
+      of_bin[b].push_back(w);
+      load[b] += (items[w].ke + 127) / 128;
+    }
+    PlanLayout l{batch, T, pages, int(items.size()), nb};
+    std::vector<int32_t> pl(l.size(), 0);
+    int w_out = 0;
+    for (int b = 0; b < nb; ++b) {
+      pl[l.bin_indptr() + b] = w_out;
+      for (int w : of_bin[b]) {
+        int32_t* it = pl.data() + l.work() + (w_out++) * kWorkFields;
+        it[0] = items[w].b; it[1] = items[w].rb; it[2] = items[w].re; it[3] = 0; it[4] = items[w].ke;
+        it[5] = -1; it[6] = qo_len; it[7] = kv_len;
+      }
+    }
+    pl[l.bin_indptr() + nb] = w_out;
+    for (int b = 0; b <= batch; ++b) {
+      pl[l.qo_indptr() + b] = b * qo_len;
+      pl[l.kv_indptr() + b] = b * np;
+    }
+    for (int i = 0; i < pages; ++i) pl[l.kv_indices() + i] = perm[i];
+    pl[l.meta() + kMetaNumTokens] = T;
+    return std::make_pair(l, pl);
+  };
+  auto [lay, plan] = make_plan(0);
 
   const size_t q_elems = size_t(T) * Hqo * D, cache_elems = size_t(pages) * 2 * ps * Hkv * D;
   void *d_q, *d_cache, *d_out, *d_ws;
@@ -756,15 +785,35 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
   p.q = d_q; p.out = d_out; p.lse = d_lse; p.q_rows = T;
   p.num_qo_heads = Hqo; p.num_kv_heads = Hkv; p.head_dim = D; p.group_size = G;
   p.kv = MakePagedKv(d_cache, d_cache, true, KvLayout::kNHD, pages, ps, Hkv, D, 2);
-  p.layout = lay;
-  p.work = d_plan + lay.work(); p.meta = d_plan + lay.meta();
-  p.bin_indptr = d_plan + lay.bin_indptr();
-  p.qo_indptr = d_plan + lay.qo_indptr(); p.kv_indptr = d_plan + lay.kv_indptr();
-  p.kv_last_page_len = d_plan + lay.kv_last_page_len();
-  p.merge_indptr = d_plan + lay.merge_indptr(); p.kv_indices = d_plan + lay.kv_indices();
+  auto use_plan = [](AttentionParams& q, const PlanLayout& l, int32_t* dp) {
+    q.layout = l;
+    q.work = dp + l.work(); q.meta = dp + l.meta();
+    q.bin_indptr = dp + l.bin_indptr();
+    q.qo_indptr = dp + l.qo_indptr(); q.kv_indptr = dp + l.kv_indptr();
+    q.kv_last_page_len = dp + l.kv_last_page_len();
+    q.merge_indptr = dp + l.merge_indptr(); q.kv_indices = dp + l.kv_indices();
+    q.caps = Capacities{l.batch_cap, l.token_cap, l.page_cap, l.work_cap, 0, l.bin_cap};
+  };
+  use_plan(p, lay, d_plan);
   p.partial_o = static_cast<float*>(d_ws); p.partial_lse = static_cast<float*>(d_ws);
-  p.caps = Capacities{p.layout.batch_cap, p.layout.token_cap, p.layout.page_cap,
-                      p.layout.work_cap, 0, p.layout.bin_cap};
+#ifdef JPA_HARNESS_SM90
+  // The same items dealt to f x (SMs / Hkv) bins, f = 1 (the library's persistent wave
+  // at one CTA per SM) and 4 (four waves the hardware balances).
+  int sms = 0;
+  CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  std::vector<int32_t*> binned_plans;
+  auto binned = [&](int f) {
+    auto [l, pl] = make_plan(f * std::max(1, sms / Hkv));
+    int32_t* dp;
+    CHECK_CUDA(cudaMalloc(&dp, pl.size() * 4));
+    CHECK_CUDA(cudaMemcpy(dp, pl.data(), pl.size() * 4, cudaMemcpyHostToDevice));
+    binned_plans.push_back(dp);
+    AttentionParams q = p;
+    use_plan(q, l, dp);
+    return q;
+  };
+  const AttentionParams p_bins1 = binned(1), p_bins4 = binned(4);
+#endif
   p.tile_rows = tile; p.causal = causal; p.pos_encoding = pos;
   p.sm_scale = 1.0f / std::sqrt(float(D)); p.rope_scale = 1; p.rope_theta = 1e4f;
 
@@ -782,6 +831,7 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
   struct Timed {
     const char* name;
     cudaError_t (*launch)(const AttentionParams&, cudaStream_t);
+    const AttentionParams* params = nullptr;  // another plan of the same items (dealt bins)
   };
   std::vector<Timed> kernels = {{"sm80", [](const AttentionParams& q, cudaStream_t st) { return LaunchPrefill(q, st); }}};
 #ifdef JPA_HARNESS_SM90
@@ -802,24 +852,27 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
                        t.copy_kv = false;
                        return LaunchPrefillSm90(q, st, t);
                      }});
+  kernels.push_back({"sm90-bins1", [](const AttentionParams& q, cudaStream_t st) { return LaunchPrefillSm90(q, st); }, &p_bins1});
+  kernels.push_back({"sm90-bins4", [](const AttentionParams& q, cudaStream_t st) { return LaunchPrefillSm90(q, st); }, &p_bins4});
 #endif
   std::vector<uint16_t> first_out, got_out;
   for (size_t k = 0; k < kernels.size(); ++k) {
     const Timed& kern = kernels[k];
+    const AttentionParams& pk = kern.params ? *kern.params : p;
     CHECK_CUDA(cudaMemset(d_out, 0xff, q_elems * 2));
-    const cudaError_t le = kern.launch(p, 0);
+    const cudaError_t le = kern.launch(pk, 0);
     if (le != cudaSuccess) {
       std::printf("bench bf16 %3d x qo %5d kv %5d tile %3d %s %s %-9s: %s\n", batch, qo_len, kv_len,
                   tile, causal ? "causal" : "full  ", pname, kern.name, cudaGetErrorString(le));
       cudaGetLastError();
       continue;
     }
-    for (int i = 0; i < 2; ++i) CHECK_CUDA(kern.launch(p, 0));
+    for (int i = 0; i < 2; ++i) CHECK_CUDA(kern.launch(pk, 0));
     CHECK_CUDA(cudaDeviceSynchronize());
     std::vector<float> ms;
     for (int i = 0; i < 20; ++i) {
       CHECK_CUDA(cudaEventRecord(e0));
-      CHECK_CUDA(kern.launch(p, 0));
+      CHECK_CUDA(kern.launch(pk, 0));
       CHECK_CUDA(cudaEventRecord(e1));
       CHECK_CUDA(cudaEventSynchronize(e1));
       float t;
@@ -850,6 +903,9 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
   cudaFree(d_q); cudaFree(d_out); cudaFree(d_cache); cudaFree(d_lse); cudaFree(d_ws); cudaFree(d_plan);
+#ifdef JPA_HARNESS_SM90
+  for (int32_t* dp : binned_plans) cudaFree(dp);
+#endif
 }
 
 int main(int argc, char** argv) {

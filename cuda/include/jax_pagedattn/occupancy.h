@@ -16,4 +16,8 @@ namespace jax_pagedattn {
 const char* AttentionCtasPerSm(bool tensor_cores, DType dtype, int32_t head_dim,
                                int32_t tile_rows, bool sm90_prefill, int32_t* ctas);
 
+// Whether this build's Hopper prefill kernel runs calls of these types and head_dim on the
+// current device (false in a build without it).
+bool HopperPrefillCovers(DType dtype, DType kv_dtype, int32_t head_dim);
+
 }  // namespace jax_pagedattn

@@ -20,12 +20,16 @@ constexpr int32_t kDecodeMaxRows = 8;
 // The tensor-core decode tile: one mma row block holding a token's (padded) group.
 constexpr int32_t kTensorCoreDecodeRows = 16;
 
-inline int32_t TileRows(AttentionKernel kernel, int32_t group_size, int32_t head_dim) {
+// `hopper_prefill`: the Hopper prefill kernel (sm90/prefill_sm90.h) covers the call, so
+// kPrefill items have its 128 rows (two consumer warpgroups of 64) at every head_dim.
+inline int32_t TileRows(AttentionKernel kernel, int32_t group_size, int32_t head_dim,
+                        bool hopper_prefill = false) {
   switch (kernel) {
     case AttentionKernel::kDecode: return std::clamp(group_size, 1, kDecodeMaxRows);
     case AttentionKernel::kTensorCoreDecode: return kTensorCoreDecodeRows;
-    // 128 rows x 256 dims would need 128 accumulator registers per thread with 8 warps.
-    case AttentionKernel::kPrefill: return head_dim <= 128 ? 128 : 64;
+    // On the sm80 kernel 128 rows x 256 dims would need 128 accumulator registers per
+    // thread with 8 warps.
+    case AttentionKernel::kPrefill: return head_dim <= 128 || hopper_prefill ? 128 : 64;
   }
   return 0;
 }

@@ -1,5 +1,6 @@
 // LaunchPrefillSm90: the Hopper prefill kernel (prefill_sm90_kernel.cuh) for bf16 and
-// fp16 at head_dim 128, with 2 or 3 K/V stages: four instantiations. Built for sm_90a only
+// fp16 caches and queries at head_dim 64, 128 and 256 with 2 K/V stages, and 3 stages at
+// head_dim 128 (a measurement knob): eight instantiations. Built for sm_90a only
 // (-gencode=arch=compute_90a,code=sm_90a); on any other target the kernel body is empty
 // and the launcher refuses (cudaErrorNotSupported), so the file may sit in a
 // multi-architecture build.
@@ -63,16 +64,18 @@ struct Sm90Kernel {
   }
 };
 
-// op(Sm90Kernel<T, 128, stages>{}) for the covered (dtype, head_dim, tile_rows, stages);
+// op(Sm90Kernel<T, D, stages>{}) for the covered (dtype, head_dim, tile_rows, stages);
 // NotSupported else.
 template <typename Op>
 cudaError_t WithSm90Kernel(DType dtype, int head_dim, int tile_rows, int stages, Op&& op) {
-  if (head_dim != 128 || tile_rows != 128 || !DeviceIsSm90()) return cudaErrorNotSupported;
+  if (tile_rows != 128 || !DeviceIsSm90()) return cudaErrorNotSupported;
   auto with_stages = [&](auto elem) -> cudaError_t {
     using T = decltype(elem);
-    switch (stages) {
-      case 2: return op(Sm90Kernel<T, 128, 2>{});
-      case 3: return op(Sm90Kernel<T, 128, 3>{});
+    switch (head_dim * 4 + stages) {
+      case 64 * 4 + 2: return op(Sm90Kernel<T, 64, 2>{});
+      case 128 * 4 + 2: return op(Sm90Kernel<T, 128, 2>{});
+      case 128 * 4 + 3: return op(Sm90Kernel<T, 128, 3>{});
+      case 256 * 4 + 2: return op(Sm90Kernel<T, 256, 2>{});
       default: return cudaErrorNotSupported;
     }
   };
@@ -99,10 +102,16 @@ cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream,
   if (!Aligned16(p.q) || !Aligned16(p.out) || !Aligned16(p.kv.k) || !Aligned16(p.kv.v) ||
       p.kv.page_stride % 8 != 0 || p.kv.slot_stride % 8 != 0 || p.kv.head_stride % 8 != 0)
     return cudaErrorNotSupported;
+  if (!PrefillSm90Covers(p.dtype, p.kv_dtype, p.head_dim)) return cudaErrorNotSupported;
   return WithSm90Kernel(p.dtype, p.head_dim, p.tile_rows, tuning.stages, [&](auto kernel) {
     if (p.layout.work_cap == 0) return cudaSuccess;  // no items, nothing to launch
     return decltype(kernel)::Launch(p, stream, tuning);
   });
+}
+
+bool PrefillSm90Covers(DType dtype, DType kv_dtype, int head_dim) {
+  return (dtype == DType::kBF16 || dtype == DType::kF16) && kv_dtype == dtype &&
+         (head_dim == 64 || head_dim == 128 || head_dim == 256) && DeviceIsSm90();
 }
 
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream) {

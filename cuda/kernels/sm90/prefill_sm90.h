@@ -2,7 +2,8 @@
 // same AttentionParams, plan and outputs as LaunchPrefill (launchers.h), for the settings
 // it covers; the caller falls back to LaunchPrefill on cudaErrorNotSupported.
 //
-// Covered: bf16 and fp16, head_dim 128, tile_rows 128, causal or not, no position
+// Covered (PrefillSm90Covers): bf16 and fp16 queries with a cache of the same type,
+// head_dim 64, 128 and 256, tile_rows 128 at every head_dim, causal or not, no position
 // encoding, ALiBi and RoPE (LLaMA), NHD and HND through PagedKv strides, any page size,
 // split items, on a device of compute capability 9.0. Anything else, and strides or
 // pointers that break its 16-byte copies, returns cudaErrorNotSupported without
@@ -27,6 +28,10 @@ struct PrefillSm90Tuning {
   // false: a measurement of the consumers alone (K/V tiles are not copied; wrong results).
   bool copy_kv = true;
 };
+
+// Whether the kernel runs calls of these types and head_dim on the current device; the
+// planner then cuts 128-row items (TileRows with hopper_prefill) at every head_dim.
+bool PrefillSm90Covers(DType dtype, DType kv_dtype, int head_dim);
 
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream);
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream,

@@ -9,13 +9,14 @@
 //                    softmax in registers (base 2), O += P V (wgmma, P from registers).
 //   warpgroup 2      producer: gathers K/V tiles page by page with cp.async (16-byte
 //                    copies, 64-bit element offsets) into a ring of `Stages` (2 or 3)
-//                    tiles each; rotates K in place when RoPE is on.
-// setmaxnreg moves registers from the producer (24) to the consumers (240).
+//                    tiles each; rotates K in place when RoPE is on. Each copying warp
+//                    owns 32 keys of a tile (kTileKv / 32 warps copy; the rest leave).
+// setmaxnreg moves registers from the producer to the consumers (PrefillSm90Cfg).
 //
 // Ring: K and V have their own stages and mbarriers (full: data landed; empty: both
 // consumer warpgroups are done with it). The producer fills K(i+1) before V(i), the order
 // in which the consumers need them. A full barrier completes on the cp.async arrivals of
-// the 128 producer threads (cp.async.mbarrier.arrive.noinc), plus, for K, one ordinary
+// the copying producer threads (cp.async.mbarrier.arrive.noinc), plus, for K, one ordinary
 // arrival per producer warp that publishes the tile's key-validity mask (32 keys a
 // word: past the item's keys or a page id outside [0, num_pages)). The consumers fence
 // the async proxy after each wait, before wgmma reads what cp.async wrote.
@@ -28,11 +29,14 @@
 // GEMMs.
 //
 // Shared memory (base rounded up to 1024 bytes, the 128-byte swizzle's period):
-//   Q     [2 warpgroups][64 rows][D]    GMMA K-major SW128 (also each warpgroup's O staging)
-//   K, V  [Stages][128 keys][D]          GMMA K-major SW128; V is read as MN-major V^T
-//   mbarriers, key masks [2][4] u32, RoPE frequencies [D/2], split-merge scratch.
-// An SW128 tile of R rows keeps d in [0, 64) of every row first, then d in [64, 128):
-// row r's 16-byte chunk c (c < 8) of a half sits at half * R * 128 + r * 128 + ((c ^ r % 8) * 16).
+//   Q     [kQBufs][2 warpgroups][64 rows][D]  GMMA K-major SW128 (also each warpgroup's O
+//         staging); with 2 buffers the next item's Q is copied while this one runs
+//   K, V  [Stages][kTileKv keys][D]      GMMA K-major SW128; V is read as MN-major V^T
+//         (kTileKv: 128 keys, 64 at D = 256)
+//   mbarriers, key masks [Stages][4] u32, RoPE frequencies [D/2], split-merge scratch.
+// An SW128 tile of R rows keeps d in [0, 64) of every row first (one 128-byte panel),
+// then d in [64, 128), and so on (D / 64 panels): row r's 16-byte chunk c (c < 8) of
+// panel h sits at h * R * 128 + r * 128 + ((c ^ r % 8) * 16).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -71,21 +75,40 @@ struct CuteElem<__half> {
 
 template <typename T, int D, int Stages>
 struct PrefillSm90Cfg {
-  static_assert(D == 128, "the sm90 prefill kernel covers head_dim 128");
+  static_assert(D == 64 || D == 128 || D == 256, "the sm90 prefill kernel covers head_dim 64, 128, 256");
   using TE = typename CuteElem<T>::type;
   static constexpr int kTileQ = 128;   // packed rows per item (2 consumer warpgroups x 64)
   static constexpr int kWgRows = 64;
-  static constexpr int kTileKv = 128;  // keys per tile
+  // Keys per tile: 64 at D = 256 keeps two K and two V stages, the Q tile and the O
+  // accumulators (128 floats a thread) within shared memory and 240 registers.
+  static constexpr int kTileKv = D == 256 ? 64 : 128;
   static constexpr int kStages = Stages;  // K and V tiles each in flight
+  static constexpr int kPanels = D / 64;       // 128-byte swizzle panels of a row
+  static constexpr int kPairChunks = D / 16;   // RoPE pairs 16-byte chunk c with c + D / 16
+  static constexpr int kRowLanes = D / 8;      // producer lanes per key row (16 bytes each)
+  static constexpr int kStepRows = 32 / kRowLanes;  // key rows per warp-wide copy
+  static constexpr int kCopyWarps = kTileKv / 32;   // producer warps with keys (32 each)
+  static constexpr int kMaskWords = kTileKv / 32;
   static constexpr int kThreads = 384;
-  static constexpr int kProducerRegs = 24;
-  static constexpr int kConsumerRegs = 240;  // 2 x 128 x 240 + 128 x 24 <= 64 K registers
-  static constexpr int kHalfBytes = 128;     // one 64-element half row
+  // setmaxnreg moves registers between warpgroups within what the CTA was launched with
+  // (kThreads x kLaunchRegs): a consumer's increase waits until the producer's decrease
+  // has freed enough, forever if the split asks for more. Head_dim 256 keeps 240 for the
+  // consumers (their 64 x 256 accumulators spill in the main loop at 232).
+  static constexpr int kLaunchRegs = (65536 / kThreads) & ~7;  // __launch_bounds__(kThreads, 1)
+  static constexpr int kProducerRegs = D == 256 ? 24 : 56;
+  static constexpr int kConsumerRegs = D == 256 ? 240 : 224;
+  static_assert(256 * kConsumerRegs + 128 * kProducerRegs <= kThreads * kLaunchRegs,
+                "setmaxnreg split beyond the CTA's registers: the consumers' increase would hang");
+  static constexpr int kHalfBytes = 128;     // one 64-element panel of a row
   static constexpr int kQWgBytes = kWgRows * D * 2;
   static constexpr int kKvBytes = kTileKv * D * 2;
 
+  // Two Q buffers where shared memory allows: the consumers copy the next item's Q into
+  // one while the current item's GEMMs read the other.
+  static constexpr int kQBufs =
+      2 * 2 * kQWgBytes + 2 * kStages * kKvBytes + 4096 <= 227 * 1024 ? 2 : 1;
   static constexpr int kQOff = 0;
-  static constexpr int kKOff = kQOff + 2 * kQWgBytes;
+  static constexpr int kKOff = kQOff + kQBufs * 2 * kQWgBytes;
   static constexpr int kVOff = kKOff + kStages * kKvBytes;
   static constexpr int kBarOff = kVOff + kStages * kKvBytes;
   static constexpr int kMaskOff = kBarOff + 4 * kStages * 8;
@@ -94,12 +117,14 @@ struct PrefillSm90Cfg {
   static constexpr int kScratchInts = kTileQ + 1;
   static constexpr int kEnd = kScratchOff + kScratchInts * 4;
   static constexpr int kSmemBytes = kEnd + 1024;  // slack to round the base up to 1024
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA");
 
   // Barrier counts: 128 producer threads' copies (+ one mask word per producer warp for K);
-  // 8 consumer warps release a stage.
-  static constexpr uint32_t kFullKCount = 128 + 4;
-  static constexpr uint32_t kFullVCount = 128;
-  static constexpr uint32_t kEmptyCount = 8;
+  // the consumers release a K stage thread by thread and a V stage warp by warp.
+  static constexpr uint32_t kFullKCount = 32 * kCopyWarps + kCopyWarps;
+  static constexpr uint32_t kFullVCount = 32 * kCopyWarps;
+  static constexpr uint32_t kEmptyKCount = 256;  // every consumer thread (mask readers)
+  static constexpr uint32_t kEmptyVCount = 8;    // one arrival per consumer warp
 
   // Named barriers.
   static constexpr uint32_t kBarWg0 = 1;        // + wg: one consumer warpgroup (128)
@@ -112,7 +137,7 @@ struct PrefillSm90Cfg {
       cute::GMMA::Layout_K_SW128_Atom<TE>{},
       cute::Shape<cute::Int<kTileKv>, cute::Int<D>, cute::Int<kStages>>{}));
   // V stored [key][d] like K, read as V^T (d, key): d contiguous, i.e. MN-major for the
-  // B operand; 8-key groups 1 KB apart, d halves kTileKv * 128 bytes apart.
+  // B operand; 8-key groups 1 KB apart, d panels kTileKv * 128 bytes apart.
   using LayoutVt = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_MN_SW128_Atom<TE>{},
       cute::Shape<cute::Int<D>, cute::Int<kTileKv>, cute::Int<kStages>>{},
@@ -155,6 +180,9 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
   constexpr int S = Cfg::kStages;
   constexpr int kTileKv = Cfg::kTileKv;
   const int pw = (int(threadIdx.x) >> 5) - 8;  // producer warp 0..3: keys [32 pw, 32 pw + 32)
+  // With 64-key tiles (D = 256) warps 2 and 3 have no keys; the barriers count only the
+  // copying warps (Cfg::kFullKCount), so they leave at once.
+  if (pw >= Cfg::kCopyWarps) return;
   const int lane = threadIdx.x & 31;
   const bool rope = p.pos_encoding == PosEncoding::kRopeLlama;
   const T* kbase = static_cast<const T*>(p.kv.k);
@@ -166,29 +194,38 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
   const float* s_freq = reinterpret_cast<const float*>(smem + Cfg::kFreqOff);
   const int ps = p.kv.page_size;
   const int64_t head_off = int64_t(blockIdx.y) * p.kv.head_stride;
-  const int chunk = lane & 15;  // D = 128: 16 lanes copy one 256-byte key row
+  const int chunk = lane % Cfg::kRowLanes;  // this lane's 16-byte chunk of a key row
+  const int sub = lane / Cfg::kRowLanes;     // and its row among the kStepRows of a copy
 
   auto full_k = [&](uint32_t s) { return bars + 8 * s; };
   auto full_v = [&](uint32_t s) { return bars + 8 * (S + s); };
   auto empty_k = [&](uint32_t s) { return bars + 8 * (2 * S + s); };
   auto empty_v = [&](uint32_t s) { return bars + 8 * (3 * S + s); };
 
-  // Copies this warp's 32 key rows of one tile: step k moves rows 2k (lanes 0-15) and
-  // 2k + 1 (lanes 16-31); each lane's key offset comes from the lane that owns that key.
-  auto issue = [&](const T* base, uint32_t stage_addr, int64_t off) {
-    const uint32_t lo = uint32_t(uint64_t(off));
-    const uint32_t hi = uint32_t(uint64_t(off) >> 32);
+  // Copies this warp's 32 key rows of one tile: step k moves rows R k .. R k + R - 1
+  // (R = kStepRows; lanes [sub * kRowLanes, ...) take row R k + sub), one 16-byte chunk
+  // a lane. Each lane holds its own key's row address; step k takes row src's from lane
+  // src (two shuffles), so a copy costs a few instructions: the destination's
+  // step-invariant part and the swizzle term are fixed per lane, since R is a power of
+  // two above sub: (chunk ^ (R k + sub)) % 8 = ((chunk % 8) ^ sub) ^ (R k % 8).
+  // `bad`: the warp's ballot of keys with no row (zero-filled, src-size 0).
+  constexpr int R = Cfg::kStepRows;
+  const uint32_t dst_lane = uint32_t((chunk >> 3) * (kTileKv * Cfg::kHalfBytes)) +
+                            uint32_t((pw * 32 + sub) * Cfg::kHalfBytes);
+  const uint32_t swz_lane = uint32_t((chunk & 7) ^ sub);
+  const uint32_t chunk_bytes = uint32_t(chunk * 16);
+  auto issue = [&](const T* base, uint32_t stage_addr, int64_t off, unsigned bad) {
+    const uint64_t row = reinterpret_cast<uint64_t>(base + (off >= 0 ? off : 0));
+    const uint32_t lo = uint32_t(row), hi = uint32_t(row >> 32);
+    const uint32_t dst0 = stage_addr + dst_lane;
 #pragma unroll
-    for (int k = 0; k < 16; ++k) {
-      const int src = 2 * k + (lane >> 4);
-      const uint32_t olo = __shfl_sync(0xffffffffu, lo, src);
-      const uint32_t ohi = __shfl_sync(0xffffffffu, hi, src);
-      const int64_t o = int64_t((uint64_t(ohi) << 32) | olo);
-      if (!copy_kv) continue;
-      const int row = pw * 32 + src;
-      const uint32_t dst = stage_addr + uint32_t((chunk >> 3) * (kTileKv * Cfg::kHalfBytes)) +
-                           uint32_t(row * Cfg::kHalfBytes) + uint32_t(((chunk & 7) ^ (src & 7)) << 4);
-      cp_async::Copy16(dst, base + (o >= 0 ? o : 0) + chunk * 8, o >= 0);
+    for (int k = 0; k < 32 / R; ++k) {
+      const int src = R * k + sub;
+      const uint32_t slo = __shfl_sync(0xffffffffu, lo, src);
+      const uint32_t shi = __shfl_sync(0xffffffffu, hi, src);
+      const uint64_t a = ((uint64_t(shi) << 32) | slo) + chunk_bytes;
+      const uint32_t dst = dst0 + uint32_t(k * R * Cfg::kHalfBytes) + ((swz_lane ^ uint32_t((R * k) & 7)) << 4);
+      if (copy_kv) cp_async::Copy16(dst, reinterpret_cast<const void*>(a), ((bad >> src) & 1u) == 0u);
     }
   };
 
@@ -222,7 +259,7 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
       const uint32_t s = kc % S;
       MbarWait(empty_k(s), ((kc / S) & 1) ^ 1);
       const unsigned bad = __ballot_sync(0xffffffffu, off < 0);
-      issue(kbase, k_smem + s * Cfg::kKvBytes, off);
+      issue(kbase, k_smem + s * Cfg::kKvBytes, off, bad);
       cp_async::Commit();
       if (!rope) MbarArriveOnCpAsync(full_k(s));
       if (lane == 0) {
@@ -234,14 +271,15 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
     auto produce_v = [&](int64_t off) {
       const uint32_t s = vc % S;
       MbarWait(empty_v(s), ((vc / S) & 1) ^ 1);
-      issue(vbase, v_smem + s * Cfg::kKvBytes, off);
+      issue(vbase, v_smem + s * Cfg::kKvBytes, off, __ballot_sync(0xffffffffu, off < 0));
       cp_async::Commit();
       MbarArriveOnCpAsync(full_v(s));
       ++vc;
     };
     // RoPE: once K of step i (ring position c) has landed, this warp rotates its rows in
-    // place. Lane (chunk c) takes 4 of the 8 dim pairs of chunk pair (c % 8, c % 8 + 8):
-    // the elements [4 (c / 8), 4 (c / 8) + 4) of both, so no pair is done twice.
+    // place. With P = kPairChunks (D / 16), lane (chunk c) takes 4 of the 8 dim pairs of
+    // chunk pair (c % P, c % P + P): the elements [4 (c / P), 4 (c / P) + 4) of both, so
+    // no pair is done twice.
     auto rotate_k = [&](uint32_t c, int i, bool newer_pending) {
       if (newer_pending) {
         cp_async::WaitGroup<1>();  // all but the newest group (K of step i + 1)
@@ -251,21 +289,31 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
       __syncwarp();  // the warp's other lanes' copies are visible
       const uint32_t s = c % S;
       uint8_t* st = smem + Cfg::kKOff + s * Cfg::kKvBytes;
-      const int pc = chunk & 7, sel = chunk >> 3;
-      float f[4];
+      const int pc = chunk % Cfg::kPairChunks, sel = chunk / Cfg::kPairChunks;
+      const int pc_hi = pc + Cfg::kPairChunks;  // the partner chunk, D / 2 further
+      // The lane's rows are R keys apart: one sin/cos of its first row's angles and of
+      // the step's, then each row's by angle addition (a few FMAs instead of two MUFU
+      // ops per element, which made RoPE the producer's bottleneck).
+      const int first = tr.kv_lo + (n - 1 - i) * kTileKv + pw * 32 + sub;
+      float cs[4], sn[4], c_step[4], s_step[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) f[e] = s_freq[pc * 8 + sel * 4 + e];
-      const int first = tr.kv_lo + (n - 1 - i) * kTileKv + pw * 32;
+      for (int e = 0; e < 4; ++e) {
+        const float f = s_freq[pc * 8 + sel * 4 + e];
+        prefill_detail::RopeSinCos(float(first) * f, &sn[e], &cs[e]);
+        prefill_detail::RopeSinCos(float(R) * f, &s_step[e], &c_step[e]);
+      }
 #pragma unroll 4
-      for (int k = 0; k < 16; ++k) {
-        const int src = 2 * k + (lane >> 4);
+      for (int k = 0; k < 32 / R; ++k) {
+        const int src = R * k + sub;
         const int row = pw * 32 + src;
-        const uint32_t off = uint32_t(row * Cfg::kHalfBytes) + uint32_t((pc ^ (src & 7)) << 4) +
-                             uint32_t(sel * 8);
-        uint2* plo = reinterpret_cast<uint2*>(st + off);
-        uint2* phi = reinterpret_cast<uint2*>(st + kTileKv * Cfg::kHalfBytes + off);
+        const uint32_t row_off = uint32_t(row * Cfg::kHalfBytes) + uint32_t(sel * 8);
+        const uint32_t off_lo = uint32_t((pc >> 3) * (kTileKv * Cfg::kHalfBytes)) + row_off +
+                                uint32_t(((pc & 7) ^ (src & 7)) << 4);
+        const uint32_t off_hi = uint32_t((pc_hi >> 3) * (kTileKv * Cfg::kHalfBytes)) + row_off +
+                                uint32_t(((pc_hi & 7) ^ (src & 7)) << 4);
+        uint2* plo = reinterpret_cast<uint2*>(st + off_lo);
+        uint2* phi = reinterpret_cast<uint2*>(st + off_hi);
         const uint2 lo = *plo, hi = *phi;
-        const float pos = float(first + src);
         const float2 a0 = UnpackPair<T>(lo.x), a1 = UnpackPair<T>(lo.y);
         const float2 b0 = UnpackPair<T>(hi.x), b1 = UnpackPair<T>(hi.y);
         const float xa[4] = {a0.x, a0.y, a1.x, a1.y};
@@ -273,10 +321,11 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
         float ra[4], rb[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          float sn, cs;
-          prefill_detail::RopeSinCos(pos * f[e], &sn, &cs);
-          ra[e] = xa[e] * cs - xb[e] * sn;
-          rb[e] = xb[e] * cs + xa[e] * sn;
+          ra[e] = xa[e] * cs[e] - xb[e] * sn[e];
+          rb[e] = xb[e] * cs[e] + xa[e] * sn[e];
+          const float c_next = cs[e] * c_step[e] - sn[e] * s_step[e];
+          sn[e] = sn[e] * c_step[e] + cs[e] * s_step[e];
+          cs[e] = c_next;
         }
         *plo = make_uint2(PackPair<T>(ra[0], ra[1]), PackPair<T>(ra[2], ra[3]));
         *phi = make_uint2(PackPair<T>(rb[0], rb[1]), PackPair<T>(rb[2], rb[3]));
@@ -359,26 +408,25 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
   const SoftCap soft_cap{p};
   const bool window = p.window_left >= 0;
   // The unmasked path takes the row max of raw scores, which needs a positive scale.
-  const bool always_mask = alibi || !(scale_log2 > 0.f);
+  const bool always_mask = !(scale_log2 > 0.f);
   const uint32_t bars = SmemU32(smem + Cfg::kBarOff);
   const uint4* s_mask = reinterpret_cast<const uint4*>(smem + Cfg::kMaskOff);
   const float* s_freq = reinterpret_cast<const float*>(smem + Cfg::kFreqOff);
   int* s_scratch = reinterpret_cast<int*>(smem + Cfg::kScratchOff);
-  uint8_t* sq_bytes = smem + Cfg::kQOff + wg * Cfg::kQWgBytes;
+  // This warpgroup's part of Q buffer b (also its O staging).
+  auto q_buf = [&](int b) { return smem + Cfg::kQOff + (2 * b + wg) * Cfg::kQWgBytes; };
 
   auto full_k = [&](uint32_t s) { return bars + 8 * s; };
   auto full_v = [&](uint32_t s) { return bars + 8 * (S + s); };
   auto empty_k = [&](uint32_t s) { return bars + 8 * (2 * S + s); };
   auto empty_v = [&](uint32_t s) { return bars + 8 * (3 * S + s); };
 
-  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<TE*>(sq_bytes)), typename Cfg::LayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<TE*>(smem + Cfg::kKOff)), typename Cfg::LayoutK{});
   Tensor sVt = make_tensor(make_smem_ptr(reinterpret_cast<TE*>(smem + Cfg::kVOff)), typename Cfg::LayoutVt{});
   typename Cfg::MmaQK mma_qk;
   typename Cfg::MmaPV mma_pv;
   auto thr_qk = mma_qk.get_slice(tw);
   auto thr_pv = mma_pv.get_slice(tw);
-  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, 1, D / 16) descriptors
   Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, 1, D / 16, S)
   Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, 1, KV / 16, S)
   Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<Cfg::kWgRows>, Int<kTileKv>>{});
@@ -389,9 +437,9 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
   // S element i (i = 4 nb + 2 h + e) is row warp_wg * 16 + lane / 4 + 8 h, key column
   // 8 nb + 2 quad + e; the A operand of the RS GEMM has the same order (two 16-bit values
   // a register), so P is S converted element by element.
-  static_assert(decltype(size(tSrS))::value == kTileKv / 2, "S: 64 floats per thread");
+  static_assert(decltype(size(tSrS))::value == kTileKv / 2, "S: kTileKv / 2 floats per thread");
   static_assert(decltype(size(tOrP))::value == kTileKv / 2, "P: as S");
-  static_assert(decltype(size(tOrO))::value == D / 2, "O: 64 floats per thread");
+  static_assert(decltype(size(tOrO))::value == D / 2, "O: D / 2 floats per thread");
 
   const bool wg1 = wg != 0;
   auto wg_sync = [&] { NamedSyncOneOf<Cfg::kBarWg0>(wg1, 128); };
@@ -404,10 +452,75 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
   };
   if (pingpong && wg == 1) NamedArrive(Cfg::kBarTurn0, 256);  // warpgroup 0 issues first
 
+  // Q of an item, this warpgroup's 64 rows, into `buf` by cp.async (rows past the item
+  // zero-filled), one commit group; RoPE is applied once the group has landed (rope_q).
+  const T* qg = static_cast<const T*>(p.q);
+  // Step k of this thread's walk over the warpgroup's Q chunk pairs (row, c / c + D / 16),
+  // 64 rows x kPairChunks pairs: the pair and its two offsets in the SW128 Q tile.
+  constexpr int kQSteps = Cfg::kWgRows * Cfg::kPairChunks / 128;
+  auto q_chunk_pair = [&](int k, int& row, int& c, uint32_t& off_lo, uint32_t& off_hi) {
+    const int idx = tw + 128 * k;
+    row = idx / Cfg::kPairChunks;
+    c = idx % Cfg::kPairChunks;
+    const int c_hi = c + Cfg::kPairChunks;
+    const uint32_t row_off = uint32_t(row * Cfg::kHalfBytes);
+    off_lo = uint32_t((c >> 3) * (Cfg::kWgRows * Cfg::kHalfBytes)) + row_off +
+             uint32_t(((c & 7) ^ (row & 7)) << 4);
+    off_hi = uint32_t((c_hi >> 3) * (Cfg::kWgRows * Cfg::kHalfBytes)) + row_off +
+             uint32_t(((c_hi & 7) ^ (row & 7)) << 4);
+  };
+  auto issue_q = [&](const WorkItem& w, uint8_t* buf) {
+    const uint32_t b = SmemU32(buf);
+#pragma unroll
+    for (int k = 0; k < kQSteps; ++k) {
+      int row, c;
+      uint32_t off_lo, off_hi;
+      q_chunk_pair(k, row, c, off_lo, off_hi);
+      const int r_item = wg * Cfg::kWgRows + row;
+      const bool live = r_item < w.num_rows;
+      const T* src = qg;
+      if (live) {
+        const int r = w.row_begin + r_item;
+        src = qg + ((w.q_base + r / G) * Hqo + kv_head * G + r % G) * D + c * 8;
+      }
+      cp_async::Copy16(b + off_lo, src, live);
+      cp_async::Copy16(b + off_hi, src + D / 2, live);
+    }
+    cp_async::Commit();
+  };
+  // Rotates, in place, the Q chunks this thread copied (the same (row, c) walk).
+  auto rope_q = [&](const WorkItem& w, uint8_t* buf) {
+#pragma unroll
+    for (int k = 0; k < kQSteps; ++k) {
+      int row, c;
+      uint32_t off_lo, off_hi;
+      q_chunk_pair(k, row, c, off_lo, off_hi);
+      const int r_item = wg * Cfg::kWgRows + row;
+      if (r_item >= w.num_rows) continue;
+      uint4* plo = reinterpret_cast<uint4*>(buf + off_lo);
+      uint4* phi = reinterpret_cast<uint4*>(buf + off_hi);
+      uint4 lo = *plo, hi = *phi;
+      prefill_detail::RopePairs<T>(lo, hi, float(w.pos_base + (w.row_begin + r_item) / G), s_freq + c * 8);
+      *plo = lo;
+      *phi = hi;
+    }
+  };
+  // The first item at or after j that the loop below does not skip (item_end if none).
+  auto next_live = [&](int j) {
+    while (j < item_end && LoadWorkItem(p, j, Cfg::kTileQ).request < 0) ++j;
+    return j;
+  };
+  int qb = 0;  // the Q buffer of the current item
+  if constexpr (Cfg::kQBufs == 2) {
+    const int first = next_live(item_begin);
+    if (first < item_end) issue_q(LoadWorkItem(p, first, Cfg::kTileQ), q_buf(0));
+  }
+
   uint32_t kc = 0, vc = 0;  // K / V tiles consumed so far (ring position), across items
   for (int item = item_begin; item < item_end; ++item) {
     const WorkItem it = LoadWorkItem(p, item, Cfg::kTileQ);
     if (it.request < 0) continue;
+    uint8_t* sq_bytes = q_buf(qb);
     const TileRange tr = ItemTiles<kTileKv>(p, it);
     const int n = tr.n;
     const int nrows = it.num_rows;
@@ -455,6 +568,14 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
           tSrS(i2) = vis ? v : kNegInf;
         }
         sc = 1.f;
+      } else if (alibi) {  // a tile wholly visible: the same bias, no visibility tests
+#pragma unroll
+        for (int i2 = 0; i2 < kTileKv / 2; ++i2) {
+          const int nb = i2 >> 2, h = (i2 >> 1) & 1, e = i2 & 1;
+          const int j = kf + 8 * nb + 2 * quad + e;
+          tSrS(i2) = tSrS(i2) * sc + slope[h] * float(j - qpos[h]);
+        }
+        sc = 1.f;
       }
       float mx[2] = {kNegInf, kNegInf};
 #pragma unroll
@@ -492,12 +613,15 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
 #pragma unroll
       for (int i2 = 0; i2 < D / 2; ++i2) tOrO(i2) *= corr[(i2 >> 1) & 1];
     };
-    // One arrival per warp; __syncwarp first orders every lane's reads of the stage (the
-    // mask words) before lane 0's release, so the producer's next write cannot pass them.
-    auto release = [&](uint32_t bar) {
+    // A V stage: one arrival per warp (wgmma alone read it, and the warp's wait on the
+    // GEMM covers all its lanes). A K stage: one arrival per thread, because every
+    // thread read the stage's mask words with ordinary loads, and each thread's own
+    // release is what orders its reads before the producer's next write of them.
+    auto release_v = [&](uint32_t bar) {
       __syncwarp();
       if (lane == 0) MbarArrive(bar);
     };
+    auto release_k = [&](uint32_t bar) { MbarArrive(bar); };
     // Waits for K stage s (the kc-th K tile) and reads its mask words: whether any key of
     // the tile is absent, and this thread's bits of the absent keys.
     struct StageMask {
@@ -507,40 +631,31 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
     auto wait_k = [&](uint32_t s) {
       MbarWait(full_k(s), (kc / S) & 1);
       FenceProxyAsync();
-      const uint4 words = s_mask[s];
+      uint4 words = s_mask[s];
+      if constexpr (Cfg::kMaskWords == 2) words.z = words.w = 0u;  // 64-key tiles
       return StageMask{(words.x | words.y | words.z | words.w) != 0u, ThreadMask(words, quad)};
     };
 
-    if (n > 0) {
-      // ---- Q tile of this warpgroup (rows past the item are zeros) ----------------------------
-      {
-        // Every warp of the warpgroup is done with the previous item's Q (its GEMMs) and O
-        // staging before any Q store lands.
-        wg_sync();
-        const T* qg = static_cast<const T*>(p.q);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const int idx = tw + 128 * k;  // (row, chunk pair c / c + 8): 64 x 8
-          const int row = idx >> 3, c = idx & 7;
-          const int r_item = wg * Cfg::kWgRows + row;
-          uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
-          if (r_item < nrows) {
-            const int r = it.row_begin + r_item;
-            const int64_t tok = it.q_base + r / G;
-            const int head = kv_head * G + r % G;
-            const T* src = qg + (tok * Hqo + head) * D + c * 8;
-            lo = LoadGlobal16(src);
-            hi = LoadGlobal16(src + D / 2);
-            if (rope) prefill_detail::RopePairs<T>(lo, hi, float(it.pos_base + r / G), s_freq + c * 8);
-          }
-          const uint32_t off = uint32_t(row * Cfg::kHalfBytes) + uint32_t((c ^ (row & 7)) << 4);
-          *reinterpret_cast<uint4*>(sq_bytes + off) = lo;
-          *reinterpret_cast<uint4*>(sq_bytes + Cfg::kWgRows * Cfg::kHalfBytes + off) = hi;
-        }
-        FenceProxyAsync();
-        wg_sync();
-      }
+    // ---- Q tile of this warpgroup (rows past the item are zeros) ------------------------------
+    // Every warp of the warpgroup is done with the previous item's GEMMs and O staging
+    // (the other buffer) before its Q lands or the next item's copy is issued.
+    wg_sync();
+    if constexpr (Cfg::kQBufs == 1) {
+      if (n > 0) issue_q(it, sq_bytes);
+    }
+    cp_async::WaitGroup<0>();  // this item's Q: issued now, or during the previous item
+    if (rope && n > 0) rope_q(it, sq_bytes);
+    FenceProxyAsync();  // cp.async / RoPE stores, read next by wgmma
+    wg_sync();
+    if constexpr (Cfg::kQBufs == 2) {
+      const int next = next_live(item + 1);
+      if (next < item_end) issue_q(LoadWorkItem(p, next, Cfg::kTileQ), q_buf(qb ^ 1));
+      qb ^= 1;
+    }
+    Tensor tSrQ = thr_qk.partition_fragment_A(
+        make_tensor(make_smem_ptr(reinterpret_cast<TE*>(sq_bytes)), typename Cfg::LayoutQ{}));
 
+    if (n > 0) {
       // ---- step 0: S_0 ----------------------------------------------------------------------
       {
         const uint32_t s = kc % S;
@@ -550,7 +665,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
         turn_pass();
         warpgroup_wait<0>();
         warpgroup_fence_operand(tSrS);
-        release(empty_k(s));
+        release_k(empty_k(s));
         ++kc;
         softmax(0, mask.any_bad, mask.absent_bits);
         convert_p();
@@ -570,13 +685,13 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
         turn_pass();
         warpgroup_wait<1>();  // S_i is ready; the P V GEMM may still run
         warpgroup_fence_operand(tSrS);
-        release(empty_k(s));
+        release_k(empty_k(s));
         ++kc;
         softmax(i, mask.any_bad, mask.absent_bits);
         warpgroup_wait<0>();
         warpgroup_fence_operand(tOrO);
         warpgroup_fence_operand(tOrP);
-        release(empty_v(sv));
+        release_v(empty_v(sv));
         ++vc;
         convert_p();
       }
@@ -593,7 +708,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
         warpgroup_wait<0>();
         warpgroup_fence_operand(tOrO);
         warpgroup_fence_operand(tOrP);
-        release(empty_v(sv));
+        release_v(empty_v(sv));
         ++vc;
       }
     }
@@ -699,8 +814,8 @@ __global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages>::kThreads, 1)
     for (int s = 0; s < Cfg::kStages; ++s) {
       MbarInit(bars + 8 * s, Cfg::kFullKCount);
       MbarInit(bars + 8 * (Cfg::kStages + s), Cfg::kFullVCount);
-      MbarInit(bars + 8 * (2 * Cfg::kStages + s), Cfg::kEmptyCount);
-      MbarInit(bars + 8 * (3 * Cfg::kStages + s), Cfg::kEmptyCount);
+      MbarInit(bars + 8 * (2 * Cfg::kStages + s), Cfg::kEmptyKCount);
+      MbarInit(bars + 8 * (3 * Cfg::kStages + s), Cfg::kEmptyVCount);
     }
     MbarInitFence();
   }
