@@ -118,6 +118,7 @@ class PlanConfig:
   wrapper: str
   # Runtime switches (switches.py) the kernels read, fixed when the plan was made.
   sm90_prefill: bool = _attr(np.bool_)
+  sm90_stages: int = _attr(np.int32)
   dependent_launch: bool = _attr(np.bool_)
 
   @property

@@ -21,6 +21,9 @@ class Switches:
   # JAX_PAGEDATTN_SM90_PREFILL=0: the sm80 prefill kernel even where the Hopper one covers
   # a call (default on since it passed the GPU suite on an H100; docs/CONTRACT.md).
   sm90_prefill: bool = True
+  # JAX_PAGEDATTN_SM90_STAGES=2|3: K/V stages of the Hopper prefill kernel's ring (3 exists
+  # at head_dim 128 only; other head_dims keep 2). A measurement knob.
+  sm90_stages: int = 2
   # JAX_PAGEDATTN_DEPENDENT_LAUNCH=0: no programmatic dependent launch (sm90+).
   dependent_launch: bool = True
   # JAX_PAGEDATTN_DEAL=bins|equal: force one of the planner's two deals.
@@ -42,8 +45,12 @@ def from_environment(environ=os.environ) -> Switches:
     ctas_per_sm = int(ctas)
   except ValueError:
     raise ValueError(f"JAX_PAGEDATTN_CTAS_PER_SM must be an integer, got {ctas!r}") from None
+  stages = environ.get("JAX_PAGEDATTN_SM90_STAGES", "") or "2"
+  if stages not in ("2", "3"):
+    raise ValueError(f"JAX_PAGEDATTN_SM90_STAGES must be 2 or 3, got {stages!r}")
   return Switches(
       sm90_prefill=environ.get("JAX_PAGEDATTN_SM90_PREFILL", "1") != "0",
+      sm90_stages=int(stages),
       dependent_launch=environ.get("JAX_PAGEDATTN_DEPENDENT_LAUNCH", "1") != "0",
       deal=deal,
       ctas_per_sm=max(0, ctas_per_sm),

@@ -11,11 +11,16 @@ from jax_pagedattn import planning, switches
 
 def test_switches_are_read_from_the_environment():
   sw = switches.from_environment({})
-  assert (sw.sm90_prefill, sw.dependent_launch, sw.deal, sw.ctas_per_sm) == (True, True, "auto", 0)
+  assert (sw.sm90_prefill, sw.sm90_stages, sw.dependent_launch, sw.deal, sw.ctas_per_sm) == (
+      True, 2, True, "auto", 0)
   sw = switches.from_environment({"JAX_PAGEDATTN_SM90_PREFILL": "0", "JAX_PAGEDATTN_DEAL": "equal",
                                   "JAX_PAGEDATTN_DEPENDENT_LAUNCH": "0",
-                                  "JAX_PAGEDATTN_CTAS_PER_SM": "2"})
-  assert (sw.sm90_prefill, sw.dependent_launch, sw.deal, sw.ctas_per_sm) == (False, False, "equal", 2)
+                                  "JAX_PAGEDATTN_CTAS_PER_SM": "2",
+                                  "JAX_PAGEDATTN_SM90_STAGES": "3"})
+  assert (sw.sm90_prefill, sw.sm90_stages, sw.dependent_launch, sw.deal, sw.ctas_per_sm) == (
+      False, 3, False, "equal", 2)
+  with pytest.raises(ValueError, match="JAX_PAGEDATTN_SM90_STAGES"):
+    switches.from_environment({"JAX_PAGEDATTN_SM90_STAGES": "4"})
   with pytest.raises(ValueError, match="JAX_PAGEDATTN_DEAL"):
     switches.from_environment({"JAX_PAGEDATTN_DEAL": "random"})
   with pytest.raises(ValueError, match="JAX_PAGEDATTN_CTAS_PER_SM"):
@@ -28,11 +33,12 @@ def test_switches_reach_the_plan_and_its_attributes():
   w = jpa.BatchPrefillWithPagedKVCacheWrapper()
   args = (np.array([0, 1], np.int32), np.array([0, 1], np.int32), np.array([0], np.int32),
           np.array([1], np.int32), 4, 2, 64, 16)
-  with switches.overridden(sm90_prefill=True, dependent_launch=False):
+  with switches.overridden(sm90_prefill=True, sm90_stages=3, dependent_launch=False):
     on = w.plan(*args).config
   off = w.plan(*args).config
-  assert (on.sm90_prefill, on.dependent_launch) == (True, False)
+  assert (on.sm90_prefill, on.sm90_stages, on.dependent_launch) == (True, 3, False)
   assert (off.sm90_prefill, off.dependent_launch) == (switches.current().sm90_prefill,
                                                       switches.current().dependent_launch)
   attrs = planning.ffi_attrs(on)
   assert attrs["sm90_prefill"] == np.bool_(True) and attrs["dependent_launch"] == np.bool_(False)
+  assert attrs["sm90_stages"] == np.int32(3)

@@ -138,6 +138,13 @@ static void RopeRef(std::vector<float>& x, int D, long pos, float scale, float t
   x.swap(y);
 }
 
+// p reads the device plan `dp` of layout `l` (with room for `partial_rows` partials).
+static void UsePlan(AttentionParams& p, const PlanLayout& l, const int32_t* dp, int partial_rows) {
+  p.layout = l;
+  PointPlanSections(&p, dp);
+  p.caps = Capacities{l.batch_cap, l.token_cap, l.page_cap, l.work_cap, partial_rows, l.bin_cap};
+}
+
 static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
 #ifdef JPA_HARNESS_SM90
   // Name the case before it runs: a hang (a broken barrier protocol) then shows in the log.
@@ -268,16 +275,9 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
   p.q = d_q; p.out = d_out; p.lse = d_lse; p.q_rows = q_rows;
   p.num_qo_heads = Hqo; p.num_kv_heads = Hkv; p.head_dim = D; p.group_size = G;
   p.kv = MakePagedKv(kptr, cs.combined ? kptr : vptr, cs.combined, cs.layout, num_pages, ps, Hkv, D, 2);
-  p.layout = lay;
-  p.work = d_plan + lay.work(); p.meta = d_plan + lay.meta();
-  p.bin_indptr = d_plan + lay.bin_indptr();
-  p.qo_indptr = d_plan + lay.qo_indptr(); p.kv_indptr = d_plan + lay.kv_indptr();
-  p.kv_last_page_len = d_plan + lay.kv_last_page_len();
-  p.merge_indptr = d_plan + lay.merge_indptr(); p.kv_indices = d_plan + lay.kv_indices();
+  UsePlan(p, lay, d_plan, partial_rows);
   p.partial_o = d_ws; p.partial_lse = d_ws + int64_t(partial_rows) * Hqo * D;
   p.merge_counters = reinterpret_cast<int32_t*>(p.partial_lse + int64_t(partial_rows) * Hqo);
-  p.caps = Capacities{p.layout.batch_cap, p.layout.token_cap, p.layout.page_cap,
-                      p.layout.work_cap, partial_rows, p.layout.bin_cap};
   p.tile_rows = cs.tile_rows; p.causal = cs.causal; p.pos_encoding = cs.pos;
   p.sm_scale = 1.0f / std::sqrt(float(D));
   p.rope_scale = cs.pos == PosEncoding::kRopeLlama ? 1.5f : 1.0f;
@@ -650,14 +650,11 @@ static bool RunGarbage(std::mt19937& rng, int iters, DType dt) {
     p.num_qo_heads = Hqo; p.num_kv_heads = Hkv; p.head_dim = D; p.group_size = G;
     p.kv = MakePagedKv(d_cache, d_cache, true, coin(rng) < 50 ? KvLayout::kNHD : KvLayout::kHND,
                        num_pages, ps, Hkv, D, 2);
-    p.layout = lay;
-    PointPlanSections(&p, d_plan);
+    UsePlan(p, lay, d_plan, partial_rows);
     float* ws = reinterpret_cast<float*>(g_ws + guard);
     p.partial_o = ws;
     p.partial_lse = ws + int64_t(partial_rows) * Hqo * D;
     p.merge_counters = reinterpret_cast<int32_t*>(p.partial_lse + int64_t(partial_rows) * Hqo);
-    p.caps = Capacities{p.layout.batch_cap, p.layout.token_cap, p.layout.page_cap,
-                        p.layout.work_cap, partial_rows, p.layout.bin_cap};
     p.tile_rows = 128;
     p.causal = coin(rng) < 50;
     const int pe = coin(rng) % 3;
@@ -785,16 +782,7 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
   p.q = d_q; p.out = d_out; p.lse = d_lse; p.q_rows = T;
   p.num_qo_heads = Hqo; p.num_kv_heads = Hkv; p.head_dim = D; p.group_size = G;
   p.kv = MakePagedKv(d_cache, d_cache, true, KvLayout::kNHD, pages, ps, Hkv, D, 2);
-  auto use_plan = [](AttentionParams& q, const PlanLayout& l, int32_t* dp) {
-    q.layout = l;
-    q.work = dp + l.work(); q.meta = dp + l.meta();
-    q.bin_indptr = dp + l.bin_indptr();
-    q.qo_indptr = dp + l.qo_indptr(); q.kv_indptr = dp + l.kv_indptr();
-    q.kv_last_page_len = dp + l.kv_last_page_len();
-    q.merge_indptr = dp + l.merge_indptr(); q.kv_indices = dp + l.kv_indices();
-    q.caps = Capacities{l.batch_cap, l.token_cap, l.page_cap, l.work_cap, 0, l.bin_cap};
-  };
-  use_plan(p, lay, d_plan);
+  UsePlan(p, lay, d_plan, 0);
   p.partial_o = static_cast<float*>(d_ws); p.partial_lse = static_cast<float*>(d_ws);
 #ifdef JPA_HARNESS_SM90
   // The same items dealt to f x (SMs / Hkv) bins, f = 1 (the library's persistent wave
@@ -809,7 +797,7 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
     CHECK_CUDA(cudaMemcpy(dp, pl.data(), pl.size() * 4, cudaMemcpyHostToDevice));
     binned_plans.push_back(dp);
     AttentionParams q = p;
-    use_plan(q, l, dp);
+    UsePlan(q, l, dp, 0);
     return q;
   };
   const AttentionParams p_bins1 = binned(1), p_bins4 = binned(4);

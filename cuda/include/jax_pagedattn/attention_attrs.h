@@ -40,6 +40,7 @@ struct AttentionAttrs {
   Capacities caps;
   // Runtime switches (jax_pagedattn/switches.py reads them once, from the environment).
   bool sm90_prefill;      // the Hopper prefill kernel may run where it covers the call
+  int32_t sm90_stages;    // its K/V ring: 2, or 3 at head_dim 128 (a measurement knob)
   bool dependent_launch;  // launches may overlap the previous kernel's tail (sm90+)
 };
 

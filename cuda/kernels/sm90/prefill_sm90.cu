@@ -115,7 +115,9 @@ bool PrefillSm90Covers(DType dtype, DType kv_dtype, int head_dim) {
 }
 
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream) {
-  return LaunchPrefillSm90(p, stream, PrefillSm90Tuning{});
+  PrefillSm90Tuning tuning;
+  if (p.head_dim == 128 && p.sm90_stages == 3) tuning.stages = 3;  // the only 3-stage kernels
+  return LaunchPrefillSm90(p, stream, tuning);
 }
 
 cudaError_t PrefillSm90CtasPerSm(DType dtype, int head_dim, int tile_rows, int32_t* ctas) {

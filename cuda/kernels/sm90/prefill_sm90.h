@@ -33,6 +33,7 @@ struct PrefillSm90Tuning {
 // planner then cuts 128-row items (TileRows with hopper_prefill) at every head_dim.
 bool PrefillSm90Covers(DType dtype, DType kv_dtype, int head_dim);
 
+// With the default tuning, but 3 K/V stages where p.sm90_stages asks and head_dim is 128.
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream);
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream,
                               const PrefillSm90Tuning& tuning);

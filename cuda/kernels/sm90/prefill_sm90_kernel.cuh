@@ -469,14 +469,20 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
     off_hi = uint32_t((c_hi >> 3) * (Cfg::kWgRows * Cfg::kHalfBytes)) + row_off +
              uint32_t(((c_hi & 7) ^ (row & 7)) << 4);
   };
-  auto issue_q = [&](const WorkItem& w, uint8_t* buf) {
-    const uint32_t b = SmemU32(buf);
+  // f(r_item, c, off_lo, off_hi) for each of this thread's chunk pairs: the item row
+  // (of 128) and the pair's chunk and offsets.
+  auto for_q_chunks = [&](auto&& f) {
 #pragma unroll
     for (int k = 0; k < kQSteps; ++k) {
       int row, c;
       uint32_t off_lo, off_hi;
       q_chunk_pair(k, row, c, off_lo, off_hi);
-      const int r_item = wg * Cfg::kWgRows + row;
+      f(wg * Cfg::kWgRows + row, c, off_lo, off_hi);
+    }
+  };
+  auto issue_q = [&](const WorkItem& w, uint8_t* buf) {
+    const uint32_t b = SmemU32(buf);
+    for_q_chunks([&](int r_item, int c, uint32_t off_lo, uint32_t off_hi) {
       const bool live = r_item < w.num_rows;
       const T* src = qg;
       if (live) {
@@ -485,25 +491,20 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       }
       cp_async::Copy16(b + off_lo, src, live);
       cp_async::Copy16(b + off_hi, src + D / 2, live);
-    }
+    });
     cp_async::Commit();
   };
-  // Rotates, in place, the Q chunks this thread copied (the same (row, c) walk).
+  // Rotates, in place, the Q chunks this thread copied (the same walk).
   auto rope_q = [&](const WorkItem& w, uint8_t* buf) {
-#pragma unroll
-    for (int k = 0; k < kQSteps; ++k) {
-      int row, c;
-      uint32_t off_lo, off_hi;
-      q_chunk_pair(k, row, c, off_lo, off_hi);
-      const int r_item = wg * Cfg::kWgRows + row;
-      if (r_item >= w.num_rows) continue;
+    for_q_chunks([&](int r_item, int c, uint32_t off_lo, uint32_t off_hi) {
+      if (r_item >= w.num_rows) return;
       uint4* plo = reinterpret_cast<uint4*>(buf + off_lo);
       uint4* phi = reinterpret_cast<uint4*>(buf + off_hi);
       uint4 lo = *plo, hi = *phi;
       prefill_detail::RopePairs<T>(lo, hi, float(w.pos_base + (w.row_begin + r_item) / G), s_freq + c * 8);
       *plo = lo;
       *phi = hi;
-    }
+    });
   };
   // The first item at or after j that the loop below does not skip (item_end if none).
   auto next_live = [&](int j) {
