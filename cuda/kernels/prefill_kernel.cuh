@@ -302,30 +302,23 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
   const int ld_row = tid / Cfg::kLdChunks;
   auto issue = [&](int tile) {
     const int64_t* offs = s_off + (tile % kRing) * kTileKv;
-    if constexpr (Cfg::kFp8) {
-      const uint32_t stage8 = uint32_t(tile % kStages) * Cfg::kStage8Bytes;
+    constexpr bool kFp8 = Cfg::kFp8;
+    const uint32_t stage =
+        uint32_t(tile % kStages) * uint32_t(kFp8 ? Cfg::kStage8Bytes : Cfg::kStageBytes);
+    const uint32_t k_dst = kFp8 ? sk8_addr : sk_addr;
+    const uint32_t v_dst = kFp8 ? sv8_addr : sv_addr;
 #pragma unroll
-      for (int pass = 0; pass < Cfg::kLdPasses; ++pass) {
-        const int row = ld_row + pass * Cfg::kLdRowsPerPass;
-        const int64_t off = offs[row];
-        const bool ok = off >= 0;
-        const int64_t src = (ok ? off : 0) + ld_chunk * 16;
-        const uint32_t dst = stage8 + uint32_t(row * D + ld_chunk * 16);
-        CpAsync16(sk8_addr + dst, kbase + src, ok);
-        CpAsync16(sv8_addr + dst, vbase + src, ok);
-      }
-    } else {
-      const uint32_t stage = uint32_t(tile % kStages) * Cfg::kStageBytes;
-#pragma unroll
-      for (int pass = 0; pass < Cfg::kLdPasses; ++pass) {
-        const int row = ld_row + pass * Cfg::kLdRowsPerPass;
-        const int64_t off = offs[row];
-        const bool ok = off >= 0;
-        const int64_t src = (ok ? off : 0) + ld_chunk * 8;
-        const uint32_t dst = stage + Swz<kRowBytes>(row, ld_chunk);
-        CpAsync16(sk_addr + dst, kbase + src, ok);
-        CpAsync16(sv_addr + dst, vbase + src, ok);
-      }
+    for (int pass = 0; pass < Cfg::kLdPasses; ++pass) {
+      const int row = ld_row + pass * Cfg::kLdRowsPerPass;
+      const int64_t off = offs[row];
+      const bool ok = off >= 0;
+      // 16 bytes: 8 elements of a 16-bit cache, 16 of an fp8 one (whose rows in the fp8
+      // ring are plain D bytes).
+      const int64_t src = (ok ? off : 0) + ld_chunk * (kFp8 ? 16 : 8);
+      const uint32_t dst = stage + (kFp8 ? uint32_t(row * D + ld_chunk * 16)
+                                         : Swz<kRowBytes>(row, ld_chunk));
+      CpAsync16(k_dst + dst, kbase + src, ok);
+      CpAsync16(v_dst + dst, vbase + src, ok);
     }
   };
 
