@@ -150,7 +150,8 @@ class PagedAttentionWrapper:
     b, t, p = self._base_capacities(batch, tokens, pages)
     group = num_qo_heads // num_kv_heads
     tile_rows = planning.tile_rows(kernel, group, head_dim, q_dtype, kv_dtype)
-    num_ctas = planning.concurrent_ctas(kernel != "decode", q_dtype, head_dim, tile_rows)
+    num_ctas = planning.concurrent_ctas(kernel != "decode", q_dtype, head_dim, tile_rows,
+                                        kv_dtype=kv_dtype)
     limit = -1
     if self._workspace_size is not None:
       limit = self._workspace_size // planning.partial_row_bytes(num_qo_heads, head_dim)
@@ -174,7 +175,7 @@ class PagedAttentionWrapper:
         logits_soft_cap=logits_soft_cap, window_left=window_left, q_dtype=q_dtype,
         kv_dtype=kv_dtype, wrapper="decode" if self._decode else "prefill",
         sm90_prefill=sw.sm90_prefill, sm90_stages=sw.sm90_stages,
-        dependent_launch=sw.dependent_launch)
+        dependent_launch=sw.dependent_launch, fp8_tensor_cores=sw.fp8_tensor_cores)
     spec = planning.plan_spec(page_size=page_size, group_size=group, tile_rows=tile_rows,
                               causal=causal, caps=caps, decode_names=self._decode,
                               fixed_split_size=split_pages,

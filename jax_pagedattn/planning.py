@@ -120,6 +120,9 @@ class PlanConfig:
   sm90_prefill: bool = _attr(np.bool_)
   sm90_stages: int = _attr(np.int32)
   dependent_launch: bool = _attr(np.bool_)
+  # Whether an fp8 cache may run on the GPU's tensor-core kernel (the lowering's gate;
+  # not an attribute).
+  fp8_tensor_cores: bool = False
 
   @property
   def group_size(self) -> int:
@@ -219,13 +222,16 @@ _CPU_BINS_PER_THREAD = 4
 
 
 def concurrent_ctas(tensor_cores: bool, dtype: str, head_dim: int, tile_rows: int,
-                    device=None) -> int:
+                    device=None, kv_dtype: str | None = None) -> int:
   """CTAs of the attention kernel for this configuration that the device runs at once:
   SMs x CTAs per SM on a GPU, a few per thread on the CPU. The planner's bins (one CTA
-  per kv head each) fill exactly this, so a launch is one balanced wave."""
+  per kv head each) fill exactly this, so a launch is one balanced wave. `kv_dtype`
+  (default: `dtype`): an fp8 cache never runs on the Hopper prefill kernel, and its sm80
+  kernel holds as many CTAs per SM as q's type's (prefill_kernel.cuh)."""
   sw = switches.current()
+  sm90_prefill = sw.sm90_prefill and kv_dtype in (None, str(dtype))
   return _concurrent_ctas(device or _default_device(), bool(tensor_cores), str(dtype),
-                          int(head_dim), int(tile_rows), sw.ctas_per_sm, sw.sm90_prefill)
+                          int(head_dim), int(tile_rows), sw.ctas_per_sm, sm90_prefill)
 
 
 @functools.lru_cache(maxsize=1)

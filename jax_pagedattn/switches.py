@@ -34,6 +34,10 @@ class Switches:
   # JAX_PAGEDATTN_COMMAND_BUFFERS=1: register the CUDA handlers that XLA may record into
   # CUDA graphs (read when the extension registers its handlers, at import).
   command_buffers: bool = False
+  # JAX_PAGEDATTN_FP8_TENSOR_CORES=1: fp8 caches on the GPU's tensor-core kernel (prefill,
+  # use_tensor_cores decode). Off until that path is validated on a GPU: off, those calls
+  # raise NotImplementedError and fp8 runs on the CUDA-core decode kernel only.
+  fp8_tensor_cores: bool = False
 
 
 def from_environment(environ=os.environ) -> Switches:
@@ -55,6 +59,7 @@ def from_environment(environ=os.environ) -> Switches:
       deal=deal,
       ctas_per_sm=max(0, ctas_per_sm),
       command_buffers=environ.get("JAX_PAGEDATTN_COMMAND_BUFFERS", "0") not in ("", "0"),
+      fp8_tensor_cores=environ.get("JAX_PAGEDATTN_FP8_TENSOR_CORES", "0") not in ("", "0"),
   )
 
 

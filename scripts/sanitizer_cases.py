@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_pagedattn as jpa
-from jax_pagedattn import planning, reference
+from jax_pagedattn import planning, reference, switches
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import garbage_plans  # noqa: E402
@@ -176,6 +176,34 @@ def features(rng, key, dt, hq, hk, d, small):
   for kind in garbage_plans.KINDS:
     jax.block_until_ready(step(q, cache8, garbage_plans.garbage_plan(plan, rng, kind)))
   print("features: soft-cap / window / sinks on every kernel, fp8 decode, fp8 garbage plans")
+  fp8_tensor_cores(rng, cache, (indptr, indices, last), q, qo_indptr, qp, hq, hk, d, ps, dt)
+
+
+def fp8_tensor_cores(rng, cache, table, q, qo_indptr, qp, hq, hk, d, ps, dt):
+  """fp8 caches with scales on the tensor-core kernel (use_tensor_cores decode, causal
+  prefill; the batch has a split request), then its garbage plans. Only with
+  JAX_PAGEDATTN_FP8_TENSOR_CORES=1 (switches.fp8_tensor_cores), the path's gate."""
+  if not switches.current().fp8_tensor_cores:
+    print("fp8 on the tensor-core kernel: skipped (JAX_PAGEDATTN_FP8_TENSOR_CORES unset)")
+    return
+  indptr, indices, last = table
+  for fp8 in (jnp.float8_e4m3fn, jnp.float8_e5m2):
+    cache8 = cache.astype(fp8)
+    f32 = cache8.astype(jnp.float32)
+    for name, w, plan, qq, want in (
+        ("decode tc", *_decode(indptr, indices, last, hq, hk, d, ps, dt, True, fp8)[:2], q,
+         on_cpu(reference.batch_decode, q.astype(jnp.float32), f32, indptr, indices, last,
+                k_scale=0.5, v_scale=2.0)[0]),
+        ("prefill causal", *_prefill(qo_indptr, indptr, indices, last, hq, hk, d, ps, dt,
+                                     fp8)[:2], qp,
+         on_cpu(reference.batch_attention, qp.astype(jnp.float32), f32, qo_indptr, indptr,
+                indices, last, causal=True, k_scale=0.5, v_scale=2.0)[0])):
+      check(f"{name} {jnp.dtype(fp8).name} ({partial_rows(plan)} partial rows)",
+            w.run(qq, cache8, k_scale=0.5, v_scale=2.0), want, tol=6e-2)
+      step = jax.jit(lambda q, c, p, w=w: w.run(q, c, return_lse=True, plan=p, v_scale=2.0))
+      for kind in garbage_plans.KINDS:
+        jax.block_until_ready(step(qq, cache8, garbage_plans.garbage_plan(plan, rng, kind)))
+  print("fp8 on the tensor-core kernel: decode tc and prefill, e4m3 / e5m2, garbage plans")
 
 
 def garbage(rng, key, dt, hq, hk, d, rounds):
@@ -213,14 +241,16 @@ def garbage(rng, key, dt, hq, hk, d, rounds):
   print("garbage append indices returned")
 
 
-def _decode(indptr, indices, last, hq, hk, d, ps, dt, tc):
+def _decode(indptr, indices, last, hq, hk, d, ps, dt, tc, kv_dt=None):
   w = jpa.BatchDecodeWithPagedKVCacheWrapper(use_tensor_cores=tc)
-  return w, w.plan(indptr, indices, last, hq, hk, d, ps, q_data_type=dt), len(last)
+  return w, w.plan(indptr, indices, last, hq, hk, d, ps, q_data_type=dt,
+                   kv_data_type=kv_dt), len(last)
 
 
-def _prefill(qo_indptr, indptr, indices, last, hq, hk, d, ps, dt):
+def _prefill(qo_indptr, indptr, indices, last, hq, hk, d, ps, dt, kv_dt=None):
   w = jpa.BatchPrefillWithPagedKVCacheWrapper()
-  plan = w.plan(qo_indptr, indptr, indices, last, hq, hk, d, ps, causal=True, q_data_type=dt)
+  plan = w.plan(qo_indptr, indptr, indices, last, hq, hk, d, ps, causal=True, q_data_type=dt,
+                kv_data_type=kv_dt)
   return w, plan, int(qo_indptr[-1])
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jax_pagedattn as jpa
-from jax_pagedattn import reference
+from jax_pagedattn import planning, primitives, reference, switches
 
 from _helpers import (DTYPES, assert_attention_close, cache_in_form, check_native, oracle,
                       page_table, put, round_to)
@@ -49,16 +49,17 @@ CASES = [  # (op, fp8, q dtype, kv_layout, form, page_size, head_dim, heads)
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_fp8_cache_matches_reference(platform, device, rng, case):
-  check_native(platform)
-  op, fp8, qd, kv_layout, form, ps, d, (hq, hk) = case
-  if platform == "gpu" and op != "decode":
-    pytest.skip("fp8 caches run on the GPU's CUDA-core decode kernel only "
-                "(test_fp8_tensor_core_paths_say_so_on_the_gpu)")
+def _check_fp8_case(device, rng, op, fp8, qd, kv_layout, form, ps, d, heads, *,
+                    pos="NONE", return_lse=True, long=False):
+  """Runs `op` ("decode", "decode-tc", "prefill", "prefill-causal") on an fp8 cache with
+  k_scale / v_scale and compares it with the float32 reference on the same fp8 values.
+  `long`: contexts of thousands of keys, which the planner splits (checked)."""
+  hq, hk = heads
   if op.startswith("decode"):
-    kv_lens = np.array([1, ps, 3 * ps + 1, 0, 70, 9])
+    kv_lens = np.array([3000, 1, 900, 0, 70]) if long else np.array([1, ps, 3 * ps + 1, 0, 70, 9])
     qo_lens = np.ones_like(kv_lens)
+  elif long:
+    qo_lens, kv_lens = np.array([5, 1, 3, 0]), np.array([3000, 900, 40, 20])
   else:
     qo_lens, kv_lens = prefill_lengths(rng, ps)
   qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
@@ -72,35 +73,109 @@ def test_fp8_cache_matches_reference(platform, device, rng, case):
     if op.startswith("decode"):
       w = jpa.BatchDecodeWithPagedKVCacheWrapper(kv_layout=kv_layout,
                                                  use_tensor_cores=op == "decode-tc")
-      w.plan(table.indptr, table.indices, table.last_page_len, hq, hk, d, ps,
-             q_data_type=DTYPES[qd], kv_data_type=FP8[fp8])
+      plan = w.plan(table.indptr, table.indices, table.last_page_len, hq, hk, d, ps,
+                    pos_encoding_mode=pos, q_data_type=DTYPES[qd], kv_data_type=FP8[fp8])
     else:
       w = jpa.BatchPrefillWithPagedKVCacheWrapper(kv_layout=kv_layout)
-      w.plan(qo_indptr, table.indptr, table.indices, table.last_page_len, hq, hk, d, ps,
-             causal=causal, q_data_type=DTYPES[qd], kv_data_type=FP8[fp8])
-    out, lse = w.run(put(q.astype(np.dtype(DTYPES[qd])), device), put(cache, device),
-                     return_lse=True, k_scale=k_scale, v_scale=v_scale)
+      plan = w.plan(qo_indptr, table.indptr, table.indices, table.last_page_len, hq, hk, d, ps,
+                    causal=causal, pos_encoding_mode=pos, q_data_type=DTYPES[qd],
+                    kv_data_type=FP8[fp8])
+    res = w.run(put(q.astype(np.dtype(DTYPES[qd])), device), put(cache, device),
+                return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
+  out, lse = res if return_lse else (res, None)
+  if long:
+    sections = planning.unpack_plan(plan.buffer, plan.config.caps)
+    live = sections["work"][sections["work"][:, 0] >= 0]
+    assert (live[:, 5] >= 0).any(), "precondition: the planner should have split a request"
   ref_out, ref_lse = oracle(q, k32, v32, qo_indptr, table, causal=causal, k_scale=k_scale,
-                            v_scale=v_scale)
+                            v_scale=v_scale, pos_encoding_mode=pos)
   assert out.dtype == DTYPES[qd]
   # Compared at the scale of V's stored values (the output is v_scale times their mean).
   out = np.asarray(jnp.asarray(out, jnp.float32)) / v_scale
-  assert_attention_close(out, lse, ref_out / v_scale, ref_lse, qd, what=str(case))
+  what = str((op, fp8, qd, kv_layout, form, ps, d, heads, pos, return_lse, long))
+  assert_attention_close(out, lse, ref_out / v_scale, ref_lse, qd, what=what)
 
 
-def test_fp8_tensor_core_paths_say_so_on_the_gpu(device, platform, rng):
-  """On the GPU, fp8 caches are for the CUDA-core decode kernel: the other ops raise a
-  NotImplementedError naming kv_data_type when lowered, before any kernel runs."""
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_fp8_cache_matches_reference(platform, device, rng, case):
+  """Every op on both backends; on the GPU the tensor-core ones (prefill, decode-tc) run
+  with the fp8_tensor_cores switch on (off, they raise: see below)."""
+  check_native(platform)
+  with switches.overridden(fp8_tensor_cores=True):
+    _check_fp8_case(device, rng, *case)
+
+
+# The GPU's tensor-core kernel (prefill_kernel.cuh) on fp8 caches, behind the switch:
+# (op, fp8, q dtype, kv_layout, form, page_size, head_dim, heads, pos, return_lse, long).
+# Every head_dim at each tile (16 rows for decode-tc, 128 / 64 for prefill), page sizes
+# 1 and 16, both layouts and forms, RoPE / ALiBi, with and without lse, and split-KV.
+TC_CASES = [
+    ("prefill", "e4m3", "bf16", "NHD", "5d", 16, 128, (8, 2), "NONE", True, False),
+    ("prefill-causal", "e5m2", "f16", "HND", "tuple", 1, 64, (12, 4), "NONE", True, False),
+    ("prefill-causal", "e4m3", "f16", "NHD", "tuple", 16, 256, (8, 2), "ROPE_LLAMA", False, False),
+    ("prefill", "e5m2", "bf16", "HND", "5d", 16, 64, (32, 4), "ALIBI", True, False),
+    ("prefill-causal", "e4m3", "bf16", "HND", "5d", 1, 128, (4, 4), "ALIBI", False, False),
+    ("prefill", "e4m3", "f16", "NHD", "5d", 1, 256, (16, 2), "ROPE_LLAMA", True, False),
+    ("prefill-causal", "e4m3", "bf16", "NHD", "tuple", 16, 64, (8, 2), "ROPE_LLAMA", True, False),
+    ("prefill-causal", "e5m2", "bf16", "NHD", "5d", 16, 128, (8, 2), "NONE", True, True),
+    ("prefill", "e4m3", "f16", "HND", "tuple", 16, 256, (8, 2), "NONE", True, True),
+    ("prefill", "e5m2", "f16", "NHD", "tuple", 1, 64, (4, 4), "ALIBI", True, True),
+    ("decode-tc", "e4m3", "bf16", "NHD", "tuple", 16, 128, (8, 2), "NONE", True, False),
+    ("decode-tc", "e5m2", "f16", "HND", "5d", 1, 64, (12, 4), "ROPE_LLAMA", True, False),
+    ("decode-tc", "e4m3", "f16", "NHD", "5d", 16, 256, (16, 2), "ALIBI", False, False),
+    ("decode-tc", "e5m2", "bf16", "HND", "tuple", 16, 128, (4, 4), "NONE", True, True),
+    ("decode-tc", "e4m3", "bf16", "NHD", "5d", 1, 256, (8, 2), "ROPE_LLAMA", True, True),
+]
+
+
+@pytest.mark.parametrize("case", TC_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_fp8_on_the_tensor_core_kernel(platform, device, rng, case):
+  """fp8 K/V on the GPU's tensor-core kernel (switch on) against the float32 reference."""
+  if platform != "gpu":
+    pytest.skip("a GPU kernel's grid (the CPU backend: test_fp8_cache_matches_reference)")
+  check_native(platform)
+  op, fp8, qd, kv_layout, form, ps, d, heads, pos, return_lse, long = case
+  with switches.overridden(fp8_tensor_cores=True):
+    _check_fp8_case(device, rng, op, fp8, qd, kv_layout, form, ps, d, heads, pos=pos,
+                    return_lse=return_lse, long=long)
+
+
+@pytest.mark.parametrize("op", ["prefill", "decode-tc"])
+def test_fp8_tensor_core_paths_say_so_on_the_gpu(device, platform, rng, op):
+  """On the GPU, fp8 caches on the tensor-core kernel wait for the fp8_tensor_cores switch:
+  without it, prefill and use_tensor_cores decode raise a NotImplementedError naming
+  kv_data_type and the switch when lowered, before any kernel runs."""
   if platform != "gpu":
     pytest.skip("the CPU backend runs every op on fp8 caches")
   table = page_table(rng, np.array([5]), 4)
   k8, _, v8, _ = fp8_cache(rng, table.num_pages, 4, 2, 64, "e4m3", 1.0)
-  w = jpa.BatchPrefillWithPagedKVCacheWrapper()
-  with jax.default_device(device):
-    w.plan(np.array([0, 1], np.int32), table.indptr, table.indices, table.last_page_len, 4, 2,
-           64, 4, q_data_type=jnp.bfloat16, kv_data_type=jnp.float8_e4m3fn)
-    with pytest.raises(NotImplementedError, match="kv_data_type"):
+  with jax.default_device(device), switches.overridden(fp8_tensor_cores=False):
+    if op == "prefill":
+      w = jpa.BatchPrefillWithPagedKVCacheWrapper()
+      w.plan(np.array([0, 1], np.int32), table.indptr, table.indices, table.last_page_len, 4,
+             2, 64, 4, q_data_type=jnp.bfloat16, kv_data_type=jnp.float8_e4m3fn)
+    else:
+      w = jpa.BatchDecodeWithPagedKVCacheWrapper(use_tensor_cores=True)
+      w.plan(table.indptr, table.indices, table.last_page_len, 4, 2, 64, 4,
+             q_data_type=jnp.bfloat16, kv_data_type=jnp.float8_e4m3fn)
+    with pytest.raises(NotImplementedError, match="kv_data_type.*JAX_PAGEDATTN_FP8_TENSOR_CORES"):
       w.run(jnp.zeros((1, 4, 64), jnp.bfloat16), _in_form(k8, v8, "NHD", "5d"))
+
+
+def test_the_cuda_lowering_gates_fp8_tensor_cores_on_the_plan():
+  """The CUDA lowering's gate reads the plan's fp8_tensor_cores (fixed by the switch when
+  the plan was made), so the check runs here on the CPU too: off, a tensor-core fp8 plan
+  raises before any lowering; a CUDA-core decode plan never does."""
+  w = jpa.BatchPrefillWithPagedKVCacheWrapper()
+  args = (np.array([0, 1], np.int32), np.array([0, 1], np.int32), np.array([0], np.int32),
+          np.array([1], np.int32), 4, 2, 64, 16)
+  with switches.overridden(fp8_tensor_cores=False):
+    off = w.plan(*args, q_data_type=jnp.bfloat16, kv_data_type=jnp.float8_e5m2).config
+  with switches.overridden(fp8_tensor_cores=True):
+    on = w.plan(*args, q_data_type=jnp.bfloat16, kv_data_type=jnp.float8_e5m2).config
+  assert (off.fp8_tensor_cores, on.fp8_tensor_cores) == (False, True)
+  with pytest.raises(NotImplementedError, match="JAX_PAGEDATTN_FP8_TENSOR_CORES"):
+    primitives._cuda_attention_lowering(None, config=off, combined=True)
 
 
 def test_k_and_v_scales_on_a_16_bit_cache(rng):

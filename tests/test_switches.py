@@ -27,6 +27,25 @@ def test_switches_are_read_from_the_environment():
     switches.from_environment({"JAX_PAGEDATTN_CTAS_PER_SM": "many"})
 
 
+def test_fp8_tensor_cores_switch():
+  """JAX_PAGEDATTN_FP8_TENSOR_CORES: off unless set to something other than "" or "0";
+  a plan carries the value in force when it was made (the CUDA lowering's gate)."""
+  assert switches.from_environment({}).fp8_tensor_cores is False
+  for value, want in (("1", True), ("0", False), ("", False), ("yes", True)):
+    env = {"JAX_PAGEDATTN_FP8_TENSOR_CORES": value}
+    assert switches.from_environment(env).fp8_tensor_cores is want, value
+  w = jpa.BatchDecodeWithPagedKVCacheWrapper(use_tensor_cores=True)
+  args = (np.array([0, 1], np.int32), np.array([0], np.int32), np.array([3], np.int32), 4, 2,
+          64, 16)
+  with switches.overridden(fp8_tensor_cores=True) as sw:
+    assert sw.fp8_tensor_cores
+    on = w.plan(*args, q_data_type="bfloat16", kv_data_type="float8_e4m3fn").config
+  off = w.plan(*args, q_data_type="bfloat16", kv_data_type="float8_e4m3fn").config
+  assert on.fp8_tensor_cores is True
+  assert off.fp8_tensor_cores is switches.current().fp8_tensor_cores
+  assert "fp8_tensor_cores" not in planning.ffi_attrs(on)  # the lowering's, not the kernel's
+
+
 def test_switches_reach_the_plan_and_its_attributes():
   """A plan carries the switches in force when it was made, as FFI attributes, and a
   wrapper derives its setup again when they change."""

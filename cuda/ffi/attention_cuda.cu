@@ -59,10 +59,9 @@ ffi::Error SetupThenAttention(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuf
   if (err.failure()) return err;
   err = CheckGpuParams(p);
   if (err.failure()) return err;
-  if (kAttention != LaunchDecode && p.kv_dtype != p.dtype)
-    return ffi::Error::InvalidArgument(
-        "jax_pagedattn: fp8 caches run on the CUDA-core decode kernel only (the tensor-core "
-        "kernels read 16-bit K/V tiles)");
+  // fp8 caches run on every kernel: the CUDA-core decode kernel and the sm80 tensor-core
+  // one (the Hopper kernel declines them, LaunchPrefill falls back). Python gates the
+  // tensor-core path behind switches.fp8_tensor_cores until it is validated on a GPU.
   cudaError_t cu = LaunchMergeSetup(p, stream);
   if (cu != cudaSuccess) return LaunchError("merge setup kernel", cu);
   cu = kAttention(p, stream);

@@ -1,9 +1,12 @@
-// LaunchPrefill: picks the (dtype, head_dim, tile_rows) instantiation of the
+// LaunchPrefill: picks the (dtype, kv_dtype, head_dim, tile_rows) instantiation of the
 // tensor-core prefill kernel (prefill_kernel.cuh) and launches it over the grid
 // [bin_cap, num_kv_heads]; PrefillCtasPerSm reports how many of its CTAs an SM holds,
 // which the planner's bins fill. Causal masking and the position encoding are run-time
-// branches inside the kernel, so the template set stays at 16 kernels per arch:
-// {f16, bf16} x ({64, 128} x {16, 64, 128} + {256} x {16, 64}).
+// branches inside the kernel, and so is the fp8 format (e4m3 or e5m2) of an fp8 cache,
+// so the template set stays at 28 kernels per arch: 16 for 16-bit caches, {f16, bf16} x
+// ({64, 128} x {16, 64, 128} + {256} x {16, 64}), and 12 for fp8 caches at the tile
+// sizes the planner uses (tile_rows.h: 16 for tensor-core decode, 128 for prefill at
+// head_dim <= 128, 64 at 256), {f16, bf16} x ({64, 128} x {16, 128} + {256} x {16, 64}).
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -24,20 +27,20 @@ using prefill_detail::PrefillCfg;
 using prefill_detail::PrefillKernel;
 
 // One instantiation: its shared-memory opt-in, launch and occupancy.
-template <typename T, int D, int TILE_ROWS, int STAGES>
+template <typename T, typename TKV, int D, int TILE_ROWS, int STAGES>
 struct TileKernel {
-  using Cfg = PrefillCfg<D, TILE_ROWS, STAGES>;
+  using Cfg = PrefillCfg<D, TILE_ROWS, STAGES, int(sizeof(TKV))>;
 
   static cudaError_t Ready() {
     static std::atomic<uint64_t> smem_set{0};
-    return AllowSmem(PrefillKernel<T, D, TILE_ROWS, STAGES>, Cfg::kSmemBytes, &smem_set);
+    return AllowSmem(PrefillKernel<T, TKV, D, TILE_ROWS, STAGES>, Cfg::kSmemBytes, &smem_set);
   }
 
   static cudaError_t Launch(const AttentionParams& p, cudaStream_t stream) {
     const cudaError_t err = Ready();
     if (err != cudaSuccess) return err;
     const dim3 grid(unsigned(p.layout.bin_cap), unsigned(p.num_kv_heads));
-    return LaunchDependent(p.dependent_launch, PrefillKernel<T, D, TILE_ROWS, STAGES>, grid,
+    return LaunchDependent(p.dependent_launch, PrefillKernel<T, TKV, D, TILE_ROWS, STAGES>, grid,
                            dim3(Cfg::kThreads),
                            Cfg::kSmemBytes, stream, p);
   }
@@ -45,42 +48,51 @@ struct TileKernel {
   static cudaError_t Occupancy(int32_t* ctas) {
     const cudaError_t err = Ready();
     if (err != cudaSuccess) return err;
-    return CtasPerSm(PrefillKernel<T, D, TILE_ROWS, STAGES>, Cfg::kThreads, Cfg::kSmemBytes, ctas);
+    return CtasPerSm(PrefillKernel<T, TKV, D, TILE_ROWS, STAGES>, Cfg::kThreads, Cfg::kSmemBytes, ctas);
   }
 };
 
-// Calls op(TileKernel<T, D, TILE_ROWS, STAGES>{}) for the instantiation of (dtype,
-// head_dim, tile_rows); cudaErrorInvalidValue where there is none.
-template <typename T, int D, typename Op>
+// Calls op(TileKernel<T, TKV, D, TILE_ROWS, STAGES>{}) for the instantiation of
+// (dtype, kv_dtype, head_dim, tile_rows); cudaErrorInvalidValue where there is none.
+template <typename T, typename TKV, int D, typename Op>
 cudaError_t WithTileRows(int tile_rows, Op&& op) {
+  // fp8 caches: only the tiles tile_rows.h gives (16, and 128 or 64 by head_dim).
+  constexpr bool kFp8 = sizeof(TKV) == 1;
   switch (tile_rows) {
     // Two stages everywhere: a third one for the 16-row decode tile (two CTAs per SM
     // instead of three) measured the same on an H200 (docs/PERF_NOTES.md).
-    case 16: return op(TileKernel<T, D, 16, 2>{});
-    case 64: return op(TileKernel<T, D, 64, 2>{});
+    case 16: return op(TileKernel<T, TKV, D, 16, 2>{});
+    case 64:
+      if constexpr (!kFp8 || D == 256) return op(TileKernel<T, TKV, D, 64, 2>{});
+      return cudaErrorInvalidValue;
     case 128:
       // 128 rows x 256 dims would need 128 accumulator registers per thread with 8
       // warps; the Python layer uses 64-row tiles there.
-      if constexpr (D != 256) return op(TileKernel<T, D, 128, 2>{});
+      if constexpr (D != 256) return op(TileKernel<T, TKV, D, 128, 2>{});
       return cudaErrorInvalidValue;
     default: return cudaErrorInvalidValue;
   }
 }
 
-template <typename T, typename Op>
+template <typename T, typename TKV, typename Op>
 cudaError_t WithHeadDim(int head_dim, int tile_rows, Op&& op) {
   switch (head_dim) {
-    case 64: return WithTileRows<T, 64>(tile_rows, op);
-    case 128: return WithTileRows<T, 128>(tile_rows, op);
-    case 256: return WithTileRows<T, 256>(tile_rows, op);
+    case 64: return WithTileRows<T, TKV, 64>(tile_rows, op);
+    case 128: return WithTileRows<T, TKV, 128>(tile_rows, op);
+    case 256: return WithTileRows<T, TKV, 256>(tile_rows, op);
     default: return cudaErrorInvalidValue;
   }
 }
 
+// The cache is q's type or an fp8 type beside it (MakeAttentionParams checked which);
+// fp8 caches of both formats share the kernel with TKV = uint8_t.
 template <typename Op>
-cudaError_t WithKernel(DType dtype, int head_dim, int tile_rows, Op&& op) {
+cudaError_t WithKernel(DType dtype, DType kv_dtype, int head_dim, int tile_rows, Op&& op) {
   return WithElementType(dtype, [&](auto t) {
-    return WithHeadDim<decltype(t)>(head_dim, tile_rows, op);
+    using T = decltype(t);
+    if (IsFp8(kv_dtype)) return WithHeadDim<T, uint8_t>(head_dim, tile_rows, op);
+    return kv_dtype == dtype ? WithHeadDim<T, T>(head_dim, tile_rows, op)
+                             : cudaErrorInvalidValue;
   });
 }
 
@@ -102,7 +114,7 @@ cudaError_t LaunchPrefill(const AttentionParams& p, cudaStream_t stream) {
       p.kv.page_size < 1 || p.layout.work_cap < 0 || p.layout.bin_cap < 1)
     return cudaErrorInvalidValue;
   if (p.layout.work_cap == 0) return cudaSuccess;  // no items, nothing to launch
-  return WithKernel(p.dtype, p.head_dim, p.tile_rows,
+  return WithKernel(p.dtype, p.kv_dtype, p.head_dim, p.tile_rows,
                     [&](auto kernel) { return decltype(kernel)::Launch(p, stream); });
 }
 
@@ -114,7 +126,8 @@ cudaError_t PrefillCtasPerSm(DType dtype, int head_dim, int tile_rows, bool sm90
     if (err != cudaErrorNotSupported) return err;
   }
 #endif
-  return WithKernel(dtype, head_dim, tile_rows,
+  // An fp8 cache's kernel needs no more shared memory than q's type's (PrefillCfg).
+  return WithKernel(dtype, dtype, head_dim, tile_rows,
                     [&](auto kernel) { return decltype(kernel)::Occupancy(ctas); });
 }
 

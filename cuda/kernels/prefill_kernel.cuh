@@ -21,6 +21,16 @@
 // sits at position c ^ (r % 8). The 8 rows an ldmatrix phase reads, and the rows a
 // cp.async warp writes, then fall in 8 distinct bank groups.
 //
+// fp8 caches (TKV one byte): the copies land in a ring of S fp8 tiles (rows of D bytes,
+// unswizzled: each thread copies and later reads back its own 16-byte chunks), and one
+// 16-bit K and V buffer replaces the S stages of the union. At iteration t each thread
+// widens its own chunks of fp8 tile t into that buffer (exactly: every e4m3 / e5m2
+// value is an f16 and a bf16 value), one more barrier publishes it, and the MMAs run
+// as for a 16-bit cache. At S = 2 the union keeps its 16-bit size (two 16-bit tiles
+// become one plus two of half the bytes), so occupancy is that of q's type.
+// k_scale sits in LogitScaleLog2 and v_scale in the epilogue's normaliser, as for
+// every cache.
+//
 // Pipeline (one barrier per KV tile): at the top of iteration t every thread waits for
 // its own copies of tile t (tiles up to t + S - 2 may still be in flight), then
 // __syncthreads makes tile t visible and guarantees that every warp finished tile
@@ -38,9 +48,11 @@
 // fp32 and round back to the input type, as the reference does.
 #pragma once
 
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "jax_pagedattn/params.h"
 #include "logit_transforms.cuh"
@@ -53,7 +65,8 @@ namespace prefill_detail {
 
 constexpr float kLog2e = 1.44269504088896340736f;
 
-template <int D, int TILE_ROWS, int STAGES = 2>
+// KV_BYTES: bytes per cache element, 2 (q's type) or 1 (fp8).
+template <int D, int TILE_ROWS, int STAGES = 2, int KV_BYTES = 2>
 struct PrefillCfg {
   // K/V tiles in flight: tile t + STAGES - 1 is issued while tile t is computed.
   static constexpr int kStages = STAGES;
@@ -81,11 +94,20 @@ struct PrefillCfg {
   static constexpr int kHalf = D / 16;              // chunks in half a row (RoPE pairs)
   static constexpr int kRowBytes = D * 2;
   static constexpr int kOStride = D + 8;  // floats; +8 spreads 8 rows over the banks
-  static constexpr int kRowsPerPass = kThreads / kChunks;
-  static constexpr int kPasses = kTileKv / kRowsPerPass;
+
+  // fp8 caches: one 16-bit K/V buffer, and a ring of kStages fp8 tiles whose rows are
+  // kChunks8 chunks of 16 bytes (16 elements, two 16-bit chunks once widened).
+  static constexpr bool kFp8 = KV_BYTES == 1;
+  static_assert(KV_BYTES == 1 || KV_BYTES == 2, "16-bit or fp8 caches");
+  static constexpr int kBufs = kFp8 ? 1 : kStages;  // 16-bit K (and V) tile buffers
+  static constexpr int kChunks8 = D / 16;
+  static constexpr int kLdChunks = kFp8 ? kChunks8 : kChunks;  // copies per row
+  static constexpr int kLdRowsPerPass = kThreads / kLdChunks;
+  static constexpr int kLdPasses = kTileKv / kLdRowsPerPass;
 
   static constexpr int kQBytes = TILE_ROWS * kRowBytes;
   static constexpr int kStageBytes = kTileKv * kRowBytes;
+  static constexpr int kStage8Bytes = kFp8 ? kTileKv * D : 0;
   static constexpr int kGroups = kWarps * kMT;  // 16-row (m, l, O) states per CTA
   static constexpr int kOBytes = kGroups * 16 * kOStride * 4;
   static constexpr int kMlBytes = kGroups * 16 * 8;
@@ -96,14 +118,19 @@ struct PrefillCfg {
   static constexpr int kUnionOff = (kFreqOff + D / 2 * 4 + 127) / 128 * 128;
   static constexpr int kQOff = kUnionOff;
   static constexpr int kKOff = kQOff + kQBytes;
-  static constexpr int kVOff = kKOff + kStages * kStageBytes;
-  static constexpr int kMainEnd = kVOff + kStages * kStageBytes;
+  static constexpr int kVOff = kKOff + kBufs * kStageBytes;
+  static constexpr int kK8Off = kVOff + kBufs * kStageBytes;
+  static constexpr int kV8Off = kK8Off + kStages * kStage8Bytes;
+  static constexpr int kMainEnd = kV8Off + kStages * kStage8Bytes;
   static constexpr int kEpiEnd = kUnionOff + kOBytes + kMlBytes;
   static constexpr int kSmemBytes = (kMainEnd > kEpiEnd ? kMainEnd : kEpiEnd) + 128;
+  // The occupancy query (PrefillCtasPerSm) asks for q's type.
+  static_assert(!kFp8 || kSmemBytes <= PrefillCfg<D, TILE_ROWS, STAGES, 2>::kSmemBytes,
+                "an fp8 cache needs no more shared memory than a 16-bit one");
 
   static_assert(kThreads >= kTileKv && kTileKv % 32 == 0, "offset warps must be whole");
   static_assert(kTileKv / 32 <= 4, "s_bad holds 4 words per tile");
-  static_assert(kRowsPerPass >= 1 && kTileKv % kRowsPerPass == 0, "loader mapping");
+  static_assert(kLdRowsPerPass >= 1 && kTileKv % kLdRowsPerPass == 0, "loader mapping");
   static_assert(kKeysW % 16 == 0, "P V needs k16 key steps");
 };
 
@@ -136,6 +163,40 @@ __device__ __forceinline__ void RopePairs(uint4& lo, uint4& hi, float pos, const
   }
 }
 
+// Two fp8 elements (the low 16 bits of `w`) widened to a pair of T, through f16: an
+// e5m2 byte is the high byte of its f16, an e4m3 pair takes one cvt (sm_89+; emulated
+// before). Exact: every e4m3 and e5m2 value is an f16 and a bf16 value.
+template <typename T>
+__device__ __forceinline__ uint32_t WidenFp8Pair(uint32_t w, bool e5m2) {
+  uint32_t h2;
+  if (e5m2) {
+    h2 = __byte_perm(w, 0u, 0x1404);  // bytes {0, w0, 0, w1}
+  } else {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w & 0xffffu), __NV_E4M3);
+    h2 = uint32_t(h.x) | (uint32_t(h.y) << 16);
+  }
+  if constexpr (std::is_same_v<T, __half>) {
+    return h2;
+  } else {
+    const float2 f = Elem<__half>::Unpack(h2);
+    return Elem<T>::Pack(f.x, f.y);
+  }
+}
+
+// 16 fp8 elements (one 16-byte chunk of an fp8 row) widened to T: two 16-byte chunks.
+template <typename T>
+__device__ __forceinline__ void WidenFp8(const uint4& x, bool e5m2, uint4& lo, uint4& hi) {
+  const uint32_t in[4] = {x.x, x.y, x.z, x.w};
+  uint32_t out[8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = WidenFp8Pair<T>(in[i], e5m2);
+    out[2 * i + 1] = WidenFp8Pair<T>(in[i] >> 16, e5m2);
+  }
+  lo = make_uint4(out[0], out[1], out[2], out[3]);
+  hi = make_uint4(out[4], out[5], out[6], out[7]);
+}
+
 // Byte offset of chunk `c` of row `r` in a swizzled tile.
 template <int kRowBytes>
 __device__ __forceinline__ uint32_t Swz(int r, int c) {
@@ -144,9 +205,11 @@ __device__ __forceinline__ uint32_t Swz(int r, int c) {
 
 // One work item (`item`, an index into p.work) for the CTA's kv head; `smem` is the
 // 128-byte aligned dynamic shared memory. Every early return is uniform over the CTA.
-template <typename T, int D, int TILE_ROWS, int STAGES>
+// TKV: the cache's element type, T, or uint8_t for an fp8 cache (e4m3 or e5m2, told
+// apart at run time by p.kv_dtype: one kernel serves both).
+template <typename T, typename TKV, int D, int TILE_ROWS, int STAGES>
 __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, uint8_t* smem) {
-  using Cfg = PrefillCfg<D, TILE_ROWS, STAGES>;
+  using Cfg = PrefillCfg<D, TILE_ROWS, STAGES, int(sizeof(TKV))>;
   constexpr int kStages = Cfg::kStages;
   constexpr int kRing = Cfg::kRing;
   using E = Elem<T>;
@@ -166,6 +229,8 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
   const uint32_t sq_addr = SmemAddr(smem + Cfg::kQOff);
   const uint32_t sk_addr = SmemAddr(smem + Cfg::kKOff);
   const uint32_t sv_addr = SmemAddr(smem + Cfg::kVOff);
+  const uint32_t sk8_addr = SmemAddr(smem + Cfg::kK8Off);  // fp8 caches only
+  const uint32_t sv8_addr = SmemAddr(smem + Cfg::kV8Off);
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -201,8 +266,8 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
   // without a window): one compare per element, and no per-row registers.
   const bool window = p.window_left >= 0;
   const int neg_window = window ? -p.window_left : INT_MIN;
-  const T* kbase = static_cast<const T*>(p.kv.k);
-  const T* vbase = static_cast<const T*>(p.kv.v);
+  const TKV* kbase = static_cast<const TKV*>(p.kv.k);
+  const TKV* vbase = static_cast<const TKV*>(p.kv.v);
   const int64_t head_off = int64_t(kv_head) * p.kv.head_stride;
 
   // ---- key offsets (threads tid < kTileKv own key tid of each tile) ----------------
@@ -231,21 +296,29 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
     if (lane == 0) s_bad[ring * 4 + warp] = bad != 0u;
   };
 
-  // Copies of `tile` into stage tile % kStages; keys without an offset are zero-filled.
-  const int ld_chunk = tid % kChunks;
-  const int ld_row = tid / kChunks;
+  // Copies of `tile` into stage tile % kStages (of the fp8 ring for an fp8 cache); keys
+  // without an offset are zero-filled (+0 in fp8 too).
+  const int ld_chunk = tid % Cfg::kLdChunks;
+  const int ld_row = tid / Cfg::kLdChunks;
   auto issue = [&](int tile) {
     const int64_t* offs = s_off + (tile % kRing) * kTileKv;
-    const uint32_t stage = uint32_t(tile % kStages) * Cfg::kStageBytes;
+    constexpr bool kFp8 = Cfg::kFp8;
+    const uint32_t stage =
+        uint32_t(tile % kStages) * uint32_t(kFp8 ? Cfg::kStage8Bytes : Cfg::kStageBytes);
+    const uint32_t k_dst = kFp8 ? sk8_addr : sk_addr;
+    const uint32_t v_dst = kFp8 ? sv8_addr : sv_addr;
 #pragma unroll
-    for (int pass = 0; pass < Cfg::kPasses; ++pass) {
-      const int row = ld_row + pass * Cfg::kRowsPerPass;
+    for (int pass = 0; pass < Cfg::kLdPasses; ++pass) {
+      const int row = ld_row + pass * Cfg::kLdRowsPerPass;
       const int64_t off = offs[row];
       const bool ok = off >= 0;
-      const int64_t src = (ok ? off : 0) + ld_chunk * 8;
-      const uint32_t dst = stage + Swz<kRowBytes>(row, ld_chunk);
-      CpAsync16(sk_addr + dst, kbase + src, ok);
-      CpAsync16(sv_addr + dst, vbase + src, ok);
+      // 16 bytes: 8 elements of a 16-bit cache, 16 of an fp8 one (whose rows in the fp8
+      // ring are plain D bytes).
+      const int64_t src = (ok ? off : 0) + ld_chunk * (kFp8 ? 16 : 8);
+      const uint32_t dst = stage + (kFp8 ? uint32_t(row * D + ld_chunk * 16)
+                                         : Swz<kRowBytes>(row, ld_chunk));
+      CpAsync16(k_dst + dst, kbase + src, ok);
+      CpAsync16(v_dst + dst, vbase + src, ok);
     }
   };
 
@@ -354,7 +427,33 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
     }
 
     const int kt = kv_begin + t * kTileKv;
-    const uint32_t stage = uint32_t(t % kStages) * Cfg::kStageBytes;
+    if constexpr (Cfg::kFp8) {
+      // Widen tile t into the 16-bit buffer, which every warp finished reading at the
+      // barrier above. Each thread reads back only chunks it copied itself, complete
+      // since its wait; the barrier after publishes the 16-bit tile.
+      const uint32_t stage8 = uint32_t(t % kStages) * Cfg::kStage8Bytes;
+      const bool e5m2 = p.kv_dtype == DType::kF8E5M2;  // else e4m3 (LaunchPrefill checked)
+      // Not unrolled: unrolled, bf16 at D = 64 took 117 registers instead of 93 on
+      // sm_90a (five CTAs per SM down to four, below what the occupancy query of q's
+      // type reports).
+#pragma unroll 1
+      for (int pass = 0; pass < Cfg::kLdPasses; ++pass) {
+        const int row = ld_row + pass * Cfg::kLdRowsPerPass;
+        const uint32_t src = stage8 + uint32_t(row * D + ld_chunk * 16);
+#pragma unroll
+        for (int kv = 0; kv < 2; ++kv) {
+          uint8_t* buf = smem + (kv == 0 ? Cfg::kKOff : Cfg::kVOff);
+          const uint4 x =
+              *reinterpret_cast<const uint4*>(smem + (kv == 0 ? Cfg::kK8Off : Cfg::kV8Off) + src);
+          uint4 lo, hi;
+          WidenFp8<T>(x, e5m2, lo, hi);
+          *reinterpret_cast<uint4*>(buf + Swz<kRowBytes>(row, 2 * ld_chunk)) = lo;
+          *reinterpret_cast<uint4*>(buf + Swz<kRowBytes>(row, 2 * ld_chunk + 1)) = hi;
+        }
+      }
+      __syncthreads();
+    }
+    const uint32_t stage = uint32_t(t % Cfg::kBufs) * Cfg::kStageBytes;
     if (rope) {
       uint8_t* ks = smem + Cfg::kKOff + stage;
       for (int i = tid; i < kTileKv * kHalf; i += kThreads) {
@@ -613,7 +712,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
 
 // The grid is [bin_cap, num_kv_heads]: CTA (bin, head) runs the bin's items in order
 // (plan_layout.h), so a launch is one wave whose balance the planner decided.
-template <typename T, int D, int TILE_ROWS, int STAGES>
+template <typename T, typename TKV, int D, int TILE_ROWS, int STAGES>
 __global__ void __launch_bounds__(PrefillCfg<D, TILE_ROWS, STAGES>::kThreads)
     PrefillKernel(const __grid_constant__ AttentionParams p) {
   // The fragment addressing XORs bits 4-6 of absolute shared addresses, which needs
@@ -625,7 +724,7 @@ __global__ void __launch_bounds__(PrefillCfg<D, TILE_ROWS, STAGES>::kThreads)
   const int begin = max(p.bin_indptr[bin], 0);
   const int end = min(p.bin_indptr[bin + 1], p.layout.work_cap);
   for (int item = begin; item < end; ++item) {
-    AttendItem<T, D, TILE_ROWS, STAGES>(p, item, smem);
+    AttendItem<T, TKV, D, TILE_ROWS, STAGES>(p, item, smem);
     __syncthreads();  // the next item's prologue rewrites what this epilogue read
   }
   WaitForPrimaryGrid();  // never finish before the setup pass (dependent_launch.cuh)
