@@ -38,6 +38,10 @@ class Switches:
   # use_tensor_cores decode). Off until that path is validated on a GPU: off, those calls
   # raise NotImplementedError and fp8 runs on the CUDA-core decode kernel only.
   fp8_tensor_cores: bool = False
+  # JAX_PAGEDATTN_FP8_WIDE_DECODE=1: fp8 caches on the CUDA-core decode kernel read as
+  # wide tiles (twice the keys a tile, 16-byte copies; head_dim 128/256; decode.cu).
+  # Off until a GPU session validates and times it.
+  fp8_wide_decode: bool = False
 
 
 def from_environment(environ=os.environ) -> Switches:
@@ -60,6 +64,7 @@ def from_environment(environ=os.environ) -> Switches:
       ctas_per_sm=max(0, ctas_per_sm),
       command_buffers=environ.get("JAX_PAGEDATTN_COMMAND_BUFFERS", "0") not in ("", "0"),
       fp8_tensor_cores=environ.get("JAX_PAGEDATTN_FP8_TENSOR_CORES", "0") not in ("", "0"),
+      fp8_wide_decode=environ.get("JAX_PAGEDATTN_FP8_WIDE_DECODE", "0") not in ("", "0"),
   )
 
 

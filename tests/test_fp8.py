@@ -140,6 +140,36 @@ def test_fp8_on_the_tensor_core_kernel(platform, device, rng, case):
                     return_lse=return_lse, long=long)
 
 
+# The CUDA-core decode kernel's wide fp8 tiles (switches.fp8_wide_decode; head_dim 128
+# and 256, 64 keeps the 8-byte-chunk kernel): the fp8 decode cases above, and a grid of
+# both formats x f16/bf16 x head_dim x every tile of rows (groups 1, 2, 4, 8: R 1-8),
+# both layouts and forms, page 1/16, RoPE / ALiBi, with and without lse, and split-KV.
+# (fp8, q dtype, kv_layout, form, page_size, head_dim, heads, pos, return_lse, long)
+WIDE_CASES = [c[1:] + ("NONE", True, False) for c in CASES if c[0] == "decode"] + [
+    ("e4m3", "bf16", "NHD", "5d", 16, 128, (64, 8), "NONE", True, False),
+    ("e5m2", "bf16", "HND", "tuple", 16, 128, (4, 4), "NONE", False, False),
+    ("e4m3", "f16", "NHD", "tuple", 1, 128, (8, 4), "ROPE_LLAMA", True, True),
+    ("e5m2", "f16", "HND", "5d", 16, 256, (32, 4), "ALIBI", True, True),
+    ("e4m3", "bf16", "HND", "tuple", 1, 256, (2, 2), "ROPE_LLAMA", True, False),
+    ("e5m2", "bf16", "NHD", "5d", 16, 256, (16, 4), "NONE", False, True),
+    ("e4m3", "f16", "NHD", "5d", 16, 128, (16, 2), "ALIBI", True, False),
+    ("e5m2", "f16", "NHD", "tuple", 16, 64, (8, 1), "NONE", True, True),
+]
+
+
+@pytest.mark.parametrize("case", WIDE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_fp8_decode_on_wide_tiles(platform, device, rng, case):
+  """fp8 decode on the CUDA-core kernel with fp8_wide_decode on, against the float32
+  reference (the switch's plan attribute: tests/test_switches.py)."""
+  if platform != "gpu":
+    pytest.skip("a GPU kernel's variant (the CPU backend ignores the switch)")
+  check_native(platform)
+  fp8, qd, kv_layout, form, ps, d, heads, pos, return_lse, long = case
+  with switches.overridden(fp8_wide_decode=True):
+    _check_fp8_case(device, rng, "decode", fp8, qd, kv_layout, form, ps, d, heads, pos=pos,
+                    return_lse=return_lse, long=long)
+
+
 @pytest.mark.parametrize("op", ["prefill", "decode-tc"])
 def test_fp8_tensor_core_paths_say_so_on_the_gpu(device, platform, rng, op):
   """On the GPU, fp8 caches on the tensor-core kernel wait for the fp8_tensor_cores switch:

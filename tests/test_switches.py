@@ -61,3 +61,24 @@ def test_switches_reach_the_plan_and_its_attributes():
   attrs = planning.ffi_attrs(on)
   assert attrs["sm90_prefill"] == np.bool_(True) and attrs["dependent_launch"] == np.bool_(False)
   assert attrs["sm90_stages"] == np.int32(3)
+
+
+def test_fp8_wide_decode_switch():
+  """JAX_PAGEDATTN_FP8_WIDE_DECODE: off unless set to something other than "" or "0"; a
+  decode plan (and an RPA-style prefill plan) carries it as the fp8_wide_decode attribute
+  the CUDA decode launcher reads."""
+  assert switches.from_environment({}).fp8_wide_decode is False
+  for value, want in (("1", True), ("0", False), ("", False), ("yes", True)):
+    env = {"JAX_PAGEDATTN_FP8_WIDE_DECODE": value}
+    assert switches.from_environment(env).fp8_wide_decode is want, value
+  w = jpa.BatchDecodeWithPagedKVCacheWrapper()
+  args = (np.array([0, 1], np.int32), np.array([0], np.int32), np.array([3], np.int32), 4, 2,
+          128, 16)
+  with switches.overridden(fp8_wide_decode=True) as sw:
+    assert sw.fp8_wide_decode
+    on = w.plan(*args, q_data_type="bfloat16", kv_data_type="float8_e4m3fn").config
+  with switches.overridden(fp8_wide_decode=False):
+    off = w.plan(*args, q_data_type="bfloat16", kv_data_type="float8_e4m3fn").config
+  assert (on.fp8_wide_decode, off.fp8_wide_decode) == (True, False)
+  assert planning.ffi_attrs(on)["fp8_wide_decode"] == np.bool_(True)
+  assert planning.ffi_attrs(off)["fp8_wide_decode"] == np.bool_(False)

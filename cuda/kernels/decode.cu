@@ -29,7 +29,18 @@
 //
 // Registers: o[R][8] and m, l per row stay live; arrays are indexed only by compile-time
 // constants. sm_90a: 128-166 registers for R <= 4 (cap 168), 191-197 for R = 8 (cap 255),
-// no spills, no stack. Instantiations: {f16, bf16} x D {64, 128, 256} x R {1, 2, 4, 8}.
+// no spills, no stack. Instantiations: {f16, bf16} x D {64, 128, 256} x R {1, 2, 4, 8},
+// with a cache of q's type, e4m3 or e5m2.
+//
+// Wide fp8 tiles (Fp8Wide, the fp8_wide_decode attribute; off by default until validated
+// on a GPU): an fp8 tile of 8-byte chunks holds only 4 KB (2 KB of K), half of what a
+// 16-bit tile keeps in flight. The wide variant packs 16 fp8 values per 16-byte slot, so a
+// tile holds 4096 / D keys (32 at D = 128, 16 at D = 256), 8 KB of K and V copied with the
+// same 8 + 8 LDGSTS.128 per lane; q.k widens whole slots (128 dims per lane), p.v reads
+// 8-byte halves (8 output dims per lane, 16 keys). Instantiated for {f16, bf16} x {e4m3,
+// e5m2} x D {128, 256} x R {1, 2, 4, 8}; sm_90a: 139-163 registers for R <= 4, 214-219
+// for R = 8, no spills, no stack. D = 64 keeps the 8-byte tiles (a wide tile would hold 64
+// keys, more than the one-lane-per-key page lookup covers).
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -72,19 +83,29 @@ static_assert(kStages >= 2, "the pipeline needs at least two stages");
 #define JPA_DECODE_L2_EVICT_FIRST 1
 #endif
 
-template <int D>
+// kWide: the fp8 variant (switches.fp8_wide_decode) whose 16-byte shared slots hold 16
+// fp8 elements, so a tile of the same 8 KB holds twice the keys: 4096 / D (32 at D = 128,
+// 16 at D = 256), each lane copying 16 bytes (16 keys' worth of dims) per LDGSTS.128 and
+// widening a whole slot in q.k. p.v keeps 8 output dims per lane (half a slot, read as 8
+// bytes), so o stays [R][8]; each lane then takes 16 keys of a tile instead of 8.
+template <int D, bool kWide = false>
 struct Shape {
   static_assert(D == 64 || D == 128 || D == 256, "head_dim must be 64, 128 or 256");
-  static constexpr int kChunks = D / 8;                   // 16-byte chunks per K/V row
-  static constexpr int kKeys = 2048 / D;                  // keys per warp tile (4 KB of K)
+  static_assert(!kWide || D >= 128, "the wide fp8 tile needs at most 32 keys");
+  static constexpr int kSlotElems = kWide ? 16 : 8;       // elements per 16-byte slot
+  static constexpr int kChunks = D / kSlotElems;          // 16-byte slots per K/V row
+  static constexpr int kKeys = 2048 / D * (kWide ? 2 : 1);  // keys per warp tile (4 KB of K)
   static constexpr int kTileChunks = kKeys * kChunks;     // 256 for every D
   static constexpr int kLoadsPerLane = kTileChunks / 32;  // 8 copies of K (and of V) per lane
-  static constexpr int kLanesPerKey = 32 / kKeys;         // q.k: D / 64 lanes share a key
-  static constexpr int kQkChunks = kChunks / kLanesPerKey;  // 8 chunks (64 dims) per lane
-  static constexpr int kPvGroups = 32 / kChunks;          // p.v: lanes per chunk (key groups)
-  static constexpr int kPvKeys = kKeys / kPvGroups;       // 8 keys per lane per tile
+  static constexpr int kLanesPerKey = 32 / kKeys;         // q.k: lanes sharing a key
+  static constexpr int kQkChunks = kChunks / kLanesPerKey;  // 8 slots (64 or 128 dims) per lane
+  static constexpr int kQChunks = D / 8;                  // q's 16-byte chunks (8 elements)
+  static constexpr int kPvLanes = D / 8;                  // p.v: lanes per row (8 dims each)
+  static constexpr int kPvGroups = 32 / kPvLanes;         // p.v: key groups
+  static constexpr int kPvKeys = kKeys / kPvGroups;       // 8 (wide: 16) keys per lane per tile
   static constexpr int kStageU4 = 2 * kTileChunks;        // K then V of one tile, in uint4
-  static_assert(kQkChunks == 8 && kPvKeys == 8 && kLoadsPerLane == 8, "tile shape");
+  static_assert(kQkChunks == 8 && kPvKeys == 8 * (kWide ? 2 : 1) && kLoadsPerLane == 8,
+                "tile shape");
 };
 
 // Dynamic shared memory, in bytes, carved as:
@@ -97,9 +118,9 @@ struct Shape {
 //   rows  [R] int4                                    per row: causal limit, position,
 //                                                     ALiBi slope (bits); kept here, not
 //                                                     in 3 R registers of the hot loop
-template <int D, int R>
+template <int D, int R, bool kWide = false>
 struct Smem {
-  using S = Shape<D>;
+  using S = Shape<D, kWide>;
   static constexpr int kKvU4 = kWarps * kStages * S::kStageU4;
   static constexpr int kQFloats = R * D;
   static constexpr int kPFloats = kWarps * S::kKeys * R;
@@ -131,19 +152,19 @@ __device__ __forceinline__ KeySlot LookupKey(const AttentionParams& p, int64_t p
   return ks;
 }
 
-// One 8-element chunk of a K or V row into its 16-byte shared slot: all 16 bytes for a
-// 16-bit cache, the low 8 for an fp8 one (Unpack8 reads those).
-template <typename T>
+// One chunk of a K or V row into its 16-byte shared slot: 8 elements of a 16-bit cache,
+// the low 8 bytes for an fp8 one (Unpack8 reads those), or 16 fp8 elements (kWide).
+template <typename T, bool kWide = false>
 __device__ __forceinline__ void CopyChunk(uint4* dst, const T* src, bool pred, uint64_t policy) {
 #if JPA_DECODE_L2_EVICT_FIRST
-  if constexpr (sizeof(T) == 1) {
+  if constexpr (sizeof(T) == 1 && !kWide) {
     cp_async::Copy8(dst, src, pred, policy);
   } else {
     cp_async::Copy16(dst, src, pred, policy);
   }
 #else
   (void)policy;
-  if constexpr (sizeof(T) == 1) {
+  if constexpr (sizeof(T) == 1 && !kWide) {
     cp_async::Copy8(dst, src, pred);
   } else {
     cp_async::Copy16(dst, src, pred);
@@ -153,11 +174,11 @@ __device__ __forceinline__ void CopyChunk(uint4* dst, const T* src, bool pred, u
 
 // Starts the copies of one warp tile into `stage`. Lane `key` of the warp resolved key
 // `key` of the tile (`ks`); returns the bitmask of keys that were really loaded.
-template <typename T, int D>
+template <typename T, int D, bool kWide = false>
 __device__ __forceinline__ uint32_t IssueTile(uint4* stage, const T* k_base, const T* v_base,
                                               const PagedKv& kv, int kv_head, KeySlot ks,
                                               int lane, uint64_t policy) {
-  using S = Shape<D>;
+  using S = Shape<D, kWide>;
   const bool ok = ks.page >= 0 && ks.page < kv.num_pages;
   const long long off = ok ? kv.offset(ks.page, ks.slot, kv_head) : 0;
   uint32_t mask = __ballot_sync(kFullMask, ok);
@@ -171,20 +192,31 @@ __device__ __forceinline__ uint32_t IssueTile(uint4* stage, const T* k_base, con
     const long long row = __shfl_sync(kFullMask, off, key);
     const bool pred = (mask >> key) & 1u;
     const int dst = key * S::kChunks + (chunk ^ (key & 7));
-    CopyChunk(stage + dst, k_base + row + chunk * 8, pred, policy);
-    CopyChunk(stage + S::kTileChunks + dst, v_base + row + chunk * 8, pred, policy);
+    CopyChunk<T, kWide>(stage + dst, k_base + row + chunk * S::kSlotElems, pred, policy);
+    CopyChunk<T, kWide>(stage + S::kTileChunks + dst, v_base + row + chunk * S::kSlotElems, pred,
+                        policy);
   }
   return mask;
 }
 
-// q.k of this lane's key `kk` over its 64 dims for every row. Lane part `pp` takes 4
-// chunk pairs (c, c + kChunks/2): dims d and d + D/2, the two halves of a RoPE rotation,
+// One 16-byte shared slot widened to floats as kSub groups of 8: the slot's 8 elements of
+// a 16-bit cache or the low 8 bytes of an fp8 one (kSub 1), or 16 fp8 elements (kWide,
+// kSub 2: the high 8 bytes are the second group).
+template <typename T, int kSub>
+__device__ __forceinline__ void UnpackSlot(const uint4& v, float (&f)[kSub][8]) {
+  Unpack8<T>(v, f[0]);
+  if constexpr (kSub == 2) Unpack8<T>(make_uint4(v.z, v.w, 0u, 0u), f[1]);
+}
+
+// q.k of this lane's key `kk` over its kQkChunks slots for every row. Lane part `pp` takes
+// 4 slot pairs (c, c + kChunks/2): dims d and d + D/2, the two halves of a RoPE rotation,
 // so each pair's sin/cos is computed once and both rotated halves are used here.
-template <typename T, int D, int R, bool kRope>
+template <typename T, int D, int R, bool kRope, bool kWide = false>
 __device__ __forceinline__ void QkPartial(float (&s)[R], const uint4* ks, const float* q_smem,
                                           const float* freq_smem, int kk, int pp, int j) {
-  using S = Shape<D>;
+  using S = Shape<D, kWide>;
   constexpr int kHalf = S::kChunks / 2;
+  constexpr int kSub = S::kSlotElems / 8;  // groups of 8 dims per slot
 #pragma unroll
   for (int r = 0; r < R; ++r) s[r] = 0.f;
   const uint4* row = ks + kk * S::kChunks;
@@ -192,39 +224,60 @@ __device__ __forceinline__ void QkPartial(float (&s)[R], const uint4* ks, const 
 #pragma unroll
   for (int c = 0; c < S::kQkChunks / 2; ++c) {
     const int lo = pp * (S::kQkChunks / 2) + c;
-    float klo[8], khi[8];
-    Unpack8<T>(row[lo ^ swz], klo);
-    Unpack8<T>(row[(lo + kHalf) ^ swz], khi);
-    if constexpr (kRope) {
-      const float4* f4 = reinterpret_cast<const float4*>(freq_smem + lo * 8);
-      const float4 fa = f4[0], fb = f4[1];
-      const float freq[8] = {fa.x, fa.y, fa.z, fa.w, fb.x, fb.y, fb.z, fb.w};
-      RopeRotatePair8(klo, khi, freq, float(j));
-    }
+    float klo2[kSub][8], khi2[kSub][8];
+    UnpackSlot<T, kSub>(row[lo ^ swz], klo2);
+    UnpackSlot<T, kSub>(row[(lo + kHalf) ^ swz], khi2);
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const float4* qlo = reinterpret_cast<const float4*>(q_smem + r * D + lo * 8);
-      const float4* qhi = reinterpret_cast<const float4*>(q_smem + r * D + (lo + kHalf) * 8);
-      const float4 a = qlo[0], b = qlo[1], c4 = qhi[0], d4 = qhi[1];
-      float acc = s[r];
-      acc = fmaf(a.x, klo[0], acc);
-      acc = fmaf(a.y, klo[1], acc);
-      acc = fmaf(a.z, klo[2], acc);
-      acc = fmaf(a.w, klo[3], acc);
-      acc = fmaf(b.x, klo[4], acc);
-      acc = fmaf(b.y, klo[5], acc);
-      acc = fmaf(b.z, klo[6], acc);
-      acc = fmaf(b.w, klo[7], acc);
-      acc = fmaf(c4.x, khi[0], acc);
-      acc = fmaf(c4.y, khi[1], acc);
-      acc = fmaf(c4.z, khi[2], acc);
-      acc = fmaf(c4.w, khi[3], acc);
-      acc = fmaf(d4.x, khi[4], acc);
-      acc = fmaf(d4.y, khi[5], acc);
-      acc = fmaf(d4.z, khi[6], acc);
-      acc = fmaf(d4.w, khi[7], acc);
-      s[r] = acc;
+    for (int h = 0; h < kSub; ++h) {
+      float(&klo)[8] = klo2[h];
+      float(&khi)[8] = khi2[h];
+      const int d0 = lo * S::kSlotElems + h * 8;  // klo's first dim (< D/2); khi's is + D/2
+      if constexpr (kRope) {
+        const float4* f4 = reinterpret_cast<const float4*>(freq_smem + d0);
+        const float4 fa = f4[0], fb = f4[1];
+        const float freq[8] = {fa.x, fa.y, fa.z, fa.w, fb.x, fb.y, fb.z, fb.w};
+        RopeRotatePair8(klo, khi, freq, float(j));
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float4* qlo = reinterpret_cast<const float4*>(q_smem + r * D + d0);
+        const float4* qhi = reinterpret_cast<const float4*>(q_smem + r * D + d0 + D / 2);
+        const float4 a = qlo[0], b = qlo[1], c4 = qhi[0], d4 = qhi[1];
+        float acc = s[r];
+        acc = fmaf(a.x, klo[0], acc);
+        acc = fmaf(a.y, klo[1], acc);
+        acc = fmaf(a.z, klo[2], acc);
+        acc = fmaf(a.w, klo[3], acc);
+        acc = fmaf(b.x, klo[4], acc);
+        acc = fmaf(b.y, klo[5], acc);
+        acc = fmaf(b.z, klo[6], acc);
+        acc = fmaf(b.w, klo[7], acc);
+        acc = fmaf(c4.x, khi[0], acc);
+        acc = fmaf(c4.y, khi[1], acc);
+        acc = fmaf(c4.z, khi[2], acc);
+        acc = fmaf(c4.w, khi[3], acc);
+        acc = fmaf(d4.x, khi[4], acc);
+        acc = fmaf(d4.y, khi[5], acc);
+        acc = fmaf(d4.z, khi[6], acc);
+        acc = fmaf(d4.w, khi[7], acc);
+        s[r] = acc;
+      }
     }
+  }
+}
+
+// p.v's 8 values of `key` at output dims pv_lane * 8 ..: a whole 16-byte slot of a 16-bit
+// cache (the low 8 bytes of an fp8 one), or one half of a wide fp8 slot, read as 8 bytes.
+template <typename T, int D, bool kWide>
+__device__ __forceinline__ void LoadPvValues(const uint4* vs, int key, int pv_lane,
+                                             float (&vf)[8]) {
+  using S = Shape<D, kWide>;
+  if constexpr (kWide) {
+    const uint2 h = reinterpret_cast<const uint2*>(
+        vs + key * S::kChunks + ((pv_lane >> 1) ^ (key & 7)))[pv_lane & 1];
+    Unpack8<T>(make_uint4(h.x, h.y, 0u, 0u), vf);
+  } else {
+    Unpack8<T>(vs[key * S::kChunks + (pv_lane ^ (key & 7))], vf);
   }
 }
 
@@ -265,13 +318,34 @@ __device__ __forceinline__ void LoadRowValues(const float* src, float (&v)[R]) {
 template <int R>
 constexpr int kMinBlocks = R >= 8 ? 2 : 3;
 
+// The wide fp8 variant is instantiated with TKV = Fp8Wide<F> (F: the fp8 element type),
+// so the other instantiations keep their names and code. KvTraits<TKV>: the cache's
+// element type and whether its tiles are wide.
+template <typename F>
+struct Fp8Wide {};
+
+template <typename TKV>
+struct KvTraits {
+  using Elem = TKV;
+  static constexpr bool kWide = false;
+};
+
+template <typename F>
+struct KvTraits<Fp8Wide<F>> {
+  static_assert(sizeof(F) == 1, "wide tiles are for fp8 caches");
+  using Elem = F;
+  static constexpr bool kWide = true;
+};
+
 // One work item (`item_index` into p.work) for the CTA's kv head, clamped by LoadWorkItem
 // to its request and to q's rows. Every early return is uniform over the CTA.
 template <typename T, typename TKV, int D, int R>
 __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_index,
                                            uint4* smem_u4) {
-  using S = Shape<D>;
-  using M = Smem<D, R>;
+  using E = typename KvTraits<TKV>::Elem;
+  constexpr bool kWide = KvTraits<TKV>::kWide;
+  using S = Shape<D, kWide>;
+  using M = Smem<D, R, kWide>;
   uint4* kv_smem = smem_u4;
   float* q_smem = reinterpret_cast<float*>(smem_u4 + M::kKvU4);
   float* p_smem = q_smem + M::kQFloats;
@@ -296,8 +370,8 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
   const bool alibi = p.pos_encoding == PosEncoding::kAlibi;
   const SoftCap soft_cap{p};
   const T* q_ptr = static_cast<const T*>(p.q);
-  const TKV* k_base = static_cast<const TKV*>(p.kv.k);
-  const TKV* v_base = static_cast<const TKV*>(p.kv.v);
+  const E* k_base = static_cast<const E*>(p.kv.k);
+  const E* v_base = static_cast<const E*>(p.kv.v);
 #if JPA_DECODE_L2_EVICT_FIRST
   const uint64_t l2_policy = cp_async::EvictFirstPolicy();
 #else
@@ -317,8 +391,8 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
   float* my_p = p_smem + warp * S::kKeys * R;
   const int kk = lane % S::kKeys;  // this lane's key in a tile (q.k, page lookup)
   const int pp = lane / S::kKeys;  // and which 64 dims of it (q.k)
-  const int pv_chunk = lane % S::kChunks;  // p.v: this lane's 8 output dims
-  const int pv_group = lane / S::kChunks;  // and its keys: pv_group + u * kPvGroups
+  const int pv_chunk = lane % S::kPvLanes;  // p.v: this lane's 8 output dims
+  const int pv_group = lane / S::kPvLanes;  // and its keys: pv_group + u * kPvGroups
 
   // Rows beyond what fits one pass of R rows (only if a plan gives an item more than R
   // rows) run as further passes over the same keys.
@@ -350,7 +424,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
       if (s < count) {
-        masks[s] = IssueTile<TKV, D>(my_kv + s * S::kStageU4, k_base, v_base, p.kv, kv_head,
+        masks[s] = IssueTile<E, D, kWide>(my_kv + s * S::kStageU4, k_base, v_base, p.kv, kv_head,
                                    pending, lane, l2_policy);
         pending = KeySlot{-1, 0};
         if (s + 1 < count)
@@ -363,8 +437,8 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
     // q rows -> fp32 in shared memory, scaled by sm_scale * log2(e) so that q.k is the
     // base-2 logit, and rotated for RoPE at the row's query position.
     const float q_scale = LogitScaleLog2(p);
-    for (int idx = threadIdx.x; idx < R * S::kChunks; idx += kThreads) {
-      const int r = idx / S::kChunks, c = idx % S::kChunks;
+    for (int idx = threadIdx.x; idx < R * S::kQChunks; idx += kThreads) {
+      const int r = idx / S::kQChunks, c = idx % S::kQChunks;
       const int rr = row0 + r;
       float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       if (rr < row_end) {
@@ -375,11 +449,11 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
           Unpack8<T>(LoadGlobal16(qrow + c * 8), f);
           if (rope) {
             float y[8];
-            Unpack8<T>(LoadGlobal16(qrow + (c ^ (S::kChunks / 2)) * 8), y);
+            Unpack8<T>(LoadGlobal16(qrow + (c ^ (S::kQChunks / 2)) * 8), y);
             float freq[8];
 #pragma unroll
-            for (int e = 0; e < 8; ++e) freq[e] = freq_smem[(c & (S::kChunks / 2 - 1)) * 8 + e];
-            RopeRotate8<true>(f, y, freq, float(pos_base + tok), c < S::kChunks / 2);
+            for (int e = 0; e < 8; ++e) freq[e] = freq_smem[(c & (S::kQChunks / 2 - 1)) * 8 + e];
+            RopeRotate8<true>(f, y, freq, float(pos_base + tok), c < S::kQChunks / 2);
           }
 #pragma unroll
           for (int e = 0; e < 8; ++e) f[e] *= q_scale;
@@ -407,7 +481,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
       const int ahead = n + kStages - 1;
       masks[kStages - 1] = 0u;
       if (ahead < count) {
-        masks[kStages - 1] = IssueTile<TKV, D>(my_kv + (ahead % kStages) * S::kStageU4, k_base,
+        masks[kStages - 1] = IssueTile<E, D, kWide>(my_kv + (ahead % kStages) * S::kStageU4, k_base,
                                              v_base, p.kv, kv_head, pending, lane, l2_policy);
         pending = KeySlot{-1, 0};
         if (ahead + 1 < count)
@@ -424,9 +498,9 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
 
       float s[R];
       if (rope) {
-        QkPartial<TKV, D, R, true>(s, ks, q_smem, freq_smem, kk, pp, j);
+        QkPartial<E, D, R, true, kWide>(s, ks, q_smem, freq_smem, kk, pp, j);
       } else {
-        QkPartial<TKV, D, R, false>(s, ks, q_smem, freq_smem, kk, pp, j);
+        QkPartial<E, D, R, false, kWide>(s, ks, q_smem, freq_smem, kk, pp, j);
       }
 #pragma unroll
       for (int off = S::kKeys; off < 32; off <<= 1) {
@@ -463,7 +537,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
       for (int u = 0; u < S::kPvKeys; ++u) {
         const int key = pv_group + u * S::kPvGroups;
         float vf[8];
-        Unpack8<TKV>(vs[key * S::kChunks + (pv_chunk ^ (key & 7))], vf);
+        LoadPvValues<E, D, kWide>(vs, key, pv_chunk, vf);
         float pr[R];
         LoadRowValues<R>(my_p + key * R, pr);
 #pragma unroll
@@ -485,7 +559,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
       for (int off = 1; off < S::kKeys; off <<= 1) l[r] += __shfl_xor_sync(kFullMask, l[r], off);
     }
 #pragma unroll
-    for (int off = S::kChunks; off < 32; off <<= 1) {
+    for (int off = S::kPvLanes; off < 32; off <<= 1) {
 #pragma unroll
       for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -494,7 +568,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
     }
     __syncwarp();  // every lane is done with this warp's stages: reuse them for o
     float* my_o = reinterpret_cast<float*>(my_kv);
-    if (lane < S::kChunks) {
+    if (lane < S::kPvLanes) {
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         float4* dst = reinterpret_cast<float4*>(my_o + r * D + lane * 8);
@@ -578,7 +652,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<R>)
 // One instantiation: its shared-memory opt-in, launch and occupancy.
 template <typename T, typename TKV, int D, int R>
 struct RowsKernel {
-  static constexpr int kSmem = int(Smem<D, R>::kBytes);
+  static constexpr int kSmem = int(Smem<D, R, KvTraits<TKV>::kWide>::kBytes);
 
   static cudaError_t Ready() {
     static std::atomic<uint64_t> smem_set{0};
@@ -622,14 +696,27 @@ cudaError_t WithHeadDim(int head_dim, int tile_rows, Op&& op) {
   }
 }
 
+// An fp8 cache (F): the wide tiles where `wide` (the fp8_wide_decode attribute) asks and
+// they exist, at head_dim 128 and 256 (at 64 a wide tile would hold 64 keys, more than the
+// warp's one-lane-per-key page lookup covers); otherwise the 8-byte-chunk kernel.
+template <typename T, typename F, typename Op>
+cudaError_t WithFp8HeadDim(bool wide, int head_dim, int tile_rows, Op&& op) {
+  if (wide && head_dim == 128) return WithRows<T, Fp8Wide<F>, 128>(tile_rows, op);
+  if (wide && head_dim == 256) return WithRows<T, Fp8Wide<F>, 256>(tile_rows, op);
+  return WithHeadDim<T, F>(head_dim, tile_rows, op);
+}
+
 // The cache is q's type or an fp8 type beside it (MakeAttentionParams checked which).
 template <typename Op>
-cudaError_t WithKernel(DType dtype, DType kv_dtype, int head_dim, int tile_rows, Op&& op) {
+cudaError_t WithKernel(DType dtype, DType kv_dtype, int head_dim, int tile_rows, bool fp8_wide,
+                       Op&& op) {
   return WithElementType(dtype, [&](auto t) {
     using T = decltype(t);
     switch (kv_dtype) {
-      case DType::kF8E4M3: return WithHeadDim<T, __nv_fp8_e4m3>(head_dim, tile_rows, op);
-      case DType::kF8E5M2: return WithHeadDim<T, __nv_fp8_e5m2>(head_dim, tile_rows, op);
+      case DType::kF8E4M3:
+        return WithFp8HeadDim<T, __nv_fp8_e4m3>(fp8_wide, head_dim, tile_rows, op);
+      case DType::kF8E5M2:
+        return WithFp8HeadDim<T, __nv_fp8_e5m2>(fp8_wide, head_dim, tile_rows, op);
       default:
         return kv_dtype == dtype ? WithHeadDim<T, T>(head_dim, tile_rows, op)
                                  : cudaErrorInvalidValue;
@@ -645,13 +732,15 @@ cudaError_t LaunchDecode(const AttentionParams& p, cudaStream_t stream) {
       p.num_kv_heads > 65535 || p.layout.bin_cap < 1)
     return cudaErrorInvalidValue;
   if (p.layout.work_cap <= 0) return cudaSuccess;  // nothing to launch
-  return WithKernel(p.dtype, p.kv_dtype, p.head_dim, p.tile_rows,
+  return WithKernel(p.dtype, p.kv_dtype, p.head_dim, p.tile_rows, p.fp8_wide_decode,
                     [&](auto kernel) { return decltype(kernel)::Launch(p, stream); });
 }
 
 cudaError_t DecodeCtasPerSm(DType dtype, int head_dim, int tile_rows, int32_t* ctas) {
-  // An fp8 cache uses the same shared memory and registers as q's type.
-  return WithKernel(dtype, dtype, head_dim, tile_rows,
+  // An fp8 cache uses the same shared memory and registers as q's type (the wide fp8
+  // tiles add kKeys * R * 4 bytes of probabilities a warp and keep the same launch
+  // bounds, so the same CTAs per SM).
+  return WithKernel(dtype, dtype, head_dim, tile_rows, false,
                     [&](auto kernel) { return decltype(kernel)::Occupancy(ctas); });
 }
 
