@@ -149,9 +149,9 @@ class PagedAttentionWrapper:
                       f"it is an fp8 type (float8_e4m3fn, float8_e5m2)")
     b, t, p = self._base_capacities(batch, tokens, pages)
     group = num_qo_heads // num_kv_heads
-    tile_rows = planning.tile_rows(kernel, group, head_dim, q_dtype, kv_dtype)
-    num_ctas = planning.concurrent_ctas(kernel != "decode", q_dtype, head_dim, tile_rows,
-                                        kv_dtype=kv_dtype)
+    hopper = planning.hopper_prefill(kernel, q_dtype, kv_dtype, head_dim)
+    tile_rows = planning.tile_rows(kernel, group, head_dim, hopper)
+    num_ctas = planning.concurrent_ctas(kernel != "decode", q_dtype, head_dim, tile_rows, hopper)
     limit = -1
     if self._workspace_size is not None:
       limit = self._workspace_size // planning.partial_row_bytes(num_qo_heads, head_dim)

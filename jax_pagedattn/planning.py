@@ -56,14 +56,20 @@ def partial_row_bytes(num_qo_heads: int, head_dim: int) -> int:
 KERNELS = {"decode": 0, "tensor_core_decode": 1, "prefill": 2}
 
 
-def tile_rows(kernel: str, group_size: int, head_dim: int, q_dtype: str, kv_dtype: str,
-              device=None) -> int:
+def hopper_prefill(kernel: str, q_dtype: str, kv_dtype: str, head_dim: int,
+                   device=None) -> bool:
+  """Whether `kernel`'s calls of these settings run on the Hopper prefill kernel on
+  `device` (only the prefill kernel does; never an fp8 cache). The one answer that
+  tile_rows and concurrent_ctas take."""
+  return kernel == "prefill" and _hopper_prefill(device or _default_device(), str(q_dtype),
+                                                 str(kv_dtype), int(head_dim),
+                                                 switches.current().sm90_prefill)
+
+
+def tile_rows(kernel: str, group_size: int, head_dim: int, hopper: bool) -> int:
   """Packed query rows per work item of `kernel` (tile_rows.h, TileRows): prefill items
-  have the Hopper kernel's 128 rows at every head_dim where that kernel runs the call."""
-  hopper = kernel == "prefill" and _hopper_prefill(device or _default_device(), str(q_dtype),
-                                                   str(kv_dtype), int(head_dim),
-                                                   switches.current().sm90_prefill)
-  return _C.tile_rows(KERNELS[kernel], int(group_size), int(head_dim), hopper)
+  have the Hopper kernel's 128 rows at every head_dim where `hopper` (hopper_prefill)."""
+  return _C.tile_rows(KERNELS[kernel], int(group_size), int(head_dim), bool(hopper))
 
 
 @functools.lru_cache(maxsize=None)
@@ -224,16 +230,15 @@ _CPU_BINS_PER_THREAD = 4
 
 
 def concurrent_ctas(tensor_cores: bool, dtype: str, head_dim: int, tile_rows: int,
-                    device=None, kv_dtype: str | None = None) -> int:
+                    hopper: bool, device=None) -> int:
   """CTAs of the attention kernel for this configuration that the device runs at once:
   SMs x CTAs per SM on a GPU, a few per thread on the CPU. The planner's bins (one CTA
-  per kv head each) fill exactly this, so a launch is one balanced wave. `kv_dtype`
-  (default: `dtype`): an fp8 cache never runs on the Hopper prefill kernel, and its sm80
-  kernel holds as many CTAs per SM as q's type's (prefill_kernel.cuh)."""
+  per kv head each) fill exactly this, so a launch is one balanced wave. `hopper`
+  (hopper_prefill): the Hopper prefill kernel runs the calls; else the sm80 one, whose
+  CTAs per SM with an fp8 cache are those of q's type (prefill_kernel.cuh)."""
   sw = switches.current()
-  sm90_prefill = sw.sm90_prefill and kv_dtype in (None, str(dtype))
   return _concurrent_ctas(device or _default_device(), bool(tensor_cores), str(dtype),
-                          int(head_dim), int(tile_rows), sw.ctas_per_sm, sm90_prefill)
+                          int(head_dim), int(tile_rows), sw.ctas_per_sm, bool(hopper))
 
 
 @functools.lru_cache(maxsize=1)
@@ -243,14 +248,14 @@ def _default_device():
 
 @functools.lru_cache(maxsize=None)
 def _concurrent_ctas(device, tensor_cores, dtype, head_dim, tile_rows, ctas_per_sm,
-                     sm90_prefill) -> int:
+                     hopper) -> int:
   if device.platform != "gpu":
     return _CPU_BINS_PER_THREAD * (os.cpu_count() or 1)
   sms = int(getattr(device, "core_count", 0) or 132)
   if ctas_per_sm:
     return sms * ctas_per_sm
   if getattr(_C, "HAS_CUDA", False) and dtype in ("float16", "bfloat16"):
-    per_sm = _C.ctas_per_sm(tensor_cores, dtype, head_dim, tile_rows, sm90_prefill)
+    per_sm = _C.ctas_per_sm(tensor_cores, dtype, head_dim, tile_rows, hopper)
     if per_sm > 0:
       return sms * per_sm
   return sms

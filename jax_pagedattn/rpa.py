@@ -202,8 +202,9 @@ def _derive(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, max_num_seqs
   # tensor-core decode tile, anything else the prefill tile. Either is right for any
   # batch; the choice only decides how many MMA rows a one-token request wastes.
   kernel = "tensor_core_decode" if num_tokens <= max_num_seqs else "prefill"
-  tile_rows = planning.tile_rows(kernel, group, head_dim, dtype, dtype)
-  num_ctas = planning.concurrent_ctas(True, dtype, head_dim, tile_rows)
+  hopper = planning.hopper_prefill(kernel, dtype, dtype, head_dim)
+  tile_rows = planning.tile_rows(kernel, group, head_dim, hopper)
+  num_ctas = planning.concurrent_ctas(True, dtype, head_dim, tile_rows, hopper)
   caps = device_planner.capacities(max_num_seqs, num_tokens, pages_per_seq, group_size=group,
                                    tile_rows=tile_rows, num_kv_heads=num_kv_heads,
                                    num_ctas=num_ctas)

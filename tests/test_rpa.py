@@ -242,7 +242,8 @@ def test_device_plan_runs_like_the_host_plan(platform, device, deal):
   qo_indptr = batch.cu_q_lens[:batch.num_seqs + 1]
   with jax.default_device(device):
     dtype_name = planning.canonical_dtype(DTYPES[dtype], "dtype")
-    tile_rows = planning.tile_rows("prefill", hq // hk, d, dtype_name, dtype_name)
+    tile_rows = planning.tile_rows(
+        "prefill", hq // hk, d, planning.hopper_prefill("prefill", dtype_name, dtype_name, d))
     caps = device_planner.capacities(batch.num_seqs, batch.num_tokens, batch.pages_per_seq,
                                      group_size=hq // hk, tile_rows=tile_rows, num_kv_heads=hk,
                                      num_ctas=64 * hk)
