@@ -151,6 +151,13 @@ struct PrefillSm90Cfg {
                                  cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
 };
 
+// Byte offset of 16-byte chunk `c` (of D / 8) of row `r` in an SW128 K-major tile of
+// kRows rows (the layout in the header comment).
+template <int kRows>
+__device__ __forceinline__ uint32_t Sw128Chunk(int r, int c) {
+  return uint32_t((c >> 3) * (kRows * 128)) + uint32_t(r * 128) + uint32_t(((c & 7) ^ (r & 7)) << 4);
+}
+
 // The keys an item's CTA visits: [kv_lo, kv_hi), kv_lo raised to the sliding window's
 // start for the item's first row, kv_hi cut at the causal limit of its last row; n tiles
 // of kTileKv. Producer and consumers derive it alike.
@@ -205,8 +212,9 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
   // Copies this warp's 32 key rows of one tile: step k moves rows R k .. R k + R - 1
   // (R = kStepRows; lanes [sub * kRowLanes, ...) take row R k + sub), one 16-byte chunk
   // a lane. Each lane holds its own key's row address; step k takes row src's from lane
-  // src (two shuffles), so a copy costs a few instructions: the destination's
-  // step-invariant part and the swizzle term are fixed per lane, since R is a power of
+  // src (two shuffles), so a copy costs a few instructions: the destination
+  // (Sw128Chunk<kTileKv>(pw * 32 + src, chunk)) splits into a part and a swizzle term
+  // fixed per lane and a step term, since R is a power of
   // two above sub: (chunk ^ (R k + sub)) % 8 = ((chunk % 8) ^ sub) ^ (R k % 8).
   // `bad`: the warp's ballot of keys with no row (zero-filled, src-size 0).
   constexpr int R = Cfg::kStepRows;
@@ -306,13 +314,9 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
       for (int k = 0; k < 32 / R; ++k) {
         const int src = R * k + sub;
         const int row = pw * 32 + src;
-        const uint32_t row_off = uint32_t(row * Cfg::kHalfBytes) + uint32_t(sel * 8);
-        const uint32_t off_lo = uint32_t((pc >> 3) * (kTileKv * Cfg::kHalfBytes)) + row_off +
-                                uint32_t(((pc & 7) ^ (src & 7)) << 4);
-        const uint32_t off_hi = uint32_t((pc_hi >> 3) * (kTileKv * Cfg::kHalfBytes)) + row_off +
-                                uint32_t(((pc_hi & 7) ^ (src & 7)) << 4);
-        uint2* plo = reinterpret_cast<uint2*>(st + off_lo);
-        uint2* phi = reinterpret_cast<uint2*>(st + off_hi);
+        // (row & 7 == src & 7: pw * 32 is a multiple of 8.) sel * 8: this lane's 4 elements.
+        uint2* plo = reinterpret_cast<uint2*>(st + Sw128Chunk<kTileKv>(row, pc) + sel * 8);
+        uint2* phi = reinterpret_cast<uint2*>(st + Sw128Chunk<kTileKv>(row, pc_hi) + sel * 8);
         const uint2 lo = *plo, hi = *phi;
         const float2 a0 = UnpackPair<T>(lo.x), a1 = UnpackPair<T>(lo.y);
         const float2 b0 = UnpackPair<T>(hi.x), b1 = UnpackPair<T>(hi.y);
@@ -462,12 +466,8 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
     const int idx = tw + 128 * k;
     row = idx / Cfg::kPairChunks;
     c = idx % Cfg::kPairChunks;
-    const int c_hi = c + Cfg::kPairChunks;
-    const uint32_t row_off = uint32_t(row * Cfg::kHalfBytes);
-    off_lo = uint32_t((c >> 3) * (Cfg::kWgRows * Cfg::kHalfBytes)) + row_off +
-             uint32_t(((c & 7) ^ (row & 7)) << 4);
-    off_hi = uint32_t((c_hi >> 3) * (Cfg::kWgRows * Cfg::kHalfBytes)) + row_off +
-             uint32_t(((c_hi & 7) ^ (row & 7)) << 4);
+    off_lo = Sw128Chunk<Cfg::kWgRows>(row, c);
+    off_hi = Sw128Chunk<Cfg::kWgRows>(row, c + Cfg::kPairChunks);
   };
   // f(r_item, c, off_lo, off_hi) for each of this thread's chunk pairs: the item row
   // (of 128) and the pair's chunk and offsets.
