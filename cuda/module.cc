@@ -88,6 +88,17 @@ Capacities CapsOf(nb::handle caps) {
                     nb::cast<int32_t>(caps.attr("partial_rows")), nb::cast<int32_t>(caps.attr("bins"))};
 }
 
+#ifdef JAX_PAGEDATTN_WITH_CUDA
+// The DType of a canonical dtype name (planning.canonical_dtype); kF32 for any other.
+DType DTypeNamed(const std::string& name) {
+  if (name == "float16") return DType::kF16;
+  if (name == "bfloat16") return DType::kBF16;
+  if (name == "float8_e4m3fn") return DType::kF8E4M3;
+  if (name == "float8_e5m2") return DType::kF8E5M2;
+  return DType::kF32;
+}
+#endif
+
 nb::dict Layout(nb::handle caps) {
   const Capacities c = CapsOf(caps);
   const PlanLayout L = PlanLayout::Of(c);
@@ -198,10 +209,9 @@ NB_MODULE(_C, m) {
       "ctas_per_sm",
       [](bool tensor_cores, const std::string& dtype, int32_t head_dim, int32_t tile_rows,
          bool sm90_prefill) {
-        DType t;
-        if (dtype == "float16") t = DType::kF16;
-        else if (dtype == "bfloat16") t = DType::kBF16;
-        else throw nb::value_error("ctas_per_sm: dtype must be float16 or bfloat16");
+        const DType t = DTypeNamed(dtype);
+        if (t != DType::kF16 && t != DType::kBF16)
+          throw nb::value_error("ctas_per_sm: dtype must be float16 or bfloat16");
         int32_t ctas = 0;
         if (const char* err =
                 AttentionCtasPerSm(tensor_cores, t, head_dim, tile_rows, sm90_prefill, &ctas))
@@ -215,14 +225,7 @@ NB_MODULE(_C, m) {
   m.def(
       "hopper_prefill_covers",
       [](const std::string& dtype, const std::string& kv_dtype, int32_t head_dim) {
-        auto code = [](const std::string& name) {
-          if (name == "float16") return DType::kF16;
-          if (name == "bfloat16") return DType::kBF16;
-          if (name == "float8_e4m3fn") return DType::kF8E4M3;
-          if (name == "float8_e5m2") return DType::kF8E5M2;
-          return DType::kF32;
-        };
-        return HopperPrefillCovers(code(dtype), code(kv_dtype), head_dim);
+        return HopperPrefillCovers(DTypeNamed(dtype), DTypeNamed(kv_dtype), head_dim);
       },
       nb::arg("dtype"), nb::arg("kv_dtype"), nb::arg("head_dim"),
       "Whether this build's Hopper prefill kernel runs calls of these dtype names and "
