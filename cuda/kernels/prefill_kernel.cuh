@@ -58,6 +58,7 @@
 #include "logit_transforms.cuh"
 #include "prefill_ptx.cuh"
 #include "split_merge.cuh"
+#include "vec_dtypes.cuh"
 #include "work_item.cuh"
 
 namespace jax_pagedattn {
@@ -178,8 +179,8 @@ __device__ __forceinline__ uint32_t WidenFp8Pair(uint32_t w, bool e5m2) {
   if constexpr (std::is_same_v<T, __half>) {
     return h2;
   } else {
-    const float2 f = Elem<__half>::Unpack(h2);
-    return Elem<T>::Pack(f.x, f.y);
+    const float2 f = UnpackPair<__half>(h2);
+    return PackPair<T>(f.x, f.y);
   }
 }
 
