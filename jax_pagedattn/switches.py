@@ -44,6 +44,12 @@ class Switches:
   fp8_wide_decode: bool = False
 
 
+def _flag(environ, name: str, default: bool) -> bool:
+  """An on/off variable: "0" is off, unset or empty the default, anything else on."""
+  value = environ.get(name, "")
+  return default if value == "" else value != "0"
+
+
 def from_environment(environ=os.environ) -> Switches:
   deal = environ.get("JAX_PAGEDATTN_DEAL", "auto") or "auto"
   if deal not in DEALS:
@@ -57,14 +63,14 @@ def from_environment(environ=os.environ) -> Switches:
   if stages not in ("2", "3"):
     raise ValueError(f"JAX_PAGEDATTN_SM90_STAGES must be 2 or 3, got {stages!r}")
   return Switches(
-      sm90_prefill=environ.get("JAX_PAGEDATTN_SM90_PREFILL", "1") != "0",
+      sm90_prefill=_flag(environ, "JAX_PAGEDATTN_SM90_PREFILL", True),
       sm90_stages=int(stages),
-      dependent_launch=environ.get("JAX_PAGEDATTN_DEPENDENT_LAUNCH", "1") != "0",
+      dependent_launch=_flag(environ, "JAX_PAGEDATTN_DEPENDENT_LAUNCH", True),
       deal=deal,
       ctas_per_sm=max(0, ctas_per_sm),
-      command_buffers=environ.get("JAX_PAGEDATTN_COMMAND_BUFFERS", "0") not in ("", "0"),
-      fp8_tensor_cores=environ.get("JAX_PAGEDATTN_FP8_TENSOR_CORES", "0") not in ("", "0"),
-      fp8_wide_decode=environ.get("JAX_PAGEDATTN_FP8_WIDE_DECODE", "0") not in ("", "0"),
+      command_buffers=_flag(environ, "JAX_PAGEDATTN_COMMAND_BUFFERS", False),
+      fp8_tensor_cores=_flag(environ, "JAX_PAGEDATTN_FP8_TENSOR_CORES", False),
+      fp8_wide_decode=_flag(environ, "JAX_PAGEDATTN_FP8_WIDE_DECODE", False),
   )
 
 
