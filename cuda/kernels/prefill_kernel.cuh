@@ -45,6 +45,7 @@
 #include "jax_pagedattn/params.h"
 #include "logit_transforms.cuh"
 #include "prefill_ptx.cuh"
+#include "rope.cuh"
 #include "split_merge.cuh"
 #include "work_item.cuh"
 
@@ -106,35 +107,6 @@ struct PrefillCfg {
   static_assert(kRowsPerPass >= 1 && kTileKv % kRowsPerPass == 0, "loader mapping");
   static_assert(kKeysW % 16 == 0, "P V needs k16 key steps");
 };
-
-// sin/cos of a RoPE angle. Positions times frequencies reach 1e5 rad and beyond, where
-// __sincosf is useless and sincosf takes a slow path through local memory; a two-step
-// Cody-Waite reduction by 2 pi (fma keeps x - k * C1 exact) leaves |r| <= pi, where
-// __sincosf is accurate to about 2^-21, far below the 16-bit rounding that follows.
-__device__ __forceinline__ void RopeSinCos(float x, float* s, float* c) {
-  const float k = rintf(x * 0.159154943091895336f);
-  float r = fmaf(-k, 6.28318548202514648f, x);  // float(2 pi)
-  r = fmaf(-k, -1.74845553146951720e-7f, r);   // 2 pi - float(2 pi)
-  __sincosf(r, s, c);
-}
-
-// Rotates elements d = 8c + e (in `lo`) with d + D/2 (in `hi`), e = 0..7, at position
-// `pos`; `freq` points at the 8 inverse frequencies of chunk c.
-template <typename T>
-__device__ __forceinline__ void RopePairs(uint4& lo, uint4& hi, float pos, const float* freq) {
-  uint32_t* a = reinterpret_cast<uint32_t*>(&lo);
-  uint32_t* b = reinterpret_cast<uint32_t*>(&hi);
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const float2 x = Elem<T>::Unpack(a[k]);
-    const float2 y = Elem<T>::Unpack(b[k]);
-    float s0, c0, s1, c1;
-    RopeSinCos(pos * freq[2 * k], &s0, &c0);
-    RopeSinCos(pos * freq[2 * k + 1], &s1, &c1);
-    a[k] = Elem<T>::Pack(x.x * c0 - y.x * s0, x.y * c1 - y.y * s1);
-    b[k] = Elem<T>::Pack(y.x * c0 + x.x * s0, y.y * c1 + x.y * s1);
-  }
-}
 
 // Byte offset of chunk `c` of row `r` in a swizzled tile.
 template <int kRowBytes>
@@ -260,13 +232,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
 #pragma unroll
     for (int i = 0; i < kStages; ++i) publish(i, pids[i], slots[i]);
   }
-  if (rope) {
-    // The same double-precision formula as the CPU backend, so both round the
-    // frequencies identically.
-    for (int d = tid; d < D / 2; d += kThreads)
-      s_freq[d] = float(pow(double(p.rope_theta), -2.0 * double(d) / double(D)) /
-                        double(p.rope_scale));
-  }
+  if (rope) RopeFrequencyTable(s_freq, D, p.rope_scale, p.rope_theta, tid, kThreads);
   __syncthreads();
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
