@@ -46,13 +46,13 @@
 #include "logit_transforms.cuh"
 #include "prefill_ptx.cuh"
 #include "rope.cuh"
+#include "softmax_state.cuh"
 #include "split_merge.cuh"
+#include "vec_dtypes.cuh"
 #include "work_item.cuh"
 
 namespace jax_pagedattn {
 namespace prefill_detail {
-
-constexpr float kLog2e = 1.44269504088896340736f;
 
 template <int D, int TILE_ROWS, int STAGES = 2>
 struct PrefillCfg {
@@ -437,10 +437,9 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
       for (int h = 0; h < 2; ++h) {
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-        // A row with nothing visible yet keeps max -inf; subtracting 0 instead keeps
-        // exp2(-inf - base) = 0 rather than NaN.
-        base[h] = mx[h] == kNegInf ? 0.0f : mx[h];
-        const float corr = Exp2(m_run[mt][h] - base[h]);
+        // A row with nothing visible yet keeps max -inf (SafeMax: subtract 0 instead).
+        base[h] = SafeMax(mx[h]);
+        const float corr = FastExp2(m_run[mt][h] - base[h]);
         m_run[mt][h] = mx[h];
         l_run[mt][h] *= corr;
 #pragma unroll
@@ -452,7 +451,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
 #pragma unroll
       for (int nb = 0; nb < kKeysW / 8; ++nb) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[mt][nb][e] = Exp2(s[mt][nb][e] - base[e >> 1]);
+        for (int e = 0; e < 4; ++e) s[mt][nb][e] = FastExp2(s[mt][nb][e] - base[e >> 1]);
         l_run[mt][0] += s[mt][nb][0] + s[mt][nb][1];
         l_run[mt][1] += s[mt][nb][2] + s[mt][nb][3];
       }
@@ -465,10 +464,10 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
       uint32_t a[kMT][4];
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
-        a[mt][0] = E::Pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        a[mt][1] = E::Pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        a[mt][2] = E::Pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        a[mt][3] = E::Pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        a[mt][0] = PackPair<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = PackPair<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = PackPair<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = PackPair<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
       }
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
@@ -530,7 +529,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
       for (int w = 0; w < kWarpsN; ++w) {
         const int srow = (g * kWarpsN + w) * 16 + r16;
         const float2 ml = s_ml[srow];
-        const float wgt = Exp2(ml.x - m_tot);  // 0 for a warp that saw nothing
+        const float wgt = FastExp2(ml.x - m_tot);  // 0 for a warp that saw nothing
         l_tot += ml.y * wgt;
         const float4* src = reinterpret_cast<const float4*>(s_o + srow * Cfg::kOStride + c * 8);
         const float4 x0 = src[0];
@@ -552,12 +551,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
     const int64_t tok = q_base + r / G;
     const int64_t hrow = tok * Hqo + kv_head * G + r % G;  // (token, head) index
     if (split < 0) {
-      uint4 v;
-      v.x = E::Pack(acc[0], acc[1]);
-      v.y = E::Pack(acc[2], acc[3]);
-      v.z = E::Pack(acc[4], acc[5]);
-      v.w = E::Pack(acc[6], acc[7]);
-      *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + hrow * D + c * 8) = v;
+      *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + hrow * D + c * 8) = Pack8<T>(acc);
       if (c == 0) p.lse[hrow] = lse_v;
     } else {
       const int64_t prow = int64_t(p.merge_indptr[tok]) + split;
