@@ -28,9 +28,10 @@
 //   merge in shared memory and the CTA writes out/lse, or the partial row for split items.
 //
 // Registers: o[R][8] and m, l per row stay live; arrays are indexed only by compile-time
-// constants. sm_90a: 128-166 registers for R <= 4 (cap 168), 191-197 for R = 8 (cap 255),
-// no spills, no stack. Instantiations: {f16, bf16} x D {64, 128, 256} x R {1, 2, 4, 8},
-// with a cache of q's type, e4m3 or e5m2.
+// constants. sm_90a (nvcc 13): 157-168 registers for R <= 4 (cap 168), 199-211 for R = 8
+// (cap 255); no spills but 20 bytes in f16 D 64/128 R 2, stored and reloaded per item and
+// row pass, never in the key loop. Instantiations: {f16, bf16} x D {64, 128, 256} x
+// R {1, 2, 4, 8}, with a cache of q's type, e4m3 or e5m2.
 //
 // Wide fp8 tiles (Fp8Wide, the fp8_wide_decode attribute; off by default until validated
 // on a GPU): an fp8 tile of 8-byte chunks holds only 4 KB (2 KB of K), half of what a
@@ -379,8 +380,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
 #endif
 
   if (rope) {
-    for (int i = threadIdx.x; i < D / 2; i += kThreads)
-      freq_smem[i] = RopeFrequency(i, D, p.rope_scale, p.rope_theta);
+    RopeFrequencyTable(freq_smem, D, p.rope_scale, p.rope_theta, threadIdx.x, kThreads);
     __syncthreads();
   }
 
@@ -453,7 +453,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
             float freq[8];
 #pragma unroll
             for (int e = 0; e < 8; ++e) freq[e] = freq_smem[(c & (S::kQChunks / 2 - 1)) * 8 + e];
-            RopeRotate8<true>(f, y, freq, float(pos_base + tok), c < S::kQChunks / 2);
+            RopeRotate8(f, y, freq, float(pos_base + tok), c < S::kQChunks / 2);
           }
 #pragma unroll
           for (int e = 0; e < 8; ++e) f[e] *= q_scale;

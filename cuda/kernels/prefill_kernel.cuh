@@ -57,14 +57,14 @@
 #include "jax_pagedattn/params.h"
 #include "logit_transforms.cuh"
 #include "prefill_ptx.cuh"
+#include "rope.cuh"
+#include "softmax_state.cuh"
 #include "split_merge.cuh"
 #include "vec_dtypes.cuh"
 #include "work_item.cuh"
 
 namespace jax_pagedattn {
 namespace prefill_detail {
-
-constexpr float kLog2e = 1.44269504088896340736f;
 
 // KV_BYTES: bytes per cache element, 2 (q's type) or 1 (fp8).
 template <int D, int TILE_ROWS, int STAGES = 2, int KV_BYTES = 2>
@@ -134,35 +134,6 @@ struct PrefillCfg {
   static_assert(kLdRowsPerPass >= 1 && kTileKv % kLdRowsPerPass == 0, "loader mapping");
   static_assert(kKeysW % 16 == 0, "P V needs k16 key steps");
 };
-
-// sin/cos of a RoPE angle. Positions times frequencies reach 1e5 rad and beyond, where
-// __sincosf is useless and sincosf takes a slow path through local memory; a two-step
-// Cody-Waite reduction by 2 pi (fma keeps x - k * C1 exact) leaves |r| <= pi, where
-// __sincosf is accurate to about 2^-21, far below the 16-bit rounding that follows.
-__device__ __forceinline__ void RopeSinCos(float x, float* s, float* c) {
-  const float k = rintf(x * 0.159154943091895336f);
-  float r = fmaf(-k, 6.28318548202514648f, x);  // float(2 pi)
-  r = fmaf(-k, -1.74845553146951720e-7f, r);   // 2 pi - float(2 pi)
-  __sincosf(r, s, c);
-}
-
-// Rotates elements d = 8c + e (in `lo`) with d + D/2 (in `hi`), e = 0..7, at position
-// `pos`; `freq` points at the 8 inverse frequencies of chunk c.
-template <typename T>
-__device__ __forceinline__ void RopePairs(uint4& lo, uint4& hi, float pos, const float* freq) {
-  uint32_t* a = reinterpret_cast<uint32_t*>(&lo);
-  uint32_t* b = reinterpret_cast<uint32_t*>(&hi);
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const float2 x = Elem<T>::Unpack(a[k]);
-    const float2 y = Elem<T>::Unpack(b[k]);
-    float s0, c0, s1, c1;
-    RopeSinCos(pos * freq[2 * k], &s0, &c0);
-    RopeSinCos(pos * freq[2 * k + 1], &s1, &c1);
-    a[k] = Elem<T>::Pack(x.x * c0 - y.x * s0, x.y * c1 - y.y * s1);
-    b[k] = Elem<T>::Pack(y.x * c0 + x.x * s0, y.y * c1 + x.y * s1);
-  }
-}
 
 // Two fp8 elements (the low 16 bits of `w`) widened to a pair of T, through f16: an
 // e5m2 byte is the high byte of its f16, an e4m3 pair takes one cvt (sm_89+; emulated
@@ -334,13 +305,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
 #pragma unroll
     for (int i = 0; i < kStages; ++i) publish(i, pids[i], slots[i]);
   }
-  if (rope) {
-    // The same double-precision formula as the CPU backend, so both round the
-    // frequencies identically.
-    for (int d = tid; d < D / 2; d += kThreads)
-      s_freq[d] = float(pow(double(p.rope_theta), -2.0 * double(d) / double(D)) /
-                        double(p.rope_scale));
-  }
+  if (rope) RopeFrequencyTable(s_freq, D, p.rope_scale, p.rope_theta, tid, kThreads);
   __syncthreads();
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
@@ -571,10 +536,9 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
       for (int h = 0; h < 2; ++h) {
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-        // A row with nothing visible yet keeps max -inf; subtracting 0 instead keeps
-        // exp2(-inf - base) = 0 rather than NaN.
-        base[h] = mx[h] == kNegInf ? 0.0f : mx[h];
-        const float corr = Exp2(m_run[mt][h] - base[h]);
+        // A row with nothing visible yet keeps max -inf (SafeMax: subtract 0 instead).
+        base[h] = SafeMax(mx[h]);
+        const float corr = FastExp2(m_run[mt][h] - base[h]);
         m_run[mt][h] = mx[h];
         l_run[mt][h] *= corr;
 #pragma unroll
@@ -586,7 +550,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
 #pragma unroll
       for (int nb = 0; nb < kKeysW / 8; ++nb) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[mt][nb][e] = Exp2(s[mt][nb][e] - base[e >> 1]);
+        for (int e = 0; e < 4; ++e) s[mt][nb][e] = FastExp2(s[mt][nb][e] - base[e >> 1]);
         l_run[mt][0] += s[mt][nb][0] + s[mt][nb][1];
         l_run[mt][1] += s[mt][nb][2] + s[mt][nb][3];
       }
@@ -599,10 +563,10 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
       uint32_t a[kMT][4];
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
-        a[mt][0] = E::Pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        a[mt][1] = E::Pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        a[mt][2] = E::Pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        a[mt][3] = E::Pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        a[mt][0] = PackPair<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = PackPair<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = PackPair<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = PackPair<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
       }
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
@@ -664,7 +628,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
       for (int w = 0; w < kWarpsN; ++w) {
         const int srow = (g * kWarpsN + w) * 16 + r16;
         const float2 ml = s_ml[srow];
-        const float wgt = Exp2(ml.x - m_tot);  // 0 for a warp that saw nothing
+        const float wgt = FastExp2(ml.x - m_tot);  // 0 for a warp that saw nothing
         l_tot += ml.y * wgt;
         const float4* src = reinterpret_cast<const float4*>(s_o + srow * Cfg::kOStride + c * 8);
         const float4 x0 = src[0];
@@ -686,12 +650,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item, u
     const int64_t tok = q_base + r / G;
     const int64_t hrow = tok * Hqo + kv_head * G + r % G;  // (token, head) index
     if (split < 0) {
-      uint4 v;
-      v.x = E::Pack(acc[0], acc[1]);
-      v.y = E::Pack(acc[2], acc[3]);
-      v.z = E::Pack(acc[4], acc[5]);
-      v.w = E::Pack(acc[6], acc[7]);
-      *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + hrow * D + c * 8) = v;
+      *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + hrow * D + c * 8) = Pack8<T>(acc);
       if (c == 0) p.lse[hrow] = lse_v;
     } else {
       const int64_t prow = int64_t(p.merge_indptr[tok]) + split;

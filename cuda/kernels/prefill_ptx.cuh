@@ -1,5 +1,6 @@
-// PTX wrappers for the tensor-core prefill kernel (sm80+): cp.async, ldmatrix,
-// mma.sync m16n8k16, ex2, and the 16-bit element type traits. Private to prefill.cu;
+// PTX wrappers for the tensor-core prefill kernel (sm80+): cp.async, ldmatrix and
+// mma.sync m16n8k16 per 16-bit element type. (ex2 is softmax_state.cuh's FastExp2, the
+// element conversions vec_dtypes.cuh's PackPair/UnpackPair.) Private to prefill.cu;
 // kept in their own namespace so that another kernel's helpers of the same name
 // cannot collide with them.
 #pragma once
@@ -55,28 +56,12 @@ __device__ __forceinline__ void Ldsm4T(uint32_t (&r)[4], uint32_t addr) {
                : "r"(addr));
 }
 
-// 2^x on the SFU. ftz is harmless here: arguments are <= 0 (scores minus their
-// running max), so results are in [0, 1] and a flushed denormal weight is noise.
-// ex2.approx(-inf) = +0, which the masking relies on.
-__device__ __forceinline__ float Exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// Element traits: the mma operand type string and float conversions.
+// Element traits: mma.sync m16n8k16 with the operand type of T.
 template <typename T>
 struct Elem;
 
 template <>
 struct Elem<__half> {
-  __device__ __forceinline__ static uint32_t Pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  __device__ __forceinline__ static float2 Unpack(uint32_t v) {
-    return __half22float2(*reinterpret_cast<__half2*>(&v));
-  }
   // D += A * B, A 16x16 row-major fragments, B 16x8 column-major, fp32 accumulate.
   __device__ __forceinline__ static void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
@@ -90,13 +75,6 @@ struct Elem<__half> {
 
 template <>
 struct Elem<__nv_bfloat16> {
-  __device__ __forceinline__ static uint32_t Pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  __device__ __forceinline__ static float2 Unpack(uint32_t v) {
-    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
-  }
   __device__ __forceinline__ static void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
     asm volatile(

@@ -51,7 +51,7 @@
 #include "../cp_async.cuh"
 #include "../logit_transforms.cuh"
 #include "../dependent_launch.cuh"
-#include "../prefill_kernel.cuh"  // prefill_detail::RopeSinCos / RopePairs: one RoPE rounding for both paths
+#include "../rope.cuh"
 #include "../softmax_state.cuh"
 #include "../split_merge.cuh"
 #include "../vec_dtypes.cuh"
@@ -307,8 +307,8 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float f = s_freq[pc * 8 + sel * 4 + e];
-        prefill_detail::RopeSinCos(float(first) * f, &sn[e], &cs[e]);
-        prefill_detail::RopeSinCos(float(R) * f, &s_step[e], &c_step[e]);
+        RopeSinCos(float(first) * f, &sn[e], &cs[e]);
+        RopeSinCos(float(R) * f, &s_step[e], &c_step[e]);
       }
 #pragma unroll 4
       for (int k = 0; k < 32 / R; ++k) {
@@ -325,8 +325,9 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
         float ra[4], rb[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          ra[e] = xa[e] * cs[e] - xb[e] * sn[e];
-          rb[e] = xb[e] * cs[e] + xa[e] * sn[e];
+          ra[e] = xa[e];
+          rb[e] = xb[e];
+          RopeRotateCosSin(ra[e], rb[e], cs[e], sn[e]);
           const float c_next = cs[e] * c_step[e] - sn[e] * s_step[e];
           sn[e] = sn[e] * c_step[e] + cs[e] * s_step[e];
           cs[e] = c_next;
@@ -501,7 +502,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       uint4* plo = reinterpret_cast<uint4*>(buf + off_lo);
       uint4* phi = reinterpret_cast<uint4*>(buf + off_hi);
       uint4 lo = *plo, hi = *phi;
-      prefill_detail::RopePairs<T>(lo, hi, float(w.pos_base + (w.row_begin + r_item) / G), s_freq + c * 8);
+      RopePairs<T>(lo, hi, float(w.pos_base + (w.row_begin + r_item) / G), s_freq + c * 8);
       *plo = lo;
       *phi = hi;
     });
@@ -823,9 +824,7 @@ __global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages>::kThreads, 1)
   if (p.pos_encoding == PosEncoding::kRopeLlama) {
     // The double-precision formula of the CPU backend and the sm80 kernel.
     float* s_freq = reinterpret_cast<float*>(smem + Cfg::kFreqOff);
-    for (int d = tid; d < D / 2; d += Cfg::kThreads)
-      s_freq[d] = float(pow(double(p.rope_theta), -2.0 * double(d) / double(D)) /
-                        double(p.rope_scale));
+    RopeFrequencyTable(s_freq, D, p.rope_scale, p.rope_theta, tid, Cfg::kThreads);
   }
   __syncthreads();
   const int bin = blockIdx.x;
