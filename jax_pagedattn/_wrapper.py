@@ -180,7 +180,8 @@ class PagedAttentionWrapper:
     spec = planning.plan_spec(page_size=page_size, group_size=group, tile_rows=tile_rows,
                               causal=causal, caps=caps, decode_names=self._decode,
                               fixed_split_size=split_pages,
-                              disable_split_kv=bool(disable_split_kv), window_left=window_left)
+                              disable_split_kv=bool(disable_split_kv), window_left=window_left,
+                              longest_first=hopper)
     return config, spec
 
   def _max_page(self, last: _LastPlan) -> int:

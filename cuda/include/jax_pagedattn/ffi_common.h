@@ -162,11 +162,7 @@ inline ffi::Error MakeAttentionParams(AttentionBuffers b, const AttentionAttrs& 
   p->layout = layout;
   PointPlanSections(p, b.plan.typed_data());
 
-  float* ws = reinterpret_cast<float*>(b.workspace->typed_data());
-  p->partial_o = ws;
-  p->partial_lse = ws + int64_t(caps.partial_rows) * a.num_qo_heads * a.head_dim;
-  p->merge_counters =
-      reinterpret_cast<int32_t*>(p->partial_lse + int64_t(caps.partial_rows) * a.num_qo_heads);
+  PointWorkspace(p, b.workspace->typed_data());
   p->SetDerived();
   return ffi::Error::Success();
 }

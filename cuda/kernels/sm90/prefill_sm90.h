@@ -27,6 +27,9 @@ struct PrefillSm90Tuning {
   int stages = 2;
   // false: a measurement of the consumers alone (K/V tiles are not copied; wrong results).
   bool copy_kv = true;
+  // One CTA per SM drawing (work item, kv head) tasks from a counter, in plan order
+  // (prefill_sm90_kernel.cuh, TaskSchedule); false: one CTA per (bin, kv head).
+  bool drawn_tasks = true;
 };
 
 // Whether the kernel runs calls of these types and head_dim on the current device; the
