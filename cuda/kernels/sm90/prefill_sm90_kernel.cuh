@@ -129,8 +129,10 @@ struct PrefillSm90Cfg {
   static constexpr uint32_t kFullVCount = 32 * kCopyWarps;
   static constexpr uint32_t kEmptyKCount = 256;  // every consumer thread (mask readers)
   static constexpr uint32_t kEmptyVCount = 8;    // one arrival per consumer warp
-  // A task slot is read by every copying producer warp and every consumer warp.
-  static constexpr uint32_t kTaskReaders = kCopyWarps + 8;
+  // A task slot is read by every thread of the copying producer warps and of the
+  // consumers, each releasing it itself (its own arrival orders its read before the
+  // slot's next write, as for the K stages' mask words).
+  static constexpr uint32_t kTaskReaders = 32 * kCopyWarps + 256;
 
   // Named barriers.
   static constexpr uint32_t kBarWg0 = 1;        // + wg: one consumer warpgroup (128)
@@ -194,7 +196,7 @@ __device__ __forceinline__ TileRange ItemTiles(const AttentionParams& p, const W
 //     finishes early takes more: a greedy longest-first schedule over every SM, whatever
 //     the bins and the kv heads. One producer thread draws each task and hands it to the
 //     producer's copying warps and to the consumers through a ring of kTaskSlots
-//     shared-memory slots (mbarriers: full, written; empty, read by every reader warp).
+//     shared-memory slots (mbarriers: full, written; empty, read by every reader thread).
 //   static bins (kFlagStaticBins): CTA (b, h) runs bin b's items for kv head h.
 // Whatever the plan or counter hold, a task names an item in [0, work_cap) and a head in
 // [0, num_kv_heads), and every CTA's sequence ends.
@@ -253,8 +255,8 @@ struct TaskSchedule {
     MbarArrive(Full<Cfg>(k));  // release: the slot is visible with the phase
   }
 
-  // The k-th task of this CTA, called by every lane of a reader warp for k = 0, 1, ...
-  // until it returns the end.
+  // The k-th task of this CTA, called by every thread of the reader warps for k = 0, 1,
+  // ... until it returns the end.
   template <class Cfg>
   __device__ Task Read(int k) const {
     if (!drawn) {
@@ -264,8 +266,7 @@ struct TaskSchedule {
     MbarWait(Full<Cfg>(k), (k / Cfg::kTaskSlots) & 1);
     const volatile int* slot = reinterpret_cast<volatile int*>(slots + k % Cfg::kTaskSlots);
     const Task task{slot[0], slot[1]};
-    __syncwarp();
-    if ((threadIdx.x & 31) == 0) MbarArrive(Empty<Cfg>(k));
+    MbarArrive(Empty<Cfg>(k));
     return task;
   }
 };
