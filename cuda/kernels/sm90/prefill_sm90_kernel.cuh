@@ -397,7 +397,7 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
     // no pair is done twice.
     auto rotate_k = [&](uint32_t c, int i, bool newer_pending) {
       if (newer_pending) {
-        cp_async::WaitGroup<1>();  // all but the newest group (K of step i + 1)
+        cp_async::WaitGroup<1>();  // all but the newest group (K(1) or V(i - 1))
       } else {
         cp_async::WaitGroup<0>();
       }
@@ -453,16 +453,20 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
     uint32_t kc_cur = kc;
     produce_k(off_cur);
     draw(k + 1);
+    // Copies in the order K0 K1 V0 K2 V1 K3 ... With RoPE, K(i) (i > 0) is rotated before
+    // K(i + 1) is issued: that copy waits for the stage the consumers free with S(i - 1),
+    // and a rotation queued behind it would start only then, on the consumers' path.
     for (int i = 0; i < n; ++i) {
       const bool has_next = i + 1 < n;
       int64_t off_next = -1;
       const uint32_t kc_next = kc;
+      if (rope && i > 0) rotate_k(kc_cur, i, true);  // V(i - 1) was committed after K(i)
       if (has_next) {
         off_next = offset_of(pid, slot);
         lookup(i + 2, pid, slot);
         produce_k(off_next);
       }
-      if (rope) rotate_k(kc_cur, i, has_next);
+      if (rope && i == 0) rotate_k(kc_cur, 0, has_next);  // K(1) was committed after K(0)
       produce_v(off_cur);
       off_cur = off_next;
       kc_cur = kc_next;
