@@ -125,6 +125,7 @@ class PlanConfig:
   # Runtime switches (switches.py) the kernels read, fixed when the plan was made.
   sm90_prefill: bool = _attr(np.bool_)
   sm90_stages: int = _attr(np.int32)
+  sm90_drawn_tasks: bool = _attr(np.bool_)
   dependent_launch: bool = _attr(np.bool_)
   # fp8 caches on the CUDA-core decode kernel's wide tiles (attention_attrs.h).
   fp8_wide_decode: bool = _attr(np.bool_)

@@ -133,6 +133,7 @@ bool PrefillSm90Covers(DType dtype, DType kv_dtype, int head_dim) {
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream) {
   PrefillSm90Tuning tuning;
   if (p.head_dim == 128 && p.sm90_stages == 3) tuning.stages = 3;  // the only 3-stage kernels
+  tuning.drawn_tasks = p.sm90_drawn_tasks;
   return LaunchPrefillSm90(p, stream, tuning);
 }
 
