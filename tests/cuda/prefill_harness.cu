@@ -786,6 +786,8 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
   p.kv = MakePagedKv(d_cache, d_cache, true, KvLayout::kNHD, pages, ps, Hkv, D, 2);
   UsePlan(p, lay, d_plan, 0);
   PointWorkspace(&p, d_ws);  // no split items: only the task counter is used
+  p.tile_rows = tile; p.causal = causal; p.pos_encoding = pos;
+  p.sm_scale = 1.0f / std::sqrt(float(D)); p.rope_scale = 1; p.rope_theta = 1e4f;
 #ifdef JPA_HARNESS_SM90
   // The same items dealt to f x (SMs / Hkv) bins, f = 1 (the library's persistent wave
   // at one CTA per SM) and 4 (four waves the hardware balances).
@@ -802,10 +804,9 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
     UsePlan(q, l, dp, 0);
     return q;
   };
+  // (Copies of p: every field is set above, so the bins' launches run the same call.)
   const AttentionParams p_bins1 = binned(1), p_bins4 = binned(4);
 #endif
-  p.tile_rows = tile; p.causal = causal; p.pos_encoding = pos;
-  p.sm_scale = 1.0f / std::sqrt(float(D)); p.rope_scale = 1; p.rope_theta = 1e4f;
 
   cudaEvent_t e0, e1;
   CHECK_CUDA(cudaEventCreate(&e0));
