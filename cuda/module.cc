@@ -137,18 +137,19 @@ NB_MODULE(_C, m) {
           "__init__",
           [](PlanSpec* self, int32_t page_size, int32_t group_size, int32_t tile_rows, bool causal,
              nb::handle caps, int32_t deal, bool decode_names, int32_t num_pages,
-             int32_t fixed_split_size, bool disable_split_kv, int32_t window_left) {
+             int32_t fixed_split_size, bool disable_split_kv, int32_t window_left,
+             bool longest_first) {
             if (deal < int32_t(Deal::kAuto) || deal > int32_t(Deal::kEqual))
               throw nb::value_error("PlanSpec: deal must be 0 (auto), 1 (bins) or 2 (equal)");
             new (self) PlanSpec{page_size, group_size, tile_rows, causal, num_pages,
                                 CapsOf(caps), Deal(deal), decode_names, fixed_split_size,
-                                disable_split_kv, window_left};
+                                disable_split_kv, window_left, longest_first};
           },
           nb::kw_only(), nb::arg("page_size"), nb::arg("group_size"), nb::arg("tile_rows"),
           nb::arg("causal"), nb::arg("caps"), nb::arg("deal") = 0,
           nb::arg("decode_names") = false, nb::arg("num_pages") = -1,
           nb::arg("fixed_split_size") = -1, nb::arg("disable_split_kv") = false,
-          nb::arg("window_left") = -1,
+          nb::arg("window_left") = -1, nb::arg("longest_first") = false,
           "caps: any object with the fields of planning.Capacities; fixed_split_size in pages.")
       .def_ro("page_size", &PlanSpec::page_size)
       .def_ro("group_size", &PlanSpec::group_size)
@@ -159,6 +160,7 @@ NB_MODULE(_C, m) {
       .def_ro("fixed_split_size", &PlanSpec::fixed_split_size)
       .def_ro("disable_split_kv", &PlanSpec::disable_split_kv)
       .def_ro("window_left", &PlanSpec::window_left)
+      .def_ro("longest_first", &PlanSpec::longest_first)
       .def_prop_ro("deal", [](const PlanSpec& s) { return int32_t(s.deal); });
   m.def("plan", &Plan, nb::arg("qo_indptr").none(), nb::arg("kv_indptr"), nb::arg("kv_indices"),
         nb::arg("kv_last_page_len"), nb::arg("spec"),

@@ -175,12 +175,14 @@ class PagedAttentionWrapper:
         logits_soft_cap=logits_soft_cap, window_left=window_left, q_dtype=q_dtype,
         kv_dtype=kv_dtype, wrapper="decode" if self._decode else "prefill",
         sm90_prefill=sw.sm90_prefill, sm90_stages=sw.sm90_stages,
+        sm90_drawn_tasks=sw.sm90_drawn_tasks,
         dependent_launch=sw.dependent_launch, fp8_tensor_cores=sw.fp8_tensor_cores,
         fp8_wide_decode=sw.fp8_wide_decode)
     spec = planning.plan_spec(page_size=page_size, group_size=group, tile_rows=tile_rows,
                               causal=causal, caps=caps, decode_names=self._decode,
                               fixed_split_size=split_pages,
-                              disable_split_kv=bool(disable_split_kv), window_left=window_left)
+                              disable_split_kv=bool(disable_split_kv), window_left=window_left,
+                              longest_first=hopper and sw.sm90_drawn_tasks)
     return config, spec
 
   def _max_page(self, last: _LastPlan) -> int:

@@ -125,6 +125,7 @@ class PlanConfig:
   # Runtime switches (switches.py) the kernels read, fixed when the plan was made.
   sm90_prefill: bool = _attr(np.bool_)
   sm90_stages: int = _attr(np.int32)
+  sm90_drawn_tasks: bool = _attr(np.bool_)
   dependent_launch: bool = _attr(np.bool_)
   # fp8 caches on the CUDA-core decode kernel's wide tiles (attention_attrs.h).
   fp8_wide_decode: bool = _attr(np.bool_)
@@ -290,20 +291,23 @@ def derive_capacities(batch, tokens, pages, *, group_size, tile_rows, num_kv_hea
 
 def plan_spec(*, page_size, group_size, tile_rows, causal, caps: Capacities,
               decode_names=False, num_pages=-1, fixed_split_size=-1, disable_split_kv=False,
-              window_left=-1):
+              window_left=-1, longest_first=False):
   """The planner's spec (planner.h, PlanSpec): everything about a plan but the index
   arrays, made once per configuration. The deal comes from switches.py.
 
   fixed_split_size (pages, -1 none) and disable_split_kv fix every request's key
   pieces whatever the rest of the batch (batch invariance); window_left (-1 none) starts
-  each query tile's keys at its window. The planner rejects values outside their range.
+  each query tile's keys at its window. longest_first orders the work items costliest
+  first, for a kernel that draws them from one queue (the Hopper prefill kernel: pass
+  hopper_prefill's answer). The planner rejects values outside their range.
   """
   return _C.PlanSpec(page_size=int(page_size), group_size=int(group_size),
                      tile_rows=int(tile_rows), causal=bool(causal), caps=caps,
                      deal=switches.DEALS[switches.current().deal],
                      decode_names=bool(decode_names), num_pages=int(num_pages),
                      fixed_split_size=int(fixed_split_size),
-                     disable_split_kv=bool(disable_split_kv), window_left=int(window_left))
+                     disable_split_kv=bool(disable_split_kv), window_left=int(window_left),
+                     longest_first=bool(longest_first))
 
 
 def plan_host(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, spec) -> np.ndarray:

@@ -24,6 +24,11 @@ class Switches:
   # JAX_PAGEDATTN_SM90_STAGES=2|3: K/V stages of the Hopper prefill kernel's ring (3 exists
   # at head_dim 128 only; other head_dims keep 2). A measurement knob.
   sm90_stages: int = 2
+  # JAX_PAGEDATTN_SM90_DRAWN_TASKS=0: the Hopper prefill kernel runs one CTA per (bin, kv
+  # head) instead of one CTA per SM drawing (item, kv head) tasks costliest first (its
+  # plans ordered so: PlanSpec longest_first). Drawn tasks are the default since they
+  # passed the GPU suite and sanitizers and timed 1.06-1.19x faster (docs/PERF_NOTES.md).
+  sm90_drawn_tasks: bool = True
   # JAX_PAGEDATTN_DEPENDENT_LAUNCH=0: no programmatic dependent launch (sm90+).
   dependent_launch: bool = True
   # JAX_PAGEDATTN_DEAL=bins|equal: force one of the planner's two deals.
@@ -65,6 +70,7 @@ def from_environment(environ=os.environ) -> Switches:
   return Switches(
       sm90_prefill=_flag(environ, "JAX_PAGEDATTN_SM90_PREFILL", True),
       sm90_stages=int(stages),
+      sm90_drawn_tasks=_flag(environ, "JAX_PAGEDATTN_SM90_DRAWN_TASKS", True),
       dependent_launch=_flag(environ, "JAX_PAGEDATTN_DEPENDENT_LAUNCH", True),
       deal=deal,
       ctas_per_sm=max(0, ctas_per_sm),

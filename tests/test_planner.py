@@ -235,6 +235,36 @@ def test_plan_without_window_is_the_plain_plan(b):
   np.testing.assert_array_equal(run_plan(b, window_left=-1), plain)
 
 
+def item_keys(it, causal, window_left, G):
+  """Keys an item's rows see (planner.cc, ItemCost, less its fixed overhead)."""
+  r, rb, re_, kb, ke, sp, ql, kl = (int(x) for x in it)
+  first_pos = kl - ql
+  hi = min(ke, first_pos + (re_ - 1) // G + 1) if causal else ke
+  lo = max(kb, first_pos + rb // G - window_left) if window_left >= 0 else kb
+  return max(0, hi - lo)
+
+
+@given(batches(windows=True, fixed=True))
+def test_plan_longest_first_orders_the_same_items(b):
+  """longest_first (the Hopper prefill kernel's plans) writes the plan's own items,
+  costliest first in their dealt order otherwise, with bins that still partition them;
+  everything else is the plain plan's."""
+  plain, ordered = run_plan(b), run_plan(b, longest_first=True)
+  check_plan(b, ordered)
+  caps = b["caps"]
+  p, o = planning.unpack_plan(plain, caps), planning.unpack_plan(ordered, caps)
+  nw = int(p["meta"][NUM_WORK])
+  keys = [item_keys(it, b["causal"], b.get("window_left", -1), b["group"])
+          for it in o["work"][:nw]]
+  assert keys == sorted(keys, reverse=True), "items costliest first"
+  want = sorted(range(nw), key=lambda i: -item_keys(p["work"][i], b["causal"],
+                                                     b.get("window_left", -1), b["group"]))
+  np.testing.assert_array_equal(o["work"][:nw], p["work"][want], "a stable sort of the items")
+  for name in ("merge_indptr", "qo_indptr", "kv_indptr", "kv_indices", "kv_last_page_len"):
+    np.testing.assert_array_equal(o[name], p[name], name)
+  np.testing.assert_array_equal(o["work"][nw:], p["work"][nw:])
+
+
 # Plans made by the planner before windows and fixed splits existed (2026-12, commit
 # 87ee2a8), as the first 16 hex digits of the buffer's sha256: window_left=-1 and no
 # fixed split must keep every one bit for bit. (kv_lens, qo_lens or None for decode,

@@ -63,6 +63,27 @@ def test_switches_reach_the_plan_and_its_attributes():
   assert attrs["sm90_stages"] == np.int32(3)
 
 
+def test_sm90_drawn_tasks_switch():
+  """JAX_PAGEDATTN_SM90_DRAWN_TASKS: on unless set to "0"; a prefill plan carries it as
+  the sm90_drawn_tasks attribute the Hopper launcher reads, and only where the Hopper
+  kernel runs the call (never on the CPU) are its items ordered for drawing."""
+  assert switches.from_environment({}).sm90_drawn_tasks is True
+  for value, want in (("1", True), ("0", False), ("", True)):
+    env = {"JAX_PAGEDATTN_SM90_DRAWN_TASKS": value}
+    assert switches.from_environment(env).sm90_drawn_tasks is want, value
+  w = jpa.BatchPrefillWithPagedKVCacheWrapper()
+  qo, kvp = np.array([0, 300], np.int32), np.array([0, 19], np.int32)
+  args = (qo, kvp, np.arange(19, dtype=np.int32), np.array([12], np.int32), 8, 2, 64, 16)
+  with switches.overridden(sm90_drawn_tasks=True):
+    on = w.plan(*args, causal=True)
+  with switches.overridden(sm90_drawn_tasks=False):
+    off = w.plan(*args, causal=True)
+  assert on.config.sm90_drawn_tasks is True and off.config.sm90_drawn_tasks is False
+  assert planning.ffi_attrs(on.config)["sm90_drawn_tasks"] == np.bool_(True)
+  if not planning.hopper_prefill("prefill", "float16", "float16", 64):
+    np.testing.assert_array_equal(on.buffer, off.buffer)
+
+
 def test_fp8_wide_decode_switch():
   """JAX_PAGEDATTN_FP8_WIDE_DECODE: off unless set to something other than "" or "0"; a
   decode plan (and an RPA-style prefill plan) carries it as the fp8_wide_decode attribute

@@ -1,5 +1,6 @@
 // The setup pass of an attention call, launched just before the attention kernel:
-// zeroes the split-merge counters of rows [0, q_rows) (split_merge.cuh) and zero-fills
+// zeroes the split-merge counters of rows [0, q_rows) (split_merge.cuh) and the task
+// counter (the Hopper prefill kernel's tasks, prefill_sm90_kernel.cuh), and zero-fills
 // the padding rows t >= meta[kMetaNumTokens] (out = 0, lse = -inf), which no work item
 // writes.
 //
@@ -29,6 +30,7 @@ __global__ void __launch_bounds__(kSetupThreads) MergeSetupKernel(const Attentio
   const int64_t first = int64_t(blockIdx.x) * kSetupThreads + threadIdx.x;
   const int64_t counters = int64_t(p.q_rows) * p.num_kv_heads;
   for (int64_t i = first; i < counters; i += stride) p.merge_counters[i] = 0;
+  if (first == 0 && p.task_counter != nullptr) *p.task_counter = 0;
 
   int64_t live = p.meta[kMetaNumTokens];
   live = live < 0 ? 0 : (live > p.q_rows ? p.q_rows : live);

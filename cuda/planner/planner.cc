@@ -1,7 +1,8 @@
 // Host planner, in four steps (PlanBatch at the end): Validate the batch, CutUnits of
 // its queries, deal them into bins of equal cost, writing the work items (DealBalanced:
 // cutting a unit's keys where a bin boundary falls inside it; or DealFixedPieces: cuts
-// fixed by the spec alone), WriteSections (merge offsets, counts, padded index arrays).
+// fixed by the spec alone; then OrderLongestFirst where the spec asks), WriteSections
+// (merge offsets, counts, padded index arrays).
 // It reads nothing but its arguments.
 //
 // Bins. The GPU runs one CTA per (bin, kv head), all resident at once, each running its
@@ -38,6 +39,11 @@
 // decode reads only its window, and costs, cuts and equal pieces count only those keys.
 // Balancing cuts stay on multiples of the key tile from the unit's first key; fixed
 // cuts stay absolute. Without a window every unit starts at key 0, as before.
+//
+// Longest first (PlanSpec::longest_first, the Hopper prefill kernel's plans). That kernel
+// ignores the bins: each CTA draws (item, kv head) tasks from one queue in plan order, so
+// after the deal the items are sorted costliest first (stable) and the bins re-cut as
+// runs of about equal count, which every other kernel still runs correctly.
 //
 // Bounds behind DeriveCapacities: each of the B - 1 bin boundaries cuts at most one
 // unit once, so pieces <= units + B - 1 and items <= (units + B - 1) * items_per_piece;
@@ -578,6 +584,46 @@ Dealt DealFixedPieces(const BatchFacts& f, const PlanSpec& s, const Units& units
   return Dealt{dealer.ItemsWritten(), dealer.BinsUsed(), dealer.OpenBin()};
 }
 
+// Keys an item's rows see (causal limit of its last row, window start of its first),
+// plus the fixed item overhead: what it costs a kernel that runs it alone.
+int64_t ItemCost(const int32_t* it, const PlanSpec& s) {
+  const int64_t G = s.group_size;
+  const int64_t first_pos = int64_t(it[kWorkKvLen]) - it[kWorkQoLen];  // token 0's position
+  int64_t lo = it[kWorkKvBegin], hi = it[kWorkKvEnd];
+  if (s.causal) hi = std::min<int64_t>(hi, first_pos + (int64_t(it[kWorkRowEnd]) - 1) / G + 1);
+  if (s.window_left >= 0)
+    lo = std::max<int64_t>(lo, first_pos + it[kWorkRowBegin] / G - s.window_left);
+  return std::max<int64_t>(0, hi - lo) + kItemOverhead;
+}
+
+// PlanSpec::longest_first: the dealt items sorted costliest first (stable), and the used
+// bins re-cut as contiguous runs of about equal item count, so the plan stays a valid
+// partition for kernels that run bins.
+void OrderLongestFirst(const PlanSpec& s, Dealt* d, int32_t* out) {
+  const PlanLayout L = PlanLayout::Of(s.caps);
+  int32_t* work = out + L.work();
+  const int64_t n = d->items;
+  if (n == 0 || d->bins_used < 1) return;
+  std::vector<int64_t> cost(size_t(n), 0);
+  std::vector<int32_t> order(size_t(n), 0);
+  for (int64_t i = 0; i < n; ++i) {
+    cost[size_t(i)] = ItemCost(work + i * kWorkFields, s);
+    order[size_t(i)] = int32_t(i);
+  }
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return cost[size_t(a)] > cost[size_t(b)]; });
+  std::vector<int32_t> sorted(size_t(n) * kWorkFields);
+  for (int64_t i = 0; i < n; ++i)
+    std::memcpy(&sorted[size_t(i) * kWorkFields], work + int64_t(order[size_t(i)]) * kWorkFields,
+                sizeof(int32_t) * kWorkFields);
+  std::memcpy(work, sorted.data(), sizeof(int32_t) * sorted.size());
+  const int64_t bins = d->bins_used;
+  int32_t* bin_indptr = out + L.bin_indptr();
+  for (int64_t b = 0; b <= bins; ++b) bin_indptr[b] = int32_t(n * b / bins);
+  d->bins_used = bins;
+  d->open_bin = bins - 1;
+}
+
 // Everything after the deal: padding of the bins and items, the merge offsets, the
 // counts, and copies of the index arrays padded to the capacities.
 void WriteSections(const BatchFacts& f, const PlanSpec& s, const Dealt& d, int32_t* out) {
@@ -627,8 +673,9 @@ void PlanBatch(const BatchArrays& a, const PlanSpec& s, int32_t* out) {
   // is a deterministic function of its input).
   const PlanLayout L = PlanLayout::Of(s.caps);
   std::memset(out + L.meta(), 0, sizeof(int32_t) * size_t(L.kv_indices() - L.meta()));
-  const Dealt d = HasFixedPieces(s) ? DealFixedPieces(f, s, units, out)
-                                    : DealBalanced(f, s, units, out);
+  Dealt d = HasFixedPieces(s) ? DealFixedPieces(f, s, units, out)
+                              : DealBalanced(f, s, units, out);
+  if (s.longest_first) OrderLongestFirst(s, &d, out);
   WriteSections(f, s, d, out);
 }
 

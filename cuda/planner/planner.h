@@ -43,6 +43,11 @@ struct PlanSpec {
   // Sliding window: the query at position p sees keys j >= p - window_left (and, when
   // causal, j <= p), so a unit's items start at its first token's window. -1: none.
   int32_t window_left = -1;
+  // Work items costliest first (then in their dealt order), the bins re-cut as runs of
+  // about equal count: for a kernel that draws items from one queue in plan order (the
+  // Hopper prefill kernel), which then runs a greedy longest-first schedule. Any kernel
+  // runs such a plan correctly.
+  bool longest_first = false;
 };
 
 // A batch's host index arrays. qo_indptr == nullptr means decode: request b has exactly

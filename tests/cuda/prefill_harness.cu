@@ -42,7 +42,8 @@ using namespace jax_pagedattn;
 
 // The launcher the checks exercise. JPA_SM90_PINGPONG=0 runs the sm90 checks without
 // the warpgroup pingpong (a diagnostic when the default fails); JPA_SM90_STAGES=3 with
-// three K/V stages at head_dim 128.
+// three K/V stages at head_dim 128; JPA_SM90_STATIC=1 with one CTA per (bin, kv head)
+// instead of drawn tasks.
 static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream) {
 #ifdef JPA_HARNESS_SM90
   static const bool pingpong = [] {
@@ -53,8 +54,13 @@ static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream
     const char* v = std::getenv("JPA_SM90_STAGES");
     return v == nullptr ? PrefillSm90Tuning{}.stages : std::atoi(v);
   }();
+  static const bool static_bins = [] {
+    const char* v = std::getenv("JPA_SM90_STATIC");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
   PrefillSm90Tuning t;
   t.pingpong = pingpong;
+  t.drawn_tasks = !static_bins;
   // Three stages exist at head_dim 128 only (prefill_sm90.cu); other cases keep two.
   t.stages = p.head_dim == 128 ? stages : PrefillSm90Tuning{}.stages;
   return LaunchPrefillSm90(p, stream, t);
@@ -276,8 +282,7 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
   p.num_qo_heads = Hqo; p.num_kv_heads = Hkv; p.head_dim = D; p.group_size = G;
   p.kv = MakePagedKv(kptr, cs.combined ? kptr : vptr, cs.combined, cs.layout, num_pages, ps, Hkv, D, 2);
   UsePlan(p, lay, d_plan, partial_rows);
-  p.partial_o = d_ws; p.partial_lse = d_ws + int64_t(partial_rows) * Hqo * D;
-  p.merge_counters = reinterpret_cast<int32_t*>(p.partial_lse + int64_t(partial_rows) * Hqo);
+  PointWorkspace(&p, d_ws);
   p.tile_rows = cs.tile_rows; p.causal = cs.causal; p.pos_encoding = cs.pos;
   p.sm_scale = 1.0f / std::sqrt(float(D));
   p.rope_scale = cs.pos == PosEncoding::kRopeLlama ? 1.5f : 1.0f;
@@ -651,10 +656,7 @@ static bool RunGarbage(std::mt19937& rng, int iters, DType dt) {
     p.kv = MakePagedKv(d_cache, d_cache, true, coin(rng) < 50 ? KvLayout::kNHD : KvLayout::kHND,
                        num_pages, ps, Hkv, D, 2);
     UsePlan(p, lay, d_plan, partial_rows);
-    float* ws = reinterpret_cast<float*>(g_ws + guard);
-    p.partial_o = ws;
-    p.partial_lse = ws + int64_t(partial_rows) * Hqo * D;
-    p.merge_counters = reinterpret_cast<int32_t*>(p.partial_lse + int64_t(partial_rows) * Hqo);
+    PointWorkspace(&p, g_ws + guard);
     p.tile_rows = 128;
     p.causal = coin(rng) < 50;
     const int pe = coin(rng) % 3;
@@ -769,7 +771,7 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
   CHECK_CUDA(cudaMalloc(&d_out, q_elems * 2));
   CHECK_CUDA(cudaMalloc(&d_cache, cache_elems * 2));
   CHECK_CUDA(cudaMalloc(&d_lse, size_t(T) * Hqo * 4));
-  CHECK_CUDA(cudaMalloc(&d_ws, 64));
+  CHECK_CUDA(cudaMalloc(&d_ws, size_t(WorkspaceBytes(Capacities{0, T, 0, 0, 0, 0}, Hqo, D, Hkv))));
   CHECK_CUDA(cudaMalloc(&d_plan, plan.size() * 4));
   FillBf16<<<1024, 256>>>(static_cast<uint16_t*>(d_q), q_elems, rng());
   FillBf16<<<1024, 256>>>(static_cast<uint16_t*>(d_cache), cache_elems, rng());
@@ -783,7 +785,9 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
   p.num_qo_heads = Hqo; p.num_kv_heads = Hkv; p.head_dim = D; p.group_size = G;
   p.kv = MakePagedKv(d_cache, d_cache, true, KvLayout::kNHD, pages, ps, Hkv, D, 2);
   UsePlan(p, lay, d_plan, 0);
-  p.partial_o = static_cast<float*>(d_ws); p.partial_lse = static_cast<float*>(d_ws);
+  PointWorkspace(&p, d_ws);  // no split items: only the task counter is used
+  p.tile_rows = tile; p.causal = causal; p.pos_encoding = pos;
+  p.sm_scale = 1.0f / std::sqrt(float(D)); p.rope_scale = 1; p.rope_theta = 1e4f;
 #ifdef JPA_HARNESS_SM90
   // The same items dealt to f x (SMs / Hkv) bins, f = 1 (the library's persistent wave
   // at one CTA per SM) and 4 (four waves the hardware balances).
@@ -800,10 +804,9 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
     UsePlan(q, l, dp, 0);
     return q;
   };
+  // (Copies of p: every field is set above, so the bins' launches run the same call.)
   const AttentionParams p_bins1 = binned(1), p_bins4 = binned(4);
 #endif
-  p.tile_rows = tile; p.causal = causal; p.pos_encoding = pos;
-  p.sm_scale = 1.0f / std::sqrt(float(D)); p.rope_scale = 1; p.rope_theta = 1e4f;
 
   cudaEvent_t e0, e1;
   CHECK_CUDA(cudaEventCreate(&e0));
@@ -823,7 +826,16 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
   };
   std::vector<Timed> kernels = {{"sm80", [](const AttentionParams& q, cudaStream_t st) { return LaunchPrefill(q, st); }}};
 #ifdef JPA_HARNESS_SM90
+  // sm90: drawn tasks (one CTA per SM, items in plan order: longest first here);
+  // sm90-static: one CTA per item, which the hardware schedules; sm90-bins1/4: the
+  // items dealt to persistent CTAs per kv head (the library before drawn tasks).
   kernels.push_back({"sm90", [](const AttentionParams& q, cudaStream_t st) { return LaunchPrefillSm90(q, st); }});
+  auto static_bins = [](const AttentionParams& q, cudaStream_t st) {
+    PrefillSm90Tuning t;
+    t.drawn_tasks = false;
+    return LaunchPrefillSm90(q, st, t);
+  };
+  kernels.push_back({"sm90-static", static_bins});
   kernels.push_back({"sm90-nopp", [](const AttentionParams& q, cudaStream_t st) {
                        PrefillSm90Tuning t;
                        t.pingpong = false;
@@ -840,14 +852,18 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
                        t.copy_kv = false;
                        return LaunchPrefillSm90(q, st, t);
                      }});
-  kernels.push_back({"sm90-bins1", [](const AttentionParams& q, cudaStream_t st) { return LaunchPrefillSm90(q, st); }, &p_bins1});
-  kernels.push_back({"sm90-bins4", [](const AttentionParams& q, cudaStream_t st) { return LaunchPrefillSm90(q, st); }, &p_bins4});
+  kernels.push_back({"sm90-bins1", static_bins, &p_bins1});
+  kernels.push_back({"sm90-bins4", static_bins, &p_bins4});
 #endif
   std::vector<uint16_t> first_out, got_out;
   for (size_t k = 0; k < kernels.size(); ++k) {
     const Timed& kern = kernels[k];
     const AttentionParams& pk = kern.params ? *kern.params : p;
     CHECK_CUDA(cudaMemset(d_out, 0xff, q_elems * 2));
+    // The task counter, zeroed before each launch as the setup pass does (outside the
+    // timed events: the library's setup overlaps the kernel by dependent launch).
+    auto zero_tasks = [&] { CHECK_CUDA(cudaMemsetAsync(pk.task_counter, 0, 8, 0)); };
+    zero_tasks();
     const cudaError_t le = kern.launch(pk, 0);
     if (le != cudaSuccess) {
       std::printf("bench bf16 %3d x qo %5d kv %5d tile %3d %s %s %-9s: %s\n", batch, qo_len, kv_len,
@@ -855,10 +871,14 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
       cudaGetLastError();
       continue;
     }
-    for (int i = 0; i < 2; ++i) CHECK_CUDA(kern.launch(pk, 0));
+    for (int i = 0; i < 2; ++i) {
+      zero_tasks();
+      CHECK_CUDA(kern.launch(pk, 0));
+    }
     CHECK_CUDA(cudaDeviceSynchronize());
     std::vector<float> ms;
     for (int i = 0; i < 20; ++i) {
+      zero_tasks();
       CHECK_CUDA(cudaEventRecord(e0));
       CHECK_CUDA(kern.launch(pk, 0));
       CHECK_CUDA(cudaEventRecord(e1));

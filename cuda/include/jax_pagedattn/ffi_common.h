@@ -162,11 +162,7 @@ inline ffi::Error MakeAttentionParams(AttentionBuffers b, const AttentionAttrs& 
   p->layout = layout;
   PointPlanSections(p, b.plan.typed_data());
 
-  float* ws = reinterpret_cast<float*>(b.workspace->typed_data());
-  p->partial_o = ws;
-  p->partial_lse = ws + int64_t(caps.partial_rows) * a.num_qo_heads * a.head_dim;
-  p->merge_counters =
-      reinterpret_cast<int32_t*>(p->partial_lse + int64_t(caps.partial_rows) * a.num_qo_heads);
+  PointWorkspace(p, b.workspace->typed_data());
   p->SetDerived();
   return ffi::Error::Success();
 }
@@ -270,5 +266,6 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
     ::xla::ffi::StructMember<int32_t>("window_left"), ::xla::ffi::StructMember<int32_t>("tile_rows"),
     ::xla::ffi::StructMember<::jax_pagedattn::Capacities>("caps"),
     ::xla::ffi::StructMember<bool>("sm90_prefill"), ::xla::ffi::StructMember<int32_t>("sm90_stages"),
+    ::xla::ffi::StructMember<bool>("sm90_drawn_tasks"),
     ::xla::ffi::StructMember<bool>("dependent_launch"),
     ::xla::ffi::StructMember<bool>("fp8_wide_decode"));

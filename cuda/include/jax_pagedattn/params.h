@@ -74,7 +74,8 @@ inline PagedKv MakePagedKv(const void* k, const void* v, bool combined, KvLayout
 // [caps.partial_rows, num_qo_heads, head_dim] float32, partial_lse [caps.partial_rows,
 // num_qo_heads] float32, then merge_counters [caps.tokens, num_kv_heads] int32 (the
 // GPU's split bookkeeping: how many partial rows of a token's GQA group are written;
-// the CPU backend leaves them).
+// the CPU backend leaves them), then task_counter, one uint64 (the tasks that the
+// Hopper prefill kernel's CTAs have drawn); PointWorkspace sets the pointers.
 struct AttentionParams : AttentionAttrs {
   DType dtype;     // q and out
   DType kv_dtype;  // the cache: dtype, or an fp8 type beside an f16 / bf16 q
@@ -102,6 +103,7 @@ struct AttentionParams : AttentionAttrs {
   float* partial_o;
   float* partial_lse;
   int32_t* merge_counters;  // [token_cap][num_kv_heads], zeroed before the attention pass
+  unsigned long long* task_counter;  // zeroed before the attention pass
 
   // logits_soft_cap in the base-2 units the GPU kernels hold logits in (c log2 e), and
   // its inverse; 0 without a cap. Derived here (SetDerived) so the kernels read them
@@ -133,12 +135,37 @@ inline int64_t PartialRowBytes(int32_t num_qo_heads, int32_t head_dim) {
   return int64_t(num_qo_heads) * (head_dim + 1) * 4;
 }
 
-// Workspace bytes of one call: the split-KV partials, then one int32 merge counter per
-// (query token, kv head). Python asks _C.workspace_bytes.
+// Byte offsets of the workspace's sections (the AttentionParams comment): partial_o,
+// partial_lse, merge_counters, task_counter (8-byte aligned), end.
+struct WorkspaceLayout {
+  int64_t partial_lse, merge_counters, task_counter, size;
+  static WorkspaceLayout Of(const Capacities& caps, int32_t num_qo_heads, int32_t head_dim,
+                            int32_t num_kv_heads) {
+    WorkspaceLayout w;
+    w.partial_lse = int64_t(caps.partial_rows) * num_qo_heads * head_dim * 4;
+    w.merge_counters = w.partial_lse + int64_t(caps.partial_rows) * num_qo_heads * 4;
+    w.task_counter = (w.merge_counters + int64_t(caps.tokens) * num_kv_heads * 4 + 7) / 8 * 8;
+    w.size = w.task_counter + 8;
+    return w;
+  }
+};
+
+// Workspace bytes of one call. Python asks _C.workspace_bytes.
 inline int64_t WorkspaceBytes(const Capacities& caps, int32_t num_qo_heads, int32_t head_dim,
                               int32_t num_kv_heads) {
-  return int64_t(caps.partial_rows) * PartialRowBytes(num_qo_heads, head_dim) +
-         int64_t(caps.tokens) * num_kv_heads * 4;
+  return WorkspaceLayout::Of(caps, num_qo_heads, head_dim, num_kv_heads).size;
+}
+
+// Points the workspace pointers of `p` (its caps and head counts set) into `base`, a
+// buffer of WorkspaceBytes, 8-byte aligned.
+inline void PointWorkspace(AttentionParams* p, void* base) {
+  const WorkspaceLayout w =
+      WorkspaceLayout::Of(p->caps, p->num_qo_heads, p->head_dim, p->num_kv_heads);
+  uint8_t* b = static_cast<uint8_t*>(base);
+  p->partial_o = reinterpret_cast<float*>(b);
+  p->partial_lse = reinterpret_cast<float*>(b + w.partial_lse);
+  p->merge_counters = reinterpret_cast<int32_t*>(b + w.merge_counters);
+  p->task_counter = reinterpret_cast<unsigned long long*>(b + w.task_counter);
 }
 
 // ALiBi slope of query head h among n heads (the standard geometric sequence, with the

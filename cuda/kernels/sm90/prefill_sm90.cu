@@ -37,6 +37,17 @@ bool DeviceIsSm90() {
   return (yes.load(std::memory_order_relaxed) & bit) != 0;
 }
 
+// SMs of the current device, cached per device ordinal (0 if unknown).
+int DeviceSms() {
+  static std::atomic<int> sms[64];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
+  int n = sms[dev].load(std::memory_order_relaxed);
+  if (n == 0 && cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess)
+    sms[dev].store(n, std::memory_order_relaxed);
+  return n;
+}
+
 template <typename T, int D, int Stages>
 struct Sm90Kernel {
   using Cfg = PrefillSm90Cfg<T, D, Stages>;
@@ -49,12 +60,17 @@ struct Sm90Kernel {
   static cudaError_t Launch(const AttentionParams& p, cudaStream_t stream, const PrefillSm90Tuning& t) {
     const cudaError_t err = Ready();
     if (err != cudaSuccess) return err;
-    const dim3 grid(unsigned(p.layout.bin_cap), unsigned(p.num_kv_heads));
+    // Drawn tasks: one CTA per SM (the kernel's occupancy), each drawing tasks until
+    // none are left; the grid does not depend on the plan.
+    const int sms = DeviceSms();
+    const bool drawn = t.drawn_tasks && sms > 0 && p.task_counter != nullptr;
+    const dim3 grid = drawn ? dim3(unsigned(sms)) : dim3(unsigned(p.layout.bin_cap), unsigned(p.num_kv_heads));
     return LaunchDependent(p.dependent_launch, PrefillSm90Kernel<T, D, Stages>, grid,
                            dim3(Cfg::kThreads),
                            Cfg::kSmemBytes, stream, p,
                            (t.pingpong ? sm90::kFlagPingpong : 0) |
-                               (t.copy_kv ? 0 : sm90::kFlagNoKvCopy));
+                               (t.copy_kv ? 0 : sm90::kFlagNoKvCopy) |
+                               (drawn ? 0 : sm90::kFlagStaticBins));
   }
 
   static cudaError_t Occupancy(int32_t* ctas) {
@@ -117,6 +133,7 @@ bool PrefillSm90Covers(DType dtype, DType kv_dtype, int head_dim) {
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream) {
   PrefillSm90Tuning tuning;
   if (p.head_dim == 128 && p.sm90_stages == 3) tuning.stages = 3;  // the only 3-stage kernels
+  tuning.drawn_tasks = p.sm90_drawn_tasks;
   return LaunchPrefillSm90(p, stream, tuning);
 }
 

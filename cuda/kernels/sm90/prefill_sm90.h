@@ -27,13 +27,18 @@ struct PrefillSm90Tuning {
   int stages = 2;
   // false: a measurement of the consumers alone (K/V tiles are not copied; wrong results).
   bool copy_kv = true;
+  // One CTA per SM drawing (work item, kv head) tasks from a counter, in plan order
+  // (prefill_sm90_kernel.cuh, TaskSchedule); false: one CTA per (bin, kv head).
+  bool drawn_tasks = true;
 };
 
 // Whether the kernel runs calls of these types and head_dim on the current device; the
 // planner then cuts 128-row items (TileRows with hopper_prefill) at every head_dim.
 bool PrefillSm90Covers(DType dtype, DType kv_dtype, int head_dim);
 
-// With the default tuning, but 3 K/V stages where p.sm90_stages asks and head_dim is 128.
+// With the default tuning, but 3 K/V stages where p.sm90_stages asks and head_dim is
+// 128, and drawn tasks only where p.sm90_drawn_tasks asks (its plans are then ordered
+// for them, PlanSpec::longest_first).
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream);
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream,
                               const PrefillSm90Tuning& tuning);

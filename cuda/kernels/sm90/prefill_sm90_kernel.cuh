@@ -1,6 +1,6 @@
 // Hopper (sm_90a) paged prefill: wgmma (CuTe GMMA atoms), warp specialisation, one CTA
-// per (bin, kv head) running the bin's work items in order, like the sm80 kernel
-// (prefill_kernel.cuh) whose semantics it shares: packed GQA rows, bottom-right causal,
+// per SM drawing (work item, kv head) tasks costliest first (TaskSchedule), with the
+// semantics of the sm80 kernel (prefill_kernel.cuh): packed GQA rows, bottom-right causal,
 // ALiBi, in-kernel RoPE, masked bad page ids, split items merged by the last CTA.
 //
 // Roles (384 threads, one CTA per SM):
@@ -110,8 +110,12 @@ struct PrefillSm90Cfg {
   static constexpr int kQOff = 0;
   static constexpr int kKOff = kQOff + kQBufs * 2 * kQWgBytes;
   static constexpr int kVOff = kKOff + kStages * kKvBytes;
+  // Tasks drawn ahead and not yet read by every warp (TaskRing).
+  static constexpr int kTaskSlots = 4;
   static constexpr int kBarOff = kVOff + kStages * kKvBytes;
-  static constexpr int kMaskOff = kBarOff + 4 * kStages * 8;
+  static constexpr int kTaskBarOff = kBarOff + 4 * kStages * 8;
+  static constexpr int kTaskOff = kTaskBarOff + 2 * kTaskSlots * 8;
+  static constexpr int kMaskOff = kTaskOff + kTaskSlots * 8;
   static constexpr int kFreqOff = kMaskOff + kStages * 16;
   static constexpr int kScratchOff = kFreqOff + D / 2 * 4;
   static constexpr int kScratchInts = kTileQ + 1;
@@ -125,6 +129,10 @@ struct PrefillSm90Cfg {
   static constexpr uint32_t kFullVCount = 32 * kCopyWarps;
   static constexpr uint32_t kEmptyKCount = 256;  // every consumer thread (mask readers)
   static constexpr uint32_t kEmptyVCount = 8;    // one arrival per consumer warp
+  // A task slot is read by every thread of the copying producer warps and of the
+  // consumers, each releasing it itself (its own arrival orders its read before the
+  // slot's next write, as for the K stages' mask words).
+  static constexpr uint32_t kTaskReaders = 32 * kCopyWarps + 256;
 
   // Named barriers.
   static constexpr uint32_t kBarWg0 = 1;        // + wg: one consumer warpgroup (128)
@@ -179,10 +187,94 @@ __device__ __forceinline__ TileRange ItemTiles(const AttentionParams& p, const W
   return r;
 }
 
+// ---- tasks: which (work item, kv head) pairs a CTA runs, in order -----------------------------
+// Two schedules (the kernel's flags):
+//   drawn (default): the plan's n items times num_kv_heads make the tasks, task t being
+//     item t / Hkv for kv head t % Hkv, in plan order (the planner puts this kernel's
+//     items costliest first, PlanSpec::longest_first). CTA c runs task c first, then the
+//     next task of a counter shared by the grid (zeroed by the setup pass), so a CTA that
+//     finishes early takes more: a greedy longest-first schedule over every SM, whatever
+//     the bins and the kv heads. One producer thread draws each task and hands it to the
+//     producer's copying warps and to the consumers through a ring of kTaskSlots
+//     shared-memory slots (mbarriers: full, written; empty, read by every reader thread).
+//   static bins (kFlagStaticBins): CTA (b, h) runs bin b's items for kv head h.
+// Whatever the plan or counter hold, a task names an item in [0, work_cap) and a head in
+// [0, num_kv_heads), and every CTA's sequence ends.
+struct Task {
+  int item;  // < 0: no more tasks
+  int head;
+};
+
+struct TaskSchedule {
+  bool drawn;
+  int item_begin, item_end;  // static bins: this CTA's items
+  int64_t num_tasks;         // drawn: items x num_kv_heads
+  uint32_t bars;             // drawn: full[kTaskSlots], then empty[kTaskSlots]
+  int2* slots;
+
+  template <class Cfg>
+  __device__ static TaskSchedule Make(const AttentionParams& p, uint8_t* smem, bool drawn) {
+    TaskSchedule ts;
+    ts.drawn = drawn;
+    ts.bars = SmemU32(smem + Cfg::kTaskBarOff);
+    ts.slots = reinterpret_cast<int2*>(smem + Cfg::kTaskOff);
+    const int bins = p.layout.bin_cap;
+    if (drawn) {
+      const int items = min(max(__ldg(p.bin_indptr + bins), 0), p.layout.work_cap);
+      ts.num_tasks = int64_t(items) * p.num_kv_heads;
+      ts.item_begin = ts.item_end = 0;
+    } else {
+      const int bin = blockIdx.x < unsigned(bins) ? int(blockIdx.x) : bins;
+      ts.item_begin = bin < bins ? max(__ldg(p.bin_indptr + bin), 0) : 0;
+      ts.item_end = bin < bins ? min(__ldg(p.bin_indptr + bin + 1), p.layout.work_cap) : 0;
+      ts.num_tasks = 0;
+    }
+    return ts;
+  }
+
+  template <class Cfg>
+  __device__ uint32_t Full(int k) const { return bars + 8 * (k % Cfg::kTaskSlots); }
+  template <class Cfg>
+  __device__ uint32_t Empty(int k) const { return bars + 8 * (Cfg::kTaskSlots + k % Cfg::kTaskSlots); }
+
+  // Drawn schedules: the k-th task of this CTA, drawn by one thread and written to its
+  // slot once every reader has read the slot's previous task.
+  template <class Cfg>
+  __device__ void Draw(const AttentionParams& p, int k) const {
+    int64_t t = -1;
+    if (k == 0) {
+      t = blockIdx.x;
+    } else if (p.task_counter != nullptr) {
+      WaitForPrimaryGrid();  // the setup pass zeroed the counter
+      t = int64_t(gridDim.x) + int64_t(atomicAdd(p.task_counter, 1ull) & 0x3fffffffffffffffull);
+    }
+    Task task{-1, 0};
+    if (t >= 0 && t < num_tasks) task = Task{int(t / p.num_kv_heads), int(t % p.num_kv_heads)};
+    MbarWait(Empty<Cfg>(k), ((k / Cfg::kTaskSlots) & 1) ^ 1);
+    slots[k % Cfg::kTaskSlots] = make_int2(task.item, task.head);
+    MbarArrive(Full<Cfg>(k));  // release: the slot is visible with the phase
+  }
+
+  // The k-th task of this CTA, called by every thread of the reader warps for k = 0, 1,
+  // ... until it returns the end.
+  template <class Cfg>
+  __device__ Task Read(int k) const {
+    if (!drawn) {
+      const int item = item_begin + k;
+      return item < item_end ? Task{item, int(blockIdx.y)} : Task{-1, 0};
+    }
+    MbarWait(Full<Cfg>(k), (k / Cfg::kTaskSlots) & 1);
+    const volatile int* slot = reinterpret_cast<volatile int*>(slots + k % Cfg::kTaskSlots);
+    const Task task{slot[0], slot[1]};
+    MbarArrive(Empty<Cfg>(k));
+    return task;
+  }
+};
+
 // ---- producer warpgroup ------------------------------------------------------------------------
 template <typename T, int D, int Stages>
 __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* smem,
-                                             int item_begin, int item_end, bool copy_kv) {
+                                             const TaskSchedule& tasks, bool copy_kv) {
   using Cfg = PrefillSm90Cfg<T, D, Stages>;
   constexpr int S = Cfg::kStages;
   constexpr int kTileKv = Cfg::kTileKv;
@@ -200,7 +292,6 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
   uint32_t* s_mask = reinterpret_cast<uint32_t*>(smem + Cfg::kMaskOff);
   const float* s_freq = reinterpret_cast<const float*>(smem + Cfg::kFreqOff);
   const int ps = p.kv.page_size;
-  const int64_t head_off = int64_t(blockIdx.y) * p.kv.head_stride;
   const int chunk = lane % Cfg::kRowLanes;  // this lane's 16-byte chunk of a key row
   const int sub = lane / Cfg::kRowLanes;     // and its row among the kStepRows of a copy
 
@@ -237,13 +328,29 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
     }
   };
 
+  // Drawn schedules: lane 0 of warp 0 draws task k + 1 once task k's first K tile is on
+  // its way (so the counter's round trip hides behind it), or at once for a task with no
+  // tiles: before the consumers, who read task k + 1 as they start task k, can wait for it.
+  const bool drawer = tasks.drawn && pw == 0;
+  auto draw = [&](int k) {
+    if (drawer) {
+      if (lane == 0) tasks.Draw<Cfg>(p, k);
+      __syncwarp();
+    }
+  };
+  draw(0);
   uint32_t kc = 0, vc = 0;  // K / V tiles produced so far (ring position), across items
-  for (int item = item_begin; item < item_end; ++item) {
-    const WorkItem it = LoadWorkItem(p, item, Cfg::kTileQ);
-    if (it.request < 0) continue;
+  for (int k = 0;; ++k) {
+    const Task task = tasks.Read<Cfg>(k);
+    if (task.item < 0) break;
+    const WorkItem it = LoadWorkItem(p, task.item, Cfg::kTileQ);
     const TileRange tr = ItemTiles<kTileKv>(p, it);
-    const int n = tr.n;
-    if (n == 0) continue;
+    const int n = it.request < 0 ? 0 : tr.n;
+    if (n == 0) {
+      draw(k + 1);
+      continue;
+    }
+    const int64_t head_off = int64_t(task.head) * p.kv.head_stride;
 
     // Page id and slot of this lane's key in step i (tile n - 1 - i); pid -1 past the keys.
     auto lookup = [&](int i, int& pid, int& slot) {
@@ -290,7 +397,7 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
     // no pair is done twice.
     auto rotate_k = [&](uint32_t c, int i, bool newer_pending) {
       if (newer_pending) {
-        cp_async::WaitGroup<1>();  // all but the newest group (K of step i + 1)
+        cp_async::WaitGroup<1>();  // all but the newest group (K(1) or V(i - 1))
       } else {
         cp_async::WaitGroup<0>();
       }
@@ -345,16 +452,21 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
     lookup(1, pid, slot);  // one step ahead: its latency hides behind a step's copies
     uint32_t kc_cur = kc;
     produce_k(off_cur);
+    draw(k + 1);
+    // Copies in the order K0 K1 V0 K2 V1 K3 ... With RoPE, K(i) (i > 0) is rotated before
+    // K(i + 1) is issued: that copy waits for the stage the consumers free with S(i - 1),
+    // and a rotation queued behind it would start only then, on the consumers' path.
     for (int i = 0; i < n; ++i) {
       const bool has_next = i + 1 < n;
       int64_t off_next = -1;
       const uint32_t kc_next = kc;
+      if (rope && i > 0) rotate_k(kc_cur, i, true);  // V(i - 1) was committed after K(i)
       if (has_next) {
         off_next = offset_of(pid, slot);
         lookup(i + 2, pid, slot);
         produce_k(off_next);
       }
-      if (rope) rotate_k(kc_cur, i, has_next);
+      if (rope && i == 0) rotate_k(kc_cur, 0, has_next);  // K(1) was committed after K(0)
       produce_v(off_cur);
       off_cur = off_next;
       kc_cur = kc_next;
@@ -391,7 +503,7 @@ __device__ __forceinline__ uint32_t ThreadMask(const uint4& w, int quad) {
 
 template <typename T, int D, int Stages>
 __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* smem,
-                                             int item_begin, int item_end, bool pingpong) {
+                                             const TaskSchedule& tasks, bool pingpong) {
   using namespace cute;
   using Cfg = PrefillSm90Cfg<T, D, Stages>;
   using TE = typename Cfg::TE;
@@ -403,7 +515,6 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
   const int warp_wg = tw >> 5;
   const int lane = tw & 31;
   const int quad = lane & 3;
-  const int kv_head = blockIdx.y;
   const int G = p.group_size;
   const int Hqo = p.num_qo_heads;
   const bool causal = p.causal;
@@ -481,7 +592,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       f(wg * Cfg::kWgRows + row, c, off_lo, off_hi);
     }
   };
-  auto issue_q = [&](const WorkItem& w, uint8_t* buf) {
+  auto issue_q = [&](const WorkItem& w, int kv_head, uint8_t* buf) {
     const uint32_t b = SmemU32(buf);
     for_q_chunks([&](int r_item, int c, uint32_t off_lo, uint32_t off_hi) {
       const bool live = r_item < w.num_rows;
@@ -507,21 +618,33 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       *phi = hi;
     });
   };
-  // The first item at or after j that the loop below does not skip (item_end if none).
-  auto next_live = [&](int j) {
-    while (j < item_end && LoadWorkItem(p, j, Cfg::kTileQ).request < 0) ++j;
-    return j;
+  auto item_of = [&](const Task& t) {
+    WorkItem w{};
+    w.request = -1;
+    return t.item >= 0 ? LoadWorkItem(p, t.item, Cfg::kTileQ) : w;
   };
-  int qb = 0;  // the Q buffer of the current item
+  // (Items are loaded again where needed rather than kept: a WorkItem held across the
+  // main loop costs the consumers registers they do not have.)
+  int qb = 0;               // the Q buffer of the current item
+  bool q_issued = false;    // its Q copy was issued during the previous item
+  Task cur = tasks.Read<Cfg>(0);
   if constexpr (Cfg::kQBufs == 2) {
-    const int first = next_live(item_begin);
-    if (first < item_end) issue_q(LoadWorkItem(p, first, Cfg::kTileQ), q_buf(0));
+    const WorkItem first = item_of(cur);
+    if (first.request >= 0) {
+      issue_q(first, cur.head, q_buf(0));
+      q_issued = true;
+    }
   }
 
   uint32_t kc = 0, vc = 0;  // K / V tiles consumed so far (ring position), across items
-  for (int item = item_begin; item < item_end; ++item) {
-    const WorkItem it = LoadWorkItem(p, item, Cfg::kTileQ);
-    if (it.request < 0) continue;
+  for (int k = 0; cur.item >= 0; ++k) {
+    const WorkItem it = item_of(cur);
+    const int kv_head = cur.head;
+    if (it.request < 0) {
+      cur = tasks.Read<Cfg>(k + 1);
+      q_issued = false;
+      continue;
+    }
     uint8_t* sq_bytes = q_buf(qb);
     const TileRange tr = ItemTiles<kTileKv>(p, it);
     const int n = tr.n;
@@ -642,16 +765,19 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
     // Every warp of the warpgroup is done with the previous item's GEMMs and O staging
     // (the other buffer) before its Q lands or the next item's copy is issued.
     wg_sync();
-    if constexpr (Cfg::kQBufs == 1) {
-      if (n > 0) issue_q(it, sq_bytes);
-    }
+    if (!q_issued && n > 0) issue_q(it, kv_head, sq_bytes);
     cp_async::WaitGroup<0>();  // this item's Q: issued now, or during the previous item
     if (rope && n > 0) rope_q(it, sq_bytes);
     FenceProxyAsync();  // cp.async / RoPE stores, read next by wgmma
     wg_sync();
+    const Task next = tasks.Read<Cfg>(k + 1);
+    q_issued = false;
     if constexpr (Cfg::kQBufs == 2) {
-      const int next = next_live(item + 1);
-      if (next < item_end) issue_q(LoadWorkItem(p, next, Cfg::kTileQ), q_buf(qb ^ 1));
+      const WorkItem next_it = item_of(next);
+      if (next_it.request >= 0) {
+        issue_q(next_it, next.head, q_buf(qb ^ 1));
+        q_issued = true;
+      }
       qb ^= 1;
     }
     Tensor tSrQ = thr_qk.partition_fragment_A(
@@ -794,15 +920,19 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
           p, int(threadIdx.x), [] { NamedSyncImm<Cfg::kBarConsumers>(256); }, it.q_base,
           it.row_begin, it.row_begin + nrows, kv_head, s_scratch);
     }
+    cur = next;
   }
   if (pingpong && wg == 0) NamedSync(Cfg::kBarTurn0, 256);  // warpgroup 1's last pass
 }
 
-// Grid [bin_cap, num_kv_heads], Cfg::kThreads threads, Cfg::kSmemBytes dynamic shared memory.
+// Grid: [CTAs the device holds at once] (drawn tasks), or [bin_cap, num_kv_heads] with
+// kFlagStaticBins; Cfg::kThreads threads, Cfg::kSmemBytes dynamic shared memory.
 // `flags`: kFlagPingpong; kFlagNoKvCopy (a measurement, never a result: the producer runs
-// its protocol without copying K/V, so the time left is the consumers').
+// its protocol without copying K/V, so the time left is the consumers'); kFlagStaticBins
+// (the plan's bins instead of drawn tasks, TaskSchedule).
 constexpr int kFlagPingpong = 1;
 constexpr int kFlagNoKvCopy = 2;
+constexpr int kFlagStaticBins = 4;
 template <typename T, int D, int Stages>
 __global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages>::kThreads, 1)
     PrefillSm90Kernel(const __grid_constant__ AttentionParams p, const int flags) {
@@ -819,6 +949,11 @@ __global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages>::kThreads, 1)
       MbarInit(bars + 8 * (2 * Cfg::kStages + s), Cfg::kEmptyKCount);
       MbarInit(bars + 8 * (3 * Cfg::kStages + s), Cfg::kEmptyVCount);
     }
+    const uint32_t task_bars = SmemU32(smem + Cfg::kTaskBarOff);
+    for (int s = 0; s < Cfg::kTaskSlots; ++s) {
+      MbarInit(task_bars + 8 * s, 1);
+      MbarInit(task_bars + 8 * (Cfg::kTaskSlots + s), Cfg::kTaskReaders);
+    }
     MbarInitFence();
   }
   if (p.pos_encoding == PosEncoding::kRopeLlama) {
@@ -827,15 +962,13 @@ __global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages>::kThreads, 1)
     RopeFrequencyTable(s_freq, D, p.rope_scale, p.rope_theta, tid, Cfg::kThreads);
   }
   __syncthreads();
-  const int bin = blockIdx.x;
-  const int item_begin = max(__ldg(p.bin_indptr + bin), 0);
-  const int item_end = min(__ldg(p.bin_indptr + bin + 1), p.layout.work_cap);
+  const TaskSchedule tasks = TaskSchedule::Make<Cfg>(p, smem, (flags & kFlagStaticBins) == 0);
   if (tid >= 256) {
     RegDealloc<Cfg::kProducerRegs>();
-    ProduceItems<T, D, Stages>(p, smem, item_begin, item_end, (flags & kFlagNoKvCopy) == 0);
+    ProduceItems<T, D, Stages>(p, smem, tasks, (flags & kFlagNoKvCopy) == 0);
   } else {
     RegAlloc<Cfg::kConsumerRegs>();
-    ConsumeItems<T, D, Stages>(p, smem, item_begin, item_end, (flags & kFlagPingpong) != 0);
+    ConsumeItems<T, D, Stages>(p, smem, tasks, (flags & kFlagPingpong) != 0);
   }
   WaitForPrimaryGrid();  // never finish before the setup pass (dependent_launch.cuh)
 #else
