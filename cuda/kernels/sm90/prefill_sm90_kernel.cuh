@@ -110,7 +110,7 @@ struct PrefillSm90Cfg {
   static constexpr int kQOff = 0;
   static constexpr int kKOff = kQOff + kQBufs * 2 * kQWgBytes;
   static constexpr int kVOff = kKOff + kStages * kKvBytes;
-  // Tasks drawn ahead and not yet read by every warp (TaskRing).
+  // Tasks drawn ahead and not yet read by every reader thread (TaskSchedule).
   static constexpr int kTaskSlots = 4;
   static constexpr int kBarOff = kVOff + kStages * kKvBytes;
   static constexpr int kTaskBarOff = kBarOff + 4 * kStages * 8;
