@@ -620,7 +620,6 @@ void OrderLongestFirst(const PlanSpec& s, Dealt* d, int32_t* out) {
   const int64_t bins = d->bins_used;
   int32_t* bin_indptr = out + L.bin_indptr();
   for (int64_t b = 0; b <= bins; ++b) bin_indptr[b] = int32_t(n * b / bins);
-  d->bins_used = bins;
   d->open_bin = bins - 1;
 }
 

@@ -143,7 +143,7 @@ struct WorkspaceLayout {
                             int32_t num_kv_heads) {
     WorkspaceLayout w;
     w.partial_lse = int64_t(caps.partial_rows) * num_qo_heads * head_dim * 4;
-    w.merge_counters = w.partial_lse + int64_t(caps.partial_rows) * num_qo_heads * 4;
+    w.merge_counters = int64_t(caps.partial_rows) * PartialRowBytes(num_qo_heads, head_dim);
     w.task_counter = (w.merge_counters + int64_t(caps.tokens) * num_kv_heads * 4 + 7) / 8 * 8;
     w.size = w.task_counter + 8;
     return w;
