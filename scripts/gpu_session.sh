@@ -14,7 +14,8 @@
 # bench3 (python -m jax_pagedattn.bench with $BENCH / $BENCH2 / $BENCH3 as arguments;
 # FlashInfer from the wheels in .fi/ that shared/tools/flashinfer_wheels.sh prepares),
 # sweep ($SWEEP once per value of $SWEEP_VAR in $SWEEP_VALUES), ncu (hardware
-# counters of our kernel and FlashInfer's on each preset of $NCU_PRESETS), timeline
+# counters of our kernel and FlashInfer's on each preset of $NCU_PRESETS), rpa
+# (scripts/bench_rpa.py with $RPA as arguments: the in-graph ragged loop), timeline
 # (scripts/op_timeline.py on $TIMELINE_PRESETS), host (scripts/host_costs.py on each
 # BxL of $HOST_SHAPES).
 set -uo pipefail
@@ -93,6 +94,15 @@ for stage in ${STAGES-tests memcheck bench}; do  # STAGES="" runs none (build on
         cat "$run/sweep_$c.txt"
       done
       summary+=("sweep $var: ($(( $(date +%s) - t0 )) s)")
+      ;;
+    rpa)
+      (cd /tmp && timeout "${BENCH_TIMEOUT:-400}" python3 -P "$repo/scripts/bench_rpa.py" \
+         ${RPA:---batch 64 --kv-len 4096 --layers 1,16} --json "$run/rpa.json" \
+         >"$run/rpa.txt" 2>"$run/rpa.err")
+      rc=$?
+      summary+=("rpa (${RPA:-default}): rc=$rc ($(( $(date +%s) - t0 )) s)")
+      cat "$run/rpa.txt"
+      [ $rc -eq 0 ] || tail -20 "$run/rpa.err"
       ;;
     timeline)
       (cd /tmp && timeout "${BENCH_TIMEOUT:-400}" python3 -P "$repo/scripts/op_timeline.py" \

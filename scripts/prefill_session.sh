@@ -5,8 +5,8 @@
 #   in the foreground: scripts/sm90_prefill_session.sh (harness build, then its GPU
 #   stages: $SM90_STAGES);
 #   then, once the build is in: scripts/gpu_session.sh with SKIP_BUILD=1 and $STAGES
-#   (default "tests bench": the GPU pytest narrowed by $PYTEST_K, run before FlashInfer's
-#   JIT is waited for, then $BENCH and any other stage).
+#   (default "tests bench": the GPU pytest narrowed by $PYTEST_K and the sanitizers run
+#   before FlashInfer's JIT is waited for, then $BENCH and any other stage).
 # Carry .cutlass and .fi. Each part prints its own summary; every log is packed into
 # $OUT/session.tgz, with the ncu digests and the bench tables beside it.
 #
@@ -62,12 +62,18 @@ wait "$build_pid"
 echo "== pip build: rc=$(cat /tmp/pip_build.rc) ($(( $(date +%s) - t_start )) s since start;" \
   "$(grep -o 'sm90 prefill [A-Z]*' /tmp/pip_build.log | head -1)) =="
 [ "$(cat /tmp/pip_build.rc)" = 0 ] || { tail -30 /tmp/pip_build.log; exit 1; }
-# The GPU tests need no FlashInfer: they run while its JIT may still be going.
+# Stages that need no FlashInfer (the GPU tests, the sanitizers; $EARLY_STAGES) run
+# while its JIT may still be going, in the order given.
 stages=${STAGES-tests bench}
-if [[ " $stages " == *" tests "* ]]; then
-  STAGES=tests SKIP_BUILD=1 OUT=$out/lib_tests bash scripts/gpu_session.sh
-  stages=${stages//tests/}
-fi
+late=""
+for st in $stages; do
+  if [[ " ${EARLY_STAGES:-tests memcheck racecheck} " == *" $st "* ]]; then
+    STAGES=$st SKIP_BUILD=1 OUT=$out/lib_$st bash scripts/gpu_session.sh
+  else
+    late="$late $st"
+  fi
+done
+stages=$late
 wait  # FlashInfer's JIT
 cat /tmp/fi_warmup.log 2>/dev/null | tail -5
 [ -n "${stages// /}" ] && STAGES=$stages SKIP_BUILD=1 OUT=$out/lib bash scripts/gpu_session.sh
