@@ -126,20 +126,24 @@ if [ -x "$bin" ] && [ -x "$bin_wd" ]; then
   (( rc != 0 )) && { echo "bench: last lines of bench.log:"; tail -4 "$run/bench.log"; }
   fi
 
-  # ncu: one timed launch of the sm90 kernel on each bench row of $NCU_ROWS (full set,
-  # per-instruction stall samples), the hottest SASS lines printed by scripts/ncu_hot_sass.py
+  # ncu: one timed launch of each harness kernel of $NCU_KERNELS (bench row names,
+  # default sm90) on each bench row of $NCU_ROWS (full set, per-instruction stall
+  # samples), the hottest SASS lines printed by scripts/ncu_hot_sass.py
   if want ncu && command -v ncu >/dev/null; then
     for r in ${NCU_ROWS:-0 4}; do
+    for kn in ${NCU_KERNELS:-sm90}; do
       t0=$(date +%s)
-      JPA_BENCH_ROWS=$r timeout "$(cap 90)" ncu --clock-control none -k regex:PrefillSm90Kernel \
-        --launch-skip 3 --launch-count 1 --set full --import-source yes -f -o "$run/ncu_row$r" \
-        "$bin" bench 7 >"$run/ncu_row$r.log" 2>&1
-      note "ncu row $r: rc=$? ($(( $(date +%s) - t0 )) s)"
-      ncu --import "$run/ncu_row$r.ncu-rep" --page details >"$run/ncu_row$r.txt" 2>&1
-      ncu --import "$run/ncu_row$r.ncu-rep" --page source --csv --print-source sass \
-        >"$run/ncu_row${r}_sass.csv" 2>&1
-      python3 scripts/ncu_hot_sass.py "$run/ncu_row${r}_sass.csv" >"$run/ncu_row${r}_hot.txt" 2>&1
-      cp "$run/ncu_row$r.txt" "$run/ncu_row${r}_hot.txt" "$out"/ 2>/dev/null
+      tag=row$r-$kn
+      JPA_BENCH_ROWS=$r JPA_BENCH_KERNELS=$kn timeout "$(cap 90)" ncu --clock-control none \
+        -k regex:PrefillSm90Kernel --launch-skip 3 --launch-count 1 --set full --import-source yes \
+        -f -o "$run/ncu_$tag" "$bin" bench 7 >"$run/ncu_$tag.log" 2>&1
+      note "ncu $tag: rc=$? ($(( $(date +%s) - t0 )) s)"
+      ncu --import "$run/ncu_$tag.ncu-rep" --page details >"$run/ncu_$tag.txt" 2>&1
+      ncu --import "$run/ncu_$tag.ncu-rep" --page source --csv --print-source sass \
+        >"$run/ncu_${tag}_sass.csv" 2>&1
+      python3 scripts/ncu_hot_sass.py "$run/ncu_${tag}_sass.csv" >"$run/ncu_${tag}_hot.txt" 2>&1
+      cp "$run/ncu_$tag.txt" "$run/ncu_${tag}_hot.txt" "$out"/ 2>/dev/null
+    done
     done
   fi
 

@@ -855,6 +855,15 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
   kernels.push_back({"sm90-bins1", static_bins, &p_bins1});
   kernels.push_back({"sm90-bins4", static_bins, &p_bins4});
 #endif
+  // JPA_BENCH_KERNELS="sm90,sm90-nokv" times only those (e.g. to profile one under ncu);
+  // the outputs are then compared with the first one kept.
+  if (const char* only = std::getenv("JPA_BENCH_KERNELS")) {
+    const std::string names = std::string(",") + only + ",";
+    std::vector<Timed> kept;
+    for (const Timed& t : kernels)
+      if (names.find("," + std::string(t.name) + ",") != std::string::npos) kept.push_back(t);
+    kernels = kept;
+  }
   std::vector<uint16_t> first_out, got_out;
   for (size_t k = 0; k < kernels.size(); ++k) {
     const Timed& kern = kernels[k];
