@@ -29,6 +29,10 @@ class Switches:
   # plans ordered so: PlanSpec longest_first). Drawn tasks are the default since they
   # passed the GPU suite and sanitizers and timed 1.06-1.19x faster (docs/PERF_NOTES.md).
   sm90_drawn_tasks: bool = True
+  # JAX_PAGEDATTN_SM90_ROPE_KEYS=0: the Hopper prefill kernel rotates RoPE keys in every
+  # CTA that loads them, instead of once per call into a workspace section of the plan's
+  # key capacity (rope_keys.cuh; docs/CONTRACT.md).
+  sm90_rope_keys: bool = True
   # JAX_PAGEDATTN_DEPENDENT_LAUNCH=0: no programmatic dependent launch (sm90+).
   dependent_launch: bool = True
   # JAX_PAGEDATTN_DEAL=bins|equal: force one of the planner's two deals.
@@ -71,6 +75,7 @@ def from_environment(environ=os.environ) -> Switches:
       sm90_prefill=_flag(environ, "JAX_PAGEDATTN_SM90_PREFILL", True),
       sm90_stages=int(stages),
       sm90_drawn_tasks=_flag(environ, "JAX_PAGEDATTN_SM90_DRAWN_TASKS", True),
+      sm90_rope_keys=_flag(environ, "JAX_PAGEDATTN_SM90_ROPE_KEYS", True),
       dependent_launch=_flag(environ, "JAX_PAGEDATTN_DEPENDENT_LAUNCH", True),
       deal=deal,
       ctas_per_sm=max(0, ctas_per_sm),
