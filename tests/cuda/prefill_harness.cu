@@ -40,15 +40,15 @@
 
 using namespace jax_pagedattn;
 
-// The launcher the checks exercise. JPA_SM90_PINGPONG=0 runs the sm90 checks without
-// the warpgroup pingpong (a diagnostic when the default fails); JPA_SM90_STAGES=3 with
+// The launcher the checks exercise. JPA_SM90_PINGPONG=1 / 0 runs the sm90 checks with /
+// without the warpgroup pingpong (default: the launcher's); JPA_SM90_STAGES=3 with
 // three K/V stages at head_dim 128; JPA_SM90_STATIC=1 with one CTA per (bin, kv head)
 // instead of drawn tasks.
 static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream) {
 #ifdef JPA_HARNESS_SM90
   static const bool pingpong = [] {
     const char* v = std::getenv("JPA_SM90_PINGPONG");
-    return v == nullptr || std::strcmp(v, "0") != 0;
+    return v == nullptr ? PrefillSm90Tuning{}.pingpong : std::strcmp(v, "0") != 0;
   }();
   static const int stages = [] {
     const char* v = std::getenv("JPA_SM90_STAGES");
@@ -868,9 +868,9 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
     return LaunchPrefillSm90(q, st, t);
   };
   kernels.push_back({"sm90-static", static_bins});
-  kernels.push_back({"sm90-nopp", [](const AttentionParams& q, cudaStream_t st) {
+  kernels.push_back({"sm90-pp", [](const AttentionParams& q, cudaStream_t st) {
                        PrefillSm90Tuning t;
-                       t.pingpong = false;
+                       t.pingpong = true;
                        return LaunchPrefillSm90(q, st, t);
                      }});
   kernels.push_back({"sm90-3st", [](const AttentionParams& q, cudaStream_t st) {

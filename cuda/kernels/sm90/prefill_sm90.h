@@ -21,8 +21,9 @@ namespace jax_pagedattn {
 
 // Knobs for measurement; the defaults are what LaunchPrefillSm90(p, stream) uses.
 struct PrefillSm90Tuning {
-  // The two consumer warpgroups take turns to issue their GEMMs (named barriers).
-  bool pingpong = true;
+  // The two consumer warpgroups take turns to issue their GEMMs (named barriers). Off:
+  // with drawn tasks the kernel ran 0-7% faster without the turns (docs/PERF_NOTES.md).
+  bool pingpong = false;
   // K and V tiles in flight each (2 or 3; 3 takes 224 of the 227 KB of shared memory).
   int stages = 2;
   // false: a measurement of the consumers alone (K/V tiles are not copied; wrong results).
