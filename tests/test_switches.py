@@ -30,10 +30,10 @@ def test_switches_are_read_from_the_environment():
 
 
 def test_fp8_tensor_cores_switch():
-  """JAX_PAGEDATTN_FP8_TENSOR_CORES: off unless set to something other than "" or "0";
-  a plan carries the value in force when it was made (the CUDA lowering's gate)."""
-  assert switches.from_environment({}).fp8_tensor_cores is False
-  for value, want in (("1", True), ("0", False), ("", False), ("yes", True)):
+  """JAX_PAGEDATTN_FP8_TENSOR_CORES: on unless set to "0"; a plan carries the value in
+  force when it was made (the CUDA lowering's gate)."""
+  assert switches.from_environment({}).fp8_tensor_cores is True
+  for value, want in (("1", True), ("0", False), ("", True), ("yes", True)):
     env = {"JAX_PAGEDATTN_FP8_TENSOR_CORES": value}
     assert switches.from_environment(env).fp8_tensor_cores is want, value
   w = jpa.BatchDecodeWithPagedKVCacheWrapper(use_tensor_cores=True)
@@ -42,9 +42,9 @@ def test_fp8_tensor_cores_switch():
   with switches.overridden(fp8_tensor_cores=True) as sw:
     assert sw.fp8_tensor_cores
     on = w.plan(*args, q_data_type="bfloat16", kv_data_type="float8_e4m3fn").config
-  off = w.plan(*args, q_data_type="bfloat16", kv_data_type="float8_e4m3fn").config
-  assert on.fp8_tensor_cores is True
-  assert off.fp8_tensor_cores is switches.current().fp8_tensor_cores
+  with switches.overridden(fp8_tensor_cores=False):
+    off = w.plan(*args, q_data_type="bfloat16", kv_data_type="float8_e4m3fn").config
+  assert on.fp8_tensor_cores is True and off.fp8_tensor_cores is False
   assert "fp8_tensor_cores" not in planning.ffi_attrs(on)  # the lowering's, not the kernel's
 
 

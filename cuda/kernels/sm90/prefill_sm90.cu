@@ -1,7 +1,7 @@
-// LaunchPrefillSm90: the Hopper prefill kernel (prefill_sm90_kernel.cuh), after the pass
-// that rotates a RoPE call's keys (rope_keys.cuh) where the workspace holds them, for bf16 and
+// LaunchPrefillSm90: the Hopper prefill kernel (prefill_sm90_kernel.cuh) for bf16 and
 // fp16 caches and queries at head_dim 64, 128 and 256 with 2 K/V stages, and 3 stages at
-// head_dim 128 (a measurement knob): eight instantiations. Built for sm_90a only
+// head_dim 128 (a measurement knob): eight instantiations, each after the pass that
+// rotates a RoPE call's keys once (rope_keys.cuh) where the workspace holds them. Built for sm_90a only
 // (-gencode=arch=compute_90a,code=sm_90a); on any other target the kernel body is empty
 // and the launcher refuses (cudaErrorNotSupported), so the file may sit in a
 // multi-architecture build.
