@@ -182,11 +182,24 @@ NB_MODULE(_C, m) {
       "Hopper prefill kernel runs the call (hopper_prefill_covers).");
   m.def(
       "workspace_bytes",
-      [](nb::handle caps, int32_t num_qo_heads, int32_t head_dim, int32_t num_kv_heads) {
-        return WorkspaceBytes(CapsOf(caps), num_qo_heads, head_dim, num_kv_heads);
+      [](nb::handle caps, int32_t num_qo_heads, int32_t head_dim, int32_t num_kv_heads,
+         int32_t page_size, int32_t pos_encoding, bool sm90_rope_keys, int32_t q_itemsize) {
+        AttentionAttrs a{};
+        a.caps = CapsOf(caps);
+        a.num_qo_heads = num_qo_heads;
+        a.head_dim = head_dim;
+        a.num_kv_heads = num_kv_heads;
+        a.page_size = page_size;
+        a.pos_encoding = PosEncoding(pos_encoding);
+        a.sm90_rope_keys = sm90_rope_keys;
+        const DType q = q_itemsize == 4 ? DType::kF32 : DType::kBF16;  // only its size counts
+        return WorkspaceBytes(a.caps, num_qo_heads, head_dim, num_kv_heads, RopeKeysBytes(a, q));
       },
       nb::arg("caps"), nb::arg("num_qo_heads"), nb::arg("head_dim"), nb::arg("num_kv_heads"),
-      "Bytes of an attention call's workspace (params.h).");
+      nb::arg("page_size") = 1, nb::arg("pos_encoding") = 0, nb::arg("sm90_rope_keys") = false,
+      nb::arg("q_itemsize") = 2,
+      "Bytes of an attention call's workspace (params.h), with the rotated keys' section "
+      "where sm90_rope_keys and RoPE (pos_encoding 1) ask for it.");
   m.def("partial_row_bytes", &PartialRowBytes, nb::arg("num_qo_heads"), nb::arg("head_dim"),
         "Workspace bytes of one split-KV partial row (params.h).");
   m.def(

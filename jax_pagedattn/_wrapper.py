@@ -177,7 +177,8 @@ class PagedAttentionWrapper:
         sm90_prefill=sw.sm90_prefill, sm90_stages=sw.sm90_stages,
         sm90_drawn_tasks=sw.sm90_drawn_tasks,
         dependent_launch=sw.dependent_launch, fp8_tensor_cores=sw.fp8_tensor_cores,
-        fp8_wide_decode=sw.fp8_wide_decode)
+        fp8_wide_decode=sw.fp8_wide_decode,
+        sm90_rope_keys=hopper and pos_encoding_mode == "ROPE_LLAMA" and sw.sm90_rope_keys)
     spec = planning.plan_spec(page_size=page_size, group_size=group, tile_rows=tile_rows,
                               causal=causal, caps=caps, decode_names=self._decode,
                               fixed_split_size=split_pages,

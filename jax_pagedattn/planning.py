@@ -90,10 +90,10 @@ def _kv_layout_attr(kv_layout: str):
   return np.int32(layout_lib.KV_LAYOUT_CODE[kv_layout])
 
 
-def _attr(encode, name: str | None = None):
+def _attr(encode, name: str | None = None, **field_kwargs):
   """A PlanConfig field that is also an FFI attribute of the call (attention_attrs.h):
   `encode` turns its value into the attribute, `name` renames it there."""
-  return dataclasses.field(metadata={"ffi": (encode, name)})
+  return dataclasses.field(metadata={"ffi": (encode, name)}, **field_kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +132,9 @@ class PlanConfig:
   # Whether an fp8 cache may run on the GPU's tensor-core kernel (the lowering's gate;
   # not an attribute).
   fp8_tensor_cores: bool = False
+  # The Hopper prefill kernel rotates a RoPE call's keys once into the workspace
+  # (attention_attrs.h); the wrapper sets it only where that kernel runs with RoPE.
+  sm90_rope_keys: bool = _attr(np.bool_, default=False)
 
   @property
   def group_size(self) -> int:
@@ -139,9 +142,13 @@ class PlanConfig:
 
   @property
   def workspace_bytes(self) -> int:
-    """Split-KV partial rows, then one int32 merge counter per (token, kv head)
-    (params.h, WorkspaceBytes)."""
-    return _C.workspace_bytes(self.caps, self.num_qo_heads, self.head_dim, self.num_kv_heads)
+    """Split-KV partial rows, one int32 merge counter per (token, kv head), the task
+    counter, and the rotated keys where sm90_rope_keys asks (params.h, WorkspaceBytes)."""
+    return _C.workspace_bytes(self.caps, self.num_qo_heads, self.head_dim, self.num_kv_heads,
+                              page_size=self.page_size,
+                              pos_encoding=int(POS_ENCODING_MODES[self.pos_encoding_mode]),
+                              sm90_rope_keys=self.sm90_rope_keys,
+                              q_itemsize=jnp.dtype(self.q_dtype).itemsize)
 
 
 @functools.lru_cache(maxsize=256)

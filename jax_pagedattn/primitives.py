@@ -74,17 +74,16 @@ def _native_attention_lowering(ctx, q, k_cache, v_cache, plan, sinks, scales, *,
 
 
 def _cuda_attention_lowering(ctx, *args, config, combined):
-  # fp8 caches on the tensor-core kernel (prefill, use_tensor_cores decode) wait for a GPU
-  # validation behind the fp8_tensor_cores switch, fixed in the plan. Said here, before
-  # any kernel.
+  # fp8 caches on the tensor-core kernel (prefill, use_tensor_cores decode) unless the
+  # fp8_tensor_cores switch, fixed in the plan, turned them off. Said here, before any kernel.
   if (config.kv_dtype in planning.FP8_KV_DTYPES and config.target != "jax_pagedattn_decode"
       and not config.fp8_tensor_cores):
     raise NotImplementedError(
-        f"kv_data_type={config.kv_dtype} runs on the GPU's tensor-core kernel (prefill, "
-        f"use_tensor_cores=True decode) only with JAX_PAGEDATTN_FP8_TENSOR_CORES=1 "
-        f"(switches.fp8_tensor_cores) when the plan is made, until that path is validated on "
-        f"a GPU; without it use BatchDecodeWithPagedKVCacheWrapper(use_tensor_cores=False) or "
-        f"a float16 / bfloat16 cache (the CPU backend runs every op on fp8 caches)")
+        f"kv_data_type={config.kv_dtype} on the GPU's tensor-core kernel (prefill, "
+        f"use_tensor_cores=True decode) was turned off by JAX_PAGEDATTN_FP8_TENSOR_CORES=0 "
+        f"(switches.fp8_tensor_cores) when the plan was made; unset it, or use "
+        f"BatchDecodeWithPagedKVCacheWrapper(use_tensor_cores=False) or a float16 / bfloat16 "
+        f"cache")
   return _native_attention_lowering(ctx, *args, config=config, combined=combined)
 
 

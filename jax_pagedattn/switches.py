@@ -29,6 +29,10 @@ class Switches:
   # plans ordered so: PlanSpec longest_first). Drawn tasks are the default since they
   # passed the GPU suite and sanitizers and timed 1.06-1.19x faster (docs/PERF_NOTES.md).
   sm90_drawn_tasks: bool = True
+  # JAX_PAGEDATTN_SM90_ROPE_KEYS=0: the Hopper prefill kernel rotates RoPE keys in every
+  # CTA that loads them, instead of once per call into a workspace section of the plan's
+  # key capacity (rope_keys.cuh; docs/CONTRACT.md).
+  sm90_rope_keys: bool = True
   # JAX_PAGEDATTN_DEPENDENT_LAUNCH=0: no programmatic dependent launch (sm90+).
   dependent_launch: bool = True
   # JAX_PAGEDATTN_DEAL=bins|equal: force one of the planner's two deals.
@@ -39,10 +43,11 @@ class Switches:
   # JAX_PAGEDATTN_COMMAND_BUFFERS=1: register the CUDA handlers that XLA may record into
   # CUDA graphs (read when the extension registers its handlers, at import).
   command_buffers: bool = False
-  # JAX_PAGEDATTN_FP8_TENSOR_CORES=1: fp8 caches on the GPU's tensor-core kernel (prefill,
-  # use_tensor_cores decode). Off until that path is validated on a GPU: off, those calls
-  # raise NotImplementedError and fp8 runs on the CUDA-core decode kernel only.
-  fp8_tensor_cores: bool = False
+  # JAX_PAGEDATTN_FP8_TENSOR_CORES=0: no fp8 caches on the GPU's tensor-core kernel
+  # (prefill, use_tensor_cores decode): those calls then raise NotImplementedError and fp8
+  # runs on the CUDA-core decode kernel only. On by default since the path passed the GPU
+  # suite and memcheck on an H100 (docs/PERF_NOTES.md).
+  fp8_tensor_cores: bool = True
   # JAX_PAGEDATTN_FP8_WIDE_DECODE=1: fp8 caches on the CUDA-core decode kernel read as
   # wide tiles (twice the keys a tile, 16-byte copies; head_dim 128/256; decode.cu).
   # Off until a GPU session validates and times it.
@@ -71,11 +76,12 @@ def from_environment(environ=os.environ) -> Switches:
       sm90_prefill=_flag(environ, "JAX_PAGEDATTN_SM90_PREFILL", True),
       sm90_stages=int(stages),
       sm90_drawn_tasks=_flag(environ, "JAX_PAGEDATTN_SM90_DRAWN_TASKS", True),
+      sm90_rope_keys=_flag(environ, "JAX_PAGEDATTN_SM90_ROPE_KEYS", True),
       dependent_launch=_flag(environ, "JAX_PAGEDATTN_DEPENDENT_LAUNCH", True),
       deal=deal,
       ctas_per_sm=max(0, ctas_per_sm),
       command_buffers=_flag(environ, "JAX_PAGEDATTN_COMMAND_BUFFERS", False),
-      fp8_tensor_cores=_flag(environ, "JAX_PAGEDATTN_FP8_TENSOR_CORES", False),
+      fp8_tensor_cores=_flag(environ, "JAX_PAGEDATTN_FP8_TENSOR_CORES", True),
       fp8_wide_decode=_flag(environ, "JAX_PAGEDATTN_FP8_WIDE_DECODE", False),
   )
 

@@ -184,10 +184,10 @@ def features(rng, key, dt, hq, hk, d, small):
 
 def fp8_tensor_cores(rng, cache, table, q, qo_indptr, qp, hq, hk, d, ps, dt):
   """fp8 caches with scales on the tensor-core kernel (use_tensor_cores decode, causal
-  prefill; the batch has a split request), then its garbage plans. Only with
-  JAX_PAGEDATTN_FP8_TENSOR_CORES=1 (switches.fp8_tensor_cores), the path's gate."""
+  prefill; the batch has a split request), then its garbage plans. Not with
+  JAX_PAGEDATTN_FP8_TENSOR_CORES=0 (switches.fp8_tensor_cores), the path's gate."""
   if not switches.current().fp8_tensor_cores:
-    print("fp8 on the tensor-core kernel: skipped (JAX_PAGEDATTN_FP8_TENSOR_CORES unset)")
+    print("fp8 on the tensor-core kernel: skipped (JAX_PAGEDATTN_FP8_TENSOR_CORES=0)")
     return
   indptr, indices, last = table
   for fp8 in (jnp.float8_e4m3fn, jnp.float8_e5m2):

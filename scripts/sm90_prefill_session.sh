@@ -4,8 +4,9 @@
 # against the CUTLASS/CuTe headers carried in .cutlass/, then run, each stage bounded by
 # a timeout and none stopping the others:
 #   check      all correctness cases + garbage plans (harness `all` minus bench); the quick
-#              set again with 3 stages and with static bins
-#   bench      TFLOP/s of the sm80 kernel and the sm90 kernel, same process: pingpong off,
+#              set again with 3 stages, with static bins, with the warpgroup pingpong and
+#              with RoPE keys rotated in the kernel (JPA_SM90_ROPE_KEYS=0)
+#   bench      TFLOP/s of the sm80 kernel and the sm90 kernel, same process: pingpong on,
 #              3 stages, no K/V copies, and the items dealt to the library's persistent bins
 #   sass       HGMMA count and local-memory traffic in the sm90 kernel's SASS
 #   ncu        hardware counters and the hottest SASS lines of one timed launch per row
@@ -106,15 +107,19 @@ if [ -x "$bin" ] && [ -x "$bin_wd" ]; then
   note "check, 3 stages (quick set): rc=$? $(grep -c 'PASS$' "$run/check_3stages.log") PASS, $(grep -c FAIL "$run/check_3stages.log") FAIL lines"
   JPA_SM90_STATIC=1 timeout "$(cap 40)" "$bin_wd" quick 4321 >"$run/check_static.log" 2>&1
   note "check, static bins (quick set): rc=$? $(grep -c 'PASS$' "$run/check_static.log") PASS, $(grep -c FAIL "$run/check_static.log") FAIL lines"
+  JPA_SM90_PINGPONG=1 timeout "$(cap 40)" "$bin_wd" quick 4321 >"$run/check_pingpong.log" 2>&1
+  note "check, warpgroup pingpong (quick set): rc=$? $(grep -c 'PASS$' "$run/check_pingpong.log") PASS, $(grep -c FAIL "$run/check_pingpong.log") FAIL lines"
+  JPA_SM90_ROPE_KEYS=0 timeout "$(cap 40)" "$bin_wd" quick 4321 >"$run/check_ropeip.log" 2>&1
+  note "check, RoPE keys rotated in the kernel (quick set): rc=$? $(grep -c 'PASS$' "$run/check_ropeip.log") PASS, $(grep -c FAIL "$run/check_ropeip.log") FAIL lines"
   (( rc == 124 || rc2 == 124 )) && check_timed_out=1
   npass=$(grep -c "PASS$" "$run/check.log"); nfail=$(grep -c "FAIL" "$run/check.log")
   note "check: rc=$rc garbage rc=$rc2 (124 = timeout); $npass PASS, $nfail FAIL lines; watchdog: $(grep -c 'sm90 watchdog' "$run/check.log") ($(( $(date +%s) - t0 )) s)"
   grep -E "FAIL|error|rror:|watchdog" "$run/check.log" | head -20
   if (( rc != 0 || rc2 != 0 )); then
     echo "check: last lines of check.log:"; tail -4 "$run/check.log"
-    # Diagnostic: the same cases without the warpgroup pingpong.
-    JPA_SM90_PINGPONG=0 timeout "$(cap 60)" "$bin_wd" check 1234 >"$run/check_nopingpong.log" 2>&1
-    note "check without pingpong: rc=$? $(grep -c 'PASS$' "$run/check_nopingpong.log") PASS, $(grep -c FAIL "$run/check_nopingpong.log") FAIL lines"
+    # Diagnostic: the same cases with the warpgroup pingpong.
+    JPA_SM90_PINGPONG=1 timeout "$(cap 60)" "$bin_wd" check 1234 >"$run/check_pingpong_all.log" 2>&1
+    note "check with pingpong: rc=$? $(grep -c 'PASS$' "$run/check_pingpong_all.log") PASS, $(grep -c FAIL "$run/check_pingpong_all.log") FAIL lines"
   fi
   fi
 

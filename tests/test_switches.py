@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -28,10 +30,10 @@ def test_switches_are_read_from_the_environment():
 
 
 def test_fp8_tensor_cores_switch():
-  """JAX_PAGEDATTN_FP8_TENSOR_CORES: off unless set to something other than "" or "0";
-  a plan carries the value in force when it was made (the CUDA lowering's gate)."""
-  assert switches.from_environment({}).fp8_tensor_cores is False
-  for value, want in (("1", True), ("0", False), ("", False), ("yes", True)):
+  """JAX_PAGEDATTN_FP8_TENSOR_CORES: on unless set to "0"; a plan carries the value in
+  force when it was made (the CUDA lowering's gate)."""
+  assert switches.from_environment({}).fp8_tensor_cores is True
+  for value, want in (("1", True), ("0", False), ("", True), ("yes", True)):
     env = {"JAX_PAGEDATTN_FP8_TENSOR_CORES": value}
     assert switches.from_environment(env).fp8_tensor_cores is want, value
   w = jpa.BatchDecodeWithPagedKVCacheWrapper(use_tensor_cores=True)
@@ -40,9 +42,9 @@ def test_fp8_tensor_cores_switch():
   with switches.overridden(fp8_tensor_cores=True) as sw:
     assert sw.fp8_tensor_cores
     on = w.plan(*args, q_data_type="bfloat16", kv_data_type="float8_e4m3fn").config
-  off = w.plan(*args, q_data_type="bfloat16", kv_data_type="float8_e4m3fn").config
-  assert on.fp8_tensor_cores is True
-  assert off.fp8_tensor_cores is switches.current().fp8_tensor_cores
+  with switches.overridden(fp8_tensor_cores=False):
+    off = w.plan(*args, q_data_type="bfloat16", kv_data_type="float8_e4m3fn").config
+  assert on.fp8_tensor_cores is True and off.fp8_tensor_cores is False
   assert "fp8_tensor_cores" not in planning.ffi_attrs(on)  # the lowering's, not the kernel's
 
 
@@ -84,6 +86,38 @@ def test_sm90_drawn_tasks_switch():
     assert not np.array_equal(on.buffer, off.buffer), "causal tiles reordered, longest first"
   else:
     np.testing.assert_array_equal(on.buffer, off.buffer)
+
+
+def test_sm90_rope_keys_switch():
+  """JAX_PAGEDATTN_SM90_ROPE_KEYS: on unless set to "0". A RoPE prefill plan asks for the
+  workspace section of rotated keys (attribute sm90_rope_keys) only where the Hopper
+  kernel runs it and the switch is on; the section holds every key slot of the plan's
+  page capacity for every kv head, and nothing else grows."""
+  assert switches.from_environment({}).sm90_rope_keys is True
+  for value, want in (("1", True), ("0", False), ("", True)):
+    env = {"JAX_PAGEDATTN_SM90_ROPE_KEYS": value}
+    assert switches.from_environment(env).sm90_rope_keys is want, value
+  w = jpa.BatchPrefillWithPagedKVCacheWrapper()
+  qo, kvp = np.array([0, 300], np.int32), np.array([0, 19], np.int32)
+  args = (qo, kvp, np.arange(19, dtype=np.int32), np.array([12], np.int32), 8, 2, 64, 16)
+  hopper = planning.hopper_prefill("prefill", "float16", "float16", 64)
+  with switches.overridden(sm90_rope_keys=True):
+    rope = w.plan(*args, causal=True, pos_encoding_mode="ROPE_LLAMA", q_data_type="float16")
+    plain = w.plan(*args, causal=True, q_data_type="float16")
+  with switches.overridden(sm90_rope_keys=False):
+    rope_off = w.plan(*args, causal=True, pos_encoding_mode="ROPE_LLAMA", q_data_type="float16")
+  assert rope.config.sm90_rope_keys is hopper
+  assert plain.config.sm90_rope_keys is False and rope_off.config.sm90_rope_keys is False
+  assert planning.ffi_attrs(rope.config)["sm90_rope_keys"] == np.bool_(hopper)
+  # The formula, asked of the C++ owner directly (any backend).
+  forced = dataclasses.replace(rope_off.config, sm90_rope_keys=True)
+  caps = forced.caps
+  section = caps.pages * 16 * 2 * 64 * 2  # slots x kv heads x head_dim x 2 bytes
+  assert section > 0
+  assert rope_off.config.workspace_bytes < forced.workspace_bytes
+  assert forced.workspace_bytes - rope_off.config.workspace_bytes <= section + 128 + 8
+  assert forced.workspace_bytes - rope_off.config.workspace_bytes >= section
+  assert plain.config.workspace_bytes == rope_off.config.workspace_bytes
 
 
 def test_fp8_wide_decode_switch():

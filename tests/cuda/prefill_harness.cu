@@ -40,15 +40,15 @@
 
 using namespace jax_pagedattn;
 
-// The launcher the checks exercise. JPA_SM90_PINGPONG=0 runs the sm90 checks without
-// the warpgroup pingpong (a diagnostic when the default fails); JPA_SM90_STAGES=3 with
+// The launcher the checks exercise. JPA_SM90_PINGPONG=1 / 0 runs the sm90 checks with /
+// without the warpgroup pingpong (default: the launcher's); JPA_SM90_STAGES=3 with
 // three K/V stages at head_dim 128; JPA_SM90_STATIC=1 with one CTA per (bin, kv head)
 // instead of drawn tasks.
 static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream) {
 #ifdef JPA_HARNESS_SM90
   static const bool pingpong = [] {
     const char* v = std::getenv("JPA_SM90_PINGPONG");
-    return v == nullptr || std::strcmp(v, "0") != 0;
+    return v == nullptr ? PrefillSm90Tuning{}.pingpong : std::strcmp(v, "0") != 0;
   }();
   static const int stages = [] {
     const char* v = std::getenv("JPA_SM90_STAGES");
@@ -67,6 +67,22 @@ static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream
 #else
   return LaunchPrefill(p, stream);
 #endif
+}
+
+// Whether RoPE calls get the workspace section of keys rotated once (sm90_rope_keys, as
+// the library does by default); JPA_SM90_ROPE_KEYS=0 checks the in-kernel rotation.
+static bool HarnessRopeKeys() {
+  static const bool on = [] {
+    const char* v = std::getenv("JPA_SM90_ROPE_KEYS");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
+// Workspace bytes of p (its attributes, caps and dtype set), as the FFI sizes them.
+static size_t WorkspaceBytesOf(const AttentionParams& p) {
+  return size_t(WorkspaceBytes(p.caps, p.num_qo_heads, p.head_dim, p.num_kv_heads,
+                               RopeKeysBytes(p, p.dtype)));
 }
 
 #define CHECK_CUDA(x)                                                                  \
@@ -260,8 +276,6 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
   CHECK_CUDA(cudaMalloc(&d_cache, cache.size() * 2));
   CHECK_CUDA(cudaMalloc(&d_out, q.size() * 2));
   CHECK_CUDA(cudaMalloc(&d_lse, size_t(q_rows) * Hqo * 4));
-  const int64_t ws_floats = WorkspaceBytes(Capacities{0, q_rows, 0, 0, partial_rows, 0}, Hqo, D, Hkv) / 4;
-  CHECK_CUDA(cudaMalloc(&d_ws, ws_floats * 4));
   CHECK_CUDA(cudaMalloc(&d_plan, plan.size() * 4));
   CHECK_CUDA(cudaMemcpy(d_q, q.data(), q.size() * 2, cudaMemcpyHostToDevice));
   CHECK_CUDA(cudaMemcpy(d_cache, cache.data(), cache.size() * 2, cudaMemcpyHostToDevice));
@@ -269,7 +283,6 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
   std::vector<uint16_t> out_init(q.size(), kPoison16);
   CHECK_CUDA(cudaMemcpy(d_out, out_init.data(), out_init.size() * 2, cudaMemcpyHostToDevice));
   CHECK_CUDA(cudaMemset(d_lse, 0xff, size_t(q_rows) * Hqo * 4));  // NaN
-  CHECK_CUDA(cudaMemset(d_ws, 0xff, ws_floats * 4));
 
   // Separate caches: k = first half of the buffer, v = second half (4-D arrays).
   const void* kptr = d_cache;
@@ -282,11 +295,17 @@ static bool RunCase(const Case& cs, std::mt19937& rng, bool verbose) {
   p.num_qo_heads = Hqo; p.num_kv_heads = Hkv; p.head_dim = D; p.group_size = G;
   p.kv = MakePagedKv(kptr, cs.combined ? kptr : vptr, cs.combined, cs.layout, num_pages, ps, Hkv, D, 2);
   UsePlan(p, lay, d_plan, partial_rows);
-  PointWorkspace(&p, d_ws);
   p.tile_rows = cs.tile_rows; p.causal = cs.causal; p.pos_encoding = cs.pos;
+  p.page_size = ps;
+  p.sm90_rope_keys = HarnessRopeKeys();
   p.sm_scale = 1.0f / std::sqrt(float(D));
   p.rope_scale = cs.pos == PosEncoding::kRopeLlama ? 1.5f : 1.0f;
   p.rope_theta = 1e4f;
+  // The workspace, poisoned: its sizes follow the attributes (the rotated keys with RoPE).
+  const int64_t ws_floats = int64_t(WorkspaceBytesOf(p) + 3) / 4;
+  CHECK_CUDA(cudaMalloc(&d_ws, ws_floats * 4));
+  CHECK_CUDA(cudaMemset(d_ws, 0xff, ws_floats * 4));
+  PointWorkspace(&p, d_ws);
 
   CHECK_CUDA(LaunchMergeSetup(p, 0));  // zeroes the poisoned counters
   CHECK_CUDA(LaunchUnderTest(p, 0));
@@ -600,7 +619,14 @@ static bool RunGarbage(std::mt19937& rng, int iters, DType dt) {
     return std::uniform_int_distribution<int>(lo, hi)(rng);
   };
   const size_t out_elems = size_t(q_rows) * Hqo * D, lse_elems = size_t(q_rows) * Hqo;
-  const size_t ws_bytes = size_t(WorkspaceBytes(Capacities{0, q_rows, 0, 0, partial_rows, 0}, Hqo, D, Hkv));
+  // The largest workspace a case asks for: RoPE's rotated keys (sm90_rope_keys) included.
+  AttentionParams sizing{};
+  sizing.dtype = dt;
+  sizing.num_qo_heads = Hqo; sizing.num_kv_heads = Hkv; sizing.head_dim = D; sizing.page_size = ps;
+  sizing.caps = Capacities{lay.batch_cap, lay.token_cap, lay.page_cap, lay.work_cap, partial_rows, lay.bin_cap};
+  sizing.pos_encoding = PosEncoding::kRopeLlama;
+  sizing.sm90_rope_keys = HarnessRopeKeys();
+  const size_t ws_bytes = WorkspaceBytesOf(sizing);
   const size_t guard = 4096;  // bytes on each side
   const size_t cache_elems = size_t(num_pages) * 2 * ps * Hkv * D;
   std::vector<uint16_t> host_cache(cache_elems), host_q(out_elems);
@@ -656,11 +682,13 @@ static bool RunGarbage(std::mt19937& rng, int iters, DType dt) {
     p.kv = MakePagedKv(d_cache, d_cache, true, coin(rng) < 50 ? KvLayout::kNHD : KvLayout::kHND,
                        num_pages, ps, Hkv, D, 2);
     UsePlan(p, lay, d_plan, partial_rows);
-    PointWorkspace(&p, g_ws + guard);
     p.tile_rows = 128;
     p.causal = coin(rng) < 50;
     const int pe = coin(rng) % 3;
     p.pos_encoding = pe == 0 ? PosEncoding::kNone : pe == 1 ? PosEncoding::kRopeLlama : PosEncoding::kAlibi;
+    p.page_size = ps;
+    p.sm90_rope_keys = HarnessRopeKeys();
+    PointWorkspace(&p, g_ws + guard);  // (the buffer holds the largest layout: sizing above)
     p.sm_scale = 1.0f / std::sqrt(float(D));
     p.rope_scale = 1.0f; p.rope_theta = 1e4f;
 #ifdef JPA_HARNESS_SM90
@@ -759,6 +787,7 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
     }
     for (int i = 0; i < pages; ++i) pl[l.kv_indices() + i] = perm[i];
     pl[l.meta() + kMetaNumTokens] = T;
+    pl[l.meta() + kMetaNumRequests] = batch;
     return std::make_pair(l, pl);
   };
   auto [lay, plan] = make_plan(0);
@@ -771,7 +800,6 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
   CHECK_CUDA(cudaMalloc(&d_out, q_elems * 2));
   CHECK_CUDA(cudaMalloc(&d_cache, cache_elems * 2));
   CHECK_CUDA(cudaMalloc(&d_lse, size_t(T) * Hqo * 4));
-  CHECK_CUDA(cudaMalloc(&d_ws, size_t(WorkspaceBytes(Capacities{0, T, 0, 0, 0, 0}, Hqo, D, Hkv))));
   CHECK_CUDA(cudaMalloc(&d_plan, plan.size() * 4));
   FillBf16<<<1024, 256>>>(static_cast<uint16_t*>(d_q), q_elems, rng());
   FillBf16<<<1024, 256>>>(static_cast<uint16_t*>(d_cache), cache_elems, rng());
@@ -785,9 +813,13 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
   p.num_qo_heads = Hqo; p.num_kv_heads = Hkv; p.head_dim = D; p.group_size = G;
   p.kv = MakePagedKv(d_cache, d_cache, true, KvLayout::kNHD, pages, ps, Hkv, D, 2);
   UsePlan(p, lay, d_plan, 0);
-  PointWorkspace(&p, d_ws);  // no split items: only the task counter is used
   p.tile_rows = tile; p.causal = causal; p.pos_encoding = pos;
+  p.page_size = ps;
+  p.sm90_rope_keys = true;  // the sm90 rows' default (the sm90-ropeip row turns it off)
   p.sm_scale = 1.0f / std::sqrt(float(D)); p.rope_scale = 1; p.rope_theta = 1e4f;
+  // No split items: the task counter, and the rotated keys with RoPE.
+  CHECK_CUDA(cudaMalloc(&d_ws, WorkspaceBytesOf(p)));
+  PointWorkspace(&p, d_ws);
 #ifdef JPA_HARNESS_SM90
   // The same items dealt to f x (SMs / Hkv) bins, f = 1 (the library's persistent wave
   // at one CTA per SM) and 4 (four waves the hardware balances).
@@ -836,9 +868,9 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
     return LaunchPrefillSm90(q, st, t);
   };
   kernels.push_back({"sm90-static", static_bins});
-  kernels.push_back({"sm90-nopp", [](const AttentionParams& q, cudaStream_t st) {
+  kernels.push_back({"sm90-pp", [](const AttentionParams& q, cudaStream_t st) {
                        PrefillSm90Tuning t;
-                       t.pingpong = false;
+                       t.pingpong = true;
                        return LaunchPrefillSm90(q, st, t);
                      }});
   kernels.push_back({"sm90-3st", [](const AttentionParams& q, cudaStream_t st) {
@@ -852,6 +884,13 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
                        t.copy_kv = false;
                        return LaunchPrefillSm90(q, st, t);
                      }});
+  if (pos == PosEncoding::kRopeLlama) {  // RoPE keys rotated by the producer, tile by tile
+    kernels.push_back({"sm90-ropeip", [](const AttentionParams& q, cudaStream_t st) {
+                         PrefillSm90Tuning t;
+                         t.rope_keys = false;
+                         return LaunchPrefillSm90(q, st, t);
+                       }});
+  }
   kernels.push_back({"sm90-bins1", static_bins, &p_bins1});
   kernels.push_back({"sm90-bins4", static_bins, &p_bins4});
 #endif

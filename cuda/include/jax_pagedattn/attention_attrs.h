@@ -42,6 +42,9 @@ struct AttentionAttrs {
   bool sm90_prefill;      // the Hopper prefill kernel may run where it covers the call
   int32_t sm90_stages;    // its K/V ring: 2, or 3 at head_dim 128 (a measurement knob)
   bool sm90_drawn_tasks;  // its CTAs draw tasks (prefill_sm90_kernel.cuh, TaskSchedule)
+  // With RoPE: its keys are rotated once per call into the workspace (RopeKeysBytes)
+  // instead of in every CTA that reads them (rope_keys.cuh).
+  bool sm90_rope_keys = false;
   bool dependent_launch;  // launches may overlap the previous kernel's tail (sm90+)
   bool fp8_wide_decode;   // fp8 caches on the CUDA-core decode kernel's wide tiles (decode.cu)
 };

@@ -145,7 +145,8 @@ inline ffi::Error MakeAttentionParams(AttentionBuffers b, const AttentionAttrs& 
     return ffi::Error::InvalidArgument("jax_pagedattn: plan buffer size does not match the capacities");
   if (qd[0] > caps.tokens)
     return ffi::Error::InvalidArgument("jax_pagedattn: q has more rows than the token capacity");
-  if (int64_t(b.workspace->element_count()) < WorkspaceBytes(caps, a.num_qo_heads, a.head_dim, a.num_kv_heads))
+  if (int64_t(b.workspace->element_count()) <
+      WorkspaceBytes(caps, a.num_qo_heads, a.head_dim, a.num_kv_heads, RopeKeysBytes(a, p->dtype)))
     return ffi::Error::InvalidArgument("jax_pagedattn: workspace too small");
 
   p->q = q.untyped_data();
@@ -267,5 +268,6 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
     ::xla::ffi::StructMember<::jax_pagedattn::Capacities>("caps"),
     ::xla::ffi::StructMember<bool>("sm90_prefill"), ::xla::ffi::StructMember<int32_t>("sm90_stages"),
     ::xla::ffi::StructMember<bool>("sm90_drawn_tasks"),
+    ::xla::ffi::StructMember<bool>("sm90_rope_keys"),
     ::xla::ffi::StructMember<bool>("dependent_launch"),
     ::xla::ffi::StructMember<bool>("fp8_wide_decode"));

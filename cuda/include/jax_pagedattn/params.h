@@ -75,7 +75,8 @@ inline PagedKv MakePagedKv(const void* k, const void* v, bool combined, KvLayout
 // num_qo_heads] float32, then merge_counters [caps.tokens, num_kv_heads] int32 (the
 // GPU's split bookkeeping: how many partial rows of a token's GQA group are written;
 // the CPU backend leaves them), then task_counter, one uint64 (the tasks that the
-// Hopper prefill kernel's CTAs have drawn); PointWorkspace sets the pointers.
+// Hopper prefill kernel's CTAs have drawn), then, where sm90_rope_keys asks for them
+// with RoPE, rope_keys (RopeKeysBytes); PointWorkspace sets the pointers.
 struct AttentionParams : AttentionAttrs {
   DType dtype;     // q and out
   DType kv_dtype;  // the cache: dtype, or an fp8 type beside an f16 / bf16 q
@@ -104,6 +105,10 @@ struct AttentionParams : AttentionAttrs {
   float* partial_lse;
   int32_t* merge_counters;  // [token_cap][num_kv_heads], zeroed before the attention pass
   unsigned long long* task_counter;  // zeroed before the attention pass
+  // The keys rotated to their positions, [num_kv_heads][layout.page_cap * page_size]
+  // [head_dim] of dtype: key slot s of plan page-table slot i at i * page_size + s
+  // (rope_keys.cuh writes them); nullptr: the kernel rotates keys as it loads them.
+  void* rope_keys;
 
   // logits_soft_cap in the base-2 units the GPU kernels hold logits in (c log2 e), and
   // its inverse; 0 without a cap. Derived here (SetDerived) so the kernels read them
@@ -135,37 +140,49 @@ inline int64_t PartialRowBytes(int32_t num_qo_heads, int32_t head_dim) {
   return int64_t(num_qo_heads) * (head_dim + 1) * 4;
 }
 
+// Bytes of the rotated keys (AttentionParams::rope_keys) of a call with these
+// attributes: every key slot of the plan's page-table capacity, for every kv head,
+// where sm90_rope_keys asks for them with RoPE; 0 otherwise.
+inline int64_t RopeKeysBytes(const AttentionAttrs& a, DType dtype) {
+  if (!a.sm90_rope_keys || a.pos_encoding != PosEncoding::kRopeLlama) return 0;
+  return int64_t(a.caps.pages) * a.page_size * a.num_kv_heads * a.head_dim * ElemBytes(dtype);
+}
+
 // Byte offsets of the workspace's sections (the AttentionParams comment): partial_o,
-// partial_lse, merge_counters, task_counter (8-byte aligned), end.
+// partial_lse, merge_counters, task_counter (8-byte aligned), rope_keys (128-byte
+// aligned, `rope_keys_bytes` long: RopeKeysBytes), end.
 struct WorkspaceLayout {
-  int64_t partial_lse, merge_counters, task_counter, size;
+  int64_t partial_lse, merge_counters, task_counter, rope_keys, size;
   static WorkspaceLayout Of(const Capacities& caps, int32_t num_qo_heads, int32_t head_dim,
-                            int32_t num_kv_heads) {
+                            int32_t num_kv_heads, int64_t rope_keys_bytes) {
     WorkspaceLayout w;
     w.partial_lse = int64_t(caps.partial_rows) * num_qo_heads * head_dim * 4;
     w.merge_counters = int64_t(caps.partial_rows) * PartialRowBytes(num_qo_heads, head_dim);
     w.task_counter = (w.merge_counters + int64_t(caps.tokens) * num_kv_heads * 4 + 7) / 8 * 8;
-    w.size = w.task_counter + 8;
+    w.rope_keys = rope_keys_bytes > 0 ? (w.task_counter + 8 + 127) / 128 * 128 : w.task_counter + 8;
+    w.size = w.rope_keys + rope_keys_bytes;
     return w;
   }
 };
 
 // Workspace bytes of one call. Python asks _C.workspace_bytes.
 inline int64_t WorkspaceBytes(const Capacities& caps, int32_t num_qo_heads, int32_t head_dim,
-                              int32_t num_kv_heads) {
-  return WorkspaceLayout::Of(caps, num_qo_heads, head_dim, num_kv_heads).size;
+                              int32_t num_kv_heads, int64_t rope_keys_bytes = 0) {
+  return WorkspaceLayout::Of(caps, num_qo_heads, head_dim, num_kv_heads, rope_keys_bytes).size;
 }
 
-// Points the workspace pointers of `p` (its caps and head counts set) into `base`, a
-// buffer of WorkspaceBytes, 8-byte aligned.
+// Points the workspace pointers of `p` (its attributes, dtype and head counts set) into
+// `base`, a buffer of WorkspaceBytes(..., RopeKeysBytes(p, p.dtype)), 8-byte aligned.
 inline void PointWorkspace(AttentionParams* p, void* base) {
+  const int64_t rope_bytes = RopeKeysBytes(*p, p->dtype);
   const WorkspaceLayout w =
-      WorkspaceLayout::Of(p->caps, p->num_qo_heads, p->head_dim, p->num_kv_heads);
+      WorkspaceLayout::Of(p->caps, p->num_qo_heads, p->head_dim, p->num_kv_heads, rope_bytes);
   uint8_t* b = static_cast<uint8_t*>(base);
   p->partial_o = reinterpret_cast<float*>(b);
   p->partial_lse = reinterpret_cast<float*>(b + w.partial_lse);
   p->merge_counters = reinterpret_cast<int32_t*>(b + w.merge_counters);
   p->task_counter = reinterpret_cast<unsigned long long*>(b + w.task_counter);
+  p->rope_keys = rope_bytes > 0 ? static_cast<void*>(b + w.rope_keys) : nullptr;
 }
 
 // ALiBi slope of query head h among n heads (the standard geometric sequence, with the

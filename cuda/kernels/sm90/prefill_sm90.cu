@@ -1,11 +1,13 @@
 // LaunchPrefillSm90: the Hopper prefill kernel (prefill_sm90_kernel.cuh) for bf16 and
 // fp16 caches and queries at head_dim 64, 128 and 256 with 2 K/V stages, and 3 stages at
-// head_dim 128 (a measurement knob): eight instantiations. Built for sm_90a only
+// head_dim 128 (a measurement knob): eight instantiations, each after the pass that
+// rotates a RoPE call's keys once (rope_keys.cuh) where the workspace holds them. Built for sm_90a only
 // (-gencode=arch=compute_90a,code=sm_90a); on any other target the kernel body is empty
 // and the launcher refuses (cudaErrorNotSupported), so the file may sit in a
 // multi-architecture build.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 
@@ -13,6 +15,7 @@
 #include "../kernel_setup.cuh"
 #include "prefill_sm90.h"
 #include "prefill_sm90_kernel.cuh"
+#include "rope_keys.cuh"
 
 namespace jax_pagedattn {
 namespace {
@@ -65,12 +68,27 @@ struct Sm90Kernel {
     const int sms = DeviceSms();
     const bool drawn = t.drawn_tasks && sms > 0 && p.task_counter != nullptr;
     const dim3 grid = drawn ? dim3(unsigned(sms)) : dim3(unsigned(p.layout.bin_cap), unsigned(p.num_kv_heads));
+    // RoPE keys rotated once (rope_keys.cuh), where the workspace holds them, the
+    // section's shape (from the attributes) is the one the kernels index (from the cache
+    // and the plan layout), and its key slots fit an int (the kernel's index).
+    const bool rope_keys = t.rope_keys && p.pos_encoding == PosEncoding::kRopeLlama &&
+                           p.rope_keys != nullptr && p.page_size == p.kv.page_size &&
+                           p.caps.pages == p.layout.page_cap && p.layout.page_cap > 0 &&
+                           int64_t(p.layout.page_cap) * p.kv.page_size <= INT32_MAX;
+    if (rope_keys) {
+      const int blocks = std::min(p.layout.page_cap, std::max(sms, 1) * 8);
+      const cudaError_t e = LaunchDependent(p.dependent_launch, sm90::RopeKeysKernel<T, D>,
+                                            dim3(unsigned(blocks)), dim3(sm90::kRopeKeysThreads),
+                                            0, stream, p);
+      if (e != cudaSuccess) return e;
+    }
     return LaunchDependent(p.dependent_launch, PrefillSm90Kernel<T, D, Stages>, grid,
                            dim3(Cfg::kThreads),
                            Cfg::kSmemBytes, stream, p,
                            (t.pingpong ? sm90::kFlagPingpong : 0) |
                                (t.copy_kv ? 0 : sm90::kFlagNoKvCopy) |
-                               (drawn ? 0 : sm90::kFlagStaticBins));
+                               (drawn ? 0 : sm90::kFlagStaticBins) |
+                               (rope_keys ? sm90::kFlagRopeKeys : 0));
   }
 
   static cudaError_t Occupancy(int32_t* ctas) {
@@ -134,6 +152,7 @@ cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream) {
   PrefillSm90Tuning tuning;
   if (p.head_dim == 128 && p.sm90_stages == 3) tuning.stages = 3;  // the only 3-stage kernels
   tuning.drawn_tasks = p.sm90_drawn_tasks;
+  tuning.rope_keys = p.sm90_rope_keys;
   return LaunchPrefillSm90(p, stream, tuning);
 }
 

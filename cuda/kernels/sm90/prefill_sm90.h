@@ -21,8 +21,9 @@ namespace jax_pagedattn {
 
 // Knobs for measurement; the defaults are what LaunchPrefillSm90(p, stream) uses.
 struct PrefillSm90Tuning {
-  // The two consumer warpgroups take turns to issue their GEMMs (named barriers).
-  bool pingpong = true;
+  // The two consumer warpgroups take turns to issue their GEMMs (named barriers). Off:
+  // with drawn tasks the kernel ran 0-7% faster without the turns (docs/PERF_NOTES.md).
+  bool pingpong = false;
   // K and V tiles in flight each (2 or 3; 3 takes 224 of the 227 KB of shared memory).
   int stages = 2;
   // false: a measurement of the consumers alone (K/V tiles are not copied; wrong results).
@@ -30,6 +31,10 @@ struct PrefillSm90Tuning {
   // One CTA per SM drawing (work item, kv head) tasks from a counter, in plan order
   // (prefill_sm90_kernel.cuh, TaskSchedule); false: one CTA per (bin, kv head).
   bool drawn_tasks = true;
+  // With RoPE and a workspace that holds them (AttentionParams::rope_keys): the keys
+  // rotated once by a pass before the kernel (rope_keys.cuh); false: the producer
+  // rotates each K tile it loads.
+  bool rope_keys = true;
 };
 
 // Whether the kernel runs calls of these types and head_dim on the current device; the
@@ -37,8 +42,9 @@ struct PrefillSm90Tuning {
 bool PrefillSm90Covers(DType dtype, DType kv_dtype, int head_dim);
 
 // With the default tuning, but 3 K/V stages where p.sm90_stages asks and head_dim is
-// 128, and drawn tasks only where p.sm90_drawn_tasks asks (its plans are then ordered
-// for them, PlanSpec::longest_first).
+// 128, drawn tasks only where p.sm90_drawn_tasks asks (its plans are then ordered
+// for them, PlanSpec::longest_first), and RoPE keys rotated once only where
+// p.sm90_rope_keys asks (the workspace then holds them, RopeKeysBytes).
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream);
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream,
                               const PrefillSm90Tuning& tuning);

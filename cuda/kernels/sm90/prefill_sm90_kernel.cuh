@@ -9,7 +9,8 @@
 //                    softmax in registers (base 2), O += P V (wgmma, P from registers).
 //   warpgroup 2      producer: gathers K/V tiles page by page with cp.async (16-byte
 //                    copies, 64-bit element offsets) into a ring of `Stages` (2 or 3)
-//                    tiles each; rotates K in place when RoPE is on. Each copying warp
+//                    tiles each; rotates K in place when RoPE is on (unless a pass before
+//                    the kernel rotated the keys once: kFlagRopeKeys). Each copying warp
 //                    owns 32 keys of a tile (kTileKv / 32 warps copy; the rest leave).
 // setmaxnreg moves registers from the producer to the consumers (PrefillSm90Cfg).
 //
@@ -272,7 +273,10 @@ struct TaskSchedule {
 };
 
 // ---- producer warpgroup ------------------------------------------------------------------------
-template <typename T, int D, int Stages>
+// kRopeKeys: K comes rotated from p.rope_keys (rope_keys.cuh, the grid before this one)
+// instead of from the cache, and is not rotated here. (A template parameter: the
+// producer's 56 registers leave no room for the other path's pointers.)
+template <typename T, int D, int Stages, bool kRopeKeys>
 __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* smem,
                                              const TaskSchedule& tasks, bool copy_kv) {
   using Cfg = PrefillSm90Cfg<T, D, Stages>;
@@ -283,8 +287,9 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
   // copying warps (Cfg::kFullKCount), so they leave at once.
   if (pw >= Cfg::kCopyWarps) return;
   const int lane = threadIdx.x & 31;
-  const bool rope = p.pos_encoding == PosEncoding::kRopeLlama;
-  const T* kbase = static_cast<const T*>(p.kv.k);
+  const bool rope = !kRopeKeys && p.pos_encoding == PosEncoding::kRopeLlama;
+  const T* kbase = static_cast<const T*>(kRopeKeys ? p.rope_keys : p.kv.k);
+  if (kRopeKeys) WaitForPrimaryGrid();  // the keys are rotated
   const T* vbase = static_cast<const T*>(p.kv.v);
   const uint32_t k_smem = SmemU32(smem + Cfg::kKOff);
   const uint32_t v_smem = SmemU32(smem + Cfg::kVOff);
@@ -352,29 +357,42 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
     }
     const int64_t head_off = int64_t(task.head) * p.kv.head_stride;
 
-    // Page id and slot of this lane's key in step i (tile n - 1 - i); pid -1 past the keys.
-    auto lookup = [&](int i, int& pid, int& slot) {
-      pid = -1;
-      slot = 0;
+    // Where this lane's key of step i (tile n - 1 - i) lies: its offset in the cache
+    // (-1 past the keys or for a page id outside the cache), and with rope_keys its index
+    // among the plan's key slots (page-table slot * page_size + slot; -1 where the
+    // offset is). Both K and V are read at the offset, or K at the key slot.
+    struct KeyAt {
+      int64_t off;
+      int key_slot;
+    };
+    auto lookup = [&](int i) {
+      KeyAt at{-1, -1};
       if (i < n) {
         const int j = tr.kv_lo + (n - 1 - i) * kTileKv + pw * 32 + lane;
         if (j < tr.kv_hi) {
           const int pg = j / ps;
-          slot = j - pg * ps;
-          pid = __ldg(p.kv_indices + it.page_base + pg);
+          const int slot = j - pg * ps;
+          const int pid = __ldg(p.kv_indices + it.page_base + pg);
+          if (pid >= 0 && pid < p.kv.num_pages) {
+            at.off = int64_t(pid) * p.kv.page_stride + int64_t(slot) * p.kv.slot_stride + head_off;
+            // < page_cap * page_size (LoadWorkItem), which the launcher keeps in int.
+            if (kRopeKeys) at.key_slot = int((it.page_base + pg) * ps + slot);
+          }
         }
       }
+      return at;
     };
-    auto offset_of = [&](int pid, int slot) -> int64_t {
-      return (pid >= 0 && pid < p.kv.num_pages)
-                 ? int64_t(pid) * p.kv.page_stride + int64_t(slot) * p.kv.slot_stride + head_off
-                 : int64_t(-1);
+    // The head's rotated keys: [key slot][D] from its first (p.rope_keys: [head][key slot][D]).
+    const T* kbase_head = kRopeKeys ? kbase + int64_t(task.head) * p.layout.page_cap * ps * D : kbase;
+    auto k_offset = [&](const KeyAt& at) -> int64_t {
+      if (!kRopeKeys) return at.off;
+      return at.key_slot >= 0 ? int64_t(at.key_slot) * D : int64_t(-1);
     };
     auto produce_k = [&](int64_t off) {
       const uint32_t s = kc % S;
       MbarWait(empty_k(s), ((kc / S) & 1) ^ 1);
       const unsigned bad = __ballot_sync(0xffffffffu, off < 0);
-      issue(kbase, k_smem + s * Cfg::kKvBytes, off, bad);
+      issue(kbase_head, k_smem + s * Cfg::kKvBytes, off, bad);
       cp_async::Commit();
       if (!rope) MbarArriveOnCpAsync(full_k(s));
       if (lane == 0) {
@@ -446,12 +464,11 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
       MbarArrive(full_k(s));
     };
 
-    int pid, slot;
-    lookup(0, pid, slot);
-    int64_t off_cur = offset_of(pid, slot);
-    lookup(1, pid, slot);  // one step ahead: its latency hides behind a step's copies
+    const KeyAt at0 = lookup(0);
+    int64_t off_cur = at0.off;  // V(i)'s
+    KeyAt ahead = lookup(1);    // one step ahead: its latency hides behind a step's copies
     uint32_t kc_cur = kc;
-    produce_k(off_cur);
+    produce_k(k_offset(at0));
     draw(k + 1);
     // Copies in the order K0 K1 V0 K2 V1 K3 ... With RoPE, K(i) (i > 0) is rotated before
     // K(i + 1) is issued: that copy waits for the stage the consumers free with S(i - 1),
@@ -462,9 +479,10 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
       const uint32_t kc_next = kc;
       if (rope && i > 0) rotate_k(kc_cur, i, true);  // V(i - 1) was committed after K(i)
       if (has_next) {
-        off_next = offset_of(pid, slot);
-        lookup(i + 2, pid, slot);
-        produce_k(off_next);
+        off_next = ahead.off;
+        const int64_t koff = k_offset(ahead);
+        ahead = lookup(i + 2);
+        produce_k(koff);
       }
       if (rope && i == 0) rotate_k(kc_cur, 0, has_next);  // K(1) was committed after K(0)
       produce_v(off_cur);
@@ -929,10 +947,12 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
 // kFlagStaticBins; Cfg::kThreads threads, Cfg::kSmemBytes dynamic shared memory.
 // `flags`: kFlagPingpong; kFlagNoKvCopy (a measurement, never a result: the producer runs
 // its protocol without copying K/V, so the time left is the consumers'); kFlagStaticBins
-// (the plan's bins instead of drawn tasks, TaskSchedule).
+// (the plan's bins instead of drawn tasks, TaskSchedule); kFlagRopeKeys (RoPE keys come
+// rotated from p.rope_keys, written by the grid before this one: rope_keys.cuh).
 constexpr int kFlagPingpong = 1;
 constexpr int kFlagNoKvCopy = 2;
 constexpr int kFlagStaticBins = 4;
+constexpr int kFlagRopeKeys = 8;
 template <typename T, int D, int Stages>
 __global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages>::kThreads, 1)
     PrefillSm90Kernel(const __grid_constant__ AttentionParams p, const int flags) {
@@ -956,7 +976,7 @@ __global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages>::kThreads, 1)
     }
     MbarInitFence();
   }
-  if (p.pos_encoding == PosEncoding::kRopeLlama) {
+  if (p.pos_encoding == PosEncoding::kRopeLlama) {  // for Q (and K without kFlagRopeKeys)
     // The double-precision formula of the CPU backend and the sm80 kernel.
     float* s_freq = reinterpret_cast<float*>(smem + Cfg::kFreqOff);
     RopeFrequencyTable(s_freq, D, p.rope_scale, p.rope_theta, tid, Cfg::kThreads);
@@ -965,7 +985,11 @@ __global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages>::kThreads, 1)
   const TaskSchedule tasks = TaskSchedule::Make<Cfg>(p, smem, (flags & kFlagStaticBins) == 0);
   if (tid >= 256) {
     RegDealloc<Cfg::kProducerRegs>();
-    ProduceItems<T, D, Stages>(p, smem, tasks, (flags & kFlagNoKvCopy) == 0);
+    if (flags & kFlagRopeKeys) {
+      ProduceItems<T, D, Stages, true>(p, smem, tasks, (flags & kFlagNoKvCopy) == 0);
+    } else {
+      ProduceItems<T, D, Stages, false>(p, smem, tasks, (flags & kFlagNoKvCopy) == 0);
+    }
   } else {
     RegAlloc<Cfg::kConsumerRegs>();
     ConsumeItems<T, D, Stages>(p, smem, tasks, (flags & kFlagPingpong) != 0);
