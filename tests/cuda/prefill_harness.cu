@@ -903,15 +903,42 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
       if (names.find("," + std::string(t.name) + ",") != std::string::npos) kept.push_back(t);
     kernels = kept;
   }
+  // Two passes over the kernels, the second in reverse order, 10 timed launches each: a
+  // row's time drifts with its place in the list (clocks, caches: 1.5-3% between the
+  // first and the third sm90 row on an H100), and the two orders cancel that drift in
+  // the median of the 20; each pass's median is printed beside it.
+  struct Row {
+    bool ok = false;
+    std::vector<float> fwd, rev;
+    double diff = 0;
+    long nan = 0;
+  };
+  std::vector<Row> rows(kernels.size());
+  auto time_launches = [&](const Timed& kern, int n, std::vector<float>* ms) {
+    const AttentionParams& pk = kern.params ? *kern.params : p;
+    for (int i = 0; i < n; ++i) {
+      // The task counter, zeroed before each launch as the setup pass does (outside the
+      // timed events: the library's setup overlaps the kernel by dependent launch).
+      CHECK_CUDA(cudaMemsetAsync(pk.task_counter, 0, 8, 0));
+      CHECK_CUDA(cudaEventRecord(e0));
+      CHECK_CUDA(kern.launch(pk, 0));
+      CHECK_CUDA(cudaEventRecord(e1));
+      CHECK_CUDA(cudaEventSynchronize(e1));
+      float t;
+      CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
+      if (ms) ms->push_back(t);
+    }
+  };
+  auto median = [](std::vector<float> v) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0.0 : double(v[v.size() / 2]);
+  };
   std::vector<uint16_t> first_out, got_out;
-  for (size_t k = 0; k < kernels.size(); ++k) {
+  for (size_t k = 0; k < kernels.size(); ++k) {  // pass 1: outputs, warm-up, 10 launches
     const Timed& kern = kernels[k];
     const AttentionParams& pk = kern.params ? *kern.params : p;
     CHECK_CUDA(cudaMemset(d_out, 0xff, q_elems * 2));
-    // The task counter, zeroed before each launch as the setup pass does (outside the
-    // timed events: the library's setup overlaps the kernel by dependent launch).
-    auto zero_tasks = [&] { CHECK_CUDA(cudaMemsetAsync(pk.task_counter, 0, 8, 0)); };
-    zero_tasks();
+    CHECK_CUDA(cudaMemsetAsync(pk.task_counter, 0, 8, 0));
     const cudaError_t le = kern.launch(pk, 0);
     if (le != cudaSuccess) {
       std::printf("bench bf16 %3d x qo %5d kv %5d tile %3d %s %s %-9s: %s\n", batch, qo_len, kv_len,
@@ -919,40 +946,40 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
       cudaGetLastError();
       continue;
     }
-    for (int i = 0; i < 2; ++i) {
-      zero_tasks();
-      CHECK_CUDA(kern.launch(pk, 0));
-    }
     CHECK_CUDA(cudaDeviceSynchronize());
-    std::vector<float> ms;
-    for (int i = 0; i < 20; ++i) {
-      zero_tasks();
-      CHECK_CUDA(cudaEventRecord(e0));
-      CHECK_CUDA(kern.launch(pk, 0));
-      CHECK_CUDA(cudaEventRecord(e1));
-      CHECK_CUDA(cudaEventSynchronize(e1));
-      float t;
-      CHECK_CUDA(cudaEventElapsedTime(&t, e0, e1));
-      ms.push_back(t);
-    }
-    std::sort(ms.begin(), ms.end());
-    const double med = ms[ms.size() / 2];
-    std::vector<uint16_t>& dst = k == 0 ? first_out : got_out;
+    std::vector<uint16_t>& dst = first_out.empty() ? first_out : got_out;
     dst.resize(q_elems);
     CHECK_CUDA(cudaMemcpy(dst.data(), d_out, q_elems * 2, cudaMemcpyDeviceToHost));
-    double diff = 0;
-    long nan = 0;
-    if (k > 0 && !first_out.empty()) {
+    Row& row = rows[k];
+    row.ok = true;
+    if (&dst == &got_out) {
       for (size_t e = 0; e < q_elems; ++e) {
         const float a = ToFloat(first_out[e], DType::kBF16), b = ToFloat(got_out[e], DType::kBF16);
-        if (std::isnan(b)) { ++nan; continue; }
-        diff = std::max(diff, double(std::fabs(a - b)));
+        if (std::isnan(b)) { ++row.nan; continue; }
+        row.diff = std::max(row.diff, double(std::fabs(a - b)));
       }
     }
-    std::printf("bench bf16 %3d x qo %5d kv %5d tile %3d %s %s %-9s: %8.3f ms  %7.1f TFLOP/s  %7.1f GB/s (K+V)",
-                batch, qo_len, kv_len, tile, causal ? "causal" : "full  ", pname, kern.name, med,
-                flops / med / 1e9, kv_bytes / med / 1e6);
-    if (k > 0) std::printf("  max|out - %s| %.2e nan %ld", kernels[0].name, diff, nan);
+    time_launches(kern, 2, nullptr);
+    time_launches(kern, 10, &row.fwd);
+  }
+  for (size_t k = kernels.size(); k-- > 0;) {  // pass 2, reversed
+    if (!rows[k].ok) continue;
+    time_launches(kernels[k], 1, nullptr);
+    time_launches(kernels[k], 10, &rows[k].rev);
+  }
+  const char* first_name = nullptr;
+  for (size_t k = 0; k < kernels.size(); ++k) {
+    const Row& row = rows[k];
+    if (!row.ok) continue;
+    std::vector<float> all = row.fwd;
+    all.insert(all.end(), row.rev.begin(), row.rev.end());
+    const double med = median(all);
+    std::printf("bench bf16 %3d x qo %5d kv %5d tile %3d %s %s %-9s: %8.3f ms  %7.1f TFLOP/s  %7.1f GB/s (K+V)"
+                "  [fwd %.3f rev %.3f]",
+                batch, qo_len, kv_len, tile, causal ? "causal" : "full  ", pname, kernels[k].name, med,
+                flops / med / 1e9, kv_bytes / med / 1e6, median(row.fwd), median(row.rev));
+    if (first_name) std::printf("  max|out - %s| %.2e nan %ld", first_name, row.diff, row.nan);
+    else first_name = kernels[k].name;
     std::printf("\n");
     std::fflush(stdout);
   }
