@@ -43,7 +43,8 @@ using namespace jax_pagedattn;
 // The launcher the checks exercise. JPA_SM90_PINGPONG=1 / 0 runs the sm90 checks with /
 // without the warpgroup pingpong (default: the launcher's); JPA_SM90_STAGES=3 with
 // three K/V stages at head_dim 128; JPA_SM90_STATIC=1 with one CTA per (bin, kv head)
-// instead of drawn tasks.
+// instead of drawn tasks; JPA_SM90_OVERLAP=1 / 0 with / without each warpgroup's softmax
+// overlapping its P V GEMM (default: the launcher's).
 static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream) {
 #ifdef JPA_HARNESS_SM90
   static const bool pingpong = [] {
@@ -58,9 +59,14 @@ static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream
     const char* v = std::getenv("JPA_SM90_STATIC");
     return v != nullptr && std::strcmp(v, "1") == 0;
   }();
+  static const bool overlap = [] {
+    const char* v = std::getenv("JPA_SM90_OVERLAP");
+    return v == nullptr ? PrefillSm90Tuning{}.softmax_overlap : std::strcmp(v, "0") != 0;
+  }();
   PrefillSm90Tuning t;
   t.pingpong = pingpong;
   t.drawn_tasks = !static_bins;
+  t.softmax_overlap = overlap;
   // Three stages exist at head_dim 128 only (prefill_sm90.cu); other cases keep two.
   t.stages = p.head_dim == 128 ? stages : PrefillSm90Tuning{}.stages;
   return LaunchPrefillSm90(p, stream, t);
@@ -871,6 +877,11 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
   kernels.push_back({"sm90-pp", [](const AttentionParams& q, cudaStream_t st) {
                        PrefillSm90Tuning t;
                        t.pingpong = true;
+                       return LaunchPrefillSm90(q, st, t);
+                     }});
+  kernels.push_back({"sm90-ovl", [](const AttentionParams& q, cudaStream_t st) {
+                       PrefillSm90Tuning t;
+                       t.softmax_overlap = !PrefillSm90Tuning{}.softmax_overlap;
                        return LaunchPrefillSm90(q, st, t);
                      }});
   kernels.push_back({"sm90-3st", [](const AttentionParams& q, cudaStream_t st) {

@@ -88,7 +88,8 @@ struct Sm90Kernel {
                            (t.pingpong ? sm90::kFlagPingpong : 0) |
                                (t.copy_kv ? 0 : sm90::kFlagNoKvCopy) |
                                (drawn ? 0 : sm90::kFlagStaticBins) |
-                               (rope_keys ? sm90::kFlagRopeKeys : 0));
+                               (rope_keys ? sm90::kFlagRopeKeys : 0) |
+                               (t.softmax_overlap ? sm90::kFlagSoftmaxOverlap : 0));
   }
 
   static cudaError_t Occupancy(int32_t* ctas) {

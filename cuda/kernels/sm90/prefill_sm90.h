@@ -35,6 +35,9 @@ struct PrefillSm90Tuning {
   // rotated once by a pass before the kernel (rope_keys.cuh); false: the producer
   // rotates each K tile it loads.
   bool rope_keys = true;
+  // Each consumer warpgroup's softmax overlaps its own P V GEMM (prefill_sm90_kernel.cuh,
+  // ConsumeItems' kSoftmaxOverlap). Off until a GPU session checks and times it.
+  bool softmax_overlap = false;
 };
 
 // Whether the kernel runs calls of these types and head_dim on the current device; the

@@ -519,7 +519,14 @@ __device__ __forceinline__ uint32_t ThreadMask(const uint4& w, int quad) {
          (((w.z >> (2 * quad)) & sel) << 4) | (((w.w >> (2 * quad)) & sel) << 6);
 }
 
-template <typename T, int D, int Stages>
+// kSoftmaxOverlap: each warpgroup's softmax of S(i) runs while its own P(i-1) V(i-1)
+// GEMM does. The source always asks for that (the GEMM's wait follows the softmax), but
+// ptxas hoists the wait (WARPGROUP.DEPBAR.LE gsb0, 0x0) to the start of the softmax's
+// basic block, where it interleaves the P converts with the exp2s, so the softmax and
+// its warpgroup's P V ran one after the other (SASS, every head_dim). A branch on the
+// softmax's result that never trips (SoftmaxOverlapGuard) ends that block, and the wait
+// then stays after the last exp2. A template flag so the harness times both schedules.
+template <typename T, int D, int Stages, bool kSoftmaxOverlap>
 __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* smem,
                                              const TaskSchedule& tasks, bool pingpong) {
   using namespace cute;
@@ -689,7 +696,8 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
     float m_run[2] = {kNegInf, kNegInf}, l_run[2] = {0.f, 0.f}, corr[2] = {0.f, 0.f};
 
     // Softmax of tile step i (keys from kf): S -> 2^(logit - running max), in place.
-    auto softmax = [&](int i, bool any_bad, uint32_t absent_bits) {
+    // Returns the sum of its new terms (this thread's two rows), >= 0 or NaN.
+    auto softmax = [&](int i, bool any_bad, uint32_t absent_bits) -> float {
       const int kf = tr.kv_lo + (n - 1 - i) * kTileKv;
       const bool need_mask = always_mask || any_bad || (causal && kf + kTileKv - 1 > wg_min_limit) ||
                              (window && kf < wg_max_start);
@@ -746,6 +754,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       }
 #pragma unroll
       for (int h = 0; h < 2; ++h) l_run[h] = l_run[h] * corr[h] + sum[h];
+      return sum[0] + sum[1];
     };
     Tensor tOrP32 = recast<uint32_t>(tOrP);
     auto convert_p = [&] {  // one packed convert per pair, element 2k in the low half
@@ -833,7 +842,8 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
         warpgroup_fence_operand(tSrS);
         release_k(empty_k(s));
         ++kc;
-        softmax(i, mask.any_bad, mask.absent_bits);
+        const float terms = softmax(i, mask.any_bad, mask.absent_bits);
+        if (kSoftmaxOverlap && terms < 0.f) __trap();  // never: see ConsumeItems
         warpgroup_wait<0>();
         warpgroup_fence_operand(tOrO);
         warpgroup_fence_operand(tOrP);
@@ -948,11 +958,13 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
 // `flags`: kFlagPingpong; kFlagNoKvCopy (a measurement, never a result: the producer runs
 // its protocol without copying K/V, so the time left is the consumers'); kFlagStaticBins
 // (the plan's bins instead of drawn tasks, TaskSchedule); kFlagRopeKeys (RoPE keys come
-// rotated from p.rope_keys, written by the grid before this one: rope_keys.cuh).
+// rotated from p.rope_keys, written by the grid before this one: rope_keys.cuh);
+// kFlagSoftmaxOverlap (ConsumeItems' kSoftmaxOverlap).
 constexpr int kFlagPingpong = 1;
 constexpr int kFlagNoKvCopy = 2;
 constexpr int kFlagStaticBins = 4;
 constexpr int kFlagRopeKeys = 8;
+constexpr int kFlagSoftmaxOverlap = 16;
 template <typename T, int D, int Stages>
 __global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages>::kThreads, 1)
     PrefillSm90Kernel(const __grid_constant__ AttentionParams p, const int flags) {
@@ -992,7 +1004,11 @@ __global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages>::kThreads, 1)
     }
   } else {
     RegAlloc<Cfg::kConsumerRegs>();
-    ConsumeItems<T, D, Stages>(p, smem, tasks, (flags & kFlagPingpong) != 0);
+    if (flags & kFlagSoftmaxOverlap) {
+      ConsumeItems<T, D, Stages, true>(p, smem, tasks, (flags & kFlagPingpong) != 0);
+    } else {
+      ConsumeItems<T, D, Stages, false>(p, smem, tasks, (flags & kFlagPingpong) != 0);
+    }
   }
   WaitForPrimaryGrid();  // never finish before the setup pass (dependent_launch.cuh)
 #else
