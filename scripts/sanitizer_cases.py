@@ -115,12 +115,16 @@ def main():
   qo_len = np.minimum(kv_len, rng.integers(1, 40, size=len(last)))
   qo_indptr = np.concatenate([[0], np.cumsum(qo_len)]).astype(np.int32)
   q = jax.random.normal(jax.random.key(3), (int(qo_indptr[-1]), hq, d), dt)
-  w = jpa.BatchPrefillWithPagedKVCacheWrapper()
-  w.plan(qo_indptr, indptr, indices, last, hq, hk, d, ps, causal=True, q_data_type=dt)
-  out = w.run(q, cache)
-  want, _ = on_cpu(reference.batch_attention, q.astype(jnp.float32), cache.astype(jnp.float32),
-                   qo_indptr, indptr, indices, last, causal=True)
-  check("prefill causal", out, want)
+  # RoPE: on the Hopper kernel, the pass that rotates the keys once into the workspace.
+  for mode in ("NONE", "ROPE_LLAMA"):
+    w = jpa.BatchPrefillWithPagedKVCacheWrapper()
+    w.plan(qo_indptr, indptr, indices, last, hq, hk, d, ps, causal=True, q_data_type=dt,
+           pos_encoding_mode=mode)
+    out = w.run(q, cache)
+    want, _ = on_cpu(reference.batch_attention, q.astype(jnp.float32),
+                     cache.astype(jnp.float32), qo_indptr, indptr, indices, last, causal=True,
+                     pos_encoding_mode=mode)
+    check("prefill causal" + ("" if mode == "NONE" else f" {mode}"), out, want)
 
   nnz = int(qo_indptr[-1])
   bi, pos = jpa.get_batch_indices_positions(qo_indptr, kv_len, nnz)
@@ -220,7 +224,9 @@ def garbage(rng, key, dt, hq, hk, d, rounds):
   for name, w, plan, rows in (
       ("decode cc", *_decode(indptr, indices, last, hq, hk, d, ps, dt, False)),
       ("decode tc", *_decode(indptr, indices, last, hq, hk, d, ps, dt, True)),
-      ("prefill", *_prefill(qo_indptr, indptr, indices, last, hq, hk, d, ps, dt))):
+      ("prefill", *_prefill(qo_indptr, indptr, indices, last, hq, hk, d, ps, dt)),
+      ("prefill RoPE", *_prefill(qo_indptr, indptr, indices, last, hq, hk, d, ps, dt,
+                                 pos="ROPE_LLAMA"))):
     q = jax.random.normal(jax.random.key(8), (rows, hq, d), dt)
     step = jax.jit(lambda q, cache, p, w=w: w.run(q, cache, return_lse=True, plan=p))
     for kind in garbage_plans.KINDS:
@@ -250,10 +256,10 @@ def _decode(indptr, indices, last, hq, hk, d, ps, dt, tc, kv_dt=None):
                    kv_data_type=kv_dt), len(last)
 
 
-def _prefill(qo_indptr, indptr, indices, last, hq, hk, d, ps, dt, kv_dt=None):
+def _prefill(qo_indptr, indptr, indices, last, hq, hk, d, ps, dt, kv_dt=None, pos="NONE"):
   w = jpa.BatchPrefillWithPagedKVCacheWrapper()
   plan = w.plan(qo_indptr, indptr, indices, last, hq, hk, d, ps, causal=True, q_data_type=dt,
-                kv_data_type=kv_dt)
+                kv_data_type=kv_dt, pos_encoding_mode=pos)
   return w, plan, int(qo_indptr[-1])
 
 
