@@ -32,10 +32,7 @@ def test_switches_are_read_from_the_environment():
 def test_fp8_tensor_cores_switch():
   """JAX_PAGEDATTN_FP8_TENSOR_CORES: on unless set to "0"; a plan carries the value in
   force when it was made (the CUDA lowering's gate)."""
-  assert switches.from_environment({}).fp8_tensor_cores is True
-  for value, want in (("1", True), ("0", False), ("", True), ("yes", True)):
-    env = {"JAX_PAGEDATTN_FP8_TENSOR_CORES": value}
-    assert switches.from_environment(env).fp8_tensor_cores is want, value
+  _assert_on_unless_zero("fp8_tensor_cores", "JAX_PAGEDATTN_FP8_TENSOR_CORES")
   w = jpa.BatchDecodeWithPagedKVCacheWrapper(use_tensor_cores=True)
   args = (np.array([0, 1], np.int32), np.array([0], np.int32), np.array([3], np.int32), 4, 2,
           64, 16)
@@ -65,17 +62,25 @@ def test_switches_reach_the_plan_and_its_attributes():
   assert attrs["sm90_stages"] == np.int32(3)
 
 
+# A prefill batch of one 300-token request over 19 pages (8/2 heads, head_dim 64, page 16).
+_PREFILL_ARGS = (np.array([0, 300], np.int32), np.array([0, 19], np.int32),
+                 np.arange(19, dtype=np.int32), np.array([12], np.int32), 8, 2, 64, 16)
+
+
+def _assert_on_unless_zero(field: str, variable: str):
+  """An on/off variable defaulting to on: "0" turns it off, unset or empty keep it."""
+  assert getattr(switches.from_environment({}), field) is True
+  for value, want in (("1", True), ("0", False), ("", True), ("yes", True)):
+    assert getattr(switches.from_environment({variable: value}), field) is want, value
+
+
 def test_sm90_drawn_tasks_switch():
   """JAX_PAGEDATTN_SM90_DRAWN_TASKS: on unless set to "0"; a prefill plan carries it as
   the sm90_drawn_tasks attribute the Hopper launcher reads, and only where the Hopper
   kernel runs the call (never on the CPU) are its items ordered for drawing."""
-  assert switches.from_environment({}).sm90_drawn_tasks is True
-  for value, want in (("1", True), ("0", False), ("", True)):
-    env = {"JAX_PAGEDATTN_SM90_DRAWN_TASKS": value}
-    assert switches.from_environment(env).sm90_drawn_tasks is want, value
+  _assert_on_unless_zero("sm90_drawn_tasks", "JAX_PAGEDATTN_SM90_DRAWN_TASKS")
   w = jpa.BatchPrefillWithPagedKVCacheWrapper()
-  qo, kvp = np.array([0, 300], np.int32), np.array([0, 19], np.int32)
-  args = (qo, kvp, np.arange(19, dtype=np.int32), np.array([12], np.int32), 8, 2, 64, 16)
+  args = _PREFILL_ARGS
   with switches.overridden(sm90_drawn_tasks=True):
     on = w.plan(*args, causal=True)
   with switches.overridden(sm90_drawn_tasks=False):
@@ -93,13 +98,9 @@ def test_sm90_rope_keys_switch():
   workspace section of rotated keys (attribute sm90_rope_keys) only where the Hopper
   kernel runs it and the switch is on; the section holds every key slot of the plan's
   page capacity for every kv head, and nothing else grows."""
-  assert switches.from_environment({}).sm90_rope_keys is True
-  for value, want in (("1", True), ("0", False), ("", True)):
-    env = {"JAX_PAGEDATTN_SM90_ROPE_KEYS": value}
-    assert switches.from_environment(env).sm90_rope_keys is want, value
+  _assert_on_unless_zero("sm90_rope_keys", "JAX_PAGEDATTN_SM90_ROPE_KEYS")
   w = jpa.BatchPrefillWithPagedKVCacheWrapper()
-  qo, kvp = np.array([0, 300], np.int32), np.array([0, 19], np.int32)
-  args = (qo, kvp, np.arange(19, dtype=np.int32), np.array([12], np.int32), 8, 2, 64, 16)
+  args = _PREFILL_ARGS
   hopper = planning.hopper_prefill("prefill", "float16", "float16", 64)
   with switches.overridden(sm90_rope_keys=True):
     rope = w.plan(*args, causal=True, pos_encoding_mode="ROPE_LLAMA", q_data_type="float16")

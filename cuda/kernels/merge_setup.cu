@@ -1,6 +1,6 @@
 // The setup pass of an attention call, launched just before the attention kernel:
 // zeroes the split-merge counters of rows [0, q_rows) (split_merge.cuh) and the task
-// counter (the Hopper prefill kernel's tasks, prefill_sm90_kernel.cuh), and zero-fills
+// counter (the Hopper prefill kernel's tasks, sm90/task_schedule.cuh), and zero-fills
 // the padding rows t >= meta[kMetaNumTokens] (out = 0, lse = -inf), which no work item
 // writes.
 //

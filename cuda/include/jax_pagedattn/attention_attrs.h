@@ -41,7 +41,7 @@ struct AttentionAttrs {
   // Runtime switches (jax_pagedattn/switches.py reads them once, from the environment).
   bool sm90_prefill;      // the Hopper prefill kernel may run where it covers the call
   int32_t sm90_stages;    // its K/V ring: 2, or 3 at head_dim 128 (a measurement knob)
-  bool sm90_drawn_tasks;  // its CTAs draw tasks (prefill_sm90_kernel.cuh, TaskSchedule)
+  bool sm90_drawn_tasks;  // its CTAs draw tasks (task_schedule.cuh, TaskSchedule)
   // With RoPE: its keys are rotated once per call into the workspace (RopeKeysBytes)
   // instead of in every CTA that reads them (rope_keys.cuh).
   bool sm90_rope_keys = false;

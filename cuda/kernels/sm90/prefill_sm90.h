@@ -29,13 +29,13 @@ struct PrefillSm90Tuning {
   // false: a measurement of the consumers alone (K/V tiles are not copied; wrong results).
   bool copy_kv = true;
   // One CTA per SM drawing (work item, kv head) tasks from a counter, in plan order
-  // (prefill_sm90_kernel.cuh, TaskSchedule); false: one CTA per (bin, kv head).
+  // (task_schedule.cuh, TaskSchedule); false: one CTA per (bin, kv head).
   bool drawn_tasks = true;
   // With RoPE and a workspace that holds them (AttentionParams::rope_keys): the keys
   // rotated once by a pass before the kernel (rope_keys.cuh); false: the producer
   // rotates each K tile it loads.
   bool rope_keys = true;
-  // Each consumer warpgroup's softmax overlaps its own P V GEMM (prefill_sm90_kernel.cuh,
+  // Each consumer warpgroup's softmax overlaps its own P V GEMM (prefill_sm90_consumer.cuh,
   // ConsumeItems' kSoftmaxOverlap). Off until a GPU session checks and times it.
   bool softmax_overlap = false;
 };
