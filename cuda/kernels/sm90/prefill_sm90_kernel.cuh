@@ -24,10 +24,12 @@
 //
 // Consumer schedule (tiles in reverse key order, so the tiles that need masks, the
 // causal diagonal and the ragged end, come first): iteration i issues S_i = Q K_i^T,
-// then O += P_{i-1} V_{i-1}, and computes the softmax of S_i while the second GEMM runs
-// (wgmma.wait_group 1). With `pingpong` the two consumer warpgroups also take turns to
-// issue their GEMMs (named barriers), so one warpgroup's softmax overlaps the other's
-// GEMMs.
+// then O += P_{i-1} V_{i-1}, waits for S_i alone (wgmma.wait_group 1) and computes its
+// softmax, then waits for the second GEMM. Only with kFlagSoftmaxOverlap does the
+// softmax run while that GEMM does (ptxas otherwise moves the second wait above the
+// softmax: prefill_sm90_consumer.cuh); the other warpgroup's GEMMs fill the tensor
+// cores either way. With `pingpong` the two consumer warpgroups also take turns to
+// issue their GEMMs (named barriers).
 //
 // Shared memory (base rounded up to 1024 bytes, the 128-byte swizzle's period):
 //   Q     [kQBufs][2 warpgroups][64 rows][D]  GMMA K-major SW128 (also each warpgroup's O
