@@ -40,6 +40,13 @@
 
 using namespace jax_pagedattn;
 
+// An on/off environment variable of the harness: "0" off, unset or empty `dflt`, anything
+// else on.
+static bool EnvFlag(const char* name, bool dflt) {
+  const char* v = std::getenv(name);
+  return v == nullptr || *v == '\0' ? dflt : std::strcmp(v, "0") != 0;
+}
+
 // The launcher the checks exercise. JPA_SM90_PINGPONG=1 / 0 runs the sm90 checks with /
 // without the warpgroup pingpong (default: the launcher's); JPA_SM90_STAGES=3 with
 // three K/V stages at head_dim 128; JPA_SM90_STATIC=1 with one CTA per (bin, kv head)
@@ -47,10 +54,7 @@ using namespace jax_pagedattn;
 // overlapping its P V GEMM (default: the launcher's).
 static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream) {
 #ifdef JPA_HARNESS_SM90
-  static const bool pingpong = [] {
-    const char* v = std::getenv("JPA_SM90_PINGPONG");
-    return v == nullptr ? PrefillSm90Tuning{}.pingpong : std::strcmp(v, "0") != 0;
-  }();
+  static const bool pingpong = EnvFlag("JPA_SM90_PINGPONG", PrefillSm90Tuning{}.pingpong);
   static const int stages = [] {
     const char* v = std::getenv("JPA_SM90_STAGES");
     return v == nullptr ? PrefillSm90Tuning{}.stages : std::atoi(v);
@@ -59,10 +63,7 @@ static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream
     const char* v = std::getenv("JPA_SM90_STATIC");
     return v != nullptr && std::strcmp(v, "1") == 0;
   }();
-  static const bool overlap = [] {
-    const char* v = std::getenv("JPA_SM90_OVERLAP");
-    return v == nullptr ? PrefillSm90Tuning{}.softmax_overlap : std::strcmp(v, "0") != 0;
-  }();
+  static const bool overlap = EnvFlag("JPA_SM90_OVERLAP", PrefillSm90Tuning{}.softmax_overlap);
   PrefillSm90Tuning t;
   t.pingpong = pingpong;
   t.drawn_tasks = !static_bins;
@@ -78,10 +79,7 @@ static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream
 // Whether RoPE calls get the workspace section of keys rotated once (sm90_rope_keys, as
 // the library does by default); JPA_SM90_ROPE_KEYS=0 checks the in-kernel rotation.
 static bool HarnessRopeKeys() {
-  static const bool on = [] {
-    const char* v = std::getenv("JPA_SM90_ROPE_KEYS");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool on = EnvFlag("JPA_SM90_ROPE_KEYS", true);
   return on;
 }
 
