@@ -887,6 +887,12 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
                        t.stages = 3;
                        return LaunchPrefillSm90(q, st, t);
                      }});
+  kernels.push_back({"sm90-3st-ovl", [](const AttentionParams& q, cudaStream_t st) {
+                       PrefillSm90Tuning t;
+                       t.stages = 3;
+                       t.softmax_overlap = !PrefillSm90Tuning{}.softmax_overlap;
+                       return LaunchPrefillSm90(q, st, t);
+                     }});
   // The consumers' time alone: K/V not copied (its output is not compared).
   kernels.push_back({"sm90-nokv", [](const AttentionParams& q, cudaStream_t st) {
                        PrefillSm90Tuning t;

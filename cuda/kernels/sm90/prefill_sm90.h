@@ -36,8 +36,8 @@ struct PrefillSm90Tuning {
   // rotates each K tile it loads.
   bool rope_keys = true;
   // Each consumer warpgroup's softmax overlaps its own P V GEMM (prefill_sm90_consumer.cuh,
-  // ConsumeItems' kSoftmaxOverlap). Off until a GPU session checks and times it.
-  bool softmax_overlap = false;
+  // ConsumeItems' kSoftmaxOverlap); false: ptxas hoists the P V wait above the softmax.
+  bool softmax_overlap = true;
 };
 
 // Whether the kernel runs calls of these types and head_dim on the current device; the
