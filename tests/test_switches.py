@@ -14,13 +14,13 @@ from jax_pagedattn import planning, switches
 def test_switches_are_read_from_the_environment():
   sw = switches.from_environment({})
   assert (sw.sm90_prefill, sw.sm90_stages, sw.dependent_launch, sw.deal, sw.ctas_per_sm) == (
-      True, 2, True, "auto", 0)
+      True, 3, True, "auto", 0)
   sw = switches.from_environment({"JAX_PAGEDATTN_SM90_PREFILL": "0", "JAX_PAGEDATTN_DEAL": "equal",
                                   "JAX_PAGEDATTN_DEPENDENT_LAUNCH": "0",
                                   "JAX_PAGEDATTN_CTAS_PER_SM": "2",
-                                  "JAX_PAGEDATTN_SM90_STAGES": "3"})
+                                  "JAX_PAGEDATTN_SM90_STAGES": "2"})
   assert (sw.sm90_prefill, sw.sm90_stages, sw.dependent_launch, sw.deal, sw.ctas_per_sm) == (
-      False, 3, False, "equal", 2)
+      False, 2, False, "equal", 2)
   with pytest.raises(ValueError, match="JAX_PAGEDATTN_SM90_STAGES"):
     switches.from_environment({"JAX_PAGEDATTN_SM90_STAGES": "4"})
   with pytest.raises(ValueError, match="JAX_PAGEDATTN_DEAL"):

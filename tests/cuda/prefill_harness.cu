@@ -48,10 +48,9 @@ static bool EnvFlag(const char* name, bool dflt) {
 }
 
 // The launcher the checks exercise. JPA_SM90_PINGPONG=1 / 0 runs the sm90 checks with /
-// without the warpgroup pingpong (default: the launcher's); JPA_SM90_STAGES=3 with
-// three K/V stages at head_dim 128; JPA_SM90_STATIC=1 with one CTA per (bin, kv head)
-// instead of drawn tasks; JPA_SM90_OVERLAP=1 / 0 with / without each warpgroup's softmax
-// overlapping its P V GEMM (default: the launcher's).
+// without the warpgroup pingpong (default: the launcher's); JPA_SM90_STAGES=2 / 3 with
+// two / three K/V stages at head_dim 128 (default: the launcher's); JPA_SM90_STATIC=1
+// with one CTA per (bin, kv head) instead of drawn tasks.
 static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream) {
 #ifdef JPA_HARNESS_SM90
   static const bool pingpong = EnvFlag("JPA_SM90_PINGPONG", PrefillSm90Tuning{}.pingpong);
@@ -63,13 +62,10 @@ static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream
     const char* v = std::getenv("JPA_SM90_STATIC");
     return v != nullptr && std::strcmp(v, "1") == 0;
   }();
-  static const bool overlap = EnvFlag("JPA_SM90_OVERLAP", PrefillSm90Tuning{}.softmax_overlap);
   PrefillSm90Tuning t;
   t.pingpong = pingpong;
   t.drawn_tasks = !static_bins;
-  t.softmax_overlap = overlap;
-  // Three stages exist at head_dim 128 only (prefill_sm90.cu); other cases keep two.
-  t.stages = p.head_dim == 128 ? stages : PrefillSm90Tuning{}.stages;
+  t.stages = stages;  // other head_dims than 128 run 2 whatever it says (prefill_sm90.cu)
   return LaunchPrefillSm90(p, stream, t);
 #else
   return LaunchPrefill(p, stream);
@@ -877,20 +873,9 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
                        t.pingpong = true;
                        return LaunchPrefillSm90(q, st, t);
                      }});
-  kernels.push_back({"sm90-ovl", [](const AttentionParams& q, cudaStream_t st) {
+  kernels.push_back({"sm90-2st", [](const AttentionParams& q, cudaStream_t st) {
                        PrefillSm90Tuning t;
-                       t.softmax_overlap = !PrefillSm90Tuning{}.softmax_overlap;
-                       return LaunchPrefillSm90(q, st, t);
-                     }});
-  kernels.push_back({"sm90-3st", [](const AttentionParams& q, cudaStream_t st) {
-                       PrefillSm90Tuning t;
-                       t.stages = 3;
-                       return LaunchPrefillSm90(q, st, t);
-                     }});
-  kernels.push_back({"sm90-3st-ovl", [](const AttentionParams& q, cudaStream_t st) {
-                       PrefillSm90Tuning t;
-                       t.stages = 3;
-                       t.softmax_overlap = !PrefillSm90Tuning{}.softmax_overlap;
+                       t.stages = 2;
                        return LaunchPrefillSm90(q, st, t);
                      }});
   // The consumers' time alone: K/V not copied (its output is not compared).

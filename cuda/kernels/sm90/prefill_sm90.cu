@@ -88,8 +88,7 @@ struct Sm90Kernel {
                            (t.pingpong ? sm90::kFlagPingpong : 0) |
                                (t.copy_kv ? 0 : sm90::kFlagNoKvCopy) |
                                (drawn ? 0 : sm90::kFlagStaticBins) |
-                               (rope_keys ? sm90::kFlagRopeKeys : 0) |
-                               (t.softmax_overlap ? sm90::kFlagSoftmaxOverlap : 0));
+                               (rope_keys ? sm90::kFlagRopeKeys : 0));
   }
 
   static cudaError_t Occupancy(int32_t* ctas) {
@@ -104,6 +103,7 @@ struct Sm90Kernel {
 template <typename Op>
 cudaError_t WithSm90Kernel(DType dtype, int head_dim, int tile_rows, int stages, Op&& op) {
   if (tile_rows != 128 || !DeviceIsSm90()) return cudaErrorNotSupported;
+  if (head_dim != 128) stages = 2;  // the only 3-stage kernels are head_dim 128's
   auto with_stages = [&](auto elem) -> cudaError_t {
     using T = decltype(elem);
     switch (head_dim * 4 + stages) {
@@ -151,7 +151,7 @@ bool PrefillSm90Covers(DType dtype, DType kv_dtype, int head_dim) {
 
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream) {
   PrefillSm90Tuning tuning;
-  if (p.head_dim == 128 && p.sm90_stages == 3) tuning.stages = 3;  // the only 3-stage kernels
+  if (p.sm90_stages == 2 || p.sm90_stages == 3) tuning.stages = p.sm90_stages;
   tuning.drawn_tasks = p.sm90_drawn_tasks;
   tuning.rope_keys = p.sm90_rope_keys;
   return LaunchPrefillSm90(p, stream, tuning);

@@ -50,14 +50,14 @@ __device__ __forceinline__ uint32_t ThreadMask(const uint4& w, int quad) {
          (((w.z >> (2 * quad)) & sel) << 4) | (((w.w >> (2 * quad)) & sel) << 6);
 }
 
-// kSoftmaxOverlap: each warpgroup's softmax of S(i) runs while its own P(i-1) V(i-1)
-// GEMM does. The source always asks for that (the GEMM's wait follows the softmax), but
-// ptxas hoists the wait (WARPGROUP.DEPBAR.LE gsb0, 0x0) to the start of the softmax's
-// basic block, where it interleaves the P converts with the exp2s, so the softmax and
-// its warpgroup's P V ran one after the other (SASS, every head_dim). A branch on the
-// softmax's result that never trips (SoftmaxOverlapGuard) ends that block, and the wait
-// then stays after the last exp2. A template flag so the harness times both schedules.
-template <typename T, int D, int Stages, bool kSoftmaxOverlap>
+// Each warpgroup's softmax of S(i) runs while its own P(i-1) V(i-1) GEMM does. The
+// source asks for that by waiting for the GEMM after the softmax, but without more ptxas
+// hoists the wait (WARPGROUP.DEPBAR.LE gsb0, 0x0) to the start of the softmax's basic
+// block, where it interleaves the P converts with the exp2s, so the softmax and its
+// warpgroup's P V ran one after the other (SASS, every head_dim). A branch on the
+// softmax's result that never trips ends that block, and the wait then stays after the
+// last exp2.
+template <typename T, int D, int Stages>
 __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* smem,
                                              const TaskSchedule& tasks, bool pingpong) {
   using namespace cute;
@@ -374,7 +374,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
         release_k(empty_k(s));
         ++kc;
         const float terms = softmax(i, mask.any_bad, mask.absent_bits);
-        if (kSoftmaxOverlap && terms < 0.f) __trap();  // never: see ConsumeItems
+        if (terms < 0.f) __trap();  // never (a sum of exp2s): see ConsumeItems
         warpgroup_wait<0>();
         warpgroup_fence_operand(tOrO);
         warpgroup_fence_operand(tOrP);
