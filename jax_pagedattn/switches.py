@@ -34,6 +34,10 @@ class Switches:
   # CTA that loads them, instead of once per call into a workspace section of the plan's
   # key capacity (rope_keys.cuh; docs/CONTRACT.md).
   sm90_rope_keys: bool = True
+  # JAX_PAGEDATTN_SM90_PINGPONG=1: the Hopper prefill kernel's two consumer warpgroups
+  # take turns to issue their GEMMs (named barriers), as FlashAttention-3 does at
+  # head_dim 128. A measurement knob until the library is timed with it.
+  sm90_pingpong: bool = False
   # JAX_PAGEDATTN_DEPENDENT_LAUNCH=0: no programmatic dependent launch (sm90+).
   dependent_launch: bool = True
   # JAX_PAGEDATTN_DEAL=bins|equal: force one of the planner's two deals.
@@ -84,6 +88,7 @@ def from_environment(environ=os.environ) -> Switches:
       command_buffers=_flag(environ, "JAX_PAGEDATTN_COMMAND_BUFFERS", False),
       fp8_tensor_cores=_flag(environ, "JAX_PAGEDATTN_FP8_TENSOR_CORES", True),
       fp8_wide_decode=_flag(environ, "JAX_PAGEDATTN_FP8_WIDE_DECODE", False),
+      sm90_pingpong=_flag(environ, "JAX_PAGEDATTN_SM90_PINGPONG", False),
   )
 
 

@@ -45,6 +45,8 @@ struct AttentionAttrs {
   // With RoPE: its keys are rotated once per call into the workspace (RopeKeysBytes)
   // instead of in every CTA that reads them (rope_keys.cuh).
   bool sm90_rope_keys = false;
+  // Its two consumer warpgroups take turns to issue their GEMMs (PrefillSm90Tuning).
+  bool sm90_pingpong = false;
   bool dependent_launch;  // launches may overlap the previous kernel's tail (sm90+)
   bool fp8_wide_decode;   // fp8 caches on the CUDA-core decode kernel's wide tiles (decode.cu)
 };

@@ -43,9 +43,9 @@ struct PrefillSm90Tuning {
 bool PrefillSm90Covers(DType dtype, DType kv_dtype, int head_dim);
 
 // With the default tuning, but the K/V stages p.sm90_stages asks for (2 or 3), drawn
-// tasks only where p.sm90_drawn_tasks asks (its plans are then ordered
-// for them, PlanSpec::longest_first), and RoPE keys rotated once only where
-// p.sm90_rope_keys asks (the workspace then holds them, RopeKeysBytes).
+// tasks only where p.sm90_drawn_tasks asks (its plans are then ordered for them,
+// PlanSpec::longest_first), RoPE keys rotated once only where p.sm90_rope_keys asks (the
+// workspace then holds them, RopeKeysBytes), and the pingpong as p.sm90_pingpong says.
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream);
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream,
                               const PrefillSm90Tuning& tuning);
