@@ -68,8 +68,9 @@ fi
 # after 4 s with the barrier named, so a broken protocol cannot hang the call.
 bin=$run/prefill_harness_sm90
 bin_wd=$run/prefill_harness_sm90_watchdog
+# JPA_SM90_VARIANTS: the consumers' schedules under measurement (prefill_sm90.cu).
 flags=(-std=c++17 -O3 -lineinfo --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a
-       -Icuda/include -Icuda/kernels "-I$inc")
+       -Icuda/include -Icuda/kernels "-I$inc" -DJPA_SM90_VARIANTS)
 t0=$(date +%s)
 "$NVCC" "${flags[@]}" -Xptxas -v -c cuda/kernels/sm90/prefill_sm90.cu -o "$run/prefill_sm90.o" \
   >"$run/build_sm90.log" 2>&1 & p1=$!
@@ -109,6 +110,10 @@ if [ -x "$bin" ] && [ -x "$bin_wd" ]; then
   note "check, static bins (quick set): rc=$? $(grep -c 'PASS$' "$run/check_static.log") PASS, $(grep -c FAIL "$run/check_static.log") FAIL lines"
   JPA_SM90_PINGPONG=1 timeout "$(cap 40)" "$bin_wd" quick 4321 >"$run/check_pingpong.log" 2>&1
   note "check, warpgroup pingpong (quick set): rc=$? $(grep -c 'PASS$' "$run/check_pingpong.log") PASS, $(grep -c FAIL "$run/check_pingpong.log") FAIL lines"
+  for v in 5 2; do
+    JPA_SM90_VARIANT=$v timeout "$(cap 40)" "$bin_wd" quick 4321 >"$run/check_variant$v.log" 2>&1
+    note "check, consumer variant $v (quick set): rc=$? $(grep -c 'PASS$' "$run/check_variant$v.log") PASS, $(grep -c FAIL "$run/check_variant$v.log") FAIL lines"
+  done
   JPA_SM90_ROPE_KEYS=0 timeout "$(cap 40)" "$bin_wd" quick 4321 >"$run/check_ropeip.log" 2>&1
   note "check, RoPE keys rotated in the kernel (quick set): rc=$? $(grep -c 'PASS$' "$run/check_ropeip.log") PASS, $(grep -c FAIL "$run/check_ropeip.log") FAIL lines"
   (( rc == 124 || rc2 == 124 )) && check_timed_out=1

@@ -50,7 +50,9 @@ static bool EnvFlag(const char* name, bool dflt) {
 // The launcher the checks exercise. JPA_SM90_PINGPONG=1 / 0 runs the sm90 checks with /
 // without the warpgroup pingpong (default: the launcher's); JPA_SM90_STAGES=2 / 3 with
 // two / three K/V stages at head_dim 128 (default: the launcher's); JPA_SM90_STATIC=1
-// with one CTA per (bin, kv head) instead of drawn tasks.
+// with one CTA per (bin, kv head) instead of drawn tasks; JPA_SM90_VARIANT=v with the
+// consumers' schedule v (prefill_sm90_consumer.cuh, kVariant*; bf16, head_dim 128 only:
+// the other cases keep the library's).
 static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream) {
 #ifdef JPA_HARNESS_SM90
   static const bool pingpong = EnvFlag("JPA_SM90_PINGPONG", PrefillSm90Tuning{}.pingpong);
@@ -62,10 +64,16 @@ static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream
     const char* v = std::getenv("JPA_SM90_STATIC");
     return v != nullptr && std::strcmp(v, "1") == 0;
   }();
+  static const int variant = [] {
+    const char* v = std::getenv("JPA_SM90_VARIANT");
+    return v == nullptr ? 0 : std::atoi(v);
+  }();
   PrefillSm90Tuning t;
   t.pingpong = pingpong;
   t.drawn_tasks = !static_bins;
   t.stages = stages;  // other head_dims than 128 run 2 whatever it says (prefill_sm90.cu)
+  // The variants exist for one kernel (prefill_sm90.cu, WithSm90Kernel).
+  if (p.dtype == DType::kBF16 && p.head_dim == 128 && stages == 3) t.variant = variant;
   return LaunchPrefillSm90(p, stream, t);
 #else
   return LaunchPrefill(p, stream);
@@ -878,6 +886,33 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
                        t.stages = 2;
                        return LaunchPrefillSm90(q, st, t);
                      }});
+  // The consumers' schedules under measurement (prefill_sm90_consumer.cuh, kVariant*).
+  kernels.push_back({"sm90-f1", [](const AttentionParams& q, cudaStream_t st) {
+                       PrefillSm90Tuning t;
+                       t.variant = 1;  // one proxy fence per step, before S
+                       return LaunchPrefillSm90(q, st, t);
+                     }});
+  kernels.push_back({"sm90-nf", [](const AttentionParams& q, cudaStream_t st) {
+                       PrefillSm90Tuning t;
+                       t.variant = 2;  // no proxy fence in the loop (a measurement)
+                       return LaunchPrefillSm90(q, st, t);
+                     }});
+  kernels.push_back({"sm90-lr", [](const AttentionParams& q, cudaStream_t st) {
+                       PrefillSm90Tuning t;
+                       t.variant = 4;  // O rescaled only where a row's maximum moved
+                       return LaunchPrefillSm90(q, st, t);
+                     }});
+  kernels.push_back({"sm90-f1lr", [](const AttentionParams& q, cudaStream_t st) {
+                       PrefillSm90Tuning t;
+                       t.variant = 5;
+                       return LaunchPrefillSm90(q, st, t);
+                     }});
+  kernels.push_back({"sm90-f1lrpp", [](const AttentionParams& q, cudaStream_t st) {
+                       PrefillSm90Tuning t;
+                       t.variant = 5;
+                       t.pingpong = true;
+                       return LaunchPrefillSm90(q, st, t);
+                     }});
   // The consumers' time alone: K/V not copied (its output is not compared).
   kernels.push_back({"sm90-nokv", [](const AttentionParams& q, cudaStream_t st) {
                        PrefillSm90Tuning t;
@@ -903,13 +938,16 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
       if (names.find("," + std::string(t.name) + ",") != std::string::npos) kept.push_back(t);
     kernels = kept;
   }
-  // Two passes over the kernels, the second in reverse order, 10 timed launches each: a
-  // row's time drifts with its place in the list (clocks, caches: 1.5-3% between the
-  // first and the third sm90 row on an H100), and the two orders cancel that drift in
-  // the median of the 20; each pass's median is printed beside it.
+  // Timing: the first kernel (sm80, the reference) alone, then the others in rounds, each
+  // round starting one kernel later (round r times kernels[1 + (r + j) % n], j = 0..n-1),
+  // one warm-up and kLaunches timed launches each. A row's time drifts with what ran just
+  // before it (clocks after the slow sm80 kernel, caches: 2-5% on the row after sm80 on
+  // an H100 and an H200, in both orders of the earlier forward/reverse passes); in the
+  // rounds every row runs once in every place, and the median of all its launches is
+  // printed with the spread of its per-round medians.
   struct Row {
     bool ok = false;
-    std::vector<float> fwd, rev;
+    std::vector<float> all, round_medians;
     double diff = 0;
     long nan = 0;
   };
@@ -934,7 +972,7 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
     return v.empty() ? 0.0 : double(v[v.size() / 2]);
   };
   std::vector<uint16_t> first_out, got_out;
-  for (size_t k = 0; k < kernels.size(); ++k) {  // pass 1: outputs, warm-up, 10 launches
+  for (size_t k = 0; k < kernels.size(); ++k) {  // outputs and a warm-up of each
     const Timed& kern = kernels[k];
     const AttentionParams& pk = kern.params ? *kern.params : p;
     CHECK_CUDA(cudaMemset(d_out, 0xff, q_elems * 2));
@@ -960,24 +998,33 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
       }
     }
     time_launches(kern, 2, nullptr);
-    time_launches(kern, 10, &row.fwd);
   }
-  for (size_t k = kernels.size(); k-- > 0;) {  // pass 2, reversed
-    if (!rows[k].ok) continue;
+  auto timed_round = [&](size_t k, int launches) {
+    std::vector<float> ms;
     time_launches(kernels[k], 1, nullptr);
-    time_launches(kernels[k], 10, &rows[k].rev);
+    time_launches(kernels[k], launches, &ms);
+    rows[k].all.insert(rows[k].all.end(), ms.begin(), ms.end());
+    rows[k].round_medians.push_back(float(median(ms)));
+  };
+  if (rows[0].ok) timed_round(0, 10);
+  const size_t n_rot = kernels.size() - 1;
+  const int launches = std::max(3, int(24 / std::max<size_t>(n_rot, 1)));
+  for (size_t r = 0; r < n_rot; ++r) {
+    for (size_t j = 0; j < n_rot; ++j) {
+      const size_t k = 1 + (r + j) % n_rot;
+      if (rows[k].ok) timed_round(k, launches);
+    }
   }
   const char* first_name = nullptr;
   for (size_t k = 0; k < kernels.size(); ++k) {
     const Row& row = rows[k];
     if (!row.ok) continue;
-    std::vector<float> all = row.fwd;
-    all.insert(all.end(), row.rev.begin(), row.rev.end());
-    const double med = median(all);
+    const double med = median(row.all);
+    const auto spread = std::minmax_element(row.round_medians.begin(), row.round_medians.end());
     std::printf("bench bf16 %3d x qo %5d kv %5d tile %3d %s %s %-9s: %8.3f ms  %7.1f TFLOP/s  %7.1f GB/s (K+V)"
-                "  [fwd %.3f rev %.3f]",
+                "  [rounds %.3f..%.3f]",
                 batch, qo_len, kv_len, tile, causal ? "causal" : "full  ", pname, kernels[k].name, med,
-                flops / med / 1e9, kv_bytes / med / 1e6, median(row.fwd), median(row.rev));
+                flops / med / 1e9, kv_bytes / med / 1e6, *spread.first, *spread.second);
     if (first_name) std::printf("  max|out - %s| %.2e nan %ld", first_name, row.diff, row.nan);
     else first_name = kernels[k].name;
     std::printf("\n");

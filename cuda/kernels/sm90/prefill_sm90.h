@@ -36,6 +36,9 @@ struct PrefillSm90Tuning {
   // rotated once by a pass before the kernel (rope_keys.cuh); false: the producer
   // rotates each K tile it loads.
   bool rope_keys = true;
+  // The consumers' schedule: 0; other values are schedules under measurement
+  // (prefill_sm90_consumer.cuh, kVariant*), built only into the kernel harness.
+  int variant = 0;
 };
 
 // Whether the kernel runs calls of these types and head_dim on the current device; the

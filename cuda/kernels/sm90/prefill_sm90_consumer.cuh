@@ -57,10 +57,28 @@ __device__ __forceinline__ uint32_t ThreadMask(const uint4& w, int quad) {
 // warpgroup's P V ran one after the other (SASS, every head_dim). A branch on the
 // softmax's result that never trips ends that block, and the wait then stays after the
 // last exp2.
-template <typename T, int D, int Stages>
+//
+// Variant: 0 in the library; other values are schedules under measurement, built only
+// into the kernel harness (JPA_SM90_VARIANTS, prefill_sm90.cu), bits of:
+//   kVariantFenceOnce    wait for K(i) and V(i-1) before S(i) is issued, with one proxy
+//                        fence for both (instead of a fence after each wait, the V one
+//                        between the two GEMMs' issues);
+//   kVariantNoLoopFence  no proxy fence after the main loop's waits (what FlashAttention-3's
+//                        paged path does; a measurement of the fences' cost, not a schedule
+//                        the memory model promises results for);
+//   kVariantLazyRescale  O is rescaled only where some row of the warp has a new maximum
+//                        (exact: the skipped factors are 1).
+constexpr int kVariantFenceOnce = 1;
+constexpr int kVariantNoLoopFence = 2;
+constexpr int kVariantLazyRescale = 4;
+
+template <typename T, int D, int Stages, int Variant>
 __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* smem,
                                              const TaskSchedule& tasks, bool pingpong) {
   using namespace cute;
+  constexpr bool kFenceOnce = (Variant & kVariantFenceOnce) != 0;
+  constexpr bool kLoopFence = (Variant & kVariantNoLoopFence) == 0;
+  constexpr bool kLazyRescale = (Variant & kVariantLazyRescale) != 0;
   using Cfg = PrefillSm90Cfg<T, D, Stages>;
   using TE = typename Cfg::TE;
   constexpr int S = Cfg::kStages;
@@ -225,6 +243,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
 
     clear(tOrO);
     float m_run[2] = {kNegInf, kNegInf}, l_run[2] = {0.f, 0.f}, corr[2] = {0.f, 0.f};
+    bool rescale_due = true;  // kLazyRescale: some row of the warp has a new maximum
 
     // Softmax of tile step i (keys from kf): S -> 2^(logit - running max), in place.
     // Returns the sum of its new terms (this thread's two rows), >= 0 or NaN.
@@ -272,9 +291,10 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
         const float m_new = fmaxf(m_run[h], mx[h] * sc);
         base[h] = SafeMax(m_new);  // rows with nothing visible yet: exp2(-inf - 0) = 0
-        corr[h] = FastExp2(m_run[h] - base[h]);
+        corr[h] = kLazyRescale && m_new == m_run[h] ? 1.f : FastExp2(m_run[h] - base[h]);
         m_run[h] = m_new;
       }
+      if constexpr (kLazyRescale) rescale_due = __any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f);
       float sum[2] = {0.f, 0.f};
 #pragma unroll
       for (int i2 = 0; i2 < kTileKv / 2; ++i2) {
@@ -293,6 +313,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       for (int k = 0; k < kTileKv / 4; ++k) tOrP32(k) = PackPair<T>(tSrS(2 * k), tSrS(2 * k + 1));
     };
     auto rescale_o = [&] {
+      if (kLazyRescale && !rescale_due) return;
 #pragma unroll
       for (int i2 = 0; i2 < D / 2; ++i2) tOrO(i2) *= corr[(i2 >> 1) & 1];
     };
@@ -311,9 +332,9 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       bool any_bad;
       uint32_t absent_bits;
     };
-    auto wait_k = [&](uint32_t s) {
+    auto wait_k = [&](uint32_t s, bool fence) {
       MbarWait(full_k(s), (kc / S) & 1);
-      FenceProxyAsync();
+      if (fence) FenceProxyAsync();
       uint4 words = s_mask[s];
       if constexpr (Cfg::kMaskWords == 2) words.z = words.w = 0u;  // 64-key tiles
       return StageMask{(words.x | words.y | words.z | words.w) != 0u, ThreadMask(words, quad)};
@@ -345,7 +366,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       // ---- step 0: S_0 ----------------------------------------------------------------------
       {
         const uint32_t s = kc % S;
-        const StageMask mask = wait_k(s);
+        const StageMask mask = wait_k(s, true);
         turn_wait();
         WgGemm<true>(mma_qk, tSrQ, tSrK(_, _, _, s), tSrS);
         turn_pass();
@@ -359,13 +380,19 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       // ---- steps 1 .. n-1: S_i = Q K_i^T and O += P_{i-1} V_{i-1}, softmax of S_i between ----
       for (int i = 1; i < n; ++i) {
         const uint32_t s = kc % S;
-        const StageMask mask = wait_k(s);
+        const uint32_t sv = vc % S;
+        const StageMask mask = wait_k(s, kLoopFence && !kFenceOnce);
+        if constexpr (kFenceOnce) {
+          MbarWait(full_v(sv), (vc / S) & 1);
+          if (kLoopFence) FenceProxyAsync();
+        }
         turn_wait();
         WgGemm<true>(mma_qk, tSrQ, tSrK(_, _, _, s), tSrS);
         rescale_o();  // by the correction of step i - 1, before P_{i-1} V_{i-1} adds in
-        const uint32_t sv = vc % S;
-        MbarWait(full_v(sv), (vc / S) & 1);
-        FenceProxyAsync();
+        if constexpr (!kFenceOnce) {
+          MbarWait(full_v(sv), (vc / S) & 1);
+          if (kLoopFence) FenceProxyAsync();
+        }
         warpgroup_fence_operand(tOrP);
         WgGemm<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
         turn_pass();

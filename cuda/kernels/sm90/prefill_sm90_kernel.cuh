@@ -70,7 +70,8 @@ constexpr int kFlagPingpong = 1;
 constexpr int kFlagNoKvCopy = 2;
 constexpr int kFlagStaticBins = 4;
 constexpr int kFlagRopeKeys = 8;
-template <typename T, int D, int Stages>
+// Variant: ConsumeItems' schedules under measurement (0 in the library).
+template <typename T, int D, int Stages, int Variant = 0>
 __global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages>::kThreads, 1)
     PrefillSm90Kernel(const __grid_constant__ AttentionParams p, const int flags) {
 #if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
@@ -109,7 +110,7 @@ __global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages>::kThreads, 1)
     }
   } else {
     RegAlloc<Cfg::kConsumerRegs>();
-    ConsumeItems<T, D, Stages>(p, smem, tasks, (flags & kFlagPingpong) != 0);
+    ConsumeItems<T, D, Stages, Variant>(p, smem, tasks, (flags & kFlagPingpong) != 0);
   }
   WaitForPrimaryGrid();  // never finish before the setup pass (dependent_launch.cuh)
 #else
