@@ -110,7 +110,7 @@ if [ -x "$bin" ] && [ -x "$bin_wd" ]; then
   note "check, static bins (quick set): rc=$? $(grep -c 'PASS$' "$run/check_static.log") PASS, $(grep -c FAIL "$run/check_static.log") FAIL lines"
   JPA_SM90_PINGPONG=1 timeout "$(cap 40)" "$bin_wd" quick 4321 >"$run/check_pingpong.log" 2>&1
   note "check, warpgroup pingpong (quick set): rc=$? $(grep -c 'PASS$' "$run/check_pingpong.log") PASS, $(grep -c FAIL "$run/check_pingpong.log") FAIL lines"
-  for v in 5 2; do
+  for v in 13 2; do
     JPA_SM90_VARIANT=$v timeout "$(cap 40)" "$bin_wd" quick 4321 >"$run/check_variant$v.log" 2>&1
     note "check, consumer variant $v (quick set): rc=$? $(grep -c 'PASS$' "$run/check_variant$v.log") PASS, $(grep -c FAIL "$run/check_variant$v.log") FAIL lines"
   done

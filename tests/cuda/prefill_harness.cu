@@ -907,6 +907,16 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
                        t.variant = 5;
                        return LaunchPrefillSm90(q, st, t);
                      }});
+  kernels.push_back({"sm90-tm", [](const AttentionParams& q, cudaStream_t st) {
+                       PrefillSm90Tuning t;
+                       t.variant = 8;  // row maxima in four partial chains
+                       return LaunchPrefillSm90(q, st, t);
+                     }});
+  kernels.push_back({"sm90-f1lrtm", [](const AttentionParams& q, cudaStream_t st) {
+                       PrefillSm90Tuning t;
+                       t.variant = 13;
+                       return LaunchPrefillSm90(q, st, t);
+                     }});
   kernels.push_back({"sm90-f1lrpp", [](const AttentionParams& q, cudaStream_t st) {
                        PrefillSm90Tuning t;
                        t.variant = 5;

@@ -115,6 +115,8 @@ cudaError_t WithSm90Kernel(DType dtype, int head_dim, int tile_rows, int stages,
       case 2: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 2>{});
       case 4: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 4>{});
       case 5: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 5>{});
+      case 8: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 8>{});
+      case 13: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 13>{});
       default: return cudaErrorNotSupported;
     }
 #else

@@ -67,10 +67,14 @@ __device__ __forceinline__ uint32_t ThreadMask(const uint4& w, int quad) {
 //                        paged path does; a measurement of the fences' cost, not a schedule
 //                        the memory model promises results for);
 //   kVariantLazyRescale  O is rescaled only where some row of the warp has a new maximum
-//                        (exact: the skipped factors are 1).
+//                        (exact: the skipped factors are 1);
+//   kVariantTreeMax      each row's maximum over the tile in four interleaved partial
+//                        maxima (exact) instead of one chain of kTileKv / 2 dependent
+//                        FMNMX (the SASS keeps the source's order).
 constexpr int kVariantFenceOnce = 1;
 constexpr int kVariantNoLoopFence = 2;
 constexpr int kVariantLazyRescale = 4;
+constexpr int kVariantTreeMax = 8;
 
 template <typename T, int D, int Stages, int Variant>
 __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* smem,
@@ -79,6 +83,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
   constexpr bool kFenceOnce = (Variant & kVariantFenceOnce) != 0;
   constexpr bool kLoopFence = (Variant & kVariantNoLoopFence) == 0;
   constexpr bool kLazyRescale = (Variant & kVariantLazyRescale) != 0;
+  constexpr bool kTreeMax = (Variant & kVariantTreeMax) != 0;
   using Cfg = PrefillSm90Cfg<T, D, Stages>;
   using TE = typename Cfg::TE;
   constexpr int S = Cfg::kStages;
@@ -279,10 +284,26 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
         sc = 1.f;
       }
       float mx[2] = {kNegInf, kNegInf};
+      if constexpr (kTreeMax) {
+        // Element i2 = 4 nb + 2 h + e: partial q = nb % 4 of row h (its e = 0, 1 pair).
+        float part[2][4];
 #pragma unroll
-      for (int i2 = 0; i2 < kTileKv / 2; ++i2) {
-        const int h = (i2 >> 1) & 1;
-        mx[h] = fmaxf(mx[h], tSrS(i2));
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) part[h][q] = fmaxf(tSrS(4 * q + 2 * h), tSrS(4 * q + 2 * h + 1));
+#pragma unroll
+        for (int nb = 4; nb < kTileKv / 8; ++nb)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            part[h][nb & 3] = fmaxf(part[h][nb & 3], fmaxf(tSrS(4 * nb + 2 * h), tSrS(4 * nb + 2 * h + 1)));
+#pragma unroll
+        for (int h = 0; h < 2; ++h) mx[h] = fmaxf(fmaxf(part[h][0], part[h][1]), fmaxf(part[h][2], part[h][3]));
+      } else {
+#pragma unroll
+        for (int i2 = 0; i2 < kTileKv / 2; ++i2) {
+          const int h = (i2 >> 1) & 1;
+          mx[h] = fmaxf(mx[h], tSrS(i2));
+        }
       }
       float base[2];
 #pragma unroll
