@@ -51,8 +51,7 @@ static bool EnvFlag(const char* name, bool dflt) {
 // without the warpgroup pingpong (default: the launcher's); JPA_SM90_STAGES=2 / 3 with
 // two / three K/V stages at head_dim 128 (default: the launcher's); JPA_SM90_STATIC=1
 // with one CTA per (bin, kv head) instead of drawn tasks; JPA_SM90_VARIANT=v with the
-// consumers' schedule v (prefill_sm90_consumer.cuh, kVariant*; bf16, head_dim 128 only:
-// the other cases keep the library's).
+// kernel variant v (prefill_sm90_config.cuh, kVariant*) where it exists (below).
 static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream) {
 #ifdef JPA_HARNESS_SM90
   static const bool pingpong = EnvFlag("JPA_SM90_PINGPONG", PrefillSm90Tuning{}.pingpong);
@@ -72,8 +71,11 @@ static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream
   t.pingpong = pingpong;
   t.drawn_tasks = !static_bins;
   t.stages = stages;  // other head_dims than 128 run 2 whatever it says (prefill_sm90.cu)
-  // The variants exist for one kernel (prefill_sm90.cu, WithSm90Kernel).
-  if (p.dtype == DType::kBF16 && p.head_dim == 128 && stages == 3) t.variant = variant;
+  // The variants exist for some kernels only (prefill_sm90.cu, WithSm90Kernel): the
+  // consumers' schedules (bits below 16) at head_dim 128 with 3 stages, the 32-key tiles
+  // (16, kVariantKv32) at head_dim 256.
+  if (p.dtype == DType::kBF16 && p.head_dim == 128 && stages == 3) t.variant = variant & 15;
+  if (p.dtype == DType::kBF16 && p.head_dim == 256) t.variant = variant & 16;
   return LaunchPrefillSm90(p, stream, t);
 #else
   return LaunchPrefill(p, stream);
@@ -748,8 +750,8 @@ __global__ void FillBf16(uint16_t* x, size_t n, uint32_t seed) {
 // Uniform batches, bf16, 32/8 heads, D 128, page 16, NHD, random page placement. Items
 // are cut as in the checks (no splitting), longest key range first.
 static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std::mt19937& rng,
-                  PosEncoding pos = PosEncoding::kNone) {
-  const int D = 128, Hkv = 8, G = 4, Hqo = 32, ps = 16;
+                  PosEncoding pos = PosEncoding::kNone, int D = 128) {
+  const int Hkv = 8, G = 4, Hqo = 32, ps = 16;
   const int T = batch * qo_len;
   const int np = (kv_len + ps - 1) / ps, pages = batch * np;
   const int chunk = (tile / G) * G;
@@ -886,43 +888,53 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
                        t.stages = 2;
                        return LaunchPrefillSm90(q, st, t);
                      }});
-  // The consumers' schedules under measurement (prefill_sm90_consumer.cuh, kVariant*).
-  kernels.push_back({"sm90-f1", [](const AttentionParams& q, cudaStream_t st) {
-                       PrefillSm90Tuning t;
-                       t.variant = 1;  // one proxy fence per step, before S
-                       return LaunchPrefillSm90(q, st, t);
-                     }});
-  kernels.push_back({"sm90-nf", [](const AttentionParams& q, cudaStream_t st) {
-                       PrefillSm90Tuning t;
-                       t.variant = 2;  // no proxy fence in the loop (a measurement)
-                       return LaunchPrefillSm90(q, st, t);
-                     }});
-  kernels.push_back({"sm90-lr", [](const AttentionParams& q, cudaStream_t st) {
-                       PrefillSm90Tuning t;
-                       t.variant = 4;  // O rescaled only where a row's maximum moved
-                       return LaunchPrefillSm90(q, st, t);
-                     }});
-  kernels.push_back({"sm90-f1lr", [](const AttentionParams& q, cudaStream_t st) {
-                       PrefillSm90Tuning t;
-                       t.variant = 5;
-                       return LaunchPrefillSm90(q, st, t);
-                     }});
-  kernels.push_back({"sm90-tm", [](const AttentionParams& q, cudaStream_t st) {
-                       PrefillSm90Tuning t;
-                       t.variant = 8;  // row maxima in four partial chains
-                       return LaunchPrefillSm90(q, st, t);
-                     }});
-  kernels.push_back({"sm90-f1lrtm", [](const AttentionParams& q, cudaStream_t st) {
-                       PrefillSm90Tuning t;
-                       t.variant = 13;
-                       return LaunchPrefillSm90(q, st, t);
-                     }});
-  kernels.push_back({"sm90-f1lrpp", [](const AttentionParams& q, cudaStream_t st) {
-                       PrefillSm90Tuning t;
-                       t.variant = 5;
-                       t.pingpong = true;
-                       return LaunchPrefillSm90(q, st, t);
-                     }});
+  // The kernel's variants under measurement (prefill_sm90_config.cuh, kVariant*; built
+  // with JPA_SM90_VARIANTS): the consumers' schedules at head_dim 128, the tiles at 256.
+  if (D == 128) {
+    kernels.push_back({"sm90-f1", [](const AttentionParams& q, cudaStream_t st) {
+                         PrefillSm90Tuning t;
+                         t.variant = 1;  // one proxy fence per step, before S
+                         return LaunchPrefillSm90(q, st, t);
+                       }});
+    kernels.push_back({"sm90-nf", [](const AttentionParams& q, cudaStream_t st) {
+                         PrefillSm90Tuning t;
+                         t.variant = 2;  // no proxy fence in the loop (a measurement)
+                         return LaunchPrefillSm90(q, st, t);
+                       }});
+    kernels.push_back({"sm90-lr", [](const AttentionParams& q, cudaStream_t st) {
+                         PrefillSm90Tuning t;
+                         t.variant = 4;  // O rescaled only where a row's maximum moved
+                         return LaunchPrefillSm90(q, st, t);
+                       }});
+    kernels.push_back({"sm90-f1lr", [](const AttentionParams& q, cudaStream_t st) {
+                         PrefillSm90Tuning t;
+                         t.variant = 5;
+                         return LaunchPrefillSm90(q, st, t);
+                       }});
+    kernels.push_back({"sm90-tm", [](const AttentionParams& q, cudaStream_t st) {
+                         PrefillSm90Tuning t;
+                         t.variant = 8;  // row maxima in four partial chains
+                         return LaunchPrefillSm90(q, st, t);
+                       }});
+    kernels.push_back({"sm90-f1lrtm", [](const AttentionParams& q, cudaStream_t st) {
+                         PrefillSm90Tuning t;
+                         t.variant = 13;
+                         return LaunchPrefillSm90(q, st, t);
+                       }});
+    kernels.push_back({"sm90-f1lrpp", [](const AttentionParams& q, cudaStream_t st) {
+                         PrefillSm90Tuning t;
+                         t.variant = 5;
+                         t.pingpong = true;
+                         return LaunchPrefillSm90(q, st, t);
+                       }});
+  }
+  if (D == 256) {
+    kernels.push_back({"sm90-kv32", [](const AttentionParams& q, cudaStream_t st) {
+                         PrefillSm90Tuning t;
+                         t.variant = 16;  // 32-key tiles, 216 / 72 registers
+                         return LaunchPrefillSm90(q, st, t);
+                       }});
+  }
   // The consumers' time alone: K/V not copied (its output is not compared).
   kernels.push_back({"sm90-nokv", [](const AttentionParams& q, cudaStream_t st) {
                        PrefillSm90Tuning t;
@@ -989,8 +1001,8 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
     CHECK_CUDA(cudaMemsetAsync(pk.task_counter, 0, 8, 0));
     const cudaError_t le = kern.launch(pk, 0);
     if (le != cudaSuccess) {
-      std::printf("bench bf16 %3d x qo %5d kv %5d tile %3d %s %s %-9s: %s\n", batch, qo_len, kv_len,
-                  tile, causal ? "causal" : "full  ", pname, kern.name, cudaGetErrorString(le));
+      std::printf("bench bf16 d%d %3d x qo %5d kv %5d tile %3d %s %s %-9s: %s\n", D, batch, qo_len,
+                  kv_len, tile, causal ? "causal" : "full  ", pname, kern.name, cudaGetErrorString(le));
       cudaGetLastError();
       continue;
     }
@@ -1031,9 +1043,9 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
     if (!row.ok) continue;
     const double med = median(row.all);
     const auto spread = std::minmax_element(row.round_medians.begin(), row.round_medians.end());
-    std::printf("bench bf16 %3d x qo %5d kv %5d tile %3d %s %s %-9s: %8.3f ms  %7.1f TFLOP/s  %7.1f GB/s (K+V)"
+    std::printf("bench bf16 d%d %3d x qo %5d kv %5d tile %3d %s %s %-9s: %8.3f ms  %7.1f TFLOP/s  %7.1f GB/s (K+V)"
                 "  [rounds %.3f..%.3f]",
-                batch, qo_len, kv_len, tile, causal ? "causal" : "full  ", pname, kernels[k].name, med,
+                D, batch, qo_len, kv_len, tile, causal ? "causal" : "full  ", pname, kernels[k].name, med,
                 flops / med / 1e9, kv_bytes / med / 1e6, *spread.first, *spread.second);
     if (first_name) std::printf("  max|out - %s| %.2e nan %ld", first_name, row.diff, row.nan);
     else first_name = kernels[k].name;
@@ -1112,6 +1124,8 @@ int main(int argc, char** argv) {
     Bench(4, 2048, 2048, 128, false, rng);
     Bench(4, 2048, 2048, 128, true, rng, PosEncoding::kRopeLlama);
     Bench(4, 2048, 2048, 128, true, rng, PosEncoding::kAlibi);
+    Bench(4, 2048, 2048, 128, true, rng, PosEncoding::kNone, 64);
+    Bench(4, 2048, 2048, 128, true, rng, PosEncoding::kNone, 256);
 #else
     Bench(4, 2048, 2048, 128, true, rng);
     Bench(4, 2048, 2048, 64, true, rng);

@@ -53,7 +53,7 @@ int DeviceSms() {
 
 template <typename T, int D, int Stages, int Variant = 0>
 struct Sm90Kernel {
-  using Cfg = PrefillSm90Cfg<T, D, Stages>;
+  using Cfg = PrefillSm90Cfg<T, D, Stages, Variant>;
 
   static cudaError_t Ready() {
     static std::atomic<uint64_t> smem_set{0};
@@ -100,8 +100,9 @@ struct Sm90Kernel {
 
 // op(Sm90Kernel<T, D, stages, variant>{}) for the covered (dtype, head_dim, tile_rows,
 // stages, variant); NotSupported else. Variants other than 0 (ConsumeItems' schedules
-// under measurement) exist only in builds with JPA_SM90_VARIANTS (the kernel harness),
-// for bf16 at head_dim 128 with 3 stages.
+// under measurement) exist only in builds with JPA_SM90_VARIANTS (the kernel harness):
+// the consumers' schedules for bf16 at head_dim 128 with 3 stages, the 32-key tiles for
+// bf16 at head_dim 256.
 template <typename Op>
 cudaError_t WithSm90Kernel(DType dtype, int head_dim, int tile_rows, int stages, int variant,
                            Op&& op) {
@@ -109,7 +110,12 @@ cudaError_t WithSm90Kernel(DType dtype, int head_dim, int tile_rows, int stages,
   if (head_dim != 128) stages = 2;  // the only 3-stage kernels are head_dim 128's
   if (variant != 0) {
 #ifdef JPA_SM90_VARIANTS
-    if (dtype != DType::kBF16 || head_dim != 128 || stages != 3) return cudaErrorNotSupported;
+    if (dtype != DType::kBF16) return cudaErrorNotSupported;
+    if (head_dim == 256) {
+      return variant == sm90::kVariantKv32 ? op(Sm90Kernel<__nv_bfloat16, 256, 2, sm90::kVariantKv32>{})
+                                           : cudaErrorNotSupported;
+    }
+    if (head_dim != 128 || stages != 3) return cudaErrorNotSupported;
     switch (variant) {
       case 1: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 1>{});
       case 2: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 2>{});

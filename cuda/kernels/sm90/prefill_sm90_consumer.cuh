@@ -58,23 +58,7 @@ __device__ __forceinline__ uint32_t ThreadMask(const uint4& w, int quad) {
 // softmax's result that never trips ends that block, and the wait then stays after the
 // last exp2.
 //
-// Variant: 0 in the library; other values are schedules under measurement, built only
-// into the kernel harness (JPA_SM90_VARIANTS, prefill_sm90.cu), bits of:
-//   kVariantFenceOnce    wait for K(i) and V(i-1) before S(i) is issued, with one proxy
-//                        fence for both (instead of a fence after each wait, the V one
-//                        between the two GEMMs' issues);
-//   kVariantNoLoopFence  no proxy fence after the main loop's waits (what FlashAttention-3's
-//                        paged path does; a measurement of the fences' cost, not a schedule
-//                        the memory model promises results for);
-//   kVariantLazyRescale  O is rescaled only where some row of the warp has a new maximum
-//                        (exact: the skipped factors are 1);
-//   kVariantTreeMax      each row's maximum over the tile in four interleaved partial
-//                        maxima (exact) instead of one chain of kTileKv / 2 dependent
-//                        FMNMX (the SASS keeps the source's order).
-constexpr int kVariantFenceOnce = 1;
-constexpr int kVariantNoLoopFence = 2;
-constexpr int kVariantLazyRescale = 4;
-constexpr int kVariantTreeMax = 8;
+// Variant: the kernel's variants under measurement (prefill_sm90_config.cuh, kVariant*).
 
 template <typename T, int D, int Stages, int Variant>
 __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* smem,
@@ -84,7 +68,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
   constexpr bool kLoopFence = (Variant & kVariantNoLoopFence) == 0;
   constexpr bool kLazyRescale = (Variant & kVariantLazyRescale) != 0;
   constexpr bool kTreeMax = (Variant & kVariantTreeMax) != 0;
-  using Cfg = PrefillSm90Cfg<T, D, Stages>;
+  using Cfg = PrefillSm90Cfg<T, D, Stages, Variant>;
   using TE = typename Cfg::TE;
   constexpr int S = Cfg::kStages;
   constexpr int kTileKv = Cfg::kTileKv;
@@ -357,7 +341,10 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       MbarWait(full_k(s), (kc / S) & 1);
       if (fence) FenceProxyAsync();
       uint4 words = s_mask[s];
-      if constexpr (Cfg::kMaskWords == 2) words.z = words.w = 0u;  // 64-key tiles
+      // Tiles of fewer than 128 keys: the words of the missing producer warps are stale.
+      if constexpr (Cfg::kMaskWords < 2) words.y = 0u;
+      if constexpr (Cfg::kMaskWords < 3) words.z = 0u;
+      if constexpr (Cfg::kMaskWords < 4) words.w = 0u;
       return StageMask{(words.x | words.y | words.z | words.w) != 0u, ThreadMask(words, quad)};
     };
 

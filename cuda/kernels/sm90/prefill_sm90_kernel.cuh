@@ -70,12 +70,13 @@ constexpr int kFlagPingpong = 1;
 constexpr int kFlagNoKvCopy = 2;
 constexpr int kFlagStaticBins = 4;
 constexpr int kFlagRopeKeys = 8;
-// Variant: ConsumeItems' schedules under measurement (0 in the library).
+// Variant: the kernel's variants under measurement (prefill_sm90_config.cuh, kVariant*;
+// 0 in the library).
 template <typename T, int D, int Stages, int Variant = 0>
-__global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages>::kThreads, 1)
+__global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages, Variant>::kThreads, 1)
     PrefillSm90Kernel(const __grid_constant__ AttentionParams p, const int flags) {
 #if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
-  using Cfg = PrefillSm90Cfg<T, D, Stages>;
+  using Cfg = PrefillSm90Cfg<T, D, Stages, Variant>;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024u - (SmemU32(smem_raw) & 1023u)) & 1023u);
   const int tid = threadIdx.x;
@@ -104,9 +105,9 @@ __global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages>::kThreads, 1)
   if (tid >= 256) {
     RegDealloc<Cfg::kProducerRegs>();
     if (flags & kFlagRopeKeys) {
-      ProduceItems<T, D, Stages, true>(p, smem, tasks, (flags & kFlagNoKvCopy) == 0);
+      ProduceItems<T, D, Stages, Variant, true>(p, smem, tasks, (flags & kFlagNoKvCopy) == 0);
     } else {
-      ProduceItems<T, D, Stages, false>(p, smem, tasks, (flags & kFlagNoKvCopy) == 0);
+      ProduceItems<T, D, Stages, Variant, false>(p, smem, tasks, (flags & kFlagNoKvCopy) == 0);
     }
   } else {
     RegAlloc<Cfg::kConsumerRegs>();
