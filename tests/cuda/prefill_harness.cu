@@ -749,6 +749,17 @@ __global__ void FillBf16(uint16_t* x, size_t n, uint32_t seed) {
 // ---- timing -------------------------------------------------------------------------------
 // Uniform batches, bf16, 32/8 heads, D 128, page 16, NHD, random page placement. Items
 // are cut as in the checks (no splitting), longest key range first.
+#ifdef JPA_HARNESS_SM90
+// The sm90 kernel with variant kVariant (prefill_sm90_config.cuh) and the pingpong as asked.
+template <int kVariant, bool kPingpong = false>
+static cudaError_t LaunchSm90Variant(const AttentionParams& p, cudaStream_t stream) {
+  PrefillSm90Tuning t;
+  t.variant = kVariant;
+  t.pingpong = kPingpong;
+  return LaunchPrefillSm90(p, stream, t);
+}
+#endif
+
 static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std::mt19937& rng,
                   PosEncoding pos = PosEncoding::kNone, int D = 128) {
   const int Hkv = 8, G = 4, Hqo = 32, ps = 16;
@@ -889,52 +900,20 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
                        return LaunchPrefillSm90(q, st, t);
                      }});
   // The kernel's variants under measurement (prefill_sm90_config.cuh, kVariant*; built
-  // with JPA_SM90_VARIANTS): the consumers' schedules at head_dim 128, the tiles at 256.
+  // with JPA_SM90_VARIANTS): the consumers' schedules at head_dim 128 (f1: one proxy
+  // fence a step, before S; nf: no proxy fence in the loop, a measurement; lr: O
+  // rescaled only where a row's maximum moved; tm: row maxima in four partial chains),
+  // the 32-key tiles at 256.
   if (D == 128) {
-    kernels.push_back({"sm90-f1", [](const AttentionParams& q, cudaStream_t st) {
-                         PrefillSm90Tuning t;
-                         t.variant = 1;  // one proxy fence per step, before S
-                         return LaunchPrefillSm90(q, st, t);
-                       }});
-    kernels.push_back({"sm90-nf", [](const AttentionParams& q, cudaStream_t st) {
-                         PrefillSm90Tuning t;
-                         t.variant = 2;  // no proxy fence in the loop (a measurement)
-                         return LaunchPrefillSm90(q, st, t);
-                       }});
-    kernels.push_back({"sm90-lr", [](const AttentionParams& q, cudaStream_t st) {
-                         PrefillSm90Tuning t;
-                         t.variant = 4;  // O rescaled only where a row's maximum moved
-                         return LaunchPrefillSm90(q, st, t);
-                       }});
-    kernels.push_back({"sm90-f1lr", [](const AttentionParams& q, cudaStream_t st) {
-                         PrefillSm90Tuning t;
-                         t.variant = 5;
-                         return LaunchPrefillSm90(q, st, t);
-                       }});
-    kernels.push_back({"sm90-tm", [](const AttentionParams& q, cudaStream_t st) {
-                         PrefillSm90Tuning t;
-                         t.variant = 8;  // row maxima in four partial chains
-                         return LaunchPrefillSm90(q, st, t);
-                       }});
-    kernels.push_back({"sm90-f1lrtm", [](const AttentionParams& q, cudaStream_t st) {
-                         PrefillSm90Tuning t;
-                         t.variant = 13;
-                         return LaunchPrefillSm90(q, st, t);
-                       }});
-    kernels.push_back({"sm90-f1lrpp", [](const AttentionParams& q, cudaStream_t st) {
-                         PrefillSm90Tuning t;
-                         t.variant = 5;
-                         t.pingpong = true;
-                         return LaunchPrefillSm90(q, st, t);
-                       }});
+    kernels.push_back({"sm90-f1", LaunchSm90Variant<1>});
+    kernels.push_back({"sm90-nf", LaunchSm90Variant<2>});
+    kernels.push_back({"sm90-lr", LaunchSm90Variant<4>});
+    kernels.push_back({"sm90-f1lr", LaunchSm90Variant<5>});
+    kernels.push_back({"sm90-tm", LaunchSm90Variant<8>});
+    kernels.push_back({"sm90-f1lrtm", LaunchSm90Variant<13>});
+    kernels.push_back({"sm90-f1lrpp", LaunchSm90Variant<5, true>});
   }
-  if (D == 256) {
-    kernels.push_back({"sm90-kv32", [](const AttentionParams& q, cudaStream_t st) {
-                         PrefillSm90Tuning t;
-                         t.variant = 16;  // 32-key tiles, 216 / 72 registers
-                         return LaunchPrefillSm90(q, st, t);
-                       }});
-  }
+  if (D == 256) kernels.push_back({"sm90-kv32", LaunchSm90Variant<16>});
   // The consumers' time alone: K/V not copied (its output is not compared).
   kernels.push_back({"sm90-nokv", [](const AttentionParams& q, cudaStream_t st) {
                        PrefillSm90Tuning t;
