@@ -101,8 +101,8 @@ struct Sm90Kernel {
 // op(Sm90Kernel<T, D, stages, variant>{}) for the covered (dtype, head_dim, tile_rows,
 // stages, variant); NotSupported else. Variants other than 0 (ConsumeItems' schedules
 // under measurement) exist only in builds with JPA_SM90_VARIANTS (the kernel harness):
-// the consumers' schedules for bf16 at head_dim 128 with 3 stages, the 32-key tiles for
-// bf16 at head_dim 256.
+// the consumers' schedules and the 96-key tiles for bf16 at head_dim 128 with 3 stages,
+// the 32-key tiles for bf16 at head_dim 256.
 template <typename Op>
 cudaError_t WithSm90Kernel(DType dtype, int head_dim, int tile_rows, int stages, int variant,
                            Op&& op) {
@@ -123,6 +123,8 @@ cudaError_t WithSm90Kernel(DType dtype, int head_dim, int tile_rows, int stages,
       case 5: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 5>{});
       case 8: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 8>{});
       case 13: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 13>{});
+      case 32: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 32>{});
+      case 45: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 45>{});
       default: return cudaErrorNotSupported;
     }
 #else

@@ -53,8 +53,11 @@ constexpr int kVariantTreeMax = 8;
 //   kVariantKv32         head_dim 256: 32-key tiles, with 216 consumer and 72 producer
 //                        registers and two Q buffers, instead of 64-key tiles with 240 /
 //                        24 (the producer spills) and one Q buffer. FlashInfer's paged
-//                        Hopper kernel runs 32-key tiles there.
+//                        Hopper kernel runs 32-key tiles there;
+//   kVariantKv96         head_dim 128: 96-key tiles (FlashInfer's paged Hopper tile
+//                        there) instead of 128.
 constexpr int kVariantKv32 = 16;
+constexpr int kVariantKv96 = 32;
 
 template <typename T, int D, int Stages, int Variant = 0>
 struct PrefillSm90Cfg {
@@ -65,7 +68,8 @@ struct PrefillSm90Cfg {
   // Keys per tile: 64 at D = 256 keeps two K and two V stages, the Q tile and the O
   // accumulators (128 floats a thread) within shared memory and 240 registers.
   static constexpr bool kKv32 = D == 256 && (Variant & kVariantKv32) != 0;
-  static constexpr int kTileKv = D == 256 ? (kKv32 ? 32 : 64) : 128;
+  static constexpr bool kKv96 = D == 128 && (Variant & kVariantKv96) != 0;
+  static constexpr int kTileKv = D == 256 ? (kKv32 ? 32 : 64) : (kKv96 ? 96 : 128);
   static constexpr int kStages = Stages;  // K and V tiles each in flight
   static constexpr int kPanels = D / 64;       // 128-byte swizzle panels of a row
   static constexpr int kPairChunks = D / 16;   // RoPE pairs 16-byte chunk c with c + D / 16
