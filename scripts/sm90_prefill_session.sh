@@ -6,8 +6,8 @@
 #   check      all correctness cases + garbage plans (harness `all` minus bench); the quick
 #              set again with 2 stages, with static bins, with the warpgroup pingpong and
 #              with RoPE keys rotated in the kernel (JPA_SM90_ROPE_KEYS=0); all cases and
-#              garbage plans with the kernel variants 13 and 16 (JPA_SM90_VARIANT=29) and
-#              with 96-key tiles too (61), the quick set with variant 2
+#              garbage plans with the kernel variants 77 and 16 (JPA_SM90_VARIANT=93) and
+#              45 and 16 (61), the quick set with variant 2
 #   bench      TFLOP/s of the sm80 kernel and the sm90 kernel, same process: pingpong on,
 #              2 stages, no K/V copies, and the items dealt to the library's persistent bins
 #   sass       HGMMA count and local-memory traffic in the sm90 kernel's SASS
@@ -113,9 +113,9 @@ if [ -x "$bin" ] && [ -x "$bin_wd" ]; then
   JPA_SM90_PINGPONG=1 timeout "$(cap 40)" "$bin_wd" quick 4321 >"$run/check_pingpong.log" 2>&1
   note "check, warpgroup pingpong (quick set): rc=$? $(grep -c 'PASS$' "$run/check_pingpong.log") PASS, $(grep -c FAIL "$run/check_pingpong.log") FAIL lines"
   # The kernel variants under measurement (prefill_sm90_config.cuh), on every case and
-  # garbage plan: 29 = the consumers' schedule 13 at head_dim 128 and the 32-key tiles at
-  # 256; 61 = the same with 96-key tiles at 128.
-  for v in 29 61; do
+  # garbage plan: 93 = the consumers' schedule 77 (13 + 64) at head_dim 128 and the
+  # 32-key tiles at 256; 61 = the schedule 13 with 96-key tiles (45) at 128, 16 at 256.
+  for v in 93 61; do
     JPA_SM90_VARIANT=$v timeout "$(cap 60)" "$bin_wd" check 1234 >"$run/check_variant$v.log" 2>&1; rv=$?
     JPA_SM90_VARIANT=$v timeout "$(cap 40)" "$bin_wd" garbage 77 >>"$run/check_variant$v.log" 2>&1
     note "check, variant $v (all cases): rc=$rv garbage rc=$? $(grep -c 'PASS$' "$run/check_variant$v.log") PASS, $(grep -c FAIL "$run/check_variant$v.log") FAIL lines"

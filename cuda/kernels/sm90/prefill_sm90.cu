@@ -125,6 +125,8 @@ cudaError_t WithSm90Kernel(DType dtype, int head_dim, int tile_rows, int stages,
       case 13: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 13>{});
       case 32: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 32>{});
       case 45: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 45>{});
+      case 64: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 64>{});
+      case 77: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 77>{});
       default: return cudaErrorNotSupported;
     }
 #else

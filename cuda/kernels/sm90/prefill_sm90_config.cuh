@@ -44,11 +44,16 @@ struct CuteElem<__half> {
 //                        (exact: the skipped factors are 1);
 //   kVariantTreeMax      each row's maximum over the tile in four interleaved partial
 //                        maxima (exact) instead of one chain of kTileKv / 2 dependent
-//                        FMNMX (the SASS keeps the source's order).
+//                        FMNMX (the SASS keeps the source's order);
+//   kVariantWarpReleaseK a K stage released by one arrival per consumer warp after a
+//                        __syncwarp (which orders the lanes' mask-word reads before it),
+//                        as the V stages are, instead of one arrival per thread (256
+//                        shared-memory arrivals a stage).
 constexpr int kVariantFenceOnce = 1;
 constexpr int kVariantNoLoopFence = 2;
 constexpr int kVariantLazyRescale = 4;
 constexpr int kVariantTreeMax = 8;
+constexpr int kVariantWarpReleaseK = 64;
 // and of the tiles (PrefillSm90Cfg):
 //   kVariantKv32         head_dim 256: 32-key tiles, with 216 consumer and 72 producer
 //                        registers and two Q buffers, instead of 64-key tiles with 240 /
@@ -115,7 +120,8 @@ struct PrefillSm90Cfg {
   // the consumers release a K stage thread by thread and a V stage warp by warp.
   static constexpr uint32_t kFullKCount = 32 * kCopyWarps + kCopyWarps;
   static constexpr uint32_t kFullVCount = 32 * kCopyWarps;
-  static constexpr uint32_t kEmptyKCount = 256;  // every consumer thread (mask readers)
+  // Every consumer thread (mask readers), or every consumer warp (kVariantWarpReleaseK).
+  static constexpr uint32_t kEmptyKCount = (Variant & kVariantWarpReleaseK) != 0 ? 8 : 256;
   static constexpr uint32_t kEmptyVCount = 8;    // one arrival per consumer warp
   // A task slot is read by every thread of the copying producer warps and of the
   // consumers, each releasing it itself (its own arrival orders its read before the

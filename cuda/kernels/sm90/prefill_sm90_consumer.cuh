@@ -330,7 +330,14 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       __syncwarp();
       if (lane == 0) MbarArrive(bar);
     };
-    auto release_k = [&](uint32_t bar) { MbarArrive(bar); };
+    auto release_k = [&](uint32_t bar) {
+      if constexpr ((Variant & kVariantWarpReleaseK) != 0) {
+        __syncwarp();  // orders every lane's mask-word reads before lane 0's release
+        if (lane == 0) MbarArrive(bar);
+      } else {
+        MbarArrive(bar);
+      }
+    };
     // Waits for K stage s (the kc-th K tile) and reads its mask words: whether any key of
     // the tile is absent, and this thread's bits of the absent keys.
     struct StageMask {
