@@ -59,7 +59,6 @@ __device__ __forceinline__ uint32_t ThreadMask(const uint4& w, int quad) {
 // last exp2.
 //
 // Variant: the kernel's variants under measurement (prefill_sm90_config.cuh, kVariant*).
-
 template <typename T, int D, int Stages, int Variant>
 __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* smem,
                                              const TaskSchedule& tasks, bool pingpong) {
