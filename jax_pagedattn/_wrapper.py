@@ -175,7 +175,7 @@ class PagedAttentionWrapper:
         logits_soft_cap=logits_soft_cap, window_left=window_left, q_dtype=q_dtype,
         kv_dtype=kv_dtype, wrapper="decode" if self._decode else "prefill",
         sm90_prefill=sw.sm90_prefill, sm90_stages=sw.sm90_stages,
-        sm90_drawn_tasks=sw.sm90_drawn_tasks,
+        sm90_drawn_tasks=sw.sm90_drawn_tasks, sm90_pingpong=sw.sm90_pingpong,
         dependent_launch=sw.dependent_launch, fp8_tensor_cores=sw.fp8_tensor_cores,
         fp8_wide_decode=sw.fp8_wide_decode,
         sm90_rope_keys=hopper and pos_encoding_mode == "ROPE_LLAMA" and sw.sm90_rope_keys)

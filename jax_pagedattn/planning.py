@@ -135,6 +135,8 @@ class PlanConfig:
   # The Hopper prefill kernel rotates a RoPE call's keys once into the workspace
   # (attention_attrs.h); the wrapper sets it only where that kernel runs with RoPE.
   sm90_rope_keys: bool = _attr(np.bool_, default=False)
+  # Its consumer warpgroups take turns to issue their GEMMs (attention_attrs.h).
+  sm90_pingpong: bool = _attr(np.bool_, default=False)
 
   @property
   def group_size(self) -> int:

@@ -22,8 +22,9 @@ class Switches:
   # a call (default on since it passed the GPU suite on an H100; docs/CONTRACT.md).
   sm90_prefill: bool = True
   # JAX_PAGEDATTN_SM90_STAGES=2|3: K/V stages of the Hopper prefill kernel's ring (3 exists
-  # at head_dim 128 only; other head_dims keep 2). A measurement knob.
-  sm90_stages: int = 2
+  # at head_dim 128 only; other head_dims keep 2). 3 is the default since it timed up to
+  # 5% faster in the library and 5-8% in the harness (docs/PERF_NOTES.md).
+  sm90_stages: int = 3
   # JAX_PAGEDATTN_SM90_DRAWN_TASKS=0: the Hopper prefill kernel runs one CTA per (bin, kv
   # head) instead of one CTA per SM drawing (item, kv head) tasks costliest first (its
   # plans ordered so: PlanSpec longest_first). Drawn tasks are the default since they
@@ -33,6 +34,10 @@ class Switches:
   # CTA that loads them, instead of once per call into a workspace section of the plan's
   # key capacity (rope_keys.cuh; docs/CONTRACT.md).
   sm90_rope_keys: bool = True
+  # JAX_PAGEDATTN_SM90_PINGPONG=1: the Hopper prefill kernel's two consumer warpgroups
+  # take turns to issue their GEMMs (named barriers), as FlashAttention-3 does at
+  # head_dim 128. A measurement knob until the library is timed with it.
+  sm90_pingpong: bool = False
   # JAX_PAGEDATTN_DEPENDENT_LAUNCH=0: no programmatic dependent launch (sm90+).
   dependent_launch: bool = True
   # JAX_PAGEDATTN_DEAL=bins|equal: force one of the planner's two deals.
@@ -69,7 +74,7 @@ def from_environment(environ=os.environ) -> Switches:
     ctas_per_sm = int(ctas)
   except ValueError:
     raise ValueError(f"JAX_PAGEDATTN_CTAS_PER_SM must be an integer, got {ctas!r}") from None
-  stages = environ.get("JAX_PAGEDATTN_SM90_STAGES", "") or "2"
+  stages = environ.get("JAX_PAGEDATTN_SM90_STAGES", "") or "3"
   if stages not in ("2", "3"):
     raise ValueError(f"JAX_PAGEDATTN_SM90_STAGES must be 2 or 3, got {stages!r}")
   return Switches(
@@ -83,6 +88,7 @@ def from_environment(environ=os.environ) -> Switches:
       command_buffers=_flag(environ, "JAX_PAGEDATTN_COMMAND_BUFFERS", False),
       fp8_tensor_cores=_flag(environ, "JAX_PAGEDATTN_FP8_TENSOR_CORES", True),
       fp8_wide_decode=_flag(environ, "JAX_PAGEDATTN_FP8_WIDE_DECODE", False),
+      sm90_pingpong=_flag(environ, "JAX_PAGEDATTN_SM90_PINGPONG", False),
   )
 
 

@@ -18,7 +18,7 @@ final=${OUT:-/tmp/prefill_out}
 out=/tmp/prefill_session
 rm -rf "$out" && mkdir -p "$out" "$final"
 pack() {
-  cp /tmp/pip_build.log /tmp/fi_warmup.log "$out"/ 2>/dev/null
+  cp /tmp/pip_build.log /tmp/fi_warmup_d*.log "$out"/ 2>/dev/null
   tar czf "$final/session.tgz" -C "$out" . 2>/dev/null
   cp "$out"/harness/ncu_row*_hot.txt /tmp/jpa_run/*.md "$final"/ 2>/dev/null
   true
@@ -42,9 +42,13 @@ build_pid=$!
 
 if ls .fi/*.whl >/dev/null 2>&1 && [ "${FI_WARMUP:-fa3 fa2}" != none ]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/fi .fi/*.whl >/tmp/fi_install.log 2>&1
-  (export PYTHONPATH=/tmp/fi FLASHINFER_CUDA_ARCH_LIST=9.0a MAX_JOBS=16
-   python3 scripts/fi_warmup.py ${FI_WARMUP:-fa3 fa2} --head-dims "${FI_HEAD_DIMS:-128}" \
-     --pos-encodings "${FI_POS:-NONE}" >/tmp/fi_warmup.log 2>&1) &
+  # One JIT per head_dim at once: each builds its own modules (about 110 s apiece alone).
+  fi_dims=${FI_HEAD_DIMS:-128}
+  for d in ${fi_dims//,/ }; do
+    (export PYTHONPATH=/tmp/fi FLASHINFER_CUDA_ARCH_LIST=9.0a MAX_JOBS=16
+     python3 scripts/fi_warmup.py ${FI_WARMUP:-fa3 fa2} --head-dims "$d" \
+       --pos-encodings "${FI_POS:-NONE}" >/tmp/fi_warmup_d$d.log 2>&1) &
+  done
 fi
 
 if [ "${SM90_STAGES:-check bench sass}" != none ]; then
@@ -75,6 +79,6 @@ for st in $stages; do
 done
 stages=$late
 wait  # FlashInfer's JIT
-cat /tmp/fi_warmup.log 2>/dev/null | tail -5
+tail -n 3 /tmp/fi_warmup_d*.log 2>/dev/null
 [ -n "${stages// /}" ] && STAGES=$stages SKIP_BUILD=1 OUT=$out/lib bash scripts/gpu_session.sh
 echo "== prefill session: $(( $(date +%s) - t_start )) s =="

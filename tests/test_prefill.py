@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jax_pagedattn as jpa
-from jax_pagedattn import planning, reference
+from jax_pagedattn import planning, reference, switches
 
 from _helpers import (DTYPES, split_run_result, assert_attention_close, cache_in_form, check_native, cpu, oracle,
                       page_table, put, random_cache, round_to)
@@ -89,6 +89,29 @@ def test_prefill_split_kv(platform, device, rng, causal):
   live = sections["work"][sections["work"][:, 0] >= 0]
   assert (live[:, 5] >= 0).any(), "precondition: the planner should have split request 0"
   ref_out, ref_lse = oracle(q, k, v, qo_indptr, table, causal=causal)
+  assert_attention_close(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("tuning", [dict(sm90_stages=2), dict(sm90_pingpong=True),
+                                    dict(sm90_pingpong=True, sm90_stages=2)],
+                         ids=["2stages", "pingpong", "pingpong-2stages"])
+def test_prefill_hopper_tunings(platform, device, rng, tuning):
+  """The Hopper kernel's non-default schedules (switches.py) against the oracle: several
+  K/V tiles per item, both warpgroups, causal diagonals, a chunked request and a split."""
+  if platform != "gpu":
+    pytest.skip("the tunings are the Hopper prefill kernel's")
+  check_native(platform)
+  dtype, hq, hk, d, ps = "bf16", 16, 4, 128, 16
+  qo_lens, kv_lens = np.array([300, 1, 77, 0, 40]), np.array([300, 1500, 400, 9, 40])
+  qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+  table = page_table(rng, kv_lens, ps)
+  k, v = random_cache(rng, table.num_pages, ps, hk, d, dtype)
+  cache = cache_in_form(k, v, dtype, "NHD", "5d")
+  q = round_to(rng.standard_normal((int(qo_indptr[-1]), hq, d), dtype=np.float32), jnp.bfloat16)
+  with switches.overridden(**tuning):
+    out, lse = _prefill(device, "NHD", ps, hk, qo_indptr, table, cache, q.astype(jnp.bfloat16),
+                        return_lse=True, causal=True)
+  ref_out, ref_lse = oracle(q, k, v, qo_indptr, table, causal=True)
   assert_attention_close(out, lse, ref_out, ref_lse, dtype)
 
 

@@ -14,13 +14,13 @@ from jax_pagedattn import planning, switches
 def test_switches_are_read_from_the_environment():
   sw = switches.from_environment({})
   assert (sw.sm90_prefill, sw.sm90_stages, sw.dependent_launch, sw.deal, sw.ctas_per_sm) == (
-      True, 2, True, "auto", 0)
+      True, 3, True, "auto", 0)
   sw = switches.from_environment({"JAX_PAGEDATTN_SM90_PREFILL": "0", "JAX_PAGEDATTN_DEAL": "equal",
                                   "JAX_PAGEDATTN_DEPENDENT_LAUNCH": "0",
                                   "JAX_PAGEDATTN_CTAS_PER_SM": "2",
-                                  "JAX_PAGEDATTN_SM90_STAGES": "3"})
+                                  "JAX_PAGEDATTN_SM90_STAGES": "2"})
   assert (sw.sm90_prefill, sw.sm90_stages, sw.dependent_launch, sw.deal, sw.ctas_per_sm) == (
-      False, 3, False, "equal", 2)
+      False, 2, False, "equal", 2)
   with pytest.raises(ValueError, match="JAX_PAGEDATTN_SM90_STAGES"):
     switches.from_environment({"JAX_PAGEDATTN_SM90_STAGES": "4"})
   with pytest.raises(ValueError, match="JAX_PAGEDATTN_DEAL"):
@@ -121,14 +121,31 @@ def test_sm90_rope_keys_switch():
   assert plain.config.workspace_bytes == rope_off.config.workspace_bytes
 
 
+def _assert_off_unless_set(field: str, variable: str):
+  """An on/off variable defaulting to off: anything but "" or "0" turns it on."""
+  assert getattr(switches.from_environment({}), field) is False
+  for value, want in (("1", True), ("0", False), ("", False), ("yes", True)):
+    assert getattr(switches.from_environment({variable: value}), field) is want, value
+
+
+def test_sm90_pingpong_switch():
+  """JAX_PAGEDATTN_SM90_PINGPONG: off unless set; a prefill plan carries it as the
+  sm90_pingpong attribute the Hopper launcher reads."""
+  _assert_off_unless_set("sm90_pingpong", "JAX_PAGEDATTN_SM90_PINGPONG")
+  w = jpa.BatchPrefillWithPagedKVCacheWrapper()
+  with switches.overridden(sm90_pingpong=True):
+    on = w.plan(*_PREFILL_ARGS, causal=True)
+  off = w.plan(*_PREFILL_ARGS, causal=True)
+  assert (on.config.sm90_pingpong, off.config.sm90_pingpong) == (True, False)
+  assert planning.ffi_attrs(on.config)["sm90_pingpong"] == np.bool_(True)
+  np.testing.assert_array_equal(on.buffer, off.buffer)  # a kernel schedule, not a plan
+
+
 def test_fp8_wide_decode_switch():
   """JAX_PAGEDATTN_FP8_WIDE_DECODE: off unless set to something other than "" or "0"; a
   decode plan (and an RPA-style prefill plan) carries it as the fp8_wide_decode attribute
   the CUDA decode launcher reads."""
-  assert switches.from_environment({}).fp8_wide_decode is False
-  for value, want in (("1", True), ("0", False), ("", False), ("yes", True)):
-    env = {"JAX_PAGEDATTN_FP8_WIDE_DECODE": value}
-    assert switches.from_environment(env).fp8_wide_decode is want, value
+  _assert_off_unless_set("fp8_wide_decode", "JAX_PAGEDATTN_FP8_WIDE_DECODE")
   w = jpa.BatchDecodeWithPagedKVCacheWrapper()
   args = (np.array([0, 1], np.int32), np.array([0], np.int32), np.array([3], np.int32), 4, 2,
           128, 16)

@@ -48,10 +48,10 @@ static bool EnvFlag(const char* name, bool dflt) {
 }
 
 // The launcher the checks exercise. JPA_SM90_PINGPONG=1 / 0 runs the sm90 checks with /
-// without the warpgroup pingpong (default: the launcher's); JPA_SM90_STAGES=3 with
-// three K/V stages at head_dim 128; JPA_SM90_STATIC=1 with one CTA per (bin, kv head)
-// instead of drawn tasks; JPA_SM90_OVERLAP=1 / 0 with / without each warpgroup's softmax
-// overlapping its P V GEMM (default: the launcher's).
+// without the warpgroup pingpong (default: the launcher's); JPA_SM90_STAGES=2 / 3 with
+// two / three K/V stages at head_dim 128 (default: the launcher's); JPA_SM90_STATIC=1
+// with one CTA per (bin, kv head) instead of drawn tasks; JPA_SM90_VARIANT=v with the
+// kernel variant v (prefill_sm90_config.cuh, kVariant*) where it exists (below).
 static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream) {
 #ifdef JPA_HARNESS_SM90
   static const bool pingpong = EnvFlag("JPA_SM90_PINGPONG", PrefillSm90Tuning{}.pingpong);
@@ -63,13 +63,19 @@ static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream
     const char* v = std::getenv("JPA_SM90_STATIC");
     return v != nullptr && std::strcmp(v, "1") == 0;
   }();
-  static const bool overlap = EnvFlag("JPA_SM90_OVERLAP", PrefillSm90Tuning{}.softmax_overlap);
+  static const int variant = [] {
+    const char* v = std::getenv("JPA_SM90_VARIANT");
+    return v == nullptr ? 0 : std::atoi(v);
+  }();
   PrefillSm90Tuning t;
   t.pingpong = pingpong;
   t.drawn_tasks = !static_bins;
-  t.softmax_overlap = overlap;
-  // Three stages exist at head_dim 128 only (prefill_sm90.cu); other cases keep two.
-  t.stages = p.head_dim == 128 ? stages : PrefillSm90Tuning{}.stages;
+  t.stages = stages;  // other head_dims than 128 run 2 whatever it says (prefill_sm90.cu)
+  // The variants exist for some kernels only (prefill_sm90.cu, WithSm90Kernel): the
+  // consumers' schedules (bits 1-8 and 64) and the 96-key tiles (32, kVariantKv96) at
+  // head_dim 128 with 3 stages, the 32-key tiles (16, kVariantKv32) at head_dim 256.
+  if (p.dtype == DType::kBF16 && p.head_dim == 128 && stages == 3) t.variant = variant & (15 | 32 | 64);
+  if (p.dtype == DType::kBF16 && p.head_dim == 256) t.variant = variant & 16;
   return LaunchPrefillSm90(p, stream, t);
 #else
   return LaunchPrefill(p, stream);
@@ -743,9 +749,20 @@ __global__ void FillBf16(uint16_t* x, size_t n, uint32_t seed) {
 // ---- timing -------------------------------------------------------------------------------
 // Uniform batches, bf16, 32/8 heads, D 128, page 16, NHD, random page placement. Items
 // are cut as in the checks (no splitting), longest key range first.
+#ifdef JPA_HARNESS_SM90
+// The sm90 kernel with variant kVariant (prefill_sm90_config.cuh) and the pingpong as asked.
+template <int kVariant, bool kPingpong = false>
+static cudaError_t LaunchSm90Variant(const AttentionParams& p, cudaStream_t stream) {
+  PrefillSm90Tuning t;
+  t.variant = kVariant;
+  t.pingpong = kPingpong;
+  return LaunchPrefillSm90(p, stream, t);
+}
+#endif
+
 static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std::mt19937& rng,
-                  PosEncoding pos = PosEncoding::kNone) {
-  const int D = 128, Hkv = 8, G = 4, Hqo = 32, ps = 16;
+                  PosEncoding pos = PosEncoding::kNone, int D = 128) {
+  const int Hkv = 8, G = 4, Hqo = 32, ps = 16;
   const int T = batch * qo_len;
   const int np = (kv_len + ps - 1) / ps, pages = batch * np;
   const int chunk = (tile / G) * G;
@@ -877,16 +894,31 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
                        t.pingpong = true;
                        return LaunchPrefillSm90(q, st, t);
                      }});
-  kernels.push_back({"sm90-ovl", [](const AttentionParams& q, cudaStream_t st) {
+  kernels.push_back({"sm90-2st", [](const AttentionParams& q, cudaStream_t st) {
                        PrefillSm90Tuning t;
-                       t.softmax_overlap = !PrefillSm90Tuning{}.softmax_overlap;
+                       t.stages = 2;
                        return LaunchPrefillSm90(q, st, t);
                      }});
-  kernels.push_back({"sm90-3st", [](const AttentionParams& q, cudaStream_t st) {
-                       PrefillSm90Tuning t;
-                       t.stages = 3;
-                       return LaunchPrefillSm90(q, st, t);
-                     }});
+  // The kernel's variants under measurement (prefill_sm90_config.cuh, kVariant*; built
+  // with JPA_SM90_VARIANTS): the consumers' schedules at head_dim 128 (f1: one proxy
+  // fence a step, before S; nf: no proxy fence in the loop, a measurement; lr: O
+  // rescaled only where a row's maximum moved; tm: row maxima in four partial chains;
+  // rk: K stages released a warp at a time), the 96-key tiles at 128 (kv96) and the
+  // 32-key tiles at 256.
+  if (D == 128) {
+    kernels.push_back({"sm90-f1", LaunchSm90Variant<1>});
+    kernels.push_back({"sm90-nf", LaunchSm90Variant<2>});
+    kernels.push_back({"sm90-lr", LaunchSm90Variant<4>});
+    kernels.push_back({"sm90-f1lr", LaunchSm90Variant<5>});
+    kernels.push_back({"sm90-tm", LaunchSm90Variant<8>});
+    kernels.push_back({"sm90-f1lrtm", LaunchSm90Variant<13>});
+    kernels.push_back({"sm90-f1lrpp", LaunchSm90Variant<5, true>});
+    kernels.push_back({"sm90-kv96", LaunchSm90Variant<32>});
+    kernels.push_back({"sm90-kv96f1lrtm", LaunchSm90Variant<45>});
+    kernels.push_back({"sm90-rk", LaunchSm90Variant<64>});
+    kernels.push_back({"sm90-f1lrtmrk", LaunchSm90Variant<77>});
+  }
+  if (D == 256) kernels.push_back({"sm90-kv32", LaunchSm90Variant<16>});
   // The consumers' time alone: K/V not copied (its output is not compared).
   kernels.push_back({"sm90-nokv", [](const AttentionParams& q, cudaStream_t st) {
                        PrefillSm90Tuning t;
@@ -912,13 +944,16 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
       if (names.find("," + std::string(t.name) + ",") != std::string::npos) kept.push_back(t);
     kernels = kept;
   }
-  // Two passes over the kernels, the second in reverse order, 10 timed launches each: a
-  // row's time drifts with its place in the list (clocks, caches: 1.5-3% between the
-  // first and the third sm90 row on an H100), and the two orders cancel that drift in
-  // the median of the 20; each pass's median is printed beside it.
+  // Timing: the first kernel (sm80, the reference) alone, then the others in rounds, each
+  // round starting one kernel later (round r times kernels[1 + (r + j) % n], j = 0..n-1),
+  // one warm-up and kLaunches timed launches each. A row's time drifts with what ran just
+  // before it (clocks after the slow sm80 kernel, caches: 2-5% on the row after sm80 on
+  // an H100 and an H200, in both orders of the earlier forward/reverse passes); in the
+  // rounds every row runs once in every place, and the median of all its launches is
+  // printed with the spread of its per-round medians.
   struct Row {
     bool ok = false;
-    std::vector<float> fwd, rev;
+    std::vector<float> all, round_medians;
     double diff = 0;
     long nan = 0;
   };
@@ -943,15 +978,15 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
     return v.empty() ? 0.0 : double(v[v.size() / 2]);
   };
   std::vector<uint16_t> first_out, got_out;
-  for (size_t k = 0; k < kernels.size(); ++k) {  // pass 1: outputs, warm-up, 10 launches
+  for (size_t k = 0; k < kernels.size(); ++k) {  // outputs and a warm-up of each
     const Timed& kern = kernels[k];
     const AttentionParams& pk = kern.params ? *kern.params : p;
     CHECK_CUDA(cudaMemset(d_out, 0xff, q_elems * 2));
     CHECK_CUDA(cudaMemsetAsync(pk.task_counter, 0, 8, 0));
     const cudaError_t le = kern.launch(pk, 0);
     if (le != cudaSuccess) {
-      std::printf("bench bf16 %3d x qo %5d kv %5d tile %3d %s %s %-9s: %s\n", batch, qo_len, kv_len,
-                  tile, causal ? "causal" : "full  ", pname, kern.name, cudaGetErrorString(le));
+      std::printf("bench bf16 d%d %3d x qo %5d kv %5d tile %3d %s %s %-9s: %s\n", D, batch, qo_len,
+                  kv_len, tile, causal ? "causal" : "full  ", pname, kern.name, cudaGetErrorString(le));
       cudaGetLastError();
       continue;
     }
@@ -969,24 +1004,33 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
       }
     }
     time_launches(kern, 2, nullptr);
-    time_launches(kern, 10, &row.fwd);
   }
-  for (size_t k = kernels.size(); k-- > 0;) {  // pass 2, reversed
-    if (!rows[k].ok) continue;
+  auto timed_round = [&](size_t k, int launches) {
+    std::vector<float> ms;
     time_launches(kernels[k], 1, nullptr);
-    time_launches(kernels[k], 10, &rows[k].rev);
+    time_launches(kernels[k], launches, &ms);
+    rows[k].all.insert(rows[k].all.end(), ms.begin(), ms.end());
+    rows[k].round_medians.push_back(float(median(ms)));
+  };
+  if (rows[0].ok) timed_round(0, 10);
+  const size_t n_rot = kernels.size() - 1;
+  const int launches = std::max(3, int(24 / std::max<size_t>(n_rot, 1)));
+  for (size_t r = 0; r < n_rot; ++r) {
+    for (size_t j = 0; j < n_rot; ++j) {
+      const size_t k = 1 + (r + j) % n_rot;
+      if (rows[k].ok) timed_round(k, launches);
+    }
   }
   const char* first_name = nullptr;
   for (size_t k = 0; k < kernels.size(); ++k) {
     const Row& row = rows[k];
     if (!row.ok) continue;
-    std::vector<float> all = row.fwd;
-    all.insert(all.end(), row.rev.begin(), row.rev.end());
-    const double med = median(all);
-    std::printf("bench bf16 %3d x qo %5d kv %5d tile %3d %s %s %-9s: %8.3f ms  %7.1f TFLOP/s  %7.1f GB/s (K+V)"
-                "  [fwd %.3f rev %.3f]",
-                batch, qo_len, kv_len, tile, causal ? "causal" : "full  ", pname, kernels[k].name, med,
-                flops / med / 1e9, kv_bytes / med / 1e6, median(row.fwd), median(row.rev));
+    const double med = median(row.all);
+    const auto spread = std::minmax_element(row.round_medians.begin(), row.round_medians.end());
+    std::printf("bench bf16 d%d %3d x qo %5d kv %5d tile %3d %s %s %-9s: %8.3f ms  %7.1f TFLOP/s  %7.1f GB/s (K+V)"
+                "  [rounds %.3f..%.3f]",
+                D, batch, qo_len, kv_len, tile, causal ? "causal" : "full  ", pname, kernels[k].name, med,
+                flops / med / 1e9, kv_bytes / med / 1e6, *spread.first, *spread.second);
     if (first_name) std::printf("  max|out - %s| %.2e nan %ld", first_name, row.diff, row.nan);
     else first_name = kernels[k].name;
     std::printf("\n");
@@ -1064,6 +1108,8 @@ int main(int argc, char** argv) {
     Bench(4, 2048, 2048, 128, false, rng);
     Bench(4, 2048, 2048, 128, true, rng, PosEncoding::kRopeLlama);
     Bench(4, 2048, 2048, 128, true, rng, PosEncoding::kAlibi);
+    Bench(4, 2048, 2048, 128, true, rng, PosEncoding::kNone, 64);
+    Bench(4, 2048, 2048, 128, true, rng, PosEncoding::kNone, 256);
 #else
     Bench(4, 2048, 2048, 128, true, rng);
     Bench(4, 2048, 2048, 64, true, rng);

@@ -40,11 +40,13 @@ struct AttentionAttrs {
   Capacities caps;
   // Runtime switches (jax_pagedattn/switches.py reads them once, from the environment).
   bool sm90_prefill;      // the Hopper prefill kernel may run where it covers the call
-  int32_t sm90_stages;    // its K/V ring: 2, or 3 at head_dim 128 (a measurement knob)
+  int32_t sm90_stages;    // its K/V ring at head_dim 128: 3 (the default) or 2
   bool sm90_drawn_tasks;  // its CTAs draw tasks (task_schedule.cuh, TaskSchedule)
   // With RoPE: its keys are rotated once per call into the workspace (RopeKeysBytes)
   // instead of in every CTA that reads them (rope_keys.cuh).
   bool sm90_rope_keys = false;
+  // Its two consumer warpgroups take turns to issue their GEMMs (PrefillSm90Tuning).
+  bool sm90_pingpong = false;
   bool dependent_launch;  // launches may overlap the previous kernel's tail (sm90+)
   bool fp8_wide_decode;   // fp8 caches on the CUDA-core decode kernel's wide tiles (decode.cu)
 };

@@ -51,13 +51,13 @@ int DeviceSms() {
   return n;
 }
 
-template <typename T, int D, int Stages>
+template <typename T, int D, int Stages, int Variant = 0>
 struct Sm90Kernel {
-  using Cfg = PrefillSm90Cfg<T, D, Stages>;
+  using Cfg = PrefillSm90Cfg<T, D, Stages, Variant>;
 
   static cudaError_t Ready() {
     static std::atomic<uint64_t> smem_set{0};
-    return AllowSmem(PrefillSm90Kernel<T, D, Stages>, Cfg::kSmemBytes, &smem_set);
+    return AllowSmem(PrefillSm90Kernel<T, D, Stages, Variant>, Cfg::kSmemBytes, &smem_set);
   }
 
   static cudaError_t Launch(const AttentionParams& p, cudaStream_t stream, const PrefillSm90Tuning& t) {
@@ -82,28 +82,57 @@ struct Sm90Kernel {
                                             0, stream, p);
       if (e != cudaSuccess) return e;
     }
-    return LaunchDependent(p.dependent_launch, PrefillSm90Kernel<T, D, Stages>, grid,
+    return LaunchDependent(p.dependent_launch, PrefillSm90Kernel<T, D, Stages, Variant>, grid,
                            dim3(Cfg::kThreads),
                            Cfg::kSmemBytes, stream, p,
                            (t.pingpong ? sm90::kFlagPingpong : 0) |
                                (t.copy_kv ? 0 : sm90::kFlagNoKvCopy) |
                                (drawn ? 0 : sm90::kFlagStaticBins) |
-                               (rope_keys ? sm90::kFlagRopeKeys : 0) |
-                               (t.softmax_overlap ? sm90::kFlagSoftmaxOverlap : 0));
+                               (rope_keys ? sm90::kFlagRopeKeys : 0));
   }
 
   static cudaError_t Occupancy(int32_t* ctas) {
     const cudaError_t err = Ready();
     if (err != cudaSuccess) return err;
-    return CtasPerSm(PrefillSm90Kernel<T, D, Stages>, Cfg::kThreads, Cfg::kSmemBytes, ctas);
+    return CtasPerSm(PrefillSm90Kernel<T, D, Stages, Variant>, Cfg::kThreads, Cfg::kSmemBytes, ctas);
   }
 };
 
-// op(Sm90Kernel<T, D, stages>{}) for the covered (dtype, head_dim, tile_rows, stages);
-// NotSupported else.
+// op(Sm90Kernel<T, D, stages, variant>{}) for the covered (dtype, head_dim, tile_rows,
+// stages, variant); NotSupported else. Variants other than 0 (ConsumeItems' schedules
+// under measurement) exist only in builds with JPA_SM90_VARIANTS (the kernel harness):
+// the consumers' schedules and the 96-key tiles for bf16 at head_dim 128 with 3 stages,
+// the 32-key tiles for bf16 at head_dim 256.
 template <typename Op>
-cudaError_t WithSm90Kernel(DType dtype, int head_dim, int tile_rows, int stages, Op&& op) {
+cudaError_t WithSm90Kernel(DType dtype, int head_dim, int tile_rows, int stages, int variant,
+                           Op&& op) {
   if (tile_rows != 128 || !DeviceIsSm90()) return cudaErrorNotSupported;
+  if (head_dim != 128) stages = 2;  // the only 3-stage kernels are head_dim 128's
+  if (variant != 0) {
+#ifdef JPA_SM90_VARIANTS
+    if (dtype != DType::kBF16) return cudaErrorNotSupported;
+    if (head_dim == 256) {
+      return variant == sm90::kVariantKv32 ? op(Sm90Kernel<__nv_bfloat16, 256, 2, sm90::kVariantKv32>{})
+                                           : cudaErrorNotSupported;
+    }
+    if (head_dim != 128 || stages != 3) return cudaErrorNotSupported;
+    switch (variant) {
+      case 1: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 1>{});
+      case 2: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 2>{});
+      case 4: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 4>{});
+      case 5: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 5>{});
+      case 8: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 8>{});
+      case 13: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 13>{});
+      case 32: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 32>{});
+      case 45: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 45>{});
+      case 64: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 64>{});
+      case 77: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 77>{});
+      default: return cudaErrorNotSupported;
+    }
+#else
+    return cudaErrorNotSupported;
+#endif
+  }
   auto with_stages = [&](auto elem) -> cudaError_t {
     using T = decltype(elem);
     switch (head_dim * 4 + stages) {
@@ -138,10 +167,11 @@ cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream,
       p.kv.page_stride % 8 != 0 || p.kv.slot_stride % 8 != 0 || p.kv.head_stride % 8 != 0)
     return cudaErrorNotSupported;
   if (!PrefillSm90Covers(p.dtype, p.kv_dtype, p.head_dim)) return cudaErrorNotSupported;
-  return WithSm90Kernel(p.dtype, p.head_dim, p.tile_rows, tuning.stages, [&](auto kernel) {
+  auto launch = [&](auto kernel) {
     if (p.layout.work_cap == 0) return cudaSuccess;  // no items, nothing to launch
     return decltype(kernel)::Launch(p, stream, tuning);
-  });
+  };
+  return WithSm90Kernel(p.dtype, p.head_dim, p.tile_rows, tuning.stages, tuning.variant, launch);
 }
 
 bool PrefillSm90Covers(DType dtype, DType kv_dtype, int head_dim) {
@@ -151,14 +181,15 @@ bool PrefillSm90Covers(DType dtype, DType kv_dtype, int head_dim) {
 
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream) {
   PrefillSm90Tuning tuning;
-  if (p.head_dim == 128 && p.sm90_stages == 3) tuning.stages = 3;  // the only 3-stage kernels
+  if (p.sm90_stages == 2 || p.sm90_stages == 3) tuning.stages = p.sm90_stages;
   tuning.drawn_tasks = p.sm90_drawn_tasks;
+  tuning.pingpong = p.sm90_pingpong;
   tuning.rope_keys = p.sm90_rope_keys;
   return LaunchPrefillSm90(p, stream, tuning);
 }
 
 cudaError_t PrefillSm90CtasPerSm(DType dtype, int head_dim, int tile_rows, int32_t* ctas) {
-  return WithSm90Kernel(dtype, head_dim, tile_rows, PrefillSm90Tuning{}.stages,
+  return WithSm90Kernel(dtype, head_dim, tile_rows, PrefillSm90Tuning{}.stages, 0,
                         [&](auto kernel) { return decltype(kernel)::Occupancy(ctas); });
 }
 

@@ -24,8 +24,9 @@ struct PrefillSm90Tuning {
   // The two consumer warpgroups take turns to issue their GEMMs (named barriers). Off:
   // with drawn tasks the kernel ran 0-7% faster without the turns (docs/PERF_NOTES.md).
   bool pingpong = false;
-  // K and V tiles in flight each (2 or 3; 3 takes 224 of the 227 KB of shared memory).
-  int stages = 2;
+  // K and V tiles in flight each: 3 (224 of the 227 KB of shared memory) or 2. Only
+  // head_dim 128 has 3-stage kernels; the other head_dims run 2 whatever this says.
+  int stages = 3;
   // false: a measurement of the consumers alone (K/V tiles are not copied; wrong results).
   bool copy_kv = true;
   // One CTA per SM drawing (work item, kv head) tasks from a counter, in plan order
@@ -35,19 +36,19 @@ struct PrefillSm90Tuning {
   // rotated once by a pass before the kernel (rope_keys.cuh); false: the producer
   // rotates each K tile it loads.
   bool rope_keys = true;
-  // Each consumer warpgroup's softmax overlaps its own P V GEMM (prefill_sm90_consumer.cuh,
-  // ConsumeItems' kSoftmaxOverlap). Off until a GPU session checks and times it.
-  bool softmax_overlap = false;
+  // The consumers' schedule: 0; other values are schedules under measurement
+  // (prefill_sm90_consumer.cuh, kVariant*), built only into the kernel harness.
+  int variant = 0;
 };
 
 // Whether the kernel runs calls of these types and head_dim on the current device; the
 // planner then cuts 128-row items (TileRows with hopper_prefill) at every head_dim.
 bool PrefillSm90Covers(DType dtype, DType kv_dtype, int head_dim);
 
-// With the default tuning, but 3 K/V stages where p.sm90_stages asks and head_dim is
-// 128, drawn tasks only where p.sm90_drawn_tasks asks (its plans are then ordered
-// for them, PlanSpec::longest_first), and RoPE keys rotated once only where
-// p.sm90_rope_keys asks (the workspace then holds them, RopeKeysBytes).
+// With the default tuning, but the K/V stages p.sm90_stages asks for (2 or 3), drawn
+// tasks only where p.sm90_drawn_tasks asks (its plans are then ordered for them,
+// PlanSpec::longest_first), RoPE keys rotated once only where p.sm90_rope_keys asks (the
+// workspace then holds them, RopeKeysBytes), and the pingpong as p.sm90_pingpong says.
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream);
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream,
                               const PrefillSm90Tuning& tuning);

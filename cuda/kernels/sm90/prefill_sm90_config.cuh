@@ -31,7 +31,40 @@ struct CuteElem<__half> {
   using type = cute::half_t;
 };
 
-template <typename T, int D, int Stages>
+// The kernel's variants: 0 in the library; other values are schedules under measurement,
+// built only into the kernel harness (JPA_SM90_VARIANTS, prefill_sm90.cu). Bits of the
+// consumers' schedule (ConsumeItems):
+//   kVariantFenceOnce    wait for K(i) and V(i-1) before S(i) is issued, with one proxy
+//                        fence for both (instead of a fence after each wait, the V one
+//                        between the two GEMMs' issues);
+//   kVariantNoLoopFence  no proxy fence after the main loop's waits (what FlashAttention-3's
+//                        paged path does; a measurement of the fences' cost, not a schedule
+//                        the memory model promises results for);
+//   kVariantLazyRescale  O is rescaled only where some row of the warp has a new maximum
+//                        (exact: the skipped factors are 1);
+//   kVariantTreeMax      each row's maximum over the tile in four interleaved partial
+//                        maxima (exact) instead of one chain of kTileKv / 2 dependent
+//                        FMNMX (the SASS keeps the source's order);
+//   kVariantWarpReleaseK a K stage released by one arrival per consumer warp after a
+//                        __syncwarp (which orders the lanes' mask-word reads before it),
+//                        as the V stages are, instead of one arrival per thread (256
+//                        shared-memory arrivals a stage).
+constexpr int kVariantFenceOnce = 1;
+constexpr int kVariantNoLoopFence = 2;
+constexpr int kVariantLazyRescale = 4;
+constexpr int kVariantTreeMax = 8;
+constexpr int kVariantWarpReleaseK = 64;
+// and of the tiles (PrefillSm90Cfg):
+//   kVariantKv32         head_dim 256: 32-key tiles, with 216 consumer and 72 producer
+//                        registers and two Q buffers, instead of 64-key tiles with 240 /
+//                        24 (the producer spills) and one Q buffer. FlashInfer's paged
+//                        Hopper kernel runs 32-key tiles there;
+//   kVariantKv96         head_dim 128: 96-key tiles (FlashInfer's paged Hopper tile
+//                        there) instead of 128.
+constexpr int kVariantKv32 = 16;
+constexpr int kVariantKv96 = 32;
+
+template <typename T, int D, int Stages, int Variant = 0>
 struct PrefillSm90Cfg {
   static_assert(D == 64 || D == 128 || D == 256, "the sm90 prefill kernel covers head_dim 64, 128, 256");
   using TE = typename CuteElem<T>::type;
@@ -39,7 +72,9 @@ struct PrefillSm90Cfg {
   static constexpr int kWgRows = 64;
   // Keys per tile: 64 at D = 256 keeps two K and two V stages, the Q tile and the O
   // accumulators (128 floats a thread) within shared memory and 240 registers.
-  static constexpr int kTileKv = D == 256 ? 64 : 128;
+  static constexpr bool kKv32 = D == 256 && (Variant & kVariantKv32) != 0;
+  static constexpr bool kKv96 = D == 128 && (Variant & kVariantKv96) != 0;
+  static constexpr int kTileKv = D == 256 ? (kKv32 ? 32 : 64) : (kKv96 ? 96 : 128);
   static constexpr int kStages = Stages;  // K and V tiles each in flight
   static constexpr int kPanels = D / 64;       // 128-byte swizzle panels of a row
   static constexpr int kPairChunks = D / 16;   // RoPE pairs 16-byte chunk c with c + D / 16
@@ -53,8 +88,8 @@ struct PrefillSm90Cfg {
   // has freed enough, forever if the split asks for more. Head_dim 256 keeps 240 for the
   // consumers (their 64 x 256 accumulators spill in the main loop at 232).
   static constexpr int kLaunchRegs = (65536 / kThreads) & ~7;  // __launch_bounds__(kThreads, 1)
-  static constexpr int kProducerRegs = D == 256 ? 24 : 56;
-  static constexpr int kConsumerRegs = D == 256 ? 240 : 224;
+  static constexpr int kProducerRegs = D == 256 ? (kKv32 ? 72 : 24) : 56;
+  static constexpr int kConsumerRegs = D == 256 ? (kKv32 ? 216 : 240) : 224;
   static_assert(256 * kConsumerRegs + 128 * kProducerRegs <= kThreads * kLaunchRegs,
                 "setmaxnreg split beyond the CTA's registers: the consumers' increase would hang");
   static constexpr int kHalfBytes = 128;     // one 64-element panel of a row
@@ -85,7 +120,8 @@ struct PrefillSm90Cfg {
   // the consumers release a K stage thread by thread and a V stage warp by warp.
   static constexpr uint32_t kFullKCount = 32 * kCopyWarps + kCopyWarps;
   static constexpr uint32_t kFullVCount = 32 * kCopyWarps;
-  static constexpr uint32_t kEmptyKCount = 256;  // every consumer thread (mask readers)
+  // Every consumer thread (mask readers), or every consumer warp (kVariantWarpReleaseK).
+  static constexpr uint32_t kEmptyKCount = (Variant & kVariantWarpReleaseK) != 0 ? 8 : 256;
   static constexpr uint32_t kEmptyVCount = 8;    // one arrival per consumer warp
   // A task slot is read by every thread of the copying producer warps and of the
   // consumers, each releasing it itself (its own arrival orders its read before the

@@ -50,18 +50,24 @@ __device__ __forceinline__ uint32_t ThreadMask(const uint4& w, int quad) {
          (((w.z >> (2 * quad)) & sel) << 4) | (((w.w >> (2 * quad)) & sel) << 6);
 }
 
-// kSoftmaxOverlap: each warpgroup's softmax of S(i) runs while its own P(i-1) V(i-1)
-// GEMM does. The source always asks for that (the GEMM's wait follows the softmax), but
-// ptxas hoists the wait (WARPGROUP.DEPBAR.LE gsb0, 0x0) to the start of the softmax's
-// basic block, where it interleaves the P converts with the exp2s, so the softmax and
-// its warpgroup's P V ran one after the other (SASS, every head_dim). A branch on the
-// softmax's result that never trips (SoftmaxOverlapGuard) ends that block, and the wait
-// then stays after the last exp2. A template flag so the harness times both schedules.
-template <typename T, int D, int Stages, bool kSoftmaxOverlap>
+// Each warpgroup's softmax of S(i) runs while its own P(i-1) V(i-1) GEMM does. The
+// source asks for that by waiting for the GEMM after the softmax, but without more ptxas
+// hoists the wait (WARPGROUP.DEPBAR.LE gsb0, 0x0) to the start of the softmax's basic
+// block, where it interleaves the P converts with the exp2s, so the softmax and its
+// warpgroup's P V ran one after the other (SASS, every head_dim). A branch on the
+// softmax's result that never trips ends that block, and the wait then stays after the
+// last exp2.
+//
+// Variant: the kernel's variants under measurement (prefill_sm90_config.cuh, kVariant*).
+template <typename T, int D, int Stages, int Variant>
 __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* smem,
                                              const TaskSchedule& tasks, bool pingpong) {
   using namespace cute;
-  using Cfg = PrefillSm90Cfg<T, D, Stages>;
+  constexpr bool kFenceOnce = (Variant & kVariantFenceOnce) != 0;
+  constexpr bool kLoopFence = (Variant & kVariantNoLoopFence) == 0;
+  constexpr bool kLazyRescale = (Variant & kVariantLazyRescale) != 0;
+  constexpr bool kTreeMax = (Variant & kVariantTreeMax) != 0;
+  using Cfg = PrefillSm90Cfg<T, D, Stages, Variant>;
   using TE = typename Cfg::TE;
   constexpr int S = Cfg::kStages;
   constexpr int kTileKv = Cfg::kTileKv;
@@ -225,6 +231,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
 
     clear(tOrO);
     float m_run[2] = {kNegInf, kNegInf}, l_run[2] = {0.f, 0.f}, corr[2] = {0.f, 0.f};
+    bool rescale_due = true;  // kLazyRescale: some row of the warp has a new maximum
 
     // Softmax of tile step i (keys from kf): S -> 2^(logit - running max), in place.
     // Returns the sum of its new terms (this thread's two rows), >= 0 or NaN.
@@ -260,10 +267,26 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
         sc = 1.f;
       }
       float mx[2] = {kNegInf, kNegInf};
+      if constexpr (kTreeMax) {
+        // Element i2 = 4 nb + 2 h + e: partial q = nb % 4 of row h (its e = 0, 1 pair).
+        float part[2][4];
 #pragma unroll
-      for (int i2 = 0; i2 < kTileKv / 2; ++i2) {
-        const int h = (i2 >> 1) & 1;
-        mx[h] = fmaxf(mx[h], tSrS(i2));
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) part[h][q] = fmaxf(tSrS(4 * q + 2 * h), tSrS(4 * q + 2 * h + 1));
+#pragma unroll
+        for (int nb = 4; nb < kTileKv / 8; ++nb)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            part[h][nb & 3] = fmaxf(part[h][nb & 3], fmaxf(tSrS(4 * nb + 2 * h), tSrS(4 * nb + 2 * h + 1)));
+#pragma unroll
+        for (int h = 0; h < 2; ++h) mx[h] = fmaxf(fmaxf(part[h][0], part[h][1]), fmaxf(part[h][2], part[h][3]));
+      } else {
+#pragma unroll
+        for (int i2 = 0; i2 < kTileKv / 2; ++i2) {
+          const int h = (i2 >> 1) & 1;
+          mx[h] = fmaxf(mx[h], tSrS(i2));
+        }
       }
       float base[2];
 #pragma unroll
@@ -272,9 +295,10 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
         const float m_new = fmaxf(m_run[h], mx[h] * sc);
         base[h] = SafeMax(m_new);  // rows with nothing visible yet: exp2(-inf - 0) = 0
-        corr[h] = FastExp2(m_run[h] - base[h]);
+        corr[h] = kLazyRescale && m_new == m_run[h] ? 1.f : FastExp2(m_run[h] - base[h]);
         m_run[h] = m_new;
       }
+      if constexpr (kLazyRescale) rescale_due = __any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f);
       float sum[2] = {0.f, 0.f};
 #pragma unroll
       for (int i2 = 0; i2 < kTileKv / 2; ++i2) {
@@ -293,6 +317,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       for (int k = 0; k < kTileKv / 4; ++k) tOrP32(k) = PackPair<T>(tSrS(2 * k), tSrS(2 * k + 1));
     };
     auto rescale_o = [&] {
+      if (kLazyRescale && !rescale_due) return;
 #pragma unroll
       for (int i2 = 0; i2 < D / 2; ++i2) tOrO(i2) *= corr[(i2 >> 1) & 1];
     };
@@ -304,18 +329,28 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       __syncwarp();
       if (lane == 0) MbarArrive(bar);
     };
-    auto release_k = [&](uint32_t bar) { MbarArrive(bar); };
+    auto release_k = [&](uint32_t bar) {
+      if constexpr ((Variant & kVariantWarpReleaseK) != 0) {
+        __syncwarp();  // orders every lane's mask-word reads before lane 0's release
+        if (lane == 0) MbarArrive(bar);
+      } else {
+        MbarArrive(bar);
+      }
+    };
     // Waits for K stage s (the kc-th K tile) and reads its mask words: whether any key of
     // the tile is absent, and this thread's bits of the absent keys.
     struct StageMask {
       bool any_bad;
       uint32_t absent_bits;
     };
-    auto wait_k = [&](uint32_t s) {
+    auto wait_k = [&](uint32_t s, bool fence) {
       MbarWait(full_k(s), (kc / S) & 1);
-      FenceProxyAsync();
+      if (fence) FenceProxyAsync();
       uint4 words = s_mask[s];
-      if constexpr (Cfg::kMaskWords == 2) words.z = words.w = 0u;  // 64-key tiles
+      // Tiles of fewer than 128 keys: the words of the missing producer warps are stale.
+      if constexpr (Cfg::kMaskWords < 2) words.y = 0u;
+      if constexpr (Cfg::kMaskWords < 3) words.z = 0u;
+      if constexpr (Cfg::kMaskWords < 4) words.w = 0u;
       return StageMask{(words.x | words.y | words.z | words.w) != 0u, ThreadMask(words, quad)};
     };
 
@@ -345,7 +380,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       // ---- step 0: S_0 ----------------------------------------------------------------------
       {
         const uint32_t s = kc % S;
-        const StageMask mask = wait_k(s);
+        const StageMask mask = wait_k(s, true);
         turn_wait();
         WgGemm<true>(mma_qk, tSrQ, tSrK(_, _, _, s), tSrS);
         turn_pass();
@@ -359,13 +394,19 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       // ---- steps 1 .. n-1: S_i = Q K_i^T and O += P_{i-1} V_{i-1}, softmax of S_i between ----
       for (int i = 1; i < n; ++i) {
         const uint32_t s = kc % S;
-        const StageMask mask = wait_k(s);
+        const uint32_t sv = vc % S;
+        const StageMask mask = wait_k(s, kLoopFence && !kFenceOnce);
+        if constexpr (kFenceOnce) {
+          MbarWait(full_v(sv), (vc / S) & 1);
+          if (kLoopFence) FenceProxyAsync();
+        }
         turn_wait();
         WgGemm<true>(mma_qk, tSrQ, tSrK(_, _, _, s), tSrS);
         rescale_o();  // by the correction of step i - 1, before P_{i-1} V_{i-1} adds in
-        const uint32_t sv = vc % S;
-        MbarWait(full_v(sv), (vc / S) & 1);
-        FenceProxyAsync();
+        if constexpr (!kFenceOnce) {
+          MbarWait(full_v(sv), (vc / S) & 1);
+          if (kLoopFence) FenceProxyAsync();
+        }
         warpgroup_fence_operand(tOrP);
         WgGemm<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
         turn_pass();
@@ -374,7 +415,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
         release_k(empty_k(s));
         ++kc;
         const float terms = softmax(i, mask.any_bad, mask.absent_bits);
-        if (kSoftmaxOverlap && terms < 0.f) __trap();  // never: see ConsumeItems
+        if (terms < 0.f) __trap();  // never (a sum of exp2s): see ConsumeItems
         warpgroup_wait<0>();
         warpgroup_fence_operand(tOrO);
         warpgroup_fence_operand(tOrP);

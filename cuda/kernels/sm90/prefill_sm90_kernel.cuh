@@ -25,10 +25,9 @@
 // Consumer schedule (tiles in reverse key order, so the tiles that need masks, the
 // causal diagonal and the ragged end, come first): iteration i issues S_i = Q K_i^T,
 // then O += P_{i-1} V_{i-1}, waits for S_i alone (wgmma.wait_group 1) and computes its
-// softmax, then waits for the second GEMM. Only with kFlagSoftmaxOverlap does the
-// softmax run while that GEMM does (ptxas otherwise moves the second wait above the
-// softmax: prefill_sm90_consumer.cuh); the other warpgroup's GEMMs fill the tensor
-// cores either way. With `pingpong` the two consumer warpgroups also take turns to
+// softmax while that GEMM runs, then waits for it (a guard keeps ptxas from moving
+// that wait above the softmax: prefill_sm90_consumer.cuh); the other warpgroup's GEMMs
+// fill the tensor cores too. With `pingpong` the two consumer warpgroups also take turns to
 // issue their GEMMs (named barriers).
 //
 // Shared memory (base rounded up to 1024 bytes, the 128-byte swizzle's period):
@@ -66,18 +65,18 @@ namespace sm90 {
 // `flags`: kFlagPingpong; kFlagNoKvCopy (a measurement, never a result: the producer runs
 // its protocol without copying K/V, so the time left is the consumers'); kFlagStaticBins
 // (the plan's bins instead of drawn tasks, TaskSchedule); kFlagRopeKeys (RoPE keys come
-// rotated from p.rope_keys, written by the grid before this one: rope_keys.cuh);
-// kFlagSoftmaxOverlap (ConsumeItems' kSoftmaxOverlap).
+// rotated from p.rope_keys, written by the grid before this one: rope_keys.cuh).
 constexpr int kFlagPingpong = 1;
 constexpr int kFlagNoKvCopy = 2;
 constexpr int kFlagStaticBins = 4;
 constexpr int kFlagRopeKeys = 8;
-constexpr int kFlagSoftmaxOverlap = 16;
-template <typename T, int D, int Stages>
-__global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages>::kThreads, 1)
+// Variant: the kernel's variants under measurement (prefill_sm90_config.cuh, kVariant*;
+// 0 in the library).
+template <typename T, int D, int Stages, int Variant = 0>
+__global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages, Variant>::kThreads, 1)
     PrefillSm90Kernel(const __grid_constant__ AttentionParams p, const int flags) {
 #if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
-  using Cfg = PrefillSm90Cfg<T, D, Stages>;
+  using Cfg = PrefillSm90Cfg<T, D, Stages, Variant>;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024u - (SmemU32(smem_raw) & 1023u)) & 1023u);
   const int tid = threadIdx.x;
@@ -106,17 +105,13 @@ __global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages>::kThreads, 1)
   if (tid >= 256) {
     RegDealloc<Cfg::kProducerRegs>();
     if (flags & kFlagRopeKeys) {
-      ProduceItems<T, D, Stages, true>(p, smem, tasks, (flags & kFlagNoKvCopy) == 0);
+      ProduceItems<T, D, Stages, Variant, true>(p, smem, tasks, (flags & kFlagNoKvCopy) == 0);
     } else {
-      ProduceItems<T, D, Stages, false>(p, smem, tasks, (flags & kFlagNoKvCopy) == 0);
+      ProduceItems<T, D, Stages, Variant, false>(p, smem, tasks, (flags & kFlagNoKvCopy) == 0);
     }
   } else {
     RegAlloc<Cfg::kConsumerRegs>();
-    if (flags & kFlagSoftmaxOverlap) {
-      ConsumeItems<T, D, Stages, true>(p, smem, tasks, (flags & kFlagPingpong) != 0);
-    } else {
-      ConsumeItems<T, D, Stages, false>(p, smem, tasks, (flags & kFlagPingpong) != 0);
-    }
+    ConsumeItems<T, D, Stages, Variant>(p, smem, tasks, (flags & kFlagPingpong) != 0);
   }
   WaitForPrimaryGrid();  // never finish before the setup pass (dependent_launch.cuh)
 #else

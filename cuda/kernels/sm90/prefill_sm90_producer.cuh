@@ -23,15 +23,16 @@ namespace sm90 {
 // kRopeKeys: K comes rotated from p.rope_keys (rope_keys.cuh, the grid before this one)
 // instead of from the cache, and is not rotated here. (A template parameter: the
 // producer's 56 registers leave no room for the other path's pointers.)
-template <typename T, int D, int Stages, bool kRopeKeys>
+template <typename T, int D, int Stages, int Variant, bool kRopeKeys>
 __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* smem,
                                              const TaskSchedule& tasks, bool copy_kv) {
-  using Cfg = PrefillSm90Cfg<T, D, Stages>;
+  using Cfg = PrefillSm90Cfg<T, D, Stages, Variant>;
   constexpr int S = Cfg::kStages;
   constexpr int kTileKv = Cfg::kTileKv;
   const int pw = (int(threadIdx.x) >> 5) - 8;  // producer warp 0..3: keys [32 pw, 32 pw + 32)
-  // With 64-key tiles (D = 256) warps 2 and 3 have no keys; the barriers count only the
-  // copying warps (Cfg::kFullKCount), so they leave at once.
+  // With 64-key tiles (D = 256) warps 2 and 3 have no keys (with 32-key tiles warps 1
+  // to 3); the barriers count only the copying warps (Cfg::kFullKCount), so they leave
+  // at once.
   if (pw >= Cfg::kCopyWarps) return;
   const int lane = threadIdx.x & 31;
   const bool rope = !kRopeKeys && p.pos_encoding == PosEncoding::kRopeLlama;
