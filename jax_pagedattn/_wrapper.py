@@ -174,11 +174,8 @@ class PagedAttentionWrapper:
         rope_theta=1e4 if rope_theta is None else float(rope_theta),
         logits_soft_cap=logits_soft_cap, window_left=window_left, q_dtype=q_dtype,
         kv_dtype=kv_dtype, wrapper="decode" if self._decode else "prefill",
-        sm90_prefill=sw.sm90_prefill, sm90_stages=sw.sm90_stages,
-        sm90_drawn_tasks=sw.sm90_drawn_tasks, sm90_pingpong=sw.sm90_pingpong,
-        dependent_launch=sw.dependent_launch, fp8_tensor_cores=sw.fp8_tensor_cores,
-        fp8_wide_decode=sw.fp8_wide_decode,
-        sm90_rope_keys=hopper and pos_encoding_mode == "ROPE_LLAMA" and sw.sm90_rope_keys)
+        sm90_rope_keys=hopper and pos_encoding_mode == "ROPE_LLAMA" and sw.sm90_rope_keys,
+        **sw.plan_fields())
     spec = planning.plan_spec(page_size=page_size, group_size=group, tile_rows=tile_rows,
                               causal=causal, caps=caps, decode_names=self._decode,
                               fixed_split_size=split_pages,

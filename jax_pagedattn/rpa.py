@@ -213,11 +213,7 @@ def _derive(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, max_num_seqs
       num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, kv_layout=kv_layout,
       causal=causal, pos_encoding_mode="NONE", sm_scale=sm_scale, rope_scale=1.0,
       rope_theta=1e4, logits_soft_cap=soft_cap, window_left=window_left, q_dtype=dtype,
-      kv_dtype=dtype, wrapper="prefill", sm90_prefill=sw.sm90_prefill,
-      sm90_stages=sw.sm90_stages, sm90_drawn_tasks=sw.sm90_drawn_tasks,
-      sm90_pingpong=sw.sm90_pingpong,
-      dependent_launch=sw.dependent_launch,
-      fp8_wide_decode=sw.fp8_wide_decode)
+      kv_dtype=dtype, wrapper="prefill", **sw.plan_fields())
   spec = device_planner.DeviceSpec(page_size=page_size, pages_per_seq=pages_per_seq,
                                    group_size=group, tile_rows=tile_rows, causal=causal,
                                    window_left=window_left, caps=caps, deal=sw.deal)

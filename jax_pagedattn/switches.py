@@ -58,6 +58,14 @@ class Switches:
   # Off until a GPU session validates and times it.
   fp8_wide_decode: bool = False
 
+  def plan_fields(self) -> dict:
+    """The switches every plan carries for its kernels, as the PlanConfig fields of the
+    same names (the wrapper adds sm90_rope_keys, which depends on the call too)."""
+    return dict(sm90_prefill=self.sm90_prefill, sm90_stages=self.sm90_stages,
+                sm90_drawn_tasks=self.sm90_drawn_tasks, sm90_pingpong=self.sm90_pingpong,
+                dependent_launch=self.dependent_launch, fp8_tensor_cores=self.fp8_tensor_cores,
+                fp8_wide_decode=self.fp8_wide_decode)
+
 
 def _flag(environ, name: str, default: bool) -> bool:
   """An on/off variable: "0" is off, unset or empty the default, anything else on."""

@@ -157,3 +157,16 @@ def test_fp8_wide_decode_switch():
   assert (on.fp8_wide_decode, off.fp8_wide_decode) == (True, False)
   assert planning.ffi_attrs(on)["fp8_wide_decode"] == np.bool_(True)
   assert planning.ffi_attrs(off)["fp8_wide_decode"] == np.bool_(False)
+
+
+def test_plan_fields_carry_every_kernel_switch():
+  """Switches.plan_fields is the one place that maps switches into a PlanConfig: every
+  switch that is a PlanConfig field is in it (sm90_rope_keys aside: the wrapper decides it
+  per call), and nothing else is."""
+  config_fields = {f.name for f in dataclasses.fields(planning.PlanConfig)}
+  switch_fields = {f.name for f in dataclasses.fields(switches.Switches)}
+  carried = set(switches.from_environment({}).plan_fields())
+  assert carried == (switch_fields & config_fields) - {"sm90_rope_keys"}
+  with switches.overridden(sm90_pingpong=True, sm90_stages=2, fp8_wide_decode=True):
+    fields = switches.current().plan_fields()
+  assert (fields["sm90_pingpong"], fields["sm90_stages"], fields["fp8_wide_decode"]) == (True, 2, True)
