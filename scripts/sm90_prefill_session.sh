@@ -198,7 +198,8 @@ fi
 # ---- summary ---------------------------------------------------------------------------------
 echo
 echo "== bench (TFLOP/s; causal rows count the visible half) =="
-grep -E "^bench" "$run/bench.log" 2>/dev/null | sed -E 's/^bench bf16 +//; s/ +/ /g'
+# Per problem, fastest first, against sm90 (the raw lines stay in bench.log).
+[ -f "$run/bench.log" ] && python3 scripts/harness_bench_table.py "$run/bench.log"
 echo
 echo "== summary (total $(( $(date +%s) - t_start )) s; logs in $out) =="
 printf '%s\n' "${summary[@]}"

@@ -558,3 +558,27 @@ def test_cli_rejects_bad_feature_arguments():
                ["--window-left", "-2"]):
     with pytest.raises(SystemExit):
       bench.main(["decode", *TINY, *argv])
+
+
+def test_harness_bench_table_reads_the_harness_lines():
+  """scripts/harness_bench_table.py: one table per problem, fastest first, each row's
+  speed against sm90, `~` where its rounds overlap sm90's; error lines are skipped."""
+  table_mod = _script("harness_bench_table")
+  log = [
+      "bench bf16 d128   4 x qo  2048 kv  2048 tile 128 causal none  sm80     :    0.614 ms"
+      "    223.0 TFLOP/s   54.6 GB/s (K+V)  [rounds 0.613..0.613]",
+      "bench bf16 d128   4 x qo  2048 kv  2048 tile 128 causal none  sm90     :    0.414 ms"
+      "    332.5 TFLOP/s   81.1 GB/s (K+V)  [rounds 0.410..0.418]  max|out - sm80| 1.95e-03 nan 0",
+      "bench bf16 d128   4 x qo  2048 kv  2048 tile 128 causal none  sm90-f1lrtmrk:    0.389 ms"
+      "    353.6 TFLOP/s   86.3 GB/s (K+V)  [rounds 0.385..0.392]  max|out - sm80| 1.95e-03 nan 0",
+      "bench bf16 d128   4 x qo  2048 kv  2048 tile 128 causal none  sm90-pp  :    0.412 ms"
+      "    334.0 TFLOP/s   81.5 GB/s (K+V)  [rounds 0.409..0.415]  max|out - sm80| 1.95e-03 nan 0",
+      "bench bf16 d256   4 x qo  2048 kv  2048 tile 128 causal none  sm80     : invalid argument",
+  ]
+  table = table_mod.parse(log)
+  assert list(table) == ["d128 4 x qo 2048 kv 2048 tile 128 causal none"]
+  assert table["d128 4 x qo 2048 kv 2048 tile 128 causal none"]["sm90-f1lrtmrk"] == (0.389, 0.385, 0.392)
+  lines = table_mod.render(table).splitlines()
+  assert [l.split()[0] for l in lines[1:]] == ["sm90-f1lrtmrk", "sm90-pp", "sm90", "sm80"]
+  assert "1.064x" in lines[1] and "~" not in lines[1]
+  assert "~" in lines[2]  # sm90-pp's rounds overlap sm90's
