@@ -99,8 +99,8 @@ struct Sm90Kernel {
 };
 
 // op(Sm90Kernel<T, D, stages, variant>{}) for the covered (dtype, head_dim, tile_rows,
-// stages, variant); NotSupported else. Variants other than 0 (ConsumeItems' schedules
-// under measurement) exist only in builds with JPA_SM90_VARIANTS (the kernel harness):
+// stages, variant); NotSupported else. Variants other than 0 (prefill_sm90_config.cuh,
+// kVariant*) exist only in builds with JPA_SM90_VARIANTS (the kernel harness):
 // the consumers' schedules and the 96-key tiles for bf16 at head_dim 128 with 3 stages,
 // the 32-key tiles for bf16 at head_dim 256.
 template <typename Op>

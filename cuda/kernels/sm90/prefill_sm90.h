@@ -21,8 +21,9 @@ namespace jax_pagedattn {
 
 // Knobs for measurement; the defaults are what LaunchPrefillSm90(p, stream) uses.
 struct PrefillSm90Tuning {
-  // The two consumer warpgroups take turns to issue their GEMMs (named barriers). Off:
-  // with drawn tasks the kernel ran 0-7% faster without the turns (docs/PERF_NOTES.md).
+  // The two consumer warpgroups take turns to issue their GEMMs (named barriers). Off
+  // until the library is timed with it (JAX_PAGEDATTN_SM90_PINGPONG): the harness rows
+  // that turned it off were biased by their order (docs/PERF_NOTES.md).
   bool pingpong = false;
   // K and V tiles in flight each: 3 (224 of the 227 KB of shared memory) or 2. Only
   // head_dim 128 has 3-stage kernels; the other head_dims run 2 whatever this says.
@@ -36,8 +37,8 @@ struct PrefillSm90Tuning {
   // rotated once by a pass before the kernel (rope_keys.cuh); false: the producer
   // rotates each K tile it loads.
   bool rope_keys = true;
-  // The consumers' schedule: 0; other values are schedules under measurement
-  // (prefill_sm90_consumer.cuh, kVariant*), built only into the kernel harness.
+  // The kernel's variant: 0; other values are schedules and tiles under measurement
+  // (prefill_sm90_config.cuh, kVariant*), built only into the kernel harness.
   int variant = 0;
 };
 
