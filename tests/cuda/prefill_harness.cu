@@ -827,7 +827,11 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
   CHECK_CUDA(cudaGetLastError());
   CHECK_CUDA(cudaMemcpy(d_plan, plan.data(), plan.size() * 4, cudaMemcpyHostToDevice));
   AttentionParams p{};
-  p.dependent_launch = true;  // as the library launches by default (switches.py)
+  // The library's defaults (switches.py), which the `sm90` row's launch reads from p as
+  // the library's does. (Until 2026-12-07 the drawn tasks were left off here: `sm90`
+  // timed static bins, while the variant rows, on PrefillSm90Tuning's defaults, drew.)
+  p.dependent_launch = true;
+  p.sm90_drawn_tasks = true;  // (sm90_stages 0: the kernel's default ring)
   p.dtype = DType::kBF16;
   p.kv_dtype = p.dtype;
   p.q = d_q; p.out = d_out; p.lse = d_lse; p.q_rows = T;
