@@ -6,8 +6,7 @@
 #   check      all correctness cases + garbage plans (harness `all` minus bench); the quick
 #              set again with 2 stages, with static bins, with the warpgroup pingpong and
 #              with RoPE keys rotated in the kernel (JPA_SM90_ROPE_KEYS=0); all cases and
-#              garbage plans with the kernel variants 77 and 16 (JPA_SM90_VARIANT=93) and
-#              45 and 16 (61), the quick set with variant 2
+#              garbage plans with the kernel variant 1 (JPA_SM90_VARIANT=1: 2 V stages)
 #   bench      TFLOP/s of the sm80 kernel and the sm90 kernel, same process: pingpong on,
 #              2 stages, no K/V copies, and the items dealt to the library's persistent bins
 #   sass       HGMMA count and local-memory traffic in the sm90 kernel's SASS
@@ -70,7 +69,7 @@ fi
 # after 4 s with the barrier named, so a broken protocol cannot hang the call.
 bin=$run/prefill_harness_sm90
 bin_wd=$run/prefill_harness_sm90_watchdog
-# JPA_SM90_VARIANTS: the consumers' schedules under measurement (prefill_sm90.cu).
+# JPA_SM90_VARIANTS: the kernel variants under measurement (prefill_sm90.cu).
 flags=(-std=c++17 -O3 -lineinfo --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a
        -Icuda/include -Icuda/kernels "-I$inc" -DJPA_SM90_VARIANTS)
 t0=$(date +%s)
@@ -113,15 +112,12 @@ if [ -x "$bin" ] && [ -x "$bin_wd" ]; then
   JPA_SM90_PINGPONG=1 timeout "$(cap 40)" "$bin_wd" quick 4321 >"$run/check_pingpong.log" 2>&1
   note "check, warpgroup pingpong (quick set): rc=$? $(grep -c 'PASS$' "$run/check_pingpong.log") PASS, $(grep -c FAIL "$run/check_pingpong.log") FAIL lines"
   # The kernel variants under measurement (prefill_sm90_config.cuh), on every case and
-  # garbage plan: 93 = the consumers' schedule 77 (13 + 64) at head_dim 128 and the
-  # 32-key tiles at 256; 61 = the schedule 13 with 96-key tiles (45) at 128, 16 at 256.
-  for v in 93 61; do
+  # garbage plan: 1 = the V ring of 2 tiles with two Q buffers (head_dim 128, 3 stages).
+  for v in 1; do
     JPA_SM90_VARIANT=$v timeout "$(cap 60)" "$bin_wd" check 1234 >"$run/check_variant$v.log" 2>&1; rv=$?
     JPA_SM90_VARIANT=$v timeout "$(cap 40)" "$bin_wd" garbage 77 >>"$run/check_variant$v.log" 2>&1
     note "check, variant $v (all cases): rc=$rv garbage rc=$? $(grep -c 'PASS$' "$run/check_variant$v.log") PASS, $(grep -c FAIL "$run/check_variant$v.log") FAIL lines"
   done
-  JPA_SM90_VARIANT=2 timeout "$(cap 40)" "$bin_wd" quick 4321 >"$run/check_variant2.log" 2>&1
-  note "check, variant 2 (quick set): rc=$? $(grep -c 'PASS$' "$run/check_variant2.log") PASS, $(grep -c FAIL "$run/check_variant2.log") FAIL lines"
   JPA_SM90_ROPE_KEYS=0 timeout "$(cap 40)" "$bin_wd" quick 4321 >"$run/check_ropeip.log" 2>&1
   note "check, RoPE keys rotated in the kernel (quick set): rc=$? $(grep -c 'PASS$' "$run/check_ropeip.log") PASS, $(grep -c FAIL "$run/check_ropeip.log") FAIL lines"
   (( rc == 124 || rc2 == 124 )) && check_timed_out=1

@@ -71,11 +71,9 @@ static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream
   t.pingpong = pingpong;
   t.drawn_tasks = !static_bins;
   t.stages = stages;  // other head_dims than 128 run 2 whatever it says (prefill_sm90.cu)
-  // The variants exist for some kernels only (prefill_sm90.cu, WithSm90Kernel): the
-  // consumers' schedules (bits 1-8 and 64) and the 96-key tiles (32, kVariantKv96) at
-  // head_dim 128 with 3 stages, the 32-key tiles (16, kVariantKv32) at head_dim 256.
-  if (p.dtype == DType::kBF16 && p.head_dim == 128 && stages == 3) t.variant = variant & (15 | 32 | 64);
-  if (p.dtype == DType::kBF16 && p.head_dim == 256) t.variant = variant & 16;
+  // The variants exist for bf16 at head_dim 128 with 3 stages only (prefill_sm90.cu,
+  // WithSm90Kernel); the other kernels run as they are.
+  if (p.dtype == DType::kBF16 && p.head_dim == 128 && stages == 3) t.variant = variant;
   return LaunchPrefillSm90(p, stream, t);
 #else
   return LaunchPrefill(p, stream);
@@ -904,25 +902,12 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
                        return LaunchPrefillSm90(q, st, t);
                      }});
   // The kernel's variants under measurement (prefill_sm90_config.cuh, kVariant*; built
-  // with JPA_SM90_VARIANTS): the consumers' schedules at head_dim 128 (f1: one proxy
-  // fence a step, before S; nf: no proxy fence in the loop, a measurement; lr: O
-  // rescaled only where a row's maximum moved; tm: row maxima in four partial chains;
-  // rk: K stages released a warp at a time), the 96-key tiles at 128 (kv96) and the
-  // 32-key tiles at 256.
+  // with JPA_SM90_VARIANTS): the V ring of 2 tiles with a second Q buffer (v2), alone and
+  // with the pingpong.
   if (D == 128) {
-    kernels.push_back({"sm90-f1", LaunchSm90Variant<1>});
-    kernels.push_back({"sm90-nf", LaunchSm90Variant<2>});
-    kernels.push_back({"sm90-lr", LaunchSm90Variant<4>});
-    kernels.push_back({"sm90-f1lr", LaunchSm90Variant<5>});
-    kernels.push_back({"sm90-tm", LaunchSm90Variant<8>});
-    kernels.push_back({"sm90-f1lrtm", LaunchSm90Variant<13>});
-    kernels.push_back({"sm90-f1lrpp", LaunchSm90Variant<5, true>});
-    kernels.push_back({"sm90-kv96", LaunchSm90Variant<32>});
-    kernels.push_back({"sm90-kv96f1lrtm", LaunchSm90Variant<45>});
-    kernels.push_back({"sm90-rk", LaunchSm90Variant<64>});
-    kernels.push_back({"sm90-f1lrtmrk", LaunchSm90Variant<77>});
+    kernels.push_back({"sm90-v2", LaunchSm90Variant<1>});
+    kernels.push_back({"sm90-v2pp", LaunchSm90Variant<1, true>});
   }
-  if (D == 256) kernels.push_back({"sm90-kv32", LaunchSm90Variant<16>});
   // The consumers' time alone: K/V not copied (its output is not compared).
   kernels.push_back({"sm90-nokv", [](const AttentionParams& q, cudaStream_t st) {
                        PrefillSm90Tuning t;

@@ -100,9 +100,8 @@ struct Sm90Kernel {
 
 // op(Sm90Kernel<T, D, stages, variant>{}) for the covered (dtype, head_dim, tile_rows,
 // stages, variant); NotSupported else. Variants other than 0 (prefill_sm90_config.cuh,
-// kVariant*) exist only in builds with JPA_SM90_VARIANTS (the kernel harness):
-// the consumers' schedules and the 96-key tiles for bf16 at head_dim 128 with 3 stages,
-// the 32-key tiles for bf16 at head_dim 256.
+// kVariant*) exist only in builds with JPA_SM90_VARIANTS (the kernel harness), for bf16
+// at head_dim 128 with 3 stages.
 template <typename Op>
 cudaError_t WithSm90Kernel(DType dtype, int head_dim, int tile_rows, int stages, int variant,
                            Op&& op) {
@@ -110,25 +109,10 @@ cudaError_t WithSm90Kernel(DType dtype, int head_dim, int tile_rows, int stages,
   if (head_dim != 128) stages = 2;  // the only 3-stage kernels are head_dim 128's
   if (variant != 0) {
 #ifdef JPA_SM90_VARIANTS
-    if (dtype != DType::kBF16) return cudaErrorNotSupported;
-    if (head_dim == 256) {
-      return variant == sm90::kVariantKv32 ? op(Sm90Kernel<__nv_bfloat16, 256, 2, sm90::kVariantKv32>{})
-                                           : cudaErrorNotSupported;
-    }
-    if (head_dim != 128 || stages != 3) return cudaErrorNotSupported;
-    switch (variant) {
-      case 1: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 1>{});
-      case 2: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 2>{});
-      case 4: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 4>{});
-      case 5: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 5>{});
-      case 8: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 8>{});
-      case 13: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 13>{});
-      case 32: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 32>{});
-      case 45: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 45>{});
-      case 64: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 64>{});
-      case 77: return op(Sm90Kernel<__nv_bfloat16, 128, 3, 77>{});
-      default: return cudaErrorNotSupported;
-    }
+    if (dtype != DType::kBF16 || head_dim != 128 || stages != 3) return cudaErrorNotSupported;
+    return variant == sm90::kVariantTwoVStages
+               ? op(Sm90Kernel<__nv_bfloat16, 128, 3, sm90::kVariantTwoVStages>{})
+               : cudaErrorNotSupported;
 #else
     return cudaErrorNotSupported;
 #endif

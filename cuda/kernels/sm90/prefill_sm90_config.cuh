@@ -31,38 +31,13 @@ struct CuteElem<__half> {
   using type = cute::half_t;
 };
 
-// The kernel's variants: 0 in the library; other values are schedules under measurement,
-// built only into the kernel harness (JPA_SM90_VARIANTS, prefill_sm90.cu). Bits of the
-// consumers' schedule (ConsumeItems):
-//   kVariantFenceOnce    wait for K(i) and V(i-1) before S(i) is issued, with one proxy
-//                        fence for both (instead of a fence after each wait, the V one
-//                        between the two GEMMs' issues);
-//   kVariantNoLoopFence  no proxy fence after the main loop's waits (what FlashAttention-3's
-//                        paged path does; a measurement of the fences' cost, not a schedule
-//                        the memory model promises results for);
-//   kVariantLazyRescale  O is rescaled only where some row of the warp has a new maximum
-//                        (exact: the skipped factors are 1);
-//   kVariantTreeMax      each row's maximum over the tile in four interleaved partial
-//                        maxima (exact) instead of one chain of kTileKv / 2 dependent
-//                        FMNMX (the SASS keeps the source's order);
-//   kVariantWarpReleaseK a K stage released by one arrival per consumer warp after a
-//                        __syncwarp (which orders the lanes' mask-word reads before it),
-//                        as the V stages are, instead of one arrival per thread (256
-//                        shared-memory arrivals a stage).
-constexpr int kVariantFenceOnce = 1;
-constexpr int kVariantNoLoopFence = 2;
-constexpr int kVariantLazyRescale = 4;
-constexpr int kVariantTreeMax = 8;
-constexpr int kVariantWarpReleaseK = 64;
-// and of the tiles (PrefillSm90Cfg):
-//   kVariantKv32         head_dim 256: 32-key tiles, with 216 consumer and 72 producer
-//                        registers and two Q buffers, instead of 64-key tiles with 240 /
-//                        24 (the producer spills) and one Q buffer. FlashInfer's paged
-//                        Hopper kernel runs 32-key tiles there;
-//   kVariantKv96         head_dim 128: 96-key tiles (FlashInfer's paged Hopper tile
-//                        there) instead of 128.
-constexpr int kVariantKv32 = 16;
-constexpr int kVariantKv96 = 32;
+// The kernel's variants: 0 in the library; other values are layouts under measurement,
+// built only into the kernel harness (JPA_SM90_VARIANTS, prefill_sm90.cu):
+//   kVariantTwoVStages   the V ring holds 2 tiles whatever `Stages` says (the K ring keeps
+//                        `Stages`), which at head_dim 128 with 3 stages frees the shared
+//                        memory of a second Q buffer: the next item's Q is then copied
+//                        during the current item instead of being waited for at its start.
+constexpr int kVariantTwoVStages = 1;
 
 template <typename T, int D, int Stages, int Variant = 0>
 struct PrefillSm90Cfg {
@@ -72,10 +47,9 @@ struct PrefillSm90Cfg {
   static constexpr int kWgRows = 64;
   // Keys per tile: 64 at D = 256 keeps two K and two V stages, the Q tile and the O
   // accumulators (128 floats a thread) within shared memory and 240 registers.
-  static constexpr bool kKv32 = D == 256 && (Variant & kVariantKv32) != 0;
-  static constexpr bool kKv96 = D == 128 && (Variant & kVariantKv96) != 0;
-  static constexpr int kTileKv = D == 256 ? (kKv32 ? 32 : 64) : (kKv96 ? 96 : 128);
-  static constexpr int kStages = Stages;  // K and V tiles each in flight
+  static constexpr int kTileKv = D == 256 ? 64 : 128;
+  static constexpr int kStagesK = Stages;  // K tiles in flight
+  static constexpr int kStagesV = (Variant & kVariantTwoVStages) != 0 && Stages > 2 ? 2 : Stages;
   static constexpr int kPanels = D / 64;       // 128-byte swizzle panels of a row
   static constexpr int kPairChunks = D / 16;   // RoPE pairs 16-byte chunk c with c + D / 16
   static constexpr int kRowLanes = D / 8;      // producer lanes per key row (16 bytes each)
@@ -88,8 +62,8 @@ struct PrefillSm90Cfg {
   // has freed enough, forever if the split asks for more. Head_dim 256 keeps 240 for the
   // consumers (their 64 x 256 accumulators spill in the main loop at 232).
   static constexpr int kLaunchRegs = (65536 / kThreads) & ~7;  // __launch_bounds__(kThreads, 1)
-  static constexpr int kProducerRegs = D == 256 ? (kKv32 ? 72 : 24) : 56;
-  static constexpr int kConsumerRegs = D == 256 ? (kKv32 ? 216 : 240) : 224;
+  static constexpr int kProducerRegs = D == 256 ? 24 : 56;
+  static constexpr int kConsumerRegs = D == 256 ? 240 : 224;
   static_assert(256 * kConsumerRegs + 128 * kProducerRegs <= kThreads * kLaunchRegs,
                 "setmaxnreg split beyond the CTA's registers: the consumers' increase would hang");
   static constexpr int kHalfBytes = 128;     // one 64-element panel of a row
@@ -99,17 +73,17 @@ struct PrefillSm90Cfg {
   // Two Q buffers where shared memory allows: the consumers copy the next item's Q into
   // one while the current item's GEMMs read the other.
   static constexpr int kQBufs =
-      2 * 2 * kQWgBytes + 2 * kStages * kKvBytes + 4096 <= 227 * 1024 ? 2 : 1;
+      2 * 2 * kQWgBytes + (kStagesK + kStagesV) * kKvBytes + 4096 <= 227 * 1024 ? 2 : 1;
   static constexpr int kQOff = 0;
   static constexpr int kKOff = kQOff + kQBufs * 2 * kQWgBytes;
-  static constexpr int kVOff = kKOff + kStages * kKvBytes;
+  static constexpr int kVOff = kKOff + kStagesK * kKvBytes;
   // Tasks drawn ahead and not yet read by every reader thread (TaskSchedule).
   static constexpr int kTaskSlots = 4;
-  static constexpr int kBarOff = kVOff + kStages * kKvBytes;
-  static constexpr int kTaskBarOff = kBarOff + 4 * kStages * 8;
+  static constexpr int kBarOff = kVOff + kStagesV * kKvBytes;
+  static constexpr int kTaskBarOff = kBarOff + 2 * (kStagesK + kStagesV) * 8;
   static constexpr int kTaskOff = kTaskBarOff + 2 * kTaskSlots * 8;
   static constexpr int kMaskOff = kTaskOff + kTaskSlots * 8;
-  static constexpr int kFreqOff = kMaskOff + kStages * 16;
+  static constexpr int kFreqOff = kMaskOff + kStagesK * 16;
   static constexpr int kScratchOff = kFreqOff + D / 2 * 4;
   static constexpr int kScratchInts = kTileQ + 1;
   static constexpr int kEnd = kScratchOff + kScratchInts * 4;
@@ -120,13 +94,23 @@ struct PrefillSm90Cfg {
   // the consumers release a K stage thread by thread and a V stage warp by warp.
   static constexpr uint32_t kFullKCount = 32 * kCopyWarps + kCopyWarps;
   static constexpr uint32_t kFullVCount = 32 * kCopyWarps;
-  // Every consumer thread (mask readers), or every consumer warp (kVariantWarpReleaseK).
-  static constexpr uint32_t kEmptyKCount = (Variant & kVariantWarpReleaseK) != 0 ? 8 : 256;
+  static constexpr uint32_t kEmptyKCount = 256;  // every consumer thread (mask readers)
   static constexpr uint32_t kEmptyVCount = 8;    // one arrival per consumer warp
   // A task slot is read by every thread of the copying producer warps and of the
   // consumers, each releasing it itself (its own arrival orders its read before the
   // slot's next write, as for the K stages' mask words).
   static constexpr uint32_t kTaskReaders = 32 * kCopyWarps + 256;
+
+  // The ring's mbarriers from the base `bars` (kBarOff): K stage s full / empty, V stage
+  // s full / empty.
+  __device__ static uint32_t FullK(uint32_t bars, uint32_t s) { return bars + 8 * s; }
+  __device__ static uint32_t FullV(uint32_t bars, uint32_t s) { return bars + 8 * (kStagesK + s); }
+  __device__ static uint32_t EmptyK(uint32_t bars, uint32_t s) {
+    return bars + 8 * (kStagesK + kStagesV + s);
+  }
+  __device__ static uint32_t EmptyV(uint32_t bars, uint32_t s) {
+    return bars + 8 * (2 * kStagesK + kStagesV + s);
+  }
 
   // Named barriers.
   static constexpr uint32_t kBarWg0 = 1;        // + wg: one consumer warpgroup (128)
@@ -137,12 +121,12 @@ struct PrefillSm90Cfg {
                                                cute::Shape<cute::Int<kWgRows>, cute::Int<D>>{}));
   using LayoutK = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_K_SW128_Atom<TE>{},
-      cute::Shape<cute::Int<kTileKv>, cute::Int<D>, cute::Int<kStages>>{}));
+      cute::Shape<cute::Int<kTileKv>, cute::Int<D>, cute::Int<kStagesK>>{}));
   // V stored [key][d] like K, read as V^T (d, key): d contiguous, i.e. MN-major for the
   // B operand; 8-key groups 1 KB apart, d panels kTileKv * 128 bytes apart.
   using LayoutVt = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_MN_SW128_Atom<TE>{},
-      cute::Shape<cute::Int<D>, cute::Int<kTileKv>, cute::Int<kStages>>{},
+      cute::Shape<cute::Int<D>, cute::Int<kTileKv>, cute::Int<kStagesV>>{},
       cute::Step<cute::_2, cute::_1, cute::_3>{}));
   using MmaQK = decltype(cute::make_tiled_mma(
       cute::GMMA::ss_op_selector<TE, TE, float,

@@ -63,13 +63,9 @@ template <typename T, int D, int Stages, int Variant>
 __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* smem,
                                              const TaskSchedule& tasks, bool pingpong) {
   using namespace cute;
-  constexpr bool kFenceOnce = (Variant & kVariantFenceOnce) != 0;
-  constexpr bool kLoopFence = (Variant & kVariantNoLoopFence) == 0;
-  constexpr bool kLazyRescale = (Variant & kVariantLazyRescale) != 0;
-  constexpr bool kTreeMax = (Variant & kVariantTreeMax) != 0;
   using Cfg = PrefillSm90Cfg<T, D, Stages, Variant>;
   using TE = typename Cfg::TE;
-  constexpr int S = Cfg::kStages;
+  constexpr int SK = Cfg::kStagesK, SV = Cfg::kStagesV;
   constexpr int kTileKv = Cfg::kTileKv;
   constexpr float kNegInf = -__builtin_huge_valf();
   const int wg = int(threadIdx.x) >> 7;  // 0 or 1
@@ -94,10 +90,10 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
   // This warpgroup's part of Q buffer b (also its O staging).
   auto q_buf = [&](int b) { return smem + Cfg::kQOff + (2 * b + wg) * Cfg::kQWgBytes; };
 
-  auto full_k = [&](uint32_t s) { return bars + 8 * s; };
-  auto full_v = [&](uint32_t s) { return bars + 8 * (S + s); };
-  auto empty_k = [&](uint32_t s) { return bars + 8 * (2 * S + s); };
-  auto empty_v = [&](uint32_t s) { return bars + 8 * (3 * S + s); };
+  auto full_k = [&](uint32_t s) { return Cfg::FullK(bars, s); };
+  auto full_v = [&](uint32_t s) { return Cfg::FullV(bars, s); };
+  auto empty_k = [&](uint32_t s) { return Cfg::EmptyK(bars, s); };
+  auto empty_v = [&](uint32_t s) { return Cfg::EmptyV(bars, s); };
 
   Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<TE*>(smem + Cfg::kKOff)), typename Cfg::LayoutK{});
   Tensor sVt = make_tensor(make_smem_ptr(reinterpret_cast<TE*>(smem + Cfg::kVOff)), typename Cfg::LayoutVt{});
@@ -231,7 +227,6 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
 
     clear(tOrO);
     float m_run[2] = {kNegInf, kNegInf}, l_run[2] = {0.f, 0.f}, corr[2] = {0.f, 0.f};
-    bool rescale_due = true;  // kLazyRescale: some row of the warp has a new maximum
 
     // Softmax of tile step i (keys from kf): S -> 2^(logit - running max), in place.
     // Returns the sum of its new terms (this thread's two rows), >= 0 or NaN.
@@ -267,26 +262,10 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
         sc = 1.f;
       }
       float mx[2] = {kNegInf, kNegInf};
-      if constexpr (kTreeMax) {
-        // Element i2 = 4 nb + 2 h + e: partial q = nb % 4 of row h (its e = 0, 1 pair).
-        float part[2][4];
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) part[h][q] = fmaxf(tSrS(4 * q + 2 * h), tSrS(4 * q + 2 * h + 1));
-#pragma unroll
-        for (int nb = 4; nb < kTileKv / 8; ++nb)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            part[h][nb & 3] = fmaxf(part[h][nb & 3], fmaxf(tSrS(4 * nb + 2 * h), tSrS(4 * nb + 2 * h + 1)));
-#pragma unroll
-        for (int h = 0; h < 2; ++h) mx[h] = fmaxf(fmaxf(part[h][0], part[h][1]), fmaxf(part[h][2], part[h][3]));
-      } else {
-#pragma unroll
-        for (int i2 = 0; i2 < kTileKv / 2; ++i2) {
-          const int h = (i2 >> 1) & 1;
-          mx[h] = fmaxf(mx[h], tSrS(i2));
-        }
+      for (int i2 = 0; i2 < kTileKv / 2; ++i2) {
+        const int h = (i2 >> 1) & 1;
+        mx[h] = fmaxf(mx[h], tSrS(i2));
       }
       float base[2];
 #pragma unroll
@@ -295,10 +274,9 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
         const float m_new = fmaxf(m_run[h], mx[h] * sc);
         base[h] = SafeMax(m_new);  // rows with nothing visible yet: exp2(-inf - 0) = 0
-        corr[h] = kLazyRescale && m_new == m_run[h] ? 1.f : FastExp2(m_run[h] - base[h]);
+        corr[h] = FastExp2(m_run[h] - base[h]);
         m_run[h] = m_new;
       }
-      if constexpr (kLazyRescale) rescale_due = __any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f);
       float sum[2] = {0.f, 0.f};
 #pragma unroll
       for (int i2 = 0; i2 < kTileKv / 2; ++i2) {
@@ -317,7 +295,6 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       for (int k = 0; k < kTileKv / 4; ++k) tOrP32(k) = PackPair<T>(tSrS(2 * k), tSrS(2 * k + 1));
     };
     auto rescale_o = [&] {
-      if (kLazyRescale && !rescale_due) return;
 #pragma unroll
       for (int i2 = 0; i2 < D / 2; ++i2) tOrO(i2) *= corr[(i2 >> 1) & 1];
     };
@@ -329,14 +306,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       __syncwarp();
       if (lane == 0) MbarArrive(bar);
     };
-    auto release_k = [&](uint32_t bar) {
-      if constexpr ((Variant & kVariantWarpReleaseK) != 0) {
-        __syncwarp();  // orders every lane's mask-word reads before lane 0's release
-        if (lane == 0) MbarArrive(bar);
-      } else {
-        MbarArrive(bar);
-      }
-    };
+    auto release_k = [&](uint32_t bar) { MbarArrive(bar); };
     // Waits for K stage s (the kc-th K tile) and reads its mask words: whether any key of
     // the tile is absent, and this thread's bits of the absent keys.
     struct StageMask {
@@ -344,7 +314,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       uint32_t absent_bits;
     };
     auto wait_k = [&](uint32_t s, bool fence) {
-      MbarWait(full_k(s), (kc / S) & 1);
+      MbarWait(full_k(s), (kc / SK) & 1);
       if (fence) FenceProxyAsync();
       uint4 words = s_mask[s];
       // Tiles of fewer than 128 keys: the words of the missing producer warps are stale.
@@ -379,7 +349,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
     if (n > 0) {
       // ---- step 0: S_0 ----------------------------------------------------------------------
       {
-        const uint32_t s = kc % S;
+        const uint32_t s = kc % SK;
         const StageMask mask = wait_k(s, true);
         turn_wait();
         WgGemm<true>(mma_qk, tSrQ, tSrK(_, _, _, s), tSrS);
@@ -393,20 +363,14 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       }
       // ---- steps 1 .. n-1: S_i = Q K_i^T and O += P_{i-1} V_{i-1}, softmax of S_i between ----
       for (int i = 1; i < n; ++i) {
-        const uint32_t s = kc % S;
-        const uint32_t sv = vc % S;
-        const StageMask mask = wait_k(s, kLoopFence && !kFenceOnce);
-        if constexpr (kFenceOnce) {
-          MbarWait(full_v(sv), (vc / S) & 1);
-          if (kLoopFence) FenceProxyAsync();
-        }
+        const uint32_t s = kc % SK;
+        const uint32_t sv = vc % SV;
+        const StageMask mask = wait_k(s, true);
         turn_wait();
         WgGemm<true>(mma_qk, tSrQ, tSrK(_, _, _, s), tSrS);
         rescale_o();  // by the correction of step i - 1, before P_{i-1} V_{i-1} adds in
-        if constexpr (!kFenceOnce) {
-          MbarWait(full_v(sv), (vc / S) & 1);
-          if (kLoopFence) FenceProxyAsync();
-        }
+        MbarWait(full_v(sv), (vc / SV) & 1);
+        FenceProxyAsync();
         warpgroup_fence_operand(tOrP);
         WgGemm<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
         turn_pass();
@@ -426,8 +390,8 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       // ---- last: O += P_{n-1} V_{n-1} ----------------------------------------------------------
       {
         rescale_o();
-        const uint32_t sv = vc % S;
-        MbarWait(full_v(sv), (vc / S) & 1);
+        const uint32_t sv = vc % SV;
+        MbarWait(full_v(sv), (vc / SV) & 1);
         FenceProxyAsync();
         turn_wait();
         warpgroup_fence_operand(tOrP);

@@ -82,11 +82,13 @@ __global__ void __launch_bounds__(PrefillSm90Cfg<T, D, Stages, Variant>::kThread
   const int tid = threadIdx.x;
   if (tid == 0) {
     const uint32_t bars = SmemU32(smem + Cfg::kBarOff);
-    for (int s = 0; s < Cfg::kStages; ++s) {
-      MbarInit(bars + 8 * s, Cfg::kFullKCount);
-      MbarInit(bars + 8 * (Cfg::kStages + s), Cfg::kFullVCount);
-      MbarInit(bars + 8 * (2 * Cfg::kStages + s), Cfg::kEmptyKCount);
-      MbarInit(bars + 8 * (3 * Cfg::kStages + s), Cfg::kEmptyVCount);
+    for (int s = 0; s < Cfg::kStagesK; ++s) {
+      MbarInit(Cfg::FullK(bars, s), Cfg::kFullKCount);
+      MbarInit(Cfg::EmptyK(bars, s), Cfg::kEmptyKCount);
+    }
+    for (int s = 0; s < Cfg::kStagesV; ++s) {
+      MbarInit(Cfg::FullV(bars, s), Cfg::kFullVCount);
+      MbarInit(Cfg::EmptyV(bars, s), Cfg::kEmptyVCount);
     }
     const uint32_t task_bars = SmemU32(smem + Cfg::kTaskBarOff);
     for (int s = 0; s < Cfg::kTaskSlots; ++s) {

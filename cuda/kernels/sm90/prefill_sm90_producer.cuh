@@ -27,12 +27,11 @@ template <typename T, int D, int Stages, int Variant, bool kRopeKeys>
 __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* smem,
                                              const TaskSchedule& tasks, bool copy_kv) {
   using Cfg = PrefillSm90Cfg<T, D, Stages, Variant>;
-  constexpr int S = Cfg::kStages;
+  constexpr int SK = Cfg::kStagesK, SV = Cfg::kStagesV;
   constexpr int kTileKv = Cfg::kTileKv;
   const int pw = (int(threadIdx.x) >> 5) - 8;  // producer warp 0..3: keys [32 pw, 32 pw + 32)
-  // With 64-key tiles (D = 256) warps 2 and 3 have no keys (with 32-key tiles warps 1
-  // to 3); the barriers count only the copying warps (Cfg::kFullKCount), so they leave
-  // at once.
+  // With 64-key tiles (D = 256) warps 2 and 3 have no keys; the barriers count only the
+  // copying warps (Cfg::kFullKCount), so they leave at once.
   if (pw >= Cfg::kCopyWarps) return;
   const int lane = threadIdx.x & 31;
   const bool rope = !kRopeKeys && p.pos_encoding == PosEncoding::kRopeLlama;
@@ -48,10 +47,10 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
   const int chunk = lane % Cfg::kRowLanes;  // this lane's 16-byte chunk of a key row
   const int sub = lane / Cfg::kRowLanes;     // and its row among the kStepRows of a copy
 
-  auto full_k = [&](uint32_t s) { return bars + 8 * s; };
-  auto full_v = [&](uint32_t s) { return bars + 8 * (S + s); };
-  auto empty_k = [&](uint32_t s) { return bars + 8 * (2 * S + s); };
-  auto empty_v = [&](uint32_t s) { return bars + 8 * (3 * S + s); };
+  auto full_k = [&](uint32_t s) { return Cfg::FullK(bars, s); };
+  auto full_v = [&](uint32_t s) { return Cfg::FullV(bars, s); };
+  auto empty_k = [&](uint32_t s) { return Cfg::EmptyK(bars, s); };
+  auto empty_v = [&](uint32_t s) { return Cfg::EmptyV(bars, s); };
 
   // Copies this warp's 32 key rows of one tile: step k moves rows R k .. R k + R - 1
   // (R = kStepRows; lanes [sub * kRowLanes, ...) take row R k + sub), one 16-byte chunk
@@ -137,8 +136,8 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
       return at.key_slot >= 0 ? int64_t(at.key_slot) * D : int64_t(-1);
     };
     auto produce_k = [&](int64_t off) {
-      const uint32_t s = kc % S;
-      MbarWait(empty_k(s), ((kc / S) & 1) ^ 1);
+      const uint32_t s = kc % SK;
+      MbarWait(empty_k(s), ((kc / SK) & 1) ^ 1);
       const unsigned bad = __ballot_sync(0xffffffffu, off < 0);
       issue(kbase_head, k_smem + s * Cfg::kKvBytes, off, bad);
       cp_async::Commit();
@@ -150,8 +149,8 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
       ++kc;
     };
     auto produce_v = [&](int64_t off) {
-      const uint32_t s = vc % S;
-      MbarWait(empty_v(s), ((vc / S) & 1) ^ 1);
+      const uint32_t s = vc % SV;
+      MbarWait(empty_v(s), ((vc / SV) & 1) ^ 1);
       issue(vbase, v_smem + s * Cfg::kKvBytes, off, __ballot_sync(0xffffffffu, off < 0));
       cp_async::Commit();
       MbarArriveOnCpAsync(full_v(s));
@@ -168,7 +167,7 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
         cp_async::WaitGroup<0>();
       }
       __syncwarp();  // the warp's other lanes' copies are visible
-      const uint32_t s = c % S;
+      const uint32_t s = c % SK;
       uint8_t* st = smem + Cfg::kKOff + s * Cfg::kKvBytes;
       const int pc = chunk % Cfg::kPairChunks, sel = chunk / Cfg::kPairChunks;
       const int pc_hi = pc + Cfg::kPairChunks;  // the partner chunk, D / 2 further
