@@ -112,8 +112,9 @@ if [ -x "$bin" ] && [ -x "$bin_wd" ]; then
   JPA_SM90_PINGPONG=1 timeout "$(cap 40)" "$bin_wd" quick 4321 >"$run/check_pingpong.log" 2>&1
   note "check, warpgroup pingpong (quick set): rc=$? $(grep -c 'PASS$' "$run/check_pingpong.log") PASS, $(grep -c FAIL "$run/check_pingpong.log") FAIL lines"
   # The kernel variants under measurement (prefill_sm90_config.cuh), on every case and
-  # garbage plan: 1 = the V ring of 2 tiles with two Q buffers (head_dim 128, 3 stages).
-  for v in 1; do
+  # garbage plan ($SM90_VARIANT_CHECKS picks them): 1 = the V ring of 2 tiles with two Q
+  # buffers (head_dim 128, 3 stages).
+  for v in ${SM90_VARIANT_CHECKS-1}; do
     JPA_SM90_VARIANT=$v timeout "$(cap 60)" "$bin_wd" check 1234 >"$run/check_variant$v.log" 2>&1; rv=$?
     JPA_SM90_VARIANT=$v timeout "$(cap 40)" "$bin_wd" garbage 77 >>"$run/check_variant$v.log" 2>&1
     note "check, variant $v (all cases): rc=$rv garbage rc=$? $(grep -c 'PASS$' "$run/check_variant$v.log") PASS, $(grep -c FAIL "$run/check_variant$v.log") FAIL lines"
