@@ -935,11 +935,9 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
   }
   // Timing: the first kernel (sm80, the reference) alone, then the others in rounds, each
   // round starting one kernel later (round r times kernels[1 + (r + j) % n], j = 0..n-1),
-  // one warm-up and kLaunches timed launches each. A row's time drifts with what ran just
-  // before it (clocks after the slow sm80 kernel, caches: 2-5% on the row after sm80 on
-  // an H100 and an H200, in both orders of the earlier forward/reverse passes); in the
-  // rounds every row runs once in every place, and the median of all its launches is
-  // printed with the spread of its per-round medians.
+  // one warm-up and `launches` timed launches each, so that every row runs once in every
+  // place; the median of all its launches is printed with the spread of its per-round
+  // medians.
   struct Row {
     bool ok = false;
     std::vector<float> all, round_medians;

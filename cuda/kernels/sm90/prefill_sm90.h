@@ -21,9 +21,9 @@ namespace jax_pagedattn {
 
 // Knobs for measurement; the defaults are what LaunchPrefillSm90(p, stream) uses.
 struct PrefillSm90Tuning {
-  // The two consumer warpgroups take turns to issue their GEMMs (named barriers). Off
-  // until the library is timed with it (JAX_PAGEDATTN_SM90_PINGPONG): the harness rows
-  // that turned it off were biased by their order (docs/PERF_NOTES.md).
+  // The two consumer warpgroups take turns to issue their GEMMs (named barriers). Off:
+  // in the harness it led only at head_dim 64 (docs/PERF_NOTES.md); the library has not
+  // been timed with it yet (JAX_PAGEDATTN_SM90_PINGPONG=1).
   bool pingpong = false;
   // K and V tiles in flight each: 3 (224 of the 227 KB of shared memory) or 2. Only
   // head_dim 128 has 3-stage kernels; the other head_dims run 2 whatever this says.

@@ -313,14 +313,11 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       bool any_bad;
       uint32_t absent_bits;
     };
-    auto wait_k = [&](uint32_t s, bool fence) {
+    auto wait_k = [&](uint32_t s) {
       MbarWait(full_k(s), (kc / SK) & 1);
-      if (fence) FenceProxyAsync();
+      FenceProxyAsync();
       uint4 words = s_mask[s];
-      // Tiles of fewer than 128 keys: the words of the missing producer warps are stale.
-      if constexpr (Cfg::kMaskWords < 2) words.y = 0u;
-      if constexpr (Cfg::kMaskWords < 3) words.z = 0u;
-      if constexpr (Cfg::kMaskWords < 4) words.w = 0u;
+      if constexpr (Cfg::kMaskWords == 2) words.z = words.w = 0u;  // 64-key tiles
       return StageMask{(words.x | words.y | words.z | words.w) != 0u, ThreadMask(words, quad)};
     };
 
@@ -350,7 +347,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       // ---- step 0: S_0 ----------------------------------------------------------------------
       {
         const uint32_t s = kc % SK;
-        const StageMask mask = wait_k(s, true);
+        const StageMask mask = wait_k(s);
         turn_wait();
         WgGemm<true>(mma_qk, tSrQ, tSrK(_, _, _, s), tSrS);
         turn_pass();
@@ -364,11 +361,11 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       // ---- steps 1 .. n-1: S_i = Q K_i^T and O += P_{i-1} V_{i-1}, softmax of S_i between ----
       for (int i = 1; i < n; ++i) {
         const uint32_t s = kc % SK;
-        const uint32_t sv = vc % SV;
-        const StageMask mask = wait_k(s, true);
+        const StageMask mask = wait_k(s);
         turn_wait();
         WgGemm<true>(mma_qk, tSrQ, tSrK(_, _, _, s), tSrS);
         rescale_o();  // by the correction of step i - 1, before P_{i-1} V_{i-1} adds in
+        const uint32_t sv = vc % SV;
         MbarWait(full_v(sv), (vc / SV) & 1);
         FenceProxyAsync();
         warpgroup_fence_operand(tOrP);
