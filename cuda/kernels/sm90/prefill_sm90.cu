@@ -110,9 +110,13 @@ cudaError_t WithSm90Kernel(DType dtype, int head_dim, int tile_rows, int stages,
   if (variant != 0) {
 #ifdef JPA_SM90_VARIANTS
     if (dtype != DType::kBF16 || head_dim != 128 || stages != 3) return cudaErrorNotSupported;
-    return variant == sm90::kVariantTwoVStages
-               ? op(Sm90Kernel<__nv_bfloat16, 128, 3, sm90::kVariantTwoVStages>{})
-               : cudaErrorNotSupported;
+    switch (variant) {
+      case sm90::kVariantTwoVStages: return op(Sm90Kernel<__nv_bfloat16, 128, 3, sm90::kVariantTwoVStages>{});
+      case sm90::kVariantGeneralMask: return op(Sm90Kernel<__nv_bfloat16, 128, 3, sm90::kVariantGeneralMask>{});
+      case sm90::kVariantRescaleFirst: return op(Sm90Kernel<__nv_bfloat16, 128, 3, sm90::kVariantRescaleFirst>{});
+      case sm90::kVariantEarlyVTest: return op(Sm90Kernel<__nv_bfloat16, 128, 3, sm90::kVariantEarlyVTest>{});
+      default: return cudaErrorNotSupported;
+    }
 #else
     return cudaErrorNotSupported;
 #endif

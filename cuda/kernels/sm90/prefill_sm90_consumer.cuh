@@ -83,6 +83,10 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
   const bool window = p.window_left >= 0;
   // The unmasked path takes the row max of raw scores, which needs a positive scale.
   const bool always_mask = !(scale_log2 > 0.f);
+  // Tiles whose masks are only absent keys and the causal limit (no window, bias or cap
+  // on the scores) take the short masking path.
+  const bool plain_mask = (Variant & kVariantGeneralMask) == 0 && !always_mask && !window &&
+                          !alibi && !soft_cap.on();
   const uint32_t bars = SmemU32(smem + Cfg::kBarOff);
   const uint4* s_mask = reinterpret_cast<const uint4*>(smem + Cfg::kMaskOff);
   const float* s_freq = reinterpret_cast<const float*>(smem + Cfg::kFreqOff);
@@ -240,7 +244,24 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
         for (int i2 = 0; i2 < kTileKv / 2; ++i2) tSrS(i2) = soft_cap(tSrS(i2) * scale_log2);
         sc = 1.f;
       }
-      if (need_mask) {
+      if (need_mask && plain_mask) {
+        // Absent keys and the causal limit only: column 8 nb + 2 quad + e is visible to
+        // row h where its bit is clear and 8 nb + e <= limit[h] (both sides constants
+        // but one), so a logit costs a bit test, a compare and a select. Scores stay
+        // raw, as on unmasked tiles (sc > 0 keeps -inf below every finite score).
+        int limit[2];  // in [-1, kTileKv]: no overflow, whatever a plan's positions
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t l = causal ? int64_t(qpos[h]) - kf - 2 * quad : int64_t(kTileKv);
+          limit[h] = int(l < -1 ? -1 : (l > kTileKv ? kTileKv : l));
+        }
+#pragma unroll
+        for (int i2 = 0; i2 < kTileKv / 2; ++i2) {
+          const int nb = i2 >> 2, h = (i2 >> 1) & 1, e = i2 & 1;
+          const bool absent = (absent_bits >> (8 * (nb & 3) + 2 * (nb >> 2) + e)) & 1u;
+          tSrS(i2) = !absent && 8 * nb + e <= limit[h] ? tSrS(i2) : kNegInf;
+        }
+      } else if (need_mask) {
 #pragma unroll
         for (int i2 = 0; i2 < kTileKv / 2; ++i2) {
           const int nb = i2 >> 2, h = (i2 >> 1) & 1, e = i2 & 1;
@@ -361,12 +382,16 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       // ---- steps 1 .. n-1: S_i = Q K_i^T and O += P_{i-1} V_{i-1}, softmax of S_i between ----
       for (int i = 1; i < n; ++i) {
         const uint32_t s = kc % SK;
+        const uint32_t sv = vc % SV;
         const StageMask mask = wait_k(s);
+        const bool v_ready =
+            (Variant & kVariantEarlyVTest) != 0 && MbarTestWait(full_v(sv), (vc / SV) & 1);
         turn_wait();
         WgGemm<true>(mma_qk, tSrQ, tSrK(_, _, _, s), tSrS);
         rescale_o();  // by the correction of step i - 1, before P_{i-1} V_{i-1} adds in
-        const uint32_t sv = vc % SV;
-        MbarWait(full_v(sv), (vc / SV) & 1);
+        // (an asm with O as operands keeps the rescale above the wait, also an asm)
+        if constexpr ((Variant & kVariantRescaleFirst) != 0) warpgroup_fence_operand(tOrO);
+        if (!v_ready) MbarWait(full_v(sv), (vc / SV) & 1);
         FenceProxyAsync();
         warpgroup_fence_operand(tOrP);
         WgGemm<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
