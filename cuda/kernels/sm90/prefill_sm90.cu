@@ -115,6 +115,9 @@ cudaError_t WithSm90Kernel(DType dtype, int head_dim, int tile_rows, int stages,
       case sm90::kVariantGeneralMask: return op(Sm90Kernel<__nv_bfloat16, 128, 3, sm90::kVariantGeneralMask>{});
       case sm90::kVariantRescaleFirst: return op(Sm90Kernel<__nv_bfloat16, 128, 3, sm90::kVariantRescaleFirst>{});
       case sm90::kVariantEarlyVTest: return op(Sm90Kernel<__nv_bfloat16, 128, 3, sm90::kVariantEarlyVTest>{});
+      case sm90::kVariantSlotItems: return op(Sm90Kernel<__nv_bfloat16, 128, 3, sm90::kVariantSlotItems>{});
+      case sm90::kVariantSlotItems | sm90::kVariantTwoVStages:
+        return op(Sm90Kernel<__nv_bfloat16, 128, 3, sm90::kVariantSlotItems | sm90::kVariantTwoVStages>{});
       default: return cudaErrorNotSupported;
     }
 #else

@@ -50,8 +50,12 @@ constexpr int kVariantGeneralMask = 2;
 //                        GEMM's issue and waited for after it only if the test failed: if
 //                        that stall is the wait instruction's own latency behind the
 //                        GEMM's shared-memory reads, this hides it; if V is late, not.
+//   kVariantSlotItems    the drawer loads each task's work item into its task slot
+//                        (TaskSchedule), and the readers take it from there instead of
+//                        three dependent global loads at each item's start.
 constexpr int kVariantRescaleFirst = 4;
 constexpr int kVariantEarlyVTest = 8;
+constexpr int kVariantSlotItems = 16;
 
 template <typename T, int D, int Stages, int Variant = 0>
 struct PrefillSm90Cfg {
@@ -91,12 +95,15 @@ struct PrefillSm90Cfg {
   static constexpr int kQOff = 0;
   static constexpr int kKOff = kQOff + kQBufs * 2 * kQWgBytes;
   static constexpr int kVOff = kKOff + kStagesK * kKvBytes;
-  // Tasks drawn ahead and not yet read by every reader thread (TaskSchedule).
+  // Tasks drawn ahead and not yet read by every reader thread (TaskSchedule), each slot
+  // a Task, or with kSlotItems a TaskSlot (the task and its work item).
   static constexpr int kTaskSlots = 4;
+  static constexpr bool kSlotItems = (Variant & kVariantSlotItems) != 0;
+  static constexpr int kTaskSlotBytes = kSlotItems ? 64 : 8;
   static constexpr int kBarOff = kVOff + kStagesV * kKvBytes;
   static constexpr int kTaskBarOff = kBarOff + 2 * (kStagesK + kStagesV) * 8;
   static constexpr int kTaskOff = kTaskBarOff + 2 * kTaskSlots * 8;
-  static constexpr int kMaskOff = kTaskOff + kTaskSlots * 8;
+  static constexpr int kMaskOff = kTaskOff + kTaskSlots * kTaskSlotBytes;
   static constexpr int kFreqOff = kMaskOff + kStagesK * 16;
   static constexpr int kScratchOff = kFreqOff + D / 2 * 4;
   static constexpr int kScratchInts = kTileQ + 1;

@@ -180,18 +180,14 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       *phi = hi;
     });
   };
-  auto item_of = [&](const Task& t) {
-    WorkItem w{};
-    w.request = -1;
-    return t.item >= 0 ? LoadWorkItem(p, t.item, Cfg::kTileQ) : w;
-  };
+  auto item_of = [&](int k, const Task& t) { return tasks.Item<Cfg>(p, k, t); };
   // (Items are loaded again where needed rather than kept: a WorkItem held across the
   // main loop costs the consumers registers they do not have.)
   int qb = 0;               // the Q buffer of the current item
   bool q_issued = false;    // its Q copy was issued during the previous item
   Task cur = tasks.Read<Cfg>(0);
   if constexpr (Cfg::kQBufs == 2) {
-    const WorkItem first = item_of(cur);
+    const WorkItem first = item_of(0, cur);
     if (first.request >= 0) {
       issue_q(first, cur.head, q_buf(0));
       q_issued = true;
@@ -200,9 +196,10 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
 
   uint32_t kc = 0, vc = 0;  // K / V tiles consumed so far (ring position), across items
   for (int k = 0; cur.item >= 0; ++k) {
-    const WorkItem it = item_of(cur);
+    const WorkItem it = item_of(k, cur);
     const int kv_head = cur.head;
     if (it.request < 0) {
+      tasks.Done<Cfg>(k);
       cur = tasks.Read<Cfg>(k + 1);
       q_issued = false;
       continue;
@@ -354,7 +351,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
     const Task next = tasks.Read<Cfg>(k + 1);
     q_issued = false;
     if constexpr (Cfg::kQBufs == 2) {
-      const WorkItem next_it = item_of(next);
+      const WorkItem next_it = item_of(k + 1, next);
       if (next_it.request >= 0) {
         issue_q(next_it, next.head, q_buf(qb ^ 1));
         q_issued = true;
@@ -506,6 +503,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
           p, int(threadIdx.x), [] { NamedSyncImm<Cfg::kBarConsumers>(256); }, it.q_base,
           it.row_begin, it.row_begin + nrows, kv_head, s_scratch);
     }
+    tasks.Done<Cfg>(k);  // after the item's last read of its slot
     cur = next;
   }
   if (pingpong && wg == 0) NamedSync(Cfg::kBarTurn0, 256);  // warpgroup 1's last pass

@@ -95,7 +95,8 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
   for (int k = 0;; ++k) {
     const Task task = tasks.Read<Cfg>(k);
     if (task.item < 0) break;
-    const WorkItem it = LoadWorkItem(p, task.item, Cfg::kTileQ);
+    const WorkItem it = tasks.Item<Cfg>(p, k, task);
+    tasks.Done<Cfg>(k);
     const TileRange tr = ItemTiles<kTileKv>(p, it);
     const int n = it.request < 0 ? 0 : tr.n;
     if (n == 0) {
