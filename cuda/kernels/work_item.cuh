@@ -76,7 +76,9 @@ __device__ __forceinline__ WorkItem LoadWorkItem(const AttentionParams& p, int i
   int64_t key_hi = ClampI64(w1.x, 0, kv_len);
   if (key_hi > slot_hi * ps) key_hi = slot_hi * ps;
 
-  const int64_t first_token = row_lo / G;
+  // A 32-bit division (a 64-bit one is a call): a non-empty item has
+  // 0 <= tok_lo G <= row_lo < row_hi <= w0.z < 2^31.
+  const int64_t first_token = int(row_lo) / int(G);
   it.request = b;
   it.q_base = q_base + first_token;
   it.pos_base = int(kv_len - qo_len + first_token);  // <= kv_len: no wrap

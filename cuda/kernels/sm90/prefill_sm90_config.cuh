@@ -13,6 +13,7 @@
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cute/tensor.hpp>
 
+#include "../fast_divmod.cuh"
 #include "../logit_transforms.cuh"
 #include "../work_item.cuh"
 #include "jax_pagedattn/params.h"
@@ -171,14 +172,16 @@ __device__ __forceinline__ uint32_t Sw128Chunk(int r, int c) {
 struct TileRange {
   int kv_lo, kv_hi, n;
 };
+// `group`: division by p.group_size.
 template <int kTileKv>
-__device__ __forceinline__ TileRange ItemTiles(const AttentionParams& p, const WorkItem& it) {
+__device__ __forceinline__ TileRange ItemTiles(const AttentionParams& p, const WorkItem& it,
+                                               const FastDivmod& group) {
   TileRange r;
-  const int first = WindowStart(p, it.pos_base + it.row_begin / p.group_size);
+  const int first = WindowStart(p, it.pos_base + group.Div(it.row_begin));
   r.kv_lo = it.kv_begin > first ? it.kv_begin : first;
   int hi = it.kv_end;
   if (p.causal) {
-    const int lim = it.pos_base + (it.row_begin + it.num_rows - 1) / p.group_size + 1;
+    const int lim = it.pos_base + group.Div(it.row_begin + it.num_rows - 1) + 1;
     hi = hi < lim ? hi : lim;
   }
   r.kv_hi = hi;

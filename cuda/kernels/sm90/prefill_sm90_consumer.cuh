@@ -74,6 +74,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
   const int lane = tw & 31;
   const int quad = lane & 3;
   const int G = p.group_size;
+  const FastDivmod group(G);  // r / G and r % G of packed rows r (>= 0)
   const int Hqo = p.num_qo_heads;
   const bool causal = p.causal;
   const bool rope = p.pos_encoding == PosEncoding::kRopeLlama;
@@ -161,7 +162,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       const T* src = qg;
       if (live) {
         const int r = w.row_begin + r_item;
-        src = qg + ((w.q_base + r / G) * Hqo + kv_head * G + r % G) * D + c * 8;
+        src = qg + ((w.q_base + group.Div(r)) * Hqo + kv_head * G + group.Mod(r)) * D + c * 8;
       }
       cp_async::Copy16(b + off_lo, src, live);
       cp_async::Copy16(b + off_hi, src + D / 2, live);
@@ -175,7 +176,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       uint4* plo = reinterpret_cast<uint4*>(buf + off_lo);
       uint4* phi = reinterpret_cast<uint4*>(buf + off_hi);
       uint4 lo = *plo, hi = *phi;
-      RopePairs<T>(lo, hi, float(w.pos_base + (w.row_begin + r_item) / G), s_freq + c * 8);
+      RopePairs<T>(lo, hi, float(w.pos_base + group.Div(w.row_begin + r_item)), s_freq + c * 8);
       *plo = lo;
       *phi = hi;
     });
@@ -205,7 +206,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       continue;
     }
     uint8_t* sq_bytes = q_buf(qb);
-    const TileRange tr = ItemTiles<kTileKv>(p, it);
+    const TileRange tr = ItemTiles<kTileKv>(p, it, group);
     const int n = tr.n;
     const int nrows = it.num_rows;
 
@@ -216,15 +217,15 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
     for (int h = 0; h < 2; ++h) {
       rr[h] = wg * Cfg::kWgRows + warp_wg * 16 + (lane >> 2) + 8 * h;
       const int r = it.row_begin + rr[h];
-      qpos[h] = it.pos_base + r / G;
+      qpos[h] = it.pos_base + group.Div(r);
       first_key[h] = WindowStart(p, qpos[h]);
-      slope[h] = alibi ? AlibiSlope(kv_head * G + r % G, Hqo) * kLog2e : 0.f;
+      slope[h] = alibi ? AlibiSlope(kv_head * G + group.Mod(r), Hqo) * kLog2e : 0.f;
     }
     // Rows grow with the token: the warpgroup's first row has the smallest causal limit,
     // its last live row the largest window start.
-    const int wg_min_limit = it.pos_base + (it.row_begin + wg * Cfg::kWgRows) / G;
+    const int wg_min_limit = it.pos_base + group.Div(it.row_begin + wg * Cfg::kWgRows);
     const int wg_last = min(wg * Cfg::kWgRows + Cfg::kWgRows, nrows) - 1;
-    const int wg_max_start = WindowStart(p, it.pos_base + (it.row_begin + max(wg_last, 0)) / G);
+    const int wg_max_start = WindowStart(p, it.pos_base + group.Div(it.row_begin + max(wg_last, 0)));
 
     clear(tOrO);
     float m_run[2] = {kNegInf, kNegInf}, l_run[2] = {0.f, 0.f}, corr[2] = {0.f, 0.f};
@@ -433,7 +434,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       // The row's state with its sink (which weighs no value) folded in.
       SoftmaxState st{l_run[h] > 0.f ? m_run[h] : kNegInf, l_run[h]};
       float keep, unused;
-      st.Merge(SinkState(p, kv_head * G + (it.row_begin + rr[h]) % G, it.split), &keep, &unused);
+      st.Merge(SinkState(p, kv_head * G + group.Mod(it.row_begin + rr[h]), it.split), &keep, &unused);
       inv[h] = st.InvSum() * keep * VScale(p);
       lse[h] = st.Lse();
     }
@@ -441,7 +442,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = it.row_begin + rr[h];
-      hrow[h] = (it.q_base + r / G) * Hqo + kv_head * G + r % G;
+      hrow[h] = (it.q_base + group.Div(r)) * Hqo + kv_head * G + group.Mod(r);
     }
     if (it.split < 0) {
       // Stage O (input type) in this warpgroup's Q tile, then store whole 16-byte chunks.
@@ -468,7 +469,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
           const uint4 v = *reinterpret_cast<const uint4*>(sq_bytes + row * (D * 2) +
                                                           ((c ^ (row & 7)) << 4));
           const int r = it.row_begin + r_item;
-          const int64_t hr = (it.q_base + r / G) * Hqo + kv_head * G + r % G;
+          const int64_t hr = (it.q_base + group.Div(r)) * Hqo + kv_head * G + group.Mod(r);
           *reinterpret_cast<uint4*>(out + hr * D + c * 8) = v;
         }
       }
@@ -483,10 +484,10 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       for (int h = 0; h < 2; ++h) {
         if (rr[h] >= nrows) continue;
         const int r = it.row_begin + rr[h];
-        const int64_t tok = it.q_base + r / G;
+        const int64_t tok = it.q_base + group.Div(r);
         const int64_t prow = int64_t(__ldg(p.merge_indptr + tok)) + it.split;
         if (prow < 0 || prow >= p.caps.partial_rows) continue;
-        const int64_t ph = prow * Hqo + kv_head * G + r % G;
+        const int64_t ph = prow * Hqo + kv_head * G + group.Mod(r);
         float* dst = p.partial_o + ph * D;
 #pragma unroll
         for (int i2 = 2 * h; i2 < D / 2; i2 += 4) {

@@ -44,6 +44,7 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
   uint32_t* s_mask = reinterpret_cast<uint32_t*>(smem + Cfg::kMaskOff);
   const float* s_freq = reinterpret_cast<const float*>(smem + Cfg::kFreqOff);
   const int ps = p.kv.page_size;
+  const FastDivmod group(p.group_size);
   const int chunk = lane % Cfg::kRowLanes;  // this lane's 16-byte chunk of a key row
   const int sub = lane / Cfg::kRowLanes;     // and its row among the kStepRows of a copy
 
@@ -97,7 +98,7 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
     if (task.item < 0) break;
     const WorkItem it = tasks.Item<Cfg>(p, k, task);
     tasks.Done<Cfg>(k);
-    const TileRange tr = ItemTiles<kTileKv>(p, it);
+    const TileRange tr = ItemTiles<kTileKv>(p, it, group);
     const int n = it.request < 0 ? 0 : tr.n;
     if (n == 0) {
       draw(k + 1);
