@@ -31,6 +31,7 @@
 #include <utility>
 #include <vector>
 
+#include "fast_divmod.cuh"
 #include "jax_pagedattn/params.h"
 #include "jax_pagedattn/plan_layout.h"
 #include "launchers.h"
@@ -1038,6 +1039,55 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
 #endif
 }
 
+// FastDivmod (fast_divmod.cuh) against / and % on the device: every divisor of a list
+// from 1 to 2^31 - 1, dividends at 0, at the top of the range, around multiples of the
+// divisor and spread at random, 2^20 a divisor.
+__global__ void FastDivmodCheckKernel(const int* divisors, int num_divisors, uint32_t seed,
+                                      unsigned long long* mismatches) {
+  const int d = divisors[blockIdx.y];
+  const FastDivmod fd(d);
+  unsigned long long bad = 0;
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < (1u << 20); i += gridDim.x * blockDim.x) {
+    uint32_t h = (i ^ seed) * 0x9e3779b9u;
+    h ^= h >> 15;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    int n;
+    switch (i & 3) {
+      case 0: n = int(h & 0x7fffffffu); break;                             // anywhere
+      case 1: {  // around multiples q d
+        const int64_t v = int64_t(i >> 2) * d + int64_t(h % 3u) - 1;
+        n = int(v < 0 ? 0 : (v > 0x7fffffff ? 0x7fffffff : v));
+        break;
+      }
+      case 2: n = 0x7fffffff - int(i >> 2); break;                         // the top
+      default: n = int(i >> 2); break;                                     // the bottom
+    }
+    bad += (fd.Div(n) != n / d) + (fd.Mod(n) != n % d);
+  }
+  if (bad) atomicAdd(mismatches, bad);
+}
+
+static bool CheckFastDivmod(unsigned seed) {
+  const std::vector<int> ds = {1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 31, 32, 33, 48, 64, 100, 127, 128,
+                               129, 1000, 4096, 32767, 32768, 32769, 65535, 65536, (1 << 30) + 7,
+                               2147483647};
+  int* d_ds;
+  unsigned long long* d_bad;
+  CHECK_CUDA(cudaMalloc(&d_ds, ds.size() * sizeof(int)));
+  CHECK_CUDA(cudaMalloc(&d_bad, sizeof(unsigned long long)));
+  CHECK_CUDA(cudaMemcpy(d_ds, ds.data(), ds.size() * sizeof(int), cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemset(d_bad, 0, sizeof(unsigned long long)));
+  FastDivmodCheckKernel<<<dim3(64, unsigned(ds.size())), 256>>>(d_ds, int(ds.size()), seed, d_bad);
+  CHECK_CUDA(cudaGetLastError());
+  unsigned long long bad = 0;
+  CHECK_CUDA(cudaMemcpy(&bad, d_bad, sizeof(bad), cudaMemcpyDeviceToHost));
+  cudaFree(d_ds);
+  cudaFree(d_bad);
+  std::printf("fast divmod against / and %%: %llu mismatches %s\n", bad, bad == 0 ? "PASS" : "FAIL");
+  return bad == 0;
+}
+
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "check";
   const unsigned seed = argc > 2 ? unsigned(std::strtoul(argv[2], nullptr, 10)) : std::random_device{}();
@@ -1050,6 +1100,7 @@ int main(int argc, char** argv) {
 #else
     const std::vector<Case> cases = mode == "quick" ? QuickCases() : Cases();
 #endif
+    failed += !CheckFastDivmod(seed);
     for (const Case& c : cases) failed += !RunCase(c, rng, false);
     // Unsupported configurations must be refused, not launched.
     AttentionParams bad{};
