@@ -65,34 +65,41 @@ if [ ! -d "$inc/cute" ]; then
 fi
 [ -d "$inc/cute" ] || note "headers: NOT FOUND (carry .cutlass)"
 
-# ---- build (five translation units in parallel) ---------------------------------------------
+# ---- build (the translation units in parallel) ----------------------------------------------
 # Two harness binaries: the production kernel (ptxas report, SASS, bench, sanitizers) and a
 # test build with -DJPA_SM90_WATCHDOG (check, garbage plans), whose mbarrier waits trap
-# after 4 s with the barrier named, so a broken protocol cannot hang the call.
+# after 4 s with the barrier named, so a broken protocol cannot hang the call. The sm90
+# kernels are five units (the launcher, one per head_dim, the variants), built twice.
 bin=$run/prefill_harness_sm90
 bin_wd=$run/prefill_harness_sm90_watchdog
-# JPA_SM90_VARIANTS: the kernel variants under measurement (prefill_sm90.cu).
+# JPA_SM90_VARIANTS: the kernel variants under measurement (prefill_sm90_variants.cu).
 flags=(-std=c++17 -O3 -lineinfo --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a
        -Icuda/include -Icuda/kernels "-I$inc" -DJPA_SM90_VARIANTS)
+sm90_units=(prefill_sm90 prefill_sm90_d64 prefill_sm90_d128 prefill_sm90_d256 prefill_sm90_variants)
 t0=$(date +%s)
-"$NVCC" "${flags[@]}" -Xptxas -v -c cuda/kernels/sm90/prefill_sm90.cu -o "$run/prefill_sm90.o" \
-  >"$run/build_sm90.log" 2>&1 & p1=$!
-"$NVCC" "${flags[@]}" -DJPA_SM90_WATCHDOG -c cuda/kernels/sm90/prefill_sm90.cu \
-  -o "$run/prefill_sm90_wd.o" >"$run/build_sm90_wd.log" 2>&1 & p5=$!
-"$NVCC" "${flags[@]}" -c cuda/kernels/prefill.cu -o "$run/prefill.o" >"$run/build_sm80.log" 2>&1 & p2=$!
-"$NVCC" "${flags[@]}" -c cuda/kernels/merge_setup.cu -o "$run/merge_setup.o" >"$run/build_setup.log" 2>&1 & p3=$!
+pids=()
+for u in "${sm90_units[@]}"; do
+  "$NVCC" "${flags[@]}" -Xptxas -v -c "cuda/kernels/sm90/$u.cu" -o "$run/$u.o" \
+    >"$run/build_sm90_$u.log" 2>&1 & pids+=($!)
+  "$NVCC" "${flags[@]}" -DJPA_SM90_WATCHDOG -c "cuda/kernels/sm90/$u.cu" -o "$run/${u}_wd.o" \
+    >"$run/build_sm90wd_$u.log" 2>&1 & pids+=($!)
+done
+"$NVCC" "${flags[@]}" -c cuda/kernels/prefill.cu -o "$run/prefill.o" >"$run/build_sm80.log" 2>&1 & pids+=($!)
+"$NVCC" "${flags[@]}" -c cuda/kernels/merge_setup.cu -o "$run/merge_setup.o" >"$run/build_setup.log" 2>&1 & pids+=($!)
 "$NVCC" "${flags[@]}" -DJPA_HARNESS_SM90 -c tests/cuda/prefill_harness.cu -o "$run/harness.o" \
-  >"$run/build_harness.log" 2>&1 & p4=$!
+  >"$run/build_harness.log" 2>&1 & pids+=($!)
 brc=0
-for pid in $p1 $p2 $p3 $p4 $p5; do wait "$pid" || brc=1; done
+for pid in "${pids[@]}"; do wait "$pid" || brc=1; done
+objs=() objs_wd=()
+for u in "${sm90_units[@]}"; do objs+=("$run/$u.o"); objs_wd+=("$run/${u}_wd.o"); done
 if (( brc == 0 )); then
-  "$NVCC" -gencode=arch=compute_90a,code=sm_90a "$run/harness.o" "$run/prefill_sm90.o" \
+  "$NVCC" -gencode=arch=compute_90a,code=sm_90a "$run/harness.o" "${objs[@]}" \
     "$run/prefill.o" "$run/merge_setup.o" -o "$bin" >"$run/build_link.log" 2>&1 || brc=1
-  "$NVCC" -gencode=arch=compute_90a,code=sm_90a "$run/harness.o" "$run/prefill_sm90_wd.o" \
+  "$NVCC" -gencode=arch=compute_90a,code=sm_90a "$run/harness.o" "${objs_wd[@]}" \
     "$run/prefill.o" "$run/merge_setup.o" -o "$bin_wd" >>"$run/build_link.log" 2>&1 || brc=1
 fi
 cat "$run"/build_*.log >"$run/build.log" 2>/dev/null
-ptx=$(grep -E "spill|Used" "$run/build_sm90.log" | sed 's/ptxas info *: //' | sort | uniq -c | tr -s ' ' | paste -sd ';' -)
+ptx=$(cat "$run"/build_sm90_*.log | grep -E "spill|Used" | sed 's/ptxas info *: //' | sort | uniq -c | tr -s ' ' | paste -sd ';' -)
 note "build: rc=$brc ($(( $(date +%s) - t0 )) s); sm90 ptxas (2 kernels): ${ptx:-none}"
 if (( brc != 0 )); then
   grep -E "error|Error" "$run/build.log" | head -20
@@ -170,7 +177,7 @@ if [ -x "$bin" ] && [ -x "$bin_wd" ]; then
   if ! want sass; then
     :
   elif [ -n "$CUOBJDUMP" ]; then
-    "$CUOBJDUMP" --dump-sass "$run/prefill_sm90.o" >"$run/prefill_sm90.sass" 2>&1
+    for u in "${sm90_units[@]}"; do "$CUOBJDUMP" --dump-sass "$run/$u.o"; done >"$run/prefill_sm90.sass" 2>&1
     note "sass: HGMMA $(grep -c HGMMA "$run/prefill_sm90.sass"), LDL/STL $(grep -cE 'LDL|STL' "$run/prefill_sm90.sass"), kernels $(grep -c 'Function :' "$run/prefill_sm90.sass")"
   else
     note "sass: cuobjdump not found"
