@@ -85,16 +85,23 @@ struct Sm90Kernel {
   }
 };
 
-// The kernels of head_dim D for (dtype, stages) (stages 3 exists at head_dim 128 only);
-// cudaErrorNotSupported for any other. Defined in prefill_sm90_d<D>.cu.
+// The kernels of head_dim D for (dtype, stages); cudaErrorNotSupported for any other.
+// Head_dims 64 and 256 have the bf16 and fp16 kernels with 2 stages (this definition,
+// instantiated in prefill_sm90_d64.cu and _d256.cu only), 128 also 3 stages
+// (prefill_sm90_d128.cu).
 template <int D>
-cudaError_t RunSm90HeadDim(DType dtype, int stages, const Sm90Call& call);
-template <>
-cudaError_t RunSm90HeadDim<64>(DType dtype, int stages, const Sm90Call& call);
+cudaError_t RunSm90HeadDim(DType dtype, int stages, const Sm90Call& call) {
+  if (stages != 2) return cudaErrorNotSupported;
+  switch (dtype) {
+    case DType::kBF16: return Sm90Kernel<__nv_bfloat16, D, 2>::Run(call);
+    case DType::kF16: return Sm90Kernel<__half, D, 2>::Run(call);
+    default: return cudaErrorNotSupported;
+  }
+}
 template <>
 cudaError_t RunSm90HeadDim<128>(DType dtype, int stages, const Sm90Call& call);
-template <>
-cudaError_t RunSm90HeadDim<256>(DType dtype, int stages, const Sm90Call& call);
+extern template cudaError_t RunSm90HeadDim<64>(DType dtype, int stages, const Sm90Call& call);
+extern template cudaError_t RunSm90HeadDim<256>(DType dtype, int stages, const Sm90Call& call);
 
 // bf16, head_dim 128, 3 stages, variant `variant` (prefill_sm90_config.cuh, kVariant*);
 // cudaErrorNotSupported for any other variant. Defined in prefill_sm90_variants.cu, built
