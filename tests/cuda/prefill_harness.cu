@@ -73,7 +73,7 @@ static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream
   t.drawn_tasks = !static_bins;
   t.stages = stages;  // other head_dims than 128 run 2 whatever it says (prefill_sm90.cu)
   // The variants exist for bf16 at head_dim 128 with 3 stages only (prefill_sm90.cu,
-  // WithSm90Kernel); the other kernels run as they are.
+  // RunSm90); the other kernels run as they are.
   if (p.dtype == DType::kBF16 && p.head_dim == 128 && stages == 3) t.variant = variant;
   return LaunchPrefillSm90(p, stream, t);
 #else
@@ -904,17 +904,10 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
                      }});
   // The kernel's variants under measurement (prefill_sm90_config.cuh, kVariant*; built
   // with JPA_SM90_VARIANTS): the V ring of 2 tiles with a second Q buffer (v2), alone and
-  // with the pingpong; the general masking path on every masked tile (gm); O rescaled
-  // before the V wait (rf); the V barrier tested before the S GEMM's issue (ev); work
-  // items handed over in the task slots (si), also with v2 (v2si).
+  // with the pingpong.
   if (D == 128) {
     kernels.push_back({"sm90-v2", LaunchSm90Variant<1>});
     kernels.push_back({"sm90-v2pp", LaunchSm90Variant<1, true>});
-    kernels.push_back({"sm90-gm", LaunchSm90Variant<2>});
-    kernels.push_back({"sm90-rf", LaunchSm90Variant<4>});
-    kernels.push_back({"sm90-ev", LaunchSm90Variant<8>});
-    kernels.push_back({"sm90-si", LaunchSm90Variant<16>});
-    kernels.push_back({"sm90-v2si", LaunchSm90Variant<17>});
   }
   // The consumers' time alone: K/V not copied (its output is not compared).
   kernels.push_back({"sm90-nokv", [](const AttentionParams& q, cudaStream_t st) {

@@ -37,7 +37,7 @@ struct PrefillSm90Tuning {
   // rotated once by a pass before the kernel (rope_keys.cuh); false: the producer
   // rotates each K tile it loads.
   bool rope_keys = true;
-  // The kernel's variant: 0; other values are schedules and tiles under measurement
+  // The kernel's variant: 0; other values are layouts under measurement
   // (prefill_sm90_config.cuh, kVariant*), built only into the kernel harness.
   int variant = 0;
 };

@@ -32,31 +32,14 @@ struct CuteElem<__half> {
   using type = cute::half_t;
 };
 
-// The kernel's variants: 0 in the library; other values are layouts and schedules under
-// measurement, built only into the kernel harness (JPA_SM90_VARIANTS, prefill_sm90.cu):
+// The kernel's variants (bits of `Variant`): 0 in the library; the others are layouts
+// under measurement, built only into the kernel harness (JPA_SM90_VARIANTS,
+// prefill_sm90_variants.cu):
 //   kVariantTwoVStages   the V ring holds 2 tiles whatever `Stages` says (the K ring keeps
 //                        `Stages`), which at head_dim 128 with 3 stages frees the shared
 //                        memory of a second Q buffer: the next item's Q is then copied
-//                        during the current item instead of being waited for at its start;
-//   kVariantGeneralMask  every masked tile takes the general masking path (window, ALiBi,
-//                        soft-cap), as before the short path for absent keys and the
-//                        causal limit alone: the short path's measurement;
-//   kVariantRescaleFirst the O rescale pinned before the V stage's wait (ptxas moves the
-//                        wait up to just after the S GEMM's issue, where its stall,
-//                        4.6% of the samples on 4x2048 and 3.2% with no K/V copies at
-//                        all, has nothing to overlap);
-//   kVariantEarlyVTest   the V stage's barrier tested (mbarrier.test_wait) before the S
-//                        GEMM's issue and waited for after it only if the test failed: if
-//                        that stall is the wait instruction's own latency behind the
-//                        GEMM's shared-memory reads, this hides it; if V is late, not;
-//   kVariantSlotItems    the drawer loads each task's work item into its task slot
-//                        (TaskSchedule), and the readers take it from there instead of
-//                        three dependent global loads at each item's start.
+//                        during the current item instead of being waited for at its start.
 constexpr int kVariantTwoVStages = 1;
-constexpr int kVariantGeneralMask = 2;
-constexpr int kVariantRescaleFirst = 4;
-constexpr int kVariantEarlyVTest = 8;
-constexpr int kVariantSlotItems = 16;
 
 template <typename T, int D, int Stages, int Variant = 0>
 struct PrefillSm90Cfg {
@@ -96,15 +79,12 @@ struct PrefillSm90Cfg {
   static constexpr int kQOff = 0;
   static constexpr int kKOff = kQOff + kQBufs * 2 * kQWgBytes;
   static constexpr int kVOff = kKOff + kStagesK * kKvBytes;
-  // Tasks drawn ahead and not yet read by every reader thread (TaskSchedule), each slot
-  // a Task, or with kSlotItems a TaskSlot (the task and its work item).
+  // Tasks drawn ahead and not yet read by every reader thread (TaskSchedule).
   static constexpr int kTaskSlots = 4;
-  static constexpr bool kSlotItems = (Variant & kVariantSlotItems) != 0;
-  static constexpr int kTaskSlotBytes = kSlotItems ? 64 : 8;
   static constexpr int kBarOff = kVOff + kStagesV * kKvBytes;
   static constexpr int kTaskBarOff = kBarOff + 2 * (kStagesK + kStagesV) * 8;
   static constexpr int kTaskOff = kTaskBarOff + 2 * kTaskSlots * 8;
-  static constexpr int kMaskOff = kTaskOff + kTaskSlots * kTaskSlotBytes;
+  static constexpr int kMaskOff = kTaskOff + kTaskSlots * 8;
   static constexpr int kFreqOff = kMaskOff + kStagesK * 16;
   static constexpr int kScratchOff = kFreqOff + D / 2 * 4;
   static constexpr int kScratchInts = kTileQ + 1;

@@ -86,8 +86,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
   const bool always_mask = !(scale_log2 > 0.f);
   // Tiles whose masks are only absent keys and the causal limit (no window, bias or cap
   // on the scores) take the short masking path.
-  const bool plain_mask = (Variant & kVariantGeneralMask) == 0 && !always_mask && !window &&
-                          !alibi && !soft_cap.on();
+  const bool plain_mask = !always_mask && !window && !alibi && !soft_cap.on();
   const uint32_t bars = SmemU32(smem + Cfg::kBarOff);
   const uint4* s_mask = reinterpret_cast<const uint4*>(smem + Cfg::kMaskOff);
   const float* s_freq = reinterpret_cast<const float*>(smem + Cfg::kFreqOff);
@@ -181,14 +180,14 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       *phi = hi;
     });
   };
-  auto item_of = [&](int k, const Task& t) { return tasks.Item<Cfg>(p, k, t); };
+  auto item_of = [&](const Task& t) { return tasks.Item<Cfg>(p, t); };
   // (Items are loaded again where needed rather than kept: a WorkItem held across the
   // main loop costs the consumers registers they do not have.)
   int qb = 0;               // the Q buffer of the current item
   bool q_issued = false;    // its Q copy was issued during the previous item
   Task cur = tasks.Read<Cfg>(0);
   if constexpr (Cfg::kQBufs == 2) {
-    const WorkItem first = item_of(0, cur);
+    const WorkItem first = item_of(cur);
     if (first.request >= 0) {
       issue_q(first, cur.head, q_buf(0));
       q_issued = true;
@@ -197,10 +196,9 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
 
   uint32_t kc = 0, vc = 0;  // K / V tiles consumed so far (ring position), across items
   for (int k = 0; cur.item >= 0; ++k) {
-    const WorkItem it = item_of(k, cur);
+    const WorkItem it = item_of(cur);
     const int kv_head = cur.head;
     if (it.request < 0) {
-      tasks.Done<Cfg>(k);
       cur = tasks.Read<Cfg>(k + 1);
       q_issued = false;
       continue;
@@ -352,7 +350,7 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
     const Task next = tasks.Read<Cfg>(k + 1);
     q_issued = false;
     if constexpr (Cfg::kQBufs == 2) {
-      const WorkItem next_it = item_of(k + 1, next);
+      const WorkItem next_it = item_of(next);
       if (next_it.request >= 0) {
         issue_q(next_it, next.head, q_buf(qb ^ 1));
         q_issued = true;
@@ -380,16 +378,12 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
       // ---- steps 1 .. n-1: S_i = Q K_i^T and O += P_{i-1} V_{i-1}, softmax of S_i between ----
       for (int i = 1; i < n; ++i) {
         const uint32_t s = kc % SK;
-        const uint32_t sv = vc % SV;
         const StageMask mask = wait_k(s);
-        const bool v_ready =
-            (Variant & kVariantEarlyVTest) != 0 && MbarTestWait(full_v(sv), (vc / SV) & 1);
         turn_wait();
         WgGemm<true>(mma_qk, tSrQ, tSrK(_, _, _, s), tSrS);
         rescale_o();  // by the correction of step i - 1, before P_{i-1} V_{i-1} adds in
-        // (an asm with O as operands keeps the rescale above the wait, also an asm)
-        if constexpr ((Variant & kVariantRescaleFirst) != 0) warpgroup_fence_operand(tOrO);
-        if (!v_ready) MbarWait(full_v(sv), (vc / SV) & 1);
+        const uint32_t sv = vc % SV;
+        MbarWait(full_v(sv), (vc / SV) & 1);
         FenceProxyAsync();
         warpgroup_fence_operand(tOrP);
         WgGemm<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
@@ -504,7 +498,6 @@ __device__ __forceinline__ void ConsumeItems(const AttentionParams& p, uint8_t* 
           p, int(threadIdx.x), [] { NamedSyncImm<Cfg::kBarConsumers>(256); }, it.q_base,
           it.row_begin, it.row_begin + nrows, kv_head, s_scratch);
     }
-    tasks.Done<Cfg>(k);  // after the item's last read of its slot
     cur = next;
   }
   if (pingpong && wg == 0) NamedSync(Cfg::kBarTurn0, 256);  // warpgroup 1's last pass

@@ -96,8 +96,7 @@ __device__ __forceinline__ void ProduceItems(const AttentionParams& p, uint8_t* 
   for (int k = 0;; ++k) {
     const Task task = tasks.Read<Cfg>(k);
     if (task.item < 0) break;
-    const WorkItem it = tasks.Item<Cfg>(p, k, task);
-    tasks.Done<Cfg>(k);
+    const WorkItem it = tasks.Item<Cfg>(p, task);
     const TileRange tr = ItemTiles<kTileKv>(p, it, group);
     const int n = it.request < 0 ? 0 : tr.n;
     if (n == 0) {

@@ -9,12 +9,6 @@ namespace sm90 {
 cudaError_t RunSm90Variant(int variant, const Sm90Call& call) {
   switch (variant) {
     case kVariantTwoVStages: return Sm90Kernel<__nv_bfloat16, 128, 3, kVariantTwoVStages>::Run(call);
-    case kVariantGeneralMask: return Sm90Kernel<__nv_bfloat16, 128, 3, kVariantGeneralMask>::Run(call);
-    case kVariantRescaleFirst: return Sm90Kernel<__nv_bfloat16, 128, 3, kVariantRescaleFirst>::Run(call);
-    case kVariantEarlyVTest: return Sm90Kernel<__nv_bfloat16, 128, 3, kVariantEarlyVTest>::Run(call);
-    case kVariantSlotItems: return Sm90Kernel<__nv_bfloat16, 128, 3, kVariantSlotItems>::Run(call);
-    case kVariantSlotItems | kVariantTwoVStages:
-      return Sm90Kernel<__nv_bfloat16, 128, 3, kVariantSlotItems | kVariantTwoVStages>::Run(call);
     default: return cudaErrorNotSupported;
   }
 }

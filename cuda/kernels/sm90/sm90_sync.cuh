@@ -41,20 +41,6 @@ __device__ __forceinline__ void MbarArriveOnCpAsync(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 
-// Whether the phase of parity `parity` has completed (acquire, CTA scope, if so), without
-// waiting: a test issued early whose answer is used later.
-__device__ __forceinline__ bool MbarTestWait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n\t.reg .pred p;\n\t"
-      "mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
-      "selp.u32 %0, 1, 0, p;\n\t}\n"
-      : "=r"(done)
-      : "r"(bar), "r"(parity)
-      : "memory");
-  return done != 0;
-}
-
 // Waits (acquire, CTA scope) until the phase of parity `parity` has completed. A fresh
 // barrier is in phase 0, so a wait on parity 1 returns at once ("the previous phase").
 // With JPA_SM90_WATCHDOG (test builds) a wait longer than 4 s prints the barrier and traps,

@@ -22,9 +22,6 @@ namespace sm90 {
 //     the bins and the kv heads. One producer thread draws each task and hands it to the
 //     producer's copying warps and to the consumers through a ring of kTaskSlots
 //     shared-memory slots (mbarriers: full, written; empty, read by every reader thread).
-//     With Cfg::kSlotItems the drawer also loads the task's work item into its slot, the
-//     readers take it from there (Item) instead of three dependent global loads, and a
-//     reader releases a slot when it is done with its item (Done), not when it reads it.
 //   static bins (kFlagStaticBins): CTA (b, h) runs bin b's items for kv head h.
 // Whatever the plan or counter hold, a task names an item in [0, work_cap) and a head in
 // [0, num_kv_heads), and every CTA's sequence ends.
@@ -33,18 +30,12 @@ struct Task {
   int head;
 };
 
-// A drawn task's slot with Cfg::kSlotItems: the task and its work item.
-struct TaskSlot {
-  Task task;
-  WorkItem item;
-};
-
 struct TaskSchedule {
   bool drawn;
   int item_begin, item_end;  // static bins: this CTA's items
   int64_t num_tasks;         // drawn: items x num_kv_heads
   uint32_t bars;             // drawn: full[kTaskSlots], then empty[kTaskSlots]
-  uint8_t* slots;            // kTaskSlots slots of Cfg::kTaskSlotBytes
+  uint8_t* slots;            // drawn: kTaskSlots slots of 8 bytes, a Task each
 
   template <class Cfg>
   __device__ static TaskSchedule Make(const AttentionParams& p, uint8_t* smem, bool drawn) {
@@ -84,17 +75,9 @@ struct TaskSchedule {
     }
     Task task{-1, 0};
     if (t >= 0 && t < num_tasks) task = Task{int(t / p.num_kv_heads), int(t % p.num_kv_heads)};
-    uint8_t* slot = slots + (k % Cfg::kTaskSlots) * Cfg::kTaskSlotBytes;
-    if constexpr (Cfg::kSlotItems) {
-      WorkItem w{};
-      w.request = -1;
-      if (task.item >= 0) w = LoadWorkItem(p, task.item, Cfg::kTileQ);
-      MbarWait(Empty<Cfg>(k), ((k / Cfg::kTaskSlots) & 1) ^ 1);
-      *reinterpret_cast<TaskSlot*>(slot) = TaskSlot{task, w};
-    } else {
-      MbarWait(Empty<Cfg>(k), ((k / Cfg::kTaskSlots) & 1) ^ 1);
-      *reinterpret_cast<int2*>(slot) = make_int2(task.item, task.head);
-    }
+    uint8_t* slot = slots + (k % Cfg::kTaskSlots) * 8;
+    MbarWait(Empty<Cfg>(k), ((k / Cfg::kTaskSlots) & 1) ^ 1);
+    *reinterpret_cast<int2*>(slot) = make_int2(task.item, task.head);
     MbarArrive(Full<Cfg>(k));  // release: the slot is visible with the phase
   }
 
@@ -107,34 +90,19 @@ struct TaskSchedule {
       return item < item_end ? Task{item, int(blockIdx.y)} : Task{-1, 0};
     }
     MbarWait(Full<Cfg>(k), (k / Cfg::kTaskSlots) & 1);
-    const volatile int* slot =
-        reinterpret_cast<volatile int*>(slots + (k % Cfg::kTaskSlots) * Cfg::kTaskSlotBytes);
+    const volatile int* slot = reinterpret_cast<volatile int*>(slots + (k % Cfg::kTaskSlots) * 8);
     const Task task{slot[0], slot[1]};
-    if constexpr (!Cfg::kSlotItems) MbarArrive(Empty<Cfg>(k));
+    MbarArrive(Empty<Cfg>(k));
     return task;
   }
 
-  // The work item of task k (`task`, from Read(k)), with at most Cfg::kTileQ rows: from
-  // the slot (drawn, Cfg::kSlotItems; valid until Done(k)) or from the plan.
+  // The work item of `task` (from Read), with at most Cfg::kTileQ rows, from the plan;
+  // request -1 for the end.
   template <class Cfg>
-  __device__ WorkItem Item(const AttentionParams& p, int k, const Task& task) const {
-    if constexpr (Cfg::kSlotItems) {
-      if (drawn) {
-        return reinterpret_cast<const TaskSlot*>(slots + (k % Cfg::kTaskSlots) * Cfg::kTaskSlotBytes)->item;
-      }
-    }
+  __device__ WorkItem Item(const AttentionParams& p, const Task& task) const {
     WorkItem w{};
     w.request = -1;
     return task.item >= 0 ? LoadWorkItem(p, task.item, Cfg::kTileQ) : w;
-  }
-
-  // This reader thread is done with task k's slot (drawn, Cfg::kSlotItems; else Read
-  // released it).
-  template <class Cfg>
-  __device__ void Done(int k) const {
-    if constexpr (Cfg::kSlotItems) {
-      if (drawn) MbarArrive(Empty<Cfg>(k));
-    }
   }
 };
 
