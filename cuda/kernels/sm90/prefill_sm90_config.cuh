@@ -72,24 +72,31 @@ struct PrefillSm90Cfg {
   static constexpr int kQWgBytes = kWgRows * D * 2;
   static constexpr int kKvBytes = kTileKv * D * 2;
 
+  // Tasks drawn ahead and not yet read by every reader thread (TaskSchedule).
+  static constexpr int kTaskSlots = 4;
+  static constexpr int kScratchInts = kTileQ + 1;
+  // What follows the K/V ring: its barriers, the task barriers and slots, the K stages'
+  // mask words, the RoPE frequencies and the split-merge scratch.
+  static constexpr int kTailBytes = 2 * (kStagesK + kStagesV) * 8 + 2 * kTaskSlots * 8 +
+                                    kTaskSlots * 8 + kStagesK * 16 + D / 2 * 4 + kScratchInts * 4;
+  static constexpr int kSlackBytes = 1024;  // to round the dynamic base up to 1024
   // Two Q buffers where shared memory allows: the consumers copy the next item's Q into
   // one while the current item's GEMMs read the other.
-  static constexpr int kQBufs =
-      2 * 2 * kQWgBytes + (kStagesK + kStagesV) * kKvBytes + 4096 <= 227 * 1024 ? 2 : 1;
+  static constexpr int kBytesWithTwoQ =
+      2 * 2 * kQWgBytes + (kStagesK + kStagesV) * kKvBytes + kTailBytes + kSlackBytes;
+  static constexpr int kQBufs = kBytesWithTwoQ <= 227 * 1024 ? 2 : 1;
   static constexpr int kQOff = 0;
   static constexpr int kKOff = kQOff + kQBufs * 2 * kQWgBytes;
   static constexpr int kVOff = kKOff + kStagesK * kKvBytes;
-  // Tasks drawn ahead and not yet read by every reader thread (TaskSchedule).
-  static constexpr int kTaskSlots = 4;
   static constexpr int kBarOff = kVOff + kStagesV * kKvBytes;
   static constexpr int kTaskBarOff = kBarOff + 2 * (kStagesK + kStagesV) * 8;
   static constexpr int kTaskOff = kTaskBarOff + 2 * kTaskSlots * 8;
   static constexpr int kMaskOff = kTaskOff + kTaskSlots * 8;
   static constexpr int kFreqOff = kMaskOff + kStagesK * 16;
   static constexpr int kScratchOff = kFreqOff + D / 2 * 4;
-  static constexpr int kScratchInts = kTileQ + 1;
   static constexpr int kEnd = kScratchOff + kScratchInts * 4;
-  static constexpr int kSmemBytes = kEnd + 1024;  // slack to round the base up to 1024
+  static_assert(kEnd == kBarOff + kTailBytes, "kTailBytes counts every section after the ring");
+  static constexpr int kSmemBytes = kEnd + kSlackBytes;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA");
 
   // Barrier counts: 128 producer threads' copies (+ one mask word per producer warp for K);
