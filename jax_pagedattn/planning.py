@@ -127,8 +127,6 @@ class PlanConfig:
   sm90_stages: int = _attr(np.int32)
   sm90_drawn_tasks: bool = _attr(np.bool_)
   dependent_launch: bool = _attr(np.bool_)
-  # fp8 caches on the CUDA-core decode kernel's wide tiles (attention_attrs.h).
-  fp8_wide_decode: bool = _attr(np.bool_)
   # Whether an fp8 cache may run on the GPU's tensor-core kernel (the lowering's gate;
   # not an attribute).
   fp8_tensor_cores: bool = False

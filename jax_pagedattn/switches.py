@@ -53,18 +53,13 @@ class Switches:
   # runs on the CUDA-core decode kernel only. On by default since the path passed the GPU
   # suite and memcheck on an H100 (docs/PERF_NOTES.md).
   fp8_tensor_cores: bool = True
-  # JAX_PAGEDATTN_FP8_WIDE_DECODE=1: fp8 caches on the CUDA-core decode kernel read as
-  # wide tiles (twice the keys a tile, 16-byte copies; head_dim 128/256; decode.cu).
-  # Off until a GPU session validates and times it.
-  fp8_wide_decode: bool = False
 
   def plan_fields(self) -> dict:
     """The switches every plan carries for its kernels, as the PlanConfig fields of the
     same names (the wrapper adds sm90_rope_keys, which depends on the call too)."""
     return dict(sm90_prefill=self.sm90_prefill, sm90_stages=self.sm90_stages,
                 sm90_drawn_tasks=self.sm90_drawn_tasks, sm90_pingpong=self.sm90_pingpong,
-                dependent_launch=self.dependent_launch, fp8_tensor_cores=self.fp8_tensor_cores,
-                fp8_wide_decode=self.fp8_wide_decode)
+                dependent_launch=self.dependent_launch, fp8_tensor_cores=self.fp8_tensor_cores)
 
 
 def _flag(environ, name: str, default: bool) -> bool:
@@ -95,7 +90,6 @@ def from_environment(environ=os.environ) -> Switches:
       ctas_per_sm=max(0, ctas_per_sm),
       command_buffers=_flag(environ, "JAX_PAGEDATTN_COMMAND_BUFFERS", False),
       fp8_tensor_cores=_flag(environ, "JAX_PAGEDATTN_FP8_TENSOR_CORES", True),
-      fp8_wide_decode=_flag(environ, "JAX_PAGEDATTN_FP8_WIDE_DECODE", False),
       sm90_pingpong=_flag(environ, "JAX_PAGEDATTN_SM90_PINGPONG", False),
   )
 

@@ -142,8 +142,7 @@ def main():
 def features(rng, key, dt, hq, hk, d, small):
   """Soft-cap, window and sinks on every kernel (on a batch with a split request, so the
   sink's piece-0 rule and the merge run), fp8 caches with scales on the CUDA-core decode
-  kernel (its wide tiles under JAX_PAGEDATTN_FP8_WIDE_DECODE=1), and a garbage plan for
-  the fp8 decode."""
+  kernel (d = 128: its wide tiles), and a garbage plan for the fp8 decode."""
   ps, num_pages = 16, 128
   cache = jax.random.normal(key, (num_pages, 2, ps, hk, d), dt)
   pages = np.array([40 if small else 64, 1, 0, 5])
@@ -180,9 +179,8 @@ def features(rng, key, dt, hq, hk, d, small):
   step = jax.jit(lambda q, c, p: w.run(q, c, return_lse=True, plan=p, k_scale=0.5))
   for kind in garbage_plans.KINDS:
     jax.block_until_ready(step(q, cache8, garbage_plans.garbage_plan(plan, rng, kind)))
-  wide = " (wide fp8 tiles)" if switches.current().fp8_wide_decode else ""
-  print(f"features: soft-cap / window / sinks on every kernel, fp8 decode{wide}, fp8 garbage "
-        "plans")
+  print("features: soft-cap / window / sinks on every kernel, fp8 decode (wide tiles), fp8 "
+        "garbage plans")
   fp8_tensor_cores(rng, cache, (indptr, indices, last), q, qo_indptr, qp, hq, hk, d, ps, dt)
 
 

@@ -140,12 +140,14 @@ def test_fp8_on_the_tensor_core_kernel(platform, device, rng, case):
                     return_lse=return_lse, long=long)
 
 
-# The CUDA-core decode kernel's wide fp8 tiles (switches.fp8_wide_decode; head_dim 128
-# and 256, 64 keeps the 8-byte-chunk kernel): the fp8 decode cases above, and a grid of
-# both formats x f16/bf16 x head_dim x every tile of rows (groups 1, 2, 4, 8: R 1-8),
-# both layouts and forms, page 1/16, RoPE / ALiBi, with and without lse, and split-KV.
+# The CUDA-core decode kernel on fp8 caches: wide tiles (16 fp8 values a 16-byte copy,
+# 4096 / D keys a tile) at head_dim 128 and 256, 8-byte-chunk tiles at 64. Besides the
+# decode cases of CASES (test_fp8_cache_matches_reference runs them on the GPU too), a
+# grid of both formats x f16/bf16 x head_dim x every tile of rows (groups 1, 2, 4, 8:
+# R 1-8), both layouts and forms, page 1/16, RoPE / ALiBi, with and without lse, and
+# split-KV.
 # (fp8, q dtype, kv_layout, form, page_size, head_dim, heads, pos, return_lse, long)
-WIDE_CASES = [c[1:] + ("NONE", True, False) for c in CASES if c[0] == "decode"] + [
+DECODE_CASES = [
     ("e4m3", "bf16", "NHD", "5d", 16, 128, (64, 8), "NONE", True, False),
     ("e5m2", "bf16", "HND", "tuple", 16, 128, (4, 4), "NONE", False, False),
     ("e4m3", "f16", "NHD", "tuple", 1, 128, (8, 4), "ROPE_LLAMA", True, True),
@@ -157,17 +159,15 @@ WIDE_CASES = [c[1:] + ("NONE", True, False) for c in CASES if c[0] == "decode"] 
 ]
 
 
-@pytest.mark.parametrize("case", WIDE_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_fp8_decode_on_wide_tiles(platform, device, rng, case):
-  """fp8 decode on the CUDA-core kernel with fp8_wide_decode on, against the float32
-  reference (the switch's plan attribute: tests/test_switches.py)."""
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_fp8_decode_on_the_cuda_core_kernel(platform, device, rng, case):
+  """fp8 decode on the CUDA-core kernel's tiles against the float32 reference."""
   if platform != "gpu":
-    pytest.skip("a GPU kernel's variant (the CPU backend ignores the switch)")
+    pytest.skip("a GPU kernel's grid (the CPU backend: test_fp8_cache_matches_reference)")
   check_native(platform)
   fp8, qd, kv_layout, form, ps, d, heads, pos, return_lse, long = case
-  with switches.overridden(fp8_wide_decode=True):
-    _check_fp8_case(device, rng, "decode", fp8, qd, kv_layout, form, ps, d, heads, pos=pos,
-                    return_lse=return_lse, long=long)
+  _check_fp8_case(device, rng, "decode", fp8, qd, kv_layout, form, ps, d, heads, pos=pos,
+                  return_lse=return_lse, long=long)
 
 
 @pytest.mark.parametrize("op", ["prefill", "decode-tc"])

@@ -141,24 +141,6 @@ def test_sm90_pingpong_switch():
   np.testing.assert_array_equal(on.buffer, off.buffer)  # a kernel schedule, not a plan
 
 
-def test_fp8_wide_decode_switch():
-  """JAX_PAGEDATTN_FP8_WIDE_DECODE: off unless set to something other than "" or "0"; a
-  decode plan (and an RPA-style prefill plan) carries it as the fp8_wide_decode attribute
-  the CUDA decode launcher reads."""
-  _assert_off_unless_set("fp8_wide_decode", "JAX_PAGEDATTN_FP8_WIDE_DECODE")
-  w = jpa.BatchDecodeWithPagedKVCacheWrapper()
-  args = (np.array([0, 1], np.int32), np.array([0], np.int32), np.array([3], np.int32), 4, 2,
-          128, 16)
-  with switches.overridden(fp8_wide_decode=True) as sw:
-    assert sw.fp8_wide_decode
-    on = w.plan(*args, q_data_type="bfloat16", kv_data_type="float8_e4m3fn").config
-  with switches.overridden(fp8_wide_decode=False):
-    off = w.plan(*args, q_data_type="bfloat16", kv_data_type="float8_e4m3fn").config
-  assert (on.fp8_wide_decode, off.fp8_wide_decode) == (True, False)
-  assert planning.ffi_attrs(on)["fp8_wide_decode"] == np.bool_(True)
-  assert planning.ffi_attrs(off)["fp8_wide_decode"] == np.bool_(False)
-
-
 def test_plan_fields_carry_every_kernel_switch():
   """Switches.plan_fields is the one place that maps switches into a PlanConfig: every
   switch that is a PlanConfig field is in it (sm90_rope_keys aside: the wrapper decides it
@@ -167,6 +149,7 @@ def test_plan_fields_carry_every_kernel_switch():
   switch_fields = {f.name for f in dataclasses.fields(switches.Switches)}
   carried = set(switches.from_environment({}).plan_fields())
   assert carried == (switch_fields & config_fields) - {"sm90_rope_keys"}
-  with switches.overridden(sm90_pingpong=True, sm90_stages=2, fp8_wide_decode=True):
+  with switches.overridden(sm90_pingpong=True, sm90_stages=2, fp8_tensor_cores=False):
     fields = switches.current().plan_fields()
-  assert (fields["sm90_pingpong"], fields["sm90_stages"], fields["fp8_wide_decode"]) == (True, 2, True)
+  assert (fields["sm90_pingpong"], fields["sm90_stages"], fields["fp8_tensor_cores"]) == (
+      True, 2, False)

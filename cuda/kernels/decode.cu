@@ -28,20 +28,18 @@
 //   merge in shared memory and the CTA writes out/lse, or the partial row for split items.
 //
 // Registers: o[R][8] and m, l per row stay live; arrays are indexed only by compile-time
-// constants. sm_90a (nvcc 13): 157-168 registers for R <= 4 (cap 168), 199-211 for R = 8
+// constants. sm_90a (nvcc 13): 157-168 registers for R <= 4 (cap 168), 199-215 for R = 8
 // (cap 255); no spills but 20 bytes in f16 D 64/128 R 2, stored and reloaded per item and
 // row pass, never in the key loop. Instantiations: {f16, bf16} x D {64, 128, 256} x
 // R {1, 2, 4, 8}, with a cache of q's type, e4m3 or e5m2.
 //
-// Wide fp8 tiles (Fp8Wide, the fp8_wide_decode attribute; off by default until validated
-// on a GPU): an fp8 tile of 8-byte chunks holds only 4 KB (2 KB of K), half of what a
-// 16-bit tile keeps in flight. The wide variant packs 16 fp8 values per 16-byte slot, so a
-// tile holds 4096 / D keys (32 at D = 128, 16 at D = 256), 8 KB of K and V copied with the
-// same 8 + 8 LDGSTS.128 per lane; q.k widens whole slots (128 dims per lane), p.v reads
-// 8-byte halves (8 output dims per lane, 16 keys). Instantiated for {f16, bf16} x {e4m3,
-// e5m2} x D {128, 256} x R {1, 2, 4, 8}; sm_90a: 139-163 registers for R <= 4, 214-219
-// for R = 8, no spills, no stack. D = 64 keeps the 8-byte tiles (a wide tile would hold 64
-// keys, more than the one-lane-per-key page lookup covers).
+// fp8 caches at D = 128 and 256 stream wide tiles (kWideTiles): with a 16-bit tile's keys
+// in 8-byte chunks, an fp8 tile holds only 4 KB (2 KB of K), half of what a 16-bit tile
+// keeps in flight. A wide tile packs 16 fp8 values per 16-byte slot, so it holds 4096 / D
+// keys (32 at D = 128, 16 at D = 256), 8 KB of K and V copied with the same 8 + 8
+// LDGSTS.128 per lane; q.k widens whole slots (128 dims per lane), p.v reads 8-byte halves
+// (8 output dims per lane, 16 keys). D = 64 keeps the 8-byte chunks (a wide tile would
+// hold 64 keys, more than the one-lane-per-key page lookup covers).
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -84,11 +82,11 @@ static_assert(kStages >= 2, "the pipeline needs at least two stages");
 #define JPA_DECODE_L2_EVICT_FIRST 1
 #endif
 
-// kWide: the fp8 variant (switches.fp8_wide_decode) whose 16-byte shared slots hold 16
-// fp8 elements, so a tile of the same 8 KB holds twice the keys: 4096 / D (32 at D = 128,
-// 16 at D = 256), each lane copying 16 bytes (16 keys' worth of dims) per LDGSTS.128 and
-// widening a whole slot in q.k. p.v keeps 8 output dims per lane (half a slot, read as 8
-// bytes), so o stays [R][8]; each lane then takes 16 keys of a tile instead of 8.
+// kWide: the fp8 tiles (kWideTiles) whose 16-byte shared slots hold 16 fp8 elements, so
+// a tile of the same 8 KB holds twice the keys: 4096 / D (32 at D = 128, 16 at D = 256),
+// each lane copying 16 bytes (16 keys' worth of dims) per LDGSTS.128 and widening a whole
+// slot in q.k. p.v keeps 8 output dims per lane (half a slot, read as 8 bytes), so o stays
+// [R][8]; each lane then takes 16 keys of a tile instead of 8.
 template <int D, bool kWide = false>
 struct Shape {
   static_assert(D == 64 || D == 128 || D == 256, "head_dim must be 64, 128 or 256");
@@ -319,32 +317,18 @@ __device__ __forceinline__ void LoadRowValues(const float* src, float (&v)[R]) {
 template <int R>
 constexpr int kMinBlocks = R >= 8 ? 2 : 3;
 
-// The wide fp8 variant is instantiated with TKV = Fp8Wide<F> (F: the fp8 element type),
-// so the other instantiations keep their names and code. KvTraits<TKV>: the cache's
-// element type and whether its tiles are wide.
-template <typename F>
-struct Fp8Wide {};
-
-template <typename TKV>
-struct KvTraits {
-  using Elem = TKV;
-  static constexpr bool kWide = false;
-};
-
-template <typename F>
-struct KvTraits<Fp8Wide<F>> {
-  static_assert(sizeof(F) == 1, "wide tiles are for fp8 caches");
-  using Elem = F;
-  static constexpr bool kWide = true;
-};
+// Whether a cache of TKV at head_dim D streams wide tiles: fp8 at D = 128 and 256, where
+// 8-byte chunks would keep half the bytes of a 16-bit tile in flight. At D = 64 a wide
+// tile would hold 64 keys, more than the warp's one-lane-per-key page lookup covers.
+template <typename TKV, int D>
+constexpr bool kWideTiles = sizeof(TKV) == 1 && D >= 128;
 
 // One work item (`item_index` into p.work) for the CTA's kv head, clamped by LoadWorkItem
 // to its request and to q's rows. Every early return is uniform over the CTA.
 template <typename T, typename TKV, int D, int R>
 __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_index,
                                            uint4* smem_u4) {
-  using E = typename KvTraits<TKV>::Elem;
-  constexpr bool kWide = KvTraits<TKV>::kWide;
+  constexpr bool kWide = kWideTiles<TKV, D>;
   using S = Shape<D, kWide>;
   using M = Smem<D, R, kWide>;
   uint4* kv_smem = smem_u4;
@@ -371,8 +355,8 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
   const bool alibi = p.pos_encoding == PosEncoding::kAlibi;
   const SoftCap soft_cap{p};
   const T* q_ptr = static_cast<const T*>(p.q);
-  const E* k_base = static_cast<const E*>(p.kv.k);
-  const E* v_base = static_cast<const E*>(p.kv.v);
+  const TKV* k_base = static_cast<const TKV*>(p.kv.k);
+  const TKV* v_base = static_cast<const TKV*>(p.kv.v);
 #if JPA_DECODE_L2_EVICT_FIRST
   const uint64_t l2_policy = cp_async::EvictFirstPolicy();
 #else
@@ -424,8 +408,8 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
       if (s < count) {
-        masks[s] = IssueTile<E, D, kWide>(my_kv + s * S::kStageU4, k_base, v_base, p.kv, kv_head,
-                                   pending, lane, l2_policy);
+        masks[s] = IssueTile<TKV, D, kWide>(my_kv + s * S::kStageU4, k_base, v_base, p.kv,
+                                            kv_head, pending, lane, l2_policy);
         pending = KeySlot{-1, 0};
         if (s + 1 < count)
           pending = LookupKey(p, page_base, kv_begin + (warp + (s + 1) * kWarps) * S::kKeys + kk,
@@ -481,8 +465,9 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
       const int ahead = n + kStages - 1;
       masks[kStages - 1] = 0u;
       if (ahead < count) {
-        masks[kStages - 1] = IssueTile<E, D, kWide>(my_kv + (ahead % kStages) * S::kStageU4, k_base,
-                                             v_base, p.kv, kv_head, pending, lane, l2_policy);
+        masks[kStages - 1] = IssueTile<TKV, D, kWide>(my_kv + (ahead % kStages) * S::kStageU4,
+                                                      k_base, v_base, p.kv, kv_head, pending,
+                                                      lane, l2_policy);
         pending = KeySlot{-1, 0};
         if (ahead + 1 < count)
           pending = LookupKey(p, page_base,
@@ -498,9 +483,9 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
 
       float s[R];
       if (rope) {
-        QkPartial<E, D, R, true, kWide>(s, ks, q_smem, freq_smem, kk, pp, j);
+        QkPartial<TKV, D, R, true, kWide>(s, ks, q_smem, freq_smem, kk, pp, j);
       } else {
-        QkPartial<E, D, R, false, kWide>(s, ks, q_smem, freq_smem, kk, pp, j);
+        QkPartial<TKV, D, R, false, kWide>(s, ks, q_smem, freq_smem, kk, pp, j);
       }
 #pragma unroll
       for (int off = S::kKeys; off < 32; off <<= 1) {
@@ -537,7 +522,7 @@ __device__ __forceinline__ void AttendItem(const AttentionParams& p, int item_in
       for (int u = 0; u < S::kPvKeys; ++u) {
         const int key = pv_group + u * S::kPvGroups;
         float vf[8];
-        LoadPvValues<E, D, kWide>(vs, key, pv_chunk, vf);
+        LoadPvValues<TKV, D, kWide>(vs, key, pv_chunk, vf);
         float pr[R];
         LoadRowValues<R>(my_p + key * R, pr);
 #pragma unroll
@@ -652,7 +637,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<R>)
 // One instantiation: its shared-memory opt-in, launch and occupancy.
 template <typename T, typename TKV, int D, int R>
 struct RowsKernel {
-  static constexpr int kSmem = int(Smem<D, R, KvTraits<TKV>::kWide>::kBytes);
+  static constexpr int kSmem = int(Smem<D, R, kWideTiles<TKV, D>>::kBytes);
 
   static cudaError_t Ready() {
     static std::atomic<uint64_t> smem_set{0};
@@ -696,27 +681,14 @@ cudaError_t WithHeadDim(int head_dim, int tile_rows, Op&& op) {
   }
 }
 
-// An fp8 cache (F): the wide tiles where `wide` (the fp8_wide_decode attribute) asks and
-// they exist, at head_dim 128 and 256 (at 64 a wide tile would hold 64 keys, more than the
-// warp's one-lane-per-key page lookup covers); otherwise the 8-byte-chunk kernel.
-template <typename T, typename F, typename Op>
-cudaError_t WithFp8HeadDim(bool wide, int head_dim, int tile_rows, Op&& op) {
-  if (wide && head_dim == 128) return WithRows<T, Fp8Wide<F>, 128>(tile_rows, op);
-  if (wide && head_dim == 256) return WithRows<T, Fp8Wide<F>, 256>(tile_rows, op);
-  return WithHeadDim<T, F>(head_dim, tile_rows, op);
-}
-
 // The cache is q's type or an fp8 type beside it (MakeAttentionParams checked which).
 template <typename Op>
-cudaError_t WithKernel(DType dtype, DType kv_dtype, int head_dim, int tile_rows, bool fp8_wide,
-                       Op&& op) {
+cudaError_t WithKernel(DType dtype, DType kv_dtype, int head_dim, int tile_rows, Op&& op) {
   return WithElementType(dtype, [&](auto t) {
     using T = decltype(t);
     switch (kv_dtype) {
-      case DType::kF8E4M3:
-        return WithFp8HeadDim<T, __nv_fp8_e4m3>(fp8_wide, head_dim, tile_rows, op);
-      case DType::kF8E5M2:
-        return WithFp8HeadDim<T, __nv_fp8_e5m2>(fp8_wide, head_dim, tile_rows, op);
+      case DType::kF8E4M3: return WithHeadDim<T, __nv_fp8_e4m3>(head_dim, tile_rows, op);
+      case DType::kF8E5M2: return WithHeadDim<T, __nv_fp8_e5m2>(head_dim, tile_rows, op);
       default:
         return kv_dtype == dtype ? WithHeadDim<T, T>(head_dim, tile_rows, op)
                                  : cudaErrorInvalidValue;
@@ -732,15 +704,14 @@ cudaError_t LaunchDecode(const AttentionParams& p, cudaStream_t stream) {
       p.num_kv_heads > 65535 || p.layout.bin_cap < 1)
     return cudaErrorInvalidValue;
   if (p.layout.work_cap <= 0) return cudaSuccess;  // nothing to launch
-  return WithKernel(p.dtype, p.kv_dtype, p.head_dim, p.tile_rows, p.fp8_wide_decode,
+  return WithKernel(p.dtype, p.kv_dtype, p.head_dim, p.tile_rows,
                     [&](auto kernel) { return decltype(kernel)::Launch(p, stream); });
 }
 
 cudaError_t DecodeCtasPerSm(DType dtype, int head_dim, int tile_rows, int32_t* ctas) {
-  // An fp8 cache uses the same shared memory and registers as q's type (the wide fp8
-  // tiles add kKeys * R * 4 bytes of probabilities a warp and keep the same launch
-  // bounds, so the same CTAs per SM).
-  return WithKernel(dtype, dtype, head_dim, tile_rows, false,
+  // An fp8 cache gets the CTAs per SM of q's type: the same launch bounds, and its wide
+  // tiles (head_dim 128/256) add only kKeys * R * 4 bytes of probabilities a warp.
+  return WithKernel(dtype, dtype, head_dim, tile_rows,
                     [&](auto kernel) { return decltype(kernel)::Occupancy(ctas); });
 }
 

@@ -48,7 +48,6 @@ struct AttentionAttrs {
   // Its two consumer warpgroups take turns to issue their GEMMs (PrefillSm90Tuning).
   bool sm90_pingpong = false;
   bool dependent_launch;  // launches may overlap the previous kernel's tail (sm90+)
-  bool fp8_wide_decode;   // fp8 caches on the CUDA-core decode kernel's wide tiles (decode.cu)
 };
 
 }  // namespace jax_pagedattn

@@ -270,5 +270,4 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
     ::xla::ffi::StructMember<bool>("sm90_drawn_tasks"),
     ::xla::ffi::StructMember<bool>("sm90_rope_keys"),
     ::xla::ffi::StructMember<bool>("sm90_pingpong"),
-    ::xla::ffi::StructMember<bool>("dependent_launch"),
-    ::xla::ffi::StructMember<bool>("fp8_wide_decode"));
+    ::xla::ffi::StructMember<bool>("dependent_launch"));
