@@ -142,7 +142,8 @@ def main():
 def features(rng, key, dt, hq, hk, d, small):
   """Soft-cap, window and sinks on every kernel (on a batch with a split request, so the
   sink's piece-0 rule and the merge run), fp8 caches with scales on the CUDA-core decode
-  kernel (d = 128: its wide tiles), and a garbage plan for the fp8 decode."""
+  kernel (head_dim 64: its 8-byte-chunk tiles; d = 128: its wide tiles), and garbage plans
+  for the wide fp8 decode."""
   ps, num_pages = 16, 128
   cache = jax.random.normal(key, (num_pages, 2, ps, hk, d), dt)
   pages = np.array([40 if small else 64, 1, 0, 5])
@@ -168,19 +169,25 @@ def features(rng, key, dt, hq, hk, d, small):
   want, _ = on_cpu(reference.batch_attention, qp.astype(jnp.float32), f32, qo_indptr, indptr,
                    indices, last, causal=True, sinks=np.asarray(sinks), **feats)
   check("prefill causal soft-cap, window, sinks", out, want)
-  for fp8 in (jnp.float8_e4m3fn, jnp.float8_e5m2):
-    cache8 = cache.astype(fp8)
-    w = jpa.BatchDecodeWithPagedKVCacheWrapper()
-    plan = w.plan(indptr, indices, last, hq, hk, d, ps, q_data_type=dt, kv_data_type=fp8)
-    out = w.run(q, cache8, k_scale=0.5, v_scale=2.0)
-    want, _ = on_cpu(reference.batch_decode, q.astype(jnp.float32), cache8.astype(jnp.float32),
-                     indptr, indices, last, k_scale=0.5, v_scale=2.0)
-    check(f"decode {jnp.dtype(fp8).name}", out, want, tol=6e-2)
+  # The fp8 tiles differ by head_dim (decode.cu): 8-byte chunks at 64, wide at 128 and
+  # 256. d comes last, so the garbage plans below run on the wide tiles.
+  for d8 in (64, d):
+    c16 = cache if d8 == d else jax.random.normal(key, (num_pages, 2, ps, hk, d8), dt)
+    q8 = q if d8 == d else jax.random.normal(jax.random.key(12), (len(last), hq, d8), dt)
+    for fp8 in (jnp.float8_e4m3fn, jnp.float8_e5m2):
+      cache8 = c16.astype(fp8)
+      w = jpa.BatchDecodeWithPagedKVCacheWrapper()
+      plan = w.plan(indptr, indices, last, hq, hk, d8, ps, q_data_type=dt, kv_data_type=fp8)
+      out = w.run(q8, cache8, k_scale=0.5, v_scale=2.0)
+      want, _ = on_cpu(reference.batch_decode, q8.astype(jnp.float32),
+                       cache8.astype(jnp.float32), indptr, indices, last, k_scale=0.5,
+                       v_scale=2.0)
+      check(f"decode {jnp.dtype(fp8).name} head_dim {d8}", out, want, tol=6e-2)
   step = jax.jit(lambda q, c, p: w.run(q, c, return_lse=True, plan=p, k_scale=0.5))
   for kind in garbage_plans.KINDS:
     jax.block_until_ready(step(q, cache8, garbage_plans.garbage_plan(plan, rng, kind)))
-  print("features: soft-cap / window / sinks on every kernel, fp8 decode (wide tiles), fp8 "
-        "garbage plans")
+  print("features: soft-cap / window / sinks on every kernel, fp8 decode (8-byte and wide "
+        "tiles), fp8 garbage plans")
   fp8_tensor_cores(rng, cache, (indptr, indices, last), q, qo_indptr, qp, hq, hk, d, ps, dt)
 
 

@@ -141,11 +141,11 @@ def test_fp8_on_the_tensor_core_kernel(platform, device, rng, case):
 
 
 # The CUDA-core decode kernel on fp8 caches: wide tiles (16 fp8 values a 16-byte copy,
-# 4096 / D keys a tile) at head_dim 128 and 256, 8-byte-chunk tiles at 64. Besides the
+# 4096 / D keys a tile) at head_dim 128 and 256, 8-byte-chunk tiles at 64. With the
 # decode cases of CASES (test_fp8_cache_matches_reference runs them on the GPU too), a
-# grid of both formats x f16/bf16 x head_dim x every tile of rows (groups 1, 2, 4, 8:
-# R 1-8), both layouts and forms, page 1/16, RoPE / ALiBi, with and without lse, and
-# split-KV.
+# grid of both formats x f16/bf16 x every head_dim x every tile of rows (groups 1-8: R
+# 1, 2, 4, 8), both layouts and forms, page 1/16, RoPE / ALiBi, with and without lse,
+# and split-KV.
 # (fp8, q dtype, kv_layout, form, page_size, head_dim, heads, pos, return_lse, long)
 DECODE_CASES = [
     ("e4m3", "bf16", "NHD", "5d", 16, 128, (64, 8), "NONE", True, False),
@@ -156,6 +156,9 @@ DECODE_CASES = [
     ("e5m2", "bf16", "NHD", "5d", 16, 256, (16, 4), "NONE", False, True),
     ("e4m3", "f16", "NHD", "5d", 16, 128, (16, 2), "ALIBI", True, False),
     ("e5m2", "f16", "NHD", "tuple", 16, 64, (8, 1), "NONE", True, True),
+    ("e4m3", "bf16", "HND", "5d", 1, 64, (8, 4), "ROPE_LLAMA", True, False),
+    ("e5m2", "f16", "NHD", "tuple", 16, 64, (16, 4), "ALIBI", False, True),
+    ("e4m3", "f16", "HND", "tuple", 16, 256, (4, 2), "NONE", True, False),
 ]
 
 
