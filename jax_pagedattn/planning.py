@@ -134,7 +134,7 @@ class PlanConfig:
   # (attention_attrs.h); the wrapper sets it only where that kernel runs with RoPE.
   sm90_rope_keys: bool = _attr(np.bool_, default=False)
   # Its consumer warpgroups take turns to issue their GEMMs (attention_attrs.h).
-  sm90_pingpong: bool = _attr(np.bool_, default=False)
+  sm90_pingpong: int = _attr(np.int32, default=-1)
 
   @property
   def group_size(self) -> int:

@@ -34,10 +34,10 @@ class Switches:
   # CTA that loads them, instead of once per call into a workspace section of the plan's
   # key capacity (rope_keys.cuh; docs/CONTRACT.md).
   sm90_rope_keys: bool = True
-  # JAX_PAGEDATTN_SM90_PINGPONG=1: the Hopper prefill kernel's two consumer warpgroups
-  # take turns to issue their GEMMs (named barriers), as FlashAttention-3 does at
-  # head_dim 128. A measurement knob until the library is timed with it.
-  sm90_pingpong: bool = False
+  # JAX_PAGEDATTN_SM90_PINGPONG=1|0: the Hopper prefill kernel's two consumer warpgroups
+  # take turns to issue their GEMMs (named barriers), or never do; unset (-1), the kernel
+  # takes them at head_dim 64 only, where they timed 3% faster (docs/PERF_NOTES.md).
+  sm90_pingpong: int = -1
   # JAX_PAGEDATTN_DEPENDENT_LAUNCH=0: no programmatic dependent launch (sm90+).
   dependent_launch: bool = True
   # JAX_PAGEDATTN_DEAL=bins|equal: force one of the planner's two deals.
@@ -68,6 +68,13 @@ def _flag(environ, name: str, default: bool) -> bool:
   return default if value == "" else value != "0"
 
 
+def _forced(environ, name: str) -> int:
+  """A variable that forces a kernel's choice: unset or empty -1 (the kernel's own rule),
+  "0" 0 (off), anything else 1 (on)."""
+  value = environ.get(name, "")
+  return -1 if value == "" else int(value != "0")
+
+
 def from_environment(environ=os.environ) -> Switches:
   deal = environ.get("JAX_PAGEDATTN_DEAL", "auto") or "auto"
   if deal not in DEALS:
@@ -90,7 +97,7 @@ def from_environment(environ=os.environ) -> Switches:
       ctas_per_sm=max(0, ctas_per_sm),
       command_buffers=_flag(environ, "JAX_PAGEDATTN_COMMAND_BUFFERS", False),
       fp8_tensor_cores=_flag(environ, "JAX_PAGEDATTN_FP8_TENSOR_CORES", True),
-      sm90_pingpong=_flag(environ, "JAX_PAGEDATTN_SM90_PINGPONG", False),
+      sm90_pingpong=_forced(environ, "JAX_PAGEDATTN_SM90_PINGPONG"),
   )
 
 

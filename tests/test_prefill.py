@@ -92,8 +92,8 @@ def test_prefill_split_kv(platform, device, rng, causal):
   assert_attention_close(out, lse, ref_out, ref_lse, dtype)
 
 
-@pytest.mark.parametrize("tuning", [dict(sm90_stages=2), dict(sm90_pingpong=True),
-                                    dict(sm90_pingpong=True, sm90_stages=2)],
+@pytest.mark.parametrize("tuning", [dict(sm90_stages=2), dict(sm90_pingpong=1),
+                                    dict(sm90_pingpong=1, sm90_stages=2)],
                          ids=["2stages", "pingpong", "pingpong-2stages"])
 def test_prefill_hopper_tunings(platform, device, rng, tuning):
   """The Hopper kernel's non-default schedules (switches.py) against the oracle: several

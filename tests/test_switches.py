@@ -121,24 +121,22 @@ def test_sm90_rope_keys_switch():
   assert plain.config.workspace_bytes == rope_off.config.workspace_bytes
 
 
-def _assert_off_unless_set(field: str, variable: str):
-  """An on/off variable defaulting to off: anything but "" or "0" turns it on."""
-  assert getattr(switches.from_environment({}), field) is False
-  for value, want in (("1", True), ("0", False), ("", False), ("yes", True)):
-    assert getattr(switches.from_environment({variable: value}), field) is want, value
-
-
 def test_sm90_pingpong_switch():
-  """JAX_PAGEDATTN_SM90_PINGPONG: off unless set; a prefill plan carries it as the
-  sm90_pingpong attribute the Hopper launcher reads."""
-  _assert_off_unless_set("sm90_pingpong", "JAX_PAGEDATTN_SM90_PINGPONG")
+  """JAX_PAGEDATTN_SM90_PINGPONG: unset, -1 (the kernel's rule by head_dim); "0" forces the
+  pingpong off, anything else on. A prefill plan carries it as the int32 sm90_pingpong
+  attribute the Hopper launcher reads."""
+  assert switches.from_environment({}).sm90_pingpong == -1
+  for value, want in (("1", 1), ("0", 0), ("", -1), ("yes", 1)):
+    sw = switches.from_environment({"JAX_PAGEDATTN_SM90_PINGPONG": value})
+    assert sw.sm90_pingpong == want, value
   w = jpa.BatchPrefillWithPagedKVCacheWrapper()
-  with switches.overridden(sm90_pingpong=True):
-    on = w.plan(*_PREFILL_ARGS, causal=True)
-  off = w.plan(*_PREFILL_ARGS, causal=True)
-  assert (on.config.sm90_pingpong, off.config.sm90_pingpong) == (True, False)
-  assert planning.ffi_attrs(on.config)["sm90_pingpong"] == np.bool_(True)
-  np.testing.assert_array_equal(on.buffer, off.buffer)  # a kernel schedule, not a plan
+  plans = {}
+  for forced in (1, 0, -1):
+    with switches.overridden(sm90_pingpong=forced):
+      plans[forced] = w.plan(*_PREFILL_ARGS, causal=True)
+    assert plans[forced].config.sm90_pingpong == forced
+    assert planning.ffi_attrs(plans[forced].config)["sm90_pingpong"] == np.int32(forced)
+  np.testing.assert_array_equal(plans[1].buffer, plans[-1].buffer)  # a schedule, not a plan
 
 
 def test_plan_fields_carry_every_kernel_switch():
@@ -149,7 +147,7 @@ def test_plan_fields_carry_every_kernel_switch():
   switch_fields = {f.name for f in dataclasses.fields(switches.Switches)}
   carried = set(switches.from_environment({}).plan_fields())
   assert carried == (switch_fields & config_fields) - {"sm90_rope_keys"}
-  with switches.overridden(sm90_pingpong=True, sm90_stages=2, fp8_tensor_cores=False):
+  with switches.overridden(sm90_pingpong=1, sm90_stages=2, fp8_tensor_cores=False):
     fields = switches.current().plan_fields()
   assert (fields["sm90_pingpong"], fields["sm90_stages"], fields["fp8_tensor_cores"]) == (
-      True, 2, False)
+      1, 2, False)

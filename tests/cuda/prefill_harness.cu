@@ -49,13 +49,17 @@ static bool EnvFlag(const char* name, bool dflt) {
 }
 
 // The launcher the checks exercise. JPA_SM90_PINGPONG=1 / 0 runs the sm90 checks with /
-// without the warpgroup pingpong (default: the launcher's); JPA_SM90_STAGES=2 / 3 with
+// without the warpgroup pingpong (default: the library's, Sm90PingpongByDefault);
+// JPA_SM90_STAGES=2 / 3 with
 // two / three K/V stages at head_dim 128 (default: the launcher's); JPA_SM90_STATIC=1
 // with one CTA per (bin, kv head) instead of drawn tasks; JPA_SM90_VARIANT=v with the
 // kernel variant v (prefill_sm90_config.cuh, kVariant*) where it exists (below).
 static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream) {
 #ifdef JPA_HARNESS_SM90
-  static const bool pingpong = EnvFlag("JPA_SM90_PINGPONG", PrefillSm90Tuning{}.pingpong);
+  static const int pingpong = [] {  // -1: the library's rule for the call's head_dim
+    const char* v = std::getenv("JPA_SM90_PINGPONG");
+    return v == nullptr || *v == '\0' ? -1 : int(std::strcmp(v, "0") != 0);
+  }();
   static const int stages = [] {
     const char* v = std::getenv("JPA_SM90_STAGES");
     return v == nullptr ? PrefillSm90Tuning{}.stages : std::atoi(v);
@@ -69,7 +73,7 @@ static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream
     return v == nullptr ? 0 : std::atoi(v);
   }();
   PrefillSm90Tuning t;
-  t.pingpong = pingpong;
+  t.pingpong = pingpong < 0 ? Sm90PingpongByDefault(p.head_dim) : pingpong != 0;
   t.drawn_tasks = !static_bins;
   t.stages = stages;  // other head_dims than 128 run 2 whatever it says (prefill_sm90.cu)
   // The variants exist for bf16 at head_dim 128 with 3 stages only (prefill_sm90.cu,
@@ -831,6 +835,7 @@ static void Bench(int batch, int qo_len, int kv_len, int tile, bool causal, std:
   // timed static bins, while the variant rows, on PrefillSm90Tuning's defaults, drew.)
   p.dependent_launch = true;
   p.sm90_drawn_tasks = true;  // (sm90_stages 0: the kernel's default ring)
+  p.sm90_pingpong = -1;       // the library's rule for the head_dim
   p.dtype = DType::kBF16;
   p.kv_dtype = p.dtype;
   p.q = d_q; p.out = d_out; p.lse = d_lse; p.q_rows = T;

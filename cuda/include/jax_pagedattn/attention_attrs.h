@@ -45,8 +45,9 @@ struct AttentionAttrs {
   // With RoPE: its keys are rotated once per call into the workspace (RopeKeysBytes)
   // instead of in every CTA that reads them (rope_keys.cuh).
   bool sm90_rope_keys = false;
-  // Its two consumer warpgroups take turns to issue their GEMMs (PrefillSm90Tuning).
-  bool sm90_pingpong = false;
+  // Its two consumer warpgroups take turns to issue their GEMMs (PrefillSm90Tuning): 1 / 0
+  // force it on / off, -1 leaves it to the head_dim (Sm90PingpongByDefault).
+  int32_t sm90_pingpong = -1;
   bool dependent_launch;  // launches may overlap the previous kernel's tail (sm90+)
 };
 

@@ -118,6 +118,8 @@ inline ffi::Error MakeAttentionParams(AttentionBuffers b, const AttentionAttrs& 
     return ffi::Error::InvalidArgument("jax_pagedattn: window_left must be -1 or >= 0");
   if (a.sm90_stages != 2 && a.sm90_stages != 3)
     return ffi::Error::InvalidArgument("jax_pagedattn: sm90_stages must be 2 or 3");
+  if (a.sm90_pingpong < -1 || a.sm90_pingpong > 1)
+    return ffi::Error::InvalidArgument("jax_pagedattn: sm90_pingpong must be -1, 0 or 1");
   const int64_t num_sinks = int64_t(b.sinks.element_count());
   if (num_sinks != 0 && num_sinks != a.num_qo_heads)
     return ffi::Error::InvalidArgument("jax_pagedattn: sinks must be [num_qo_heads] or empty");
@@ -269,5 +271,5 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
     ::xla::ffi::StructMember<bool>("sm90_prefill"), ::xla::ffi::StructMember<int32_t>("sm90_stages"),
     ::xla::ffi::StructMember<bool>("sm90_drawn_tasks"),
     ::xla::ffi::StructMember<bool>("sm90_rope_keys"),
-    ::xla::ffi::StructMember<bool>("sm90_pingpong"),
+    ::xla::ffi::StructMember<int32_t>("sm90_pingpong"),
     ::xla::ffi::StructMember<bool>("dependent_launch"));

@@ -21,9 +21,8 @@ namespace jax_pagedattn {
 
 // Knobs for measurement; the defaults are what LaunchPrefillSm90(p, stream) uses.
 struct PrefillSm90Tuning {
-  // The two consumer warpgroups take turns to issue their GEMMs (named barriers). Off:
-  // in the harness it led only at head_dim 64 (docs/PERF_NOTES.md); the library has not
-  // been timed with it yet (JAX_PAGEDATTN_SM90_PINGPONG=1).
+  // The two consumer warpgroups take turns to issue their GEMMs (named barriers); the
+  // library's calls take Sm90PingpongByDefault(head_dim) unless sm90_pingpong forces it.
   bool pingpong = false;
   // K and V tiles in flight each: 3 (224 of the 227 KB of shared memory) or 2. Only
   // head_dim 128 has 3-stage kernels; the other head_dims run 2 whatever this says.
@@ -42,6 +41,11 @@ struct PrefillSm90Tuning {
   int variant = 0;
 };
 
+// The pingpong where a call does not force it: at head_dim 64 only, where it led in the
+// harness and in the library; at 128 it tied or trailed, at 256 it tied
+// (docs/PERF_NOTES.md).
+inline bool Sm90PingpongByDefault(int head_dim) { return head_dim == 64; }
+
 // Whether the kernel runs calls of these types and head_dim on the current device; the
 // planner then cuts 128-row items (TileRows with hopper_prefill) at every head_dim.
 bool PrefillSm90Covers(DType dtype, DType kv_dtype, int head_dim);
@@ -49,7 +53,8 @@ bool PrefillSm90Covers(DType dtype, DType kv_dtype, int head_dim);
 // With the default tuning, but the K/V stages p.sm90_stages asks for (2 or 3), drawn
 // tasks only where p.sm90_drawn_tasks asks (its plans are then ordered for them,
 // PlanSpec::longest_first), RoPE keys rotated once only where p.sm90_rope_keys asks (the
-// workspace then holds them, RopeKeysBytes), and the pingpong as p.sm90_pingpong says.
+// workspace then holds them, RopeKeysBytes), and the pingpong as p.sm90_pingpong says
+// (-1: Sm90PingpongByDefault).
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream);
 cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream,
                               const PrefillSm90Tuning& tuning);
