@@ -36,7 +36,7 @@ class Switches:
   sm90_rope_keys: bool = True
   # JAX_PAGEDATTN_SM90_PINGPONG=1|0: the Hopper prefill kernel's two consumer warpgroups
   # take turns to issue their GEMMs (named barriers), or never do; unset (-1), the kernel
-  # takes them at head_dim 64 only, where they timed 3% faster (docs/PERF_NOTES.md).
+  # takes them at head_dim 64 only, where they timed faster (docs/PERF_NOTES.md).
   sm90_pingpong: int = -1
   # JAX_PAGEDATTN_DEPENDENT_LAUNCH=0: no programmatic dependent launch (sm90+).
   dependent_launch: bool = True
