@@ -50,10 +50,10 @@ static bool EnvFlag(const char* name, bool dflt) {
 
 // The launcher the checks exercise. JPA_SM90_PINGPONG=1 / 0 runs the sm90 checks with /
 // without the warpgroup pingpong (default: the library's, Sm90PingpongByDefault);
-// JPA_SM90_STAGES=2 / 3 with
-// two / three K/V stages at head_dim 128 (default: the launcher's); JPA_SM90_STATIC=1
-// with one CTA per (bin, kv head) instead of drawn tasks; JPA_SM90_VARIANT=v with the
-// kernel variant v (prefill_sm90_config.cuh, kVariant*) where it exists (below).
+// JPA_SM90_STAGES=2 / 3 with two / three K/V stages at head_dim 128 (default: the
+// launcher's); JPA_SM90_STATIC=1 with one CTA per (bin, kv head) instead of drawn tasks;
+// JPA_SM90_VARIANT=v with the kernel variant v (prefill_sm90_config.cuh, kVariant*) where
+// it exists (below).
 static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream) {
 #ifdef JPA_HARNESS_SM90
   static const int pingpong = [] {  // -1: the library's rule for the call's head_dim

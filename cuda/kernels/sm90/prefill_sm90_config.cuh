@@ -75,10 +75,15 @@ struct PrefillSm90Cfg {
   // Tasks drawn ahead and not yet read by every reader thread (TaskSchedule).
   static constexpr int kTaskSlots = 4;
   static constexpr int kScratchInts = kTileQ + 1;
-  // What follows the K/V ring: its barriers, the task barriers and slots, the K stages'
-  // mask words, the RoPE frequencies and the split-merge scratch.
-  static constexpr int kTailBytes = 2 * (kStagesK + kStagesV) * 8 + 2 * kTaskSlots * 8 +
-                                    kTaskSlots * 8 + kStagesK * 16 + D / 2 * 4 + kScratchInts * 4;
+  // What follows the K/V ring, as offsets from its end: the ring's barriers, the task
+  // barriers and slots, the K stages' mask words, the RoPE frequencies and the
+  // split-merge scratch.
+  static constexpr int kTaskBarTail = 2 * (kStagesK + kStagesV) * 8;
+  static constexpr int kTaskTail = kTaskBarTail + 2 * kTaskSlots * 8;
+  static constexpr int kMaskTail = kTaskTail + kTaskSlots * 8;
+  static constexpr int kFreqTail = kMaskTail + kStagesK * 16;
+  static constexpr int kScratchTail = kFreqTail + D / 2 * 4;
+  static constexpr int kTailBytes = kScratchTail + kScratchInts * 4;
   static constexpr int kSlackBytes = 1024;  // to round the dynamic base up to 1024
   // Two Q buffers where shared memory allows: the consumers copy the next item's Q into
   // one while the current item's GEMMs read the other.
@@ -89,13 +94,12 @@ struct PrefillSm90Cfg {
   static constexpr int kKOff = kQOff + kQBufs * 2 * kQWgBytes;
   static constexpr int kVOff = kKOff + kStagesK * kKvBytes;
   static constexpr int kBarOff = kVOff + kStagesV * kKvBytes;
-  static constexpr int kTaskBarOff = kBarOff + 2 * (kStagesK + kStagesV) * 8;
-  static constexpr int kTaskOff = kTaskBarOff + 2 * kTaskSlots * 8;
-  static constexpr int kMaskOff = kTaskOff + kTaskSlots * 8;
-  static constexpr int kFreqOff = kMaskOff + kStagesK * 16;
-  static constexpr int kScratchOff = kFreqOff + D / 2 * 4;
-  static constexpr int kEnd = kScratchOff + kScratchInts * 4;
-  static_assert(kEnd == kBarOff + kTailBytes, "kTailBytes counts every section after the ring");
+  static constexpr int kTaskBarOff = kBarOff + kTaskBarTail;
+  static constexpr int kTaskOff = kBarOff + kTaskTail;
+  static constexpr int kMaskOff = kBarOff + kMaskTail;
+  static constexpr int kFreqOff = kBarOff + kFreqTail;
+  static constexpr int kScratchOff = kBarOff + kScratchTail;
+  static constexpr int kEnd = kBarOff + kTailBytes;
   static constexpr int kSmemBytes = kEnd + kSlackBytes;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA");
 
