@@ -74,27 +74,42 @@ bin_wd=$run/prefill_harness_sm90_watchdog
 flags=(-std=c++17 -O3 -lineinfo --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a
        -Icuda/include -Icuda/kernels "-I$inc" -DJPA_SM90_VARIANTS)
 sm90_units=(prefill_sm90 prefill_sm90_d64 prefill_sm90_d128 prefill_sm90_d256 prefill_sm90_variants)
-t0=$(date +%s)
-pids=()
-for u in "${sm90_units[@]}"; do
-  "$NVCC" "${flags[@]}" -Xptxas -v -c "cuda/kernels/sm90/$u.cu" -o "$run/$u.o" \
-    >"$run/build_sm90_$u.log" 2>&1 & pids+=($!)
-  "$NVCC" "${flags[@]}" -DJPA_SM90_WATCHDOG -c "cuda/kernels/sm90/$u.cu" -o "$run/${u}_wd.o" \
-    >"$run/build_sm90wd_$u.log" 2>&1 & pids+=($!)
-done
-"$NVCC" "${flags[@]}" -c cuda/kernels/prefill.cu -o "$run/prefill.o" >"$run/build_sm80.log" 2>&1 & pids+=($!)
-"$NVCC" "${flags[@]}" -c cuda/kernels/merge_setup.cu -o "$run/merge_setup.o" >"$run/build_setup.log" 2>&1 & pids+=($!)
-"$NVCC" "${flags[@]}" -DJPA_HARNESS_SM90 -c tests/cuda/prefill_harness.cu -o "$run/harness.o" \
-  >"$run/build_harness.log" 2>&1 & pids+=($!)
-brc=0
-for pid in "${pids[@]}"; do wait "$pid" || brc=1; done
-objs=() objs_wd=()
-for u in "${sm90_units[@]}"; do objs+=("$run/$u.o"); objs_wd+=("$run/${u}_wd.o"); done
-if (( brc == 0 )); then
+# Builds both binaries from source; returns nonzero if any step failed.
+build_from_source() {
+  local pids=() rc=0 u pid
+  for u in "${sm90_units[@]}"; do
+    "$NVCC" "${flags[@]}" -Xptxas -v -c "cuda/kernels/sm90/$u.cu" -o "$run/$u.o" \
+      >"$run/build_sm90_$u.log" 2>&1 & pids+=($!)
+    "$NVCC" "${flags[@]}" -DJPA_SM90_WATCHDOG -c "cuda/kernels/sm90/$u.cu" -o "$run/${u}_wd.o" \
+      >"$run/build_sm90wd_$u.log" 2>&1 & pids+=($!)
+  done
+  "$NVCC" "${flags[@]}" -c cuda/kernels/prefill.cu -o "$run/prefill.o" >"$run/build_sm80.log" 2>&1 & pids+=($!)
+  "$NVCC" "${flags[@]}" -c cuda/kernels/merge_setup.cu -o "$run/merge_setup.o" >"$run/build_setup.log" 2>&1 & pids+=($!)
+  "$NVCC" "${flags[@]}" -DJPA_HARNESS_SM90 -c tests/cuda/prefill_harness.cu -o "$run/harness.o" \
+    >"$run/build_harness.log" 2>&1 & pids+=($!)
+  for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+  (( rc == 0 )) || return 1
+  local objs=() objs_wd=()
+  for u in "${sm90_units[@]}"; do objs+=("$run/$u.o"); objs_wd+=("$run/${u}_wd.o"); done
   "$NVCC" -gencode=arch=compute_90a,code=sm_90a "$run/harness.o" "${objs[@]}" \
-    "$run/prefill.o" "$run/merge_setup.o" -o "$bin" >"$run/build_link.log" 2>&1 || brc=1
+    "$run/prefill.o" "$run/merge_setup.o" -o "$bin" >"$run/build_link.log" 2>&1 || return 1
   "$NVCC" -gencode=arch=compute_90a,code=sm_90a "$run/harness.o" "${objs_wd[@]}" \
-    "$run/prefill.o" "$run/merge_setup.o" -o "$bin_wd" >>"$run/build_link.log" 2>&1 || brc=1
+    "$run/prefill.o" "$run/merge_setup.o" -o "$bin_wd" >>"$run/build_link.log" 2>&1 || return 1
+}
+t0=$(date +%s)
+brc=0
+# SM90_PREBUILT=DIR: harness.tgz there holds both binaries and their build logs, packed
+# by scripts/sm90_prebuild.sh on a machine without a GPU (the build is most of a call's
+# device time); it says which commit it was built from.
+if [ -n "${SM90_PREBUILT:-}" ]; then
+  if tar xzf "$SM90_PREBUILT/harness.tgz" -C "$run" 2>/dev/null && [ -x "$bin" ] && [ -x "$bin_wd" ]; then
+    note "build: prebuilt at $(cat "$run/prebuilt_commit.txt" 2>/dev/null) (head here: $(git rev-parse --short HEAD 2>/dev/null))"
+  else
+    note "build: no prebuilt binaries in $SM90_PREBUILT"
+    brc=1
+  fi
+else
+  build_from_source || brc=1
 fi
 cat "$run"/build_*.log >"$run/build.log" 2>/dev/null
 ptx=$(cat "$run"/build_sm90_*.log | grep -E "spill|Used" | sed 's/ptxas info *: //' | sort | uniq -c | tr -s ' ' | paste -sd ';' -)
