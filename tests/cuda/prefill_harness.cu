@@ -73,7 +73,7 @@ static cudaError_t LaunchUnderTest(const AttentionParams& p, cudaStream_t stream
     return v == nullptr ? 0 : std::atoi(v);
   }();
   PrefillSm90Tuning t;
-  t.pingpong = pingpong < 0 ? Sm90PingpongByDefault(p.head_dim) : pingpong != 0;
+  t.pingpong = Sm90Pingpong(pingpong, p.head_dim);
   t.drawn_tasks = !static_bins;
   t.stages = stages;  // other head_dims than 128 run 2 whatever it says (prefill_sm90.cu)
   // The variants exist for bf16 at head_dim 128 with 3 stages only (prefill_sm90.cu,

@@ -101,8 +101,7 @@ cudaError_t LaunchPrefillSm90(const AttentionParams& p, cudaStream_t stream) {
   PrefillSm90Tuning tuning;
   if (p.sm90_stages == 2 || p.sm90_stages == 3) tuning.stages = p.sm90_stages;
   tuning.drawn_tasks = p.sm90_drawn_tasks;
-  tuning.pingpong =
-      p.sm90_pingpong < 0 ? Sm90PingpongByDefault(p.head_dim) : p.sm90_pingpong != 0;
+  tuning.pingpong = Sm90Pingpong(p.sm90_pingpong, p.head_dim);
   tuning.rope_keys = p.sm90_rope_keys;
   return LaunchPrefillSm90(p, stream, tuning);
 }

@@ -46,6 +46,12 @@ struct PrefillSm90Tuning {
 // (docs/PERF_NOTES.md).
 inline bool Sm90PingpongByDefault(int head_dim) { return head_dim == 64; }
 
+// The pingpong a call runs: `forced` 1 / 0 (the sm90_pingpong attribute) turns it on /
+// off, -1 leaves it to Sm90PingpongByDefault.
+inline bool Sm90Pingpong(int32_t forced, int head_dim) {
+  return forced < 0 ? Sm90PingpongByDefault(head_dim) : forced != 0;
+}
+
 // Whether the kernel runs calls of these types and head_dim on the current device; the
 // planner then cuts 128-row items (TileRows with hopper_prefill) at every head_dim.
 bool PrefillSm90Covers(DType dtype, DType kv_dtype, int head_dim);

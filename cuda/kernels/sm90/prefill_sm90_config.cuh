@@ -72,15 +72,17 @@ struct PrefillSm90Cfg {
   static constexpr int kQWgBytes = kWgRows * D * 2;
   static constexpr int kKvBytes = kTileKv * D * 2;
 
-  // Tasks drawn ahead and not yet read by every reader thread (TaskSchedule).
+  // Tasks drawn ahead and not yet read by every reader thread (TaskSchedule), each slot
+  // a Task as an int2 (item, head).
   static constexpr int kTaskSlots = 4;
+  static constexpr int kTaskSlotBytes = 8;
   static constexpr int kScratchInts = kTileQ + 1;
   // What follows the K/V ring, as offsets from its end: the ring's barriers, the task
   // barriers and slots, the K stages' mask words, the RoPE frequencies and the
   // split-merge scratch.
   static constexpr int kTaskBarTail = 2 * (kStagesK + kStagesV) * 8;
   static constexpr int kTaskTail = kTaskBarTail + 2 * kTaskSlots * 8;
-  static constexpr int kMaskTail = kTaskTail + kTaskSlots * 8;
+  static constexpr int kMaskTail = kTaskTail + kTaskSlots * kTaskSlotBytes;
   static constexpr int kFreqTail = kMaskTail + kStagesK * 16;
   static constexpr int kScratchTail = kFreqTail + D / 2 * 4;
   static constexpr int kTailBytes = kScratchTail + kScratchInts * 4;

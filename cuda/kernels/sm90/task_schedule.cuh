@@ -35,7 +35,7 @@ struct TaskSchedule {
   int item_begin, item_end;  // static bins: this CTA's items
   int64_t num_tasks;         // drawn: items x num_kv_heads
   uint32_t bars;             // drawn: full[kTaskSlots], then empty[kTaskSlots]
-  uint8_t* slots;            // drawn: kTaskSlots slots of 8 bytes, a Task each
+  uint8_t* slots;            // drawn: Cfg::kTaskSlots slots of Cfg::kTaskSlotBytes
 
   template <class Cfg>
   __device__ static TaskSchedule Make(const AttentionParams& p, uint8_t* smem, bool drawn) {
@@ -75,7 +75,7 @@ struct TaskSchedule {
     }
     Task task{-1, 0};
     if (t >= 0 && t < num_tasks) task = Task{int(t / p.num_kv_heads), int(t % p.num_kv_heads)};
-    uint8_t* slot = slots + (k % Cfg::kTaskSlots) * 8;
+    uint8_t* slot = slots + (k % Cfg::kTaskSlots) * Cfg::kTaskSlotBytes;
     MbarWait(Empty<Cfg>(k), ((k / Cfg::kTaskSlots) & 1) ^ 1);
     *reinterpret_cast<int2*>(slot) = make_int2(task.item, task.head);
     MbarArrive(Full<Cfg>(k));  // release: the slot is visible with the phase
@@ -90,7 +90,8 @@ struct TaskSchedule {
       return item < item_end ? Task{item, int(blockIdx.y)} : Task{-1, 0};
     }
     MbarWait(Full<Cfg>(k), (k / Cfg::kTaskSlots) & 1);
-    const volatile int* slot = reinterpret_cast<volatile int*>(slots + (k % Cfg::kTaskSlots) * 8);
+    const volatile int* slot =
+        reinterpret_cast<volatile int*>(slots + (k % Cfg::kTaskSlots) * Cfg::kTaskSlotBytes);
     const Task task{slot[0], slot[1]};
     MbarArrive(Empty<Cfg>(k));
     return task;
